@@ -1,0 +1,87 @@
+//! CPU benchmarks with random weights: one refinement click of the TIS-B head (10 clicks, ROI
+//! 16×32×32 and 32×64×64) and one nnU-Net tile forward of a small plan (features 16…128, patch
+//! 48×96×96). Threads: rayon's default (RAYON_NUM_THREADS to set).
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tis::backend::Backend;
+use tis::model::TisConfig;
+use tis::model::plans::NetworkPlan;
+use tis::model::random::{Normal, random_tensors};
+use tis::model::tis_head::TisHead;
+use tis::model::unet::UNet;
+use tis::{Click, CpuBackend, Region};
+
+const FEATURE_CHANNELS: usize = 32;
+const CLASSES: usize = 3;
+
+fn click_latency(c: &mut Criterion) {
+    let backend = CpuBackend;
+    let config = TisConfig::tis_b();
+    let mut weights = random_tensors(&config.expected_tensors(FEATURE_CHANNELS, CLASSES), 1);
+    let head = TisHead::from_tensors(&backend, &config, FEATURE_CHANNELS, CLASSES, &mut |n| {
+        Ok(weights.remove(n).expect("every expected tensor"))
+    })
+    .unwrap();
+    let mut group = c.benchmark_group("click TIS-B, 10 clicks");
+    group.sample_size(10);
+    for roi in [[16, 32, 32], [32, 64, 64]] {
+        let mut normal = Normal::new(2);
+        let features = normal.tensor(&[FEATURE_CHANNELS, roi[0], roi[1], roi[2]], 1.0);
+        let probs = backend
+            .softmax_channels(&normal.tensor(&[CLASSES, roi[0], roi[1], roi[2]], 2.0))
+            .unwrap();
+        let clicks: Vec<Click> = (0..10)
+            .map(|i| {
+                Click::new(
+                    i * roi[0] / 10,
+                    (i * 7) % roi[1],
+                    (i * 13) % roi[2],
+                    i % CLASSES,
+                )
+            })
+            .collect();
+        let region = Region::full(roi);
+        group.bench_function(format!("roi {}x{}x{}", roi[0], roi[1], roi[2]), |b| {
+            b.iter(|| {
+                black_box(
+                    head.forward(&backend, &features, &probs, &region, &clicks)
+                        .unwrap(),
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
+fn tile_forward(c: &mut Criterion) {
+    let backend = CpuBackend;
+    let plan = NetworkPlan {
+        in_channels: 1,
+        classes: CLASSES,
+        features: vec![16, 32, 64, 128],
+        kernel_sizes: vec![[3, 3, 3]; 4],
+        strides: vec![[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+        convs_per_stage: vec![2; 4],
+        convs_per_decoder_stage: vec![2; 3],
+        conv_bias: true,
+        norm_eps: 1e-5,
+        negative_slope: 0.01,
+    };
+    let mut weights = random_tensors(&plan.expected_tensors(), 3);
+    let network = UNet::from_tensors(&backend, &plan, &mut |n| {
+        Ok(weights.remove(n).expect("every expected tensor"))
+    })
+    .unwrap();
+    let tile = Normal::new(4).tensor(&[1, 48, 96, 96], 1.0);
+    let mut group = c.benchmark_group("nnU-Net tile");
+    group.sample_size(10);
+    group.bench_function("features 16-128 patch 48x96x96", |b| {
+        b.iter(|| black_box(network.forward(&backend, &tile).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, click_latency, tile_forward);
+criterion_main!(benches);

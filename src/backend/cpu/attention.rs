@@ -1,0 +1,302 @@
+//! Attention ops of the TIS head on the CPU.
+//!
+//! - `attention`: plain multi-head attention for the few click tokens (self-attention).
+//! - `click_cross_attention`: the clicks (few queries) attend over every voxel (N keys). The key
+//!   projection is folded into the queries, `q·(LN(x)·Wkᵀ + bk)ᵀ = (q·Wk)·LN(x)ᵀ + q·bk`, and the
+//!   value projection applied after the weighted sum, `Σ a·(LN(x)·Wvᵀ + bv) = (Σ a·LN(x))·Wvᵀ + bv`
+//!   (the weights sum to one), so no N × d key or value matrix exists. The voxels are split into
+//!   blocks; each block yields a partial softmax (running max, sum and weighted sum of LN(x)) and
+//!   the partials are merged, as in flash attention.
+//! - `label_assignment`: per block of voxels, LN + Q projection, scores over the clicks, softmax,
+//!   the label-embedding copy A·Vc, the automatic segmentation's embedding label_mlp(P) computed on
+//!   the fly, the α mix, the output projection and the residual: x is read and written once.
+
+use rayon::prelude::*;
+
+use super::gemm::{MatRef, gemm};
+use super::linear::{TOKEN_BLOCK, linear_dims, linear_rows, mlp_rows, token_dims};
+use super::norm::{check_layer_norm, layer_norm_rows};
+use crate::backend::{LabelAssignment, LayerNorm, Linear};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+fn head_width(width: usize, heads: usize) -> Result<usize> {
+    if heads == 0 || !width.is_multiple_of(heads) {
+        return Err(Error::Shape(format!(
+            "width {width} cannot be split into {heads} heads"
+        )));
+    }
+    Ok(width / heads)
+}
+
+/// In place softmax of a short row.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    row.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// For each query row and head: softmax over the key rows of the scaled dot products, then the
+/// weighted sum of the value rows; `scores` is scratch of at least `keys.rows` floats.
+#[allow(clippy::too_many_arguments)]
+fn attend_rows(
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    width: usize,
+    heads: usize,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let dh = width / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let n_keys = keys.len() / width;
+    scores.resize(n_keys, 0.0);
+    for (q, o) in queries.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        for h in 0..heads {
+            let qh = &q[h * dh..(h + 1) * dh];
+            for (s, k) in scores.iter_mut().zip(keys.chunks_exact(width)) {
+                *s = scale * qh.iter().zip(&k[h * dh..]).map(|(a, b)| a * b).sum::<f32>();
+            }
+            softmax_in_place(scores);
+            let oh = &mut o[h * dh..(h + 1) * dh];
+            oh.fill(0.0);
+            for (&a, v) in scores.iter().zip(values.chunks_exact(width)) {
+                oh.iter_mut()
+                    .zip(&v[h * dh..])
+                    .for_each(|(o, v)| *o += a * v);
+            }
+        }
+    }
+}
+
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (nq, width) = token_dims(q, "attention")?;
+    let (nk, kw) = token_dims(k, "attention")?;
+    if kw != width || v.shape() != k.shape() || nk == 0 {
+        return Err(Error::Shape(format!(
+            "attention of queries {:?} over keys {:?} and values {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        )));
+    }
+    head_width(width, heads)?;
+    let mut out = vec![0f32; nq * width];
+    attend_rows(
+        q.data(),
+        k.data(),
+        v.data(),
+        width,
+        heads,
+        &mut Vec::new(),
+        &mut out,
+    );
+    Tensor::new(vec![nq, width], out)
+}
+
+/// The softmax state of one block of voxels for every (click, head) column.
+struct PartialSoftmax {
+    /// Running maximum of the scores per column.
+    max: Vec<f32>,
+    /// Σ exp(score − max) per column.
+    sum: Vec<f32>,
+    /// Σ exp(score − max)·LN(x) per column (columns × width).
+    weighted: Vec<f32>,
+}
+
+impl PartialSoftmax {
+    fn merge(mut self, other: PartialSoftmax) -> PartialSoftmax {
+        let width = self.weighted.len() / self.max.len();
+        for c in 0..self.max.len() {
+            let max = self.max[c].max(other.max[c]);
+            let (a, b) = ((self.max[c] - max).exp(), (other.max[c] - max).exp());
+            self.max[c] = max;
+            self.sum[c] = self.sum[c] * a + other.sum[c] * b;
+            let row = c * width..(c + 1) * width;
+            self.weighted[row.clone()]
+                .iter_mut()
+                .zip(&other.weighted[row])
+                .for_each(|(s, o)| *s = *s * a + o * b);
+        }
+        self
+    }
+}
+
+pub fn click_cross_attention(
+    x: &Tensor,
+    q: &Tensor,
+    norm: &LayerNorm<Tensor>,
+    key: &Linear<Tensor>,
+    value: &Linear<Tensor>,
+    heads: usize,
+) -> Result<Tensor> {
+    let (n, width) = token_dims(x, "click_cross_attention")?;
+    let (clicks, qw) = token_dims(q, "click_cross_attention")?;
+    check_layer_norm(norm, width)?;
+    if qw != width
+        || n == 0
+        || linear_dims(key, width)?.0 != width
+        || linear_dims(value, width)?.0 != width
+    {
+        return Err(Error::Shape(format!(
+            "click cross-attention of queries {:?} over tokens {:?}",
+            q.shape(),
+            x.shape()
+        )));
+    }
+    let dh = head_width(width, heads)?;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let columns = clicks * heads;
+
+    // Fold the key projection into the queries: folded[(c, h)] = scale · q[c, h]·Wk[h rows],
+    // offset[(c, h)] = scale · q[c, h]·bk[h].
+    let (wk, bk) = (key.weight.data(), key.bias.data());
+    let mut folded = vec![0f32; columns * width];
+    let mut offset = vec![0f32; columns];
+    for c in 0..clicks {
+        for h in 0..heads {
+            let col = c * heads + h;
+            let dest = &mut folded[col * width..(col + 1) * width];
+            for e in h * dh..(h + 1) * dh {
+                let qe = scale * q.data()[c * width + e];
+                dest.iter_mut()
+                    .zip(&wk[e * width..])
+                    .for_each(|(d, w)| *d += qe * w);
+                offset[col] += qe * bk[e];
+            }
+        }
+    }
+
+    let partial = x
+        .data()
+        .par_chunks(TOKEN_BLOCK * width)
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(normed, scores), block| {
+                let rows = block.len() / width;
+                normed.resize(block.len(), 0.0);
+                layer_norm_rows(block, width, norm, normed);
+                // scores[r, col] = LN(x_r)·folded[col] + offset[col]
+                scores.resize(rows * columns, 0.0);
+                gemm(
+                    MatRef::new(normed, rows, width),
+                    MatRef::new(&folded, columns, width).t(),
+                    0.0,
+                    scores,
+                );
+                let mut max = vec![f32::NEG_INFINITY; columns];
+                for row in scores.chunks_exact_mut(columns) {
+                    for (col, s) in row.iter_mut().enumerate() {
+                        *s += offset[col];
+                        max[col] = max[col].max(*s);
+                    }
+                }
+                let mut sum = vec![0f32; columns];
+                for row in scores.chunks_exact_mut(columns) {
+                    for (col, s) in row.iter_mut().enumerate() {
+                        *s = (*s - max[col]).exp();
+                        sum[col] += *s;
+                    }
+                }
+                let mut weighted = vec![0f32; columns * width];
+                gemm(
+                    MatRef::new(scores, rows, columns).t(),
+                    MatRef::new(normed, rows, width),
+                    0.0,
+                    &mut weighted,
+                );
+                PartialSoftmax { max, sum, weighted }
+            },
+        )
+        .reduce_with(PartialSoftmax::merge)
+        .expect("at least one block of tokens");
+
+    // out[c, h rows] = (weighted[(c, h)] / sum) · Wv[h rows]ᵀ + bv[h rows]
+    let (wv, bv) = (value.weight.data(), value.bias.data());
+    let mut out = vec![0f32; clicks * width];
+    for c in 0..clicks {
+        for h in 0..heads {
+            let col = c * heads + h;
+            let mean = &partial.weighted[col * width..(col + 1) * width];
+            for e in h * dh..(h + 1) * dh {
+                let dot: f32 = mean.iter().zip(&wv[e * width..]).map(|(m, w)| m * w).sum();
+                out[c * width + e] = dot / partial.sum[col] + bv[e];
+            }
+        }
+    }
+    Tensor::new(vec![clicks, width], out)
+}
+
+pub fn label_assignment(
+    x: &mut Tensor,
+    click_keys: &Tensor,
+    click_values: &Tensor,
+    probs: &Tensor,
+    params: &LabelAssignment<'_, Tensor>,
+) -> Result<()> {
+    let (n, width) = token_dims(x, "label_assignment")?;
+    let (clicks, kw) = token_dims(click_keys, "label_assignment")?;
+    let (pn, classes) = token_dims(probs, "label_assignment")?;
+    check_layer_norm(params.norm_q, width)?;
+    if kw != width
+        || click_values.shape() != click_keys.shape()
+        || pn != n
+        || clicks == 0
+        || linear_dims(params.q, width)?.0 != width
+        || linear_dims(params.out, width)?.0 != width
+        || linear_dims(&params.label_mlp.up, classes)?.0 != width
+        || linear_dims(&params.label_mlp.down, width)?.0 != width
+    {
+        return Err(Error::Shape(format!(
+            "label assignment of tokens {:?} with click keys {:?}, values {:?}, probabilities {:?}",
+            x.shape(),
+            click_keys.shape(),
+            click_values.shape(),
+            probs.shape()
+        )));
+    }
+    head_width(width, params.heads)?;
+    let alpha = params.alpha;
+    x.data_mut()
+        .par_chunks_mut(TOKEN_BLOCK * width)
+        .zip(probs.data().par_chunks(TOKEN_BLOCK * classes))
+        .for_each_init(
+            || vec![Vec::new(); 5],
+            |scratch, (block, block_probs)| {
+                let [normed, queries, copied, auto, hidden] = &mut scratch[..] else {
+                    unreachable!("five scratch buffers")
+                };
+                for buf in [&mut *normed, &mut *queries, &mut *copied, &mut *auto] {
+                    buf.resize(block.len(), 0.0);
+                }
+                layer_norm_rows(block, width, params.norm_q, normed);
+                linear_rows(normed, params.q, queries);
+                attend_rows(
+                    queries,
+                    click_keys.data(),
+                    click_values.data(),
+                    width,
+                    params.heads,
+                    hidden,
+                    copied,
+                );
+                mlp_rows(block_probs, params.label_mlp, hidden, auto);
+                // mixed = (1 − α)·U + α·Va, reusing `copied`
+                copied
+                    .iter_mut()
+                    .zip(auto.iter())
+                    .for_each(|(u, va)| *u = (1.0 - alpha) * *u + alpha * va);
+                linear_rows(copied, params.out, normed);
+                block
+                    .iter_mut()
+                    .zip(normed.iter())
+                    .for_each(|(v, d)| *v += d);
+            },
+        );
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! The CPU backend: f32 throughout, multi-threaded with rayon, GEMMs on `matrixmultiply`.
+//! It is the oracle every other backend is tested against and the fallback on machines without
+//! a GPU. One file per op family; this file only routes the trait to them.
+
+mod attention;
+mod conv;
+mod gemm;
+mod linear;
+mod norm;
+mod volume;
+
+use crate::backend::{
+    Backend, BackendTensor, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, LabelAssignment,
+    LayerNorm, Linear, Mlp,
+};
+use crate::error::Result;
+use crate::geometry::{Label, Region};
+use crate::tensor::Tensor;
+
+/// The CPU backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS` sets the count).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl BackendTensor for Tensor {
+    fn shape(&self) -> &[usize] {
+        Tensor::shape(self)
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = Tensor;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&self, host: &Tensor) -> Result<Tensor> {
+        Ok(host.clone())
+    }
+
+    fn download(&self, tensor: &Tensor) -> Result<Tensor> {
+        Ok(tensor.clone())
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::zeros(shape))
+    }
+
+    fn conv3d(&self, x: &Tensor, conv: &Conv3d<Tensor>) -> Result<Tensor> {
+        conv::conv3d(x, conv)
+    }
+
+    fn conv_transpose3d(&self, x: &Tensor, conv: &ConvTranspose3d<Tensor>) -> Result<Tensor> {
+        conv::conv_transpose3d(x, conv)
+    }
+
+    fn instance_norm_leaky_relu(&self, x: &mut Tensor, norm: &InstanceNorm<Tensor>) -> Result<()> {
+        norm::instance_norm_leaky_relu(x, norm)
+    }
+
+    fn concat_channels(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        volume::concat_channels(a, b)
+    }
+
+    fn crop(&self, x: &Tensor, region: &Region) -> Result<Tensor> {
+        volume::crop(x, region)
+    }
+
+    fn flip(&self, x: &Tensor, axes: &[usize]) -> Result<Tensor> {
+        volume::flip(x, axes)
+    }
+
+    fn add_assign(&self, acc: &mut Tensor, x: &Tensor) -> Result<()> {
+        volume::add_assign(acc, x)
+    }
+
+    fn scale(&self, x: &mut Tensor, factor: f32) -> Result<()> {
+        volume::scale(x, factor);
+        Ok(())
+    }
+
+    fn accumulate_weighted(
+        &self,
+        acc: &mut Tensor,
+        tile: &Tensor,
+        weights: &Tensor,
+        region: &Region,
+    ) -> Result<()> {
+        volume::accumulate_weighted(acc, tile, weights, region)
+    }
+
+    fn divide_by_weights(&self, x: &mut Tensor, weight_sum: &Tensor) -> Result<()> {
+        volume::divide_by_weights(x, weight_sum)
+    }
+
+    fn softmax_channels(&self, x: &Tensor) -> Result<Tensor> {
+        volume::softmax_channels(x)
+    }
+
+    fn argmax_channels(&self, x: &Tensor) -> Result<Vec<Label>> {
+        volume::argmax_channels(x)
+    }
+
+    fn region_tokens(&self, volume: &Tensor, region: &Region) -> Result<Tensor> {
+        volume::region_tokens(volume, region)
+    }
+
+    fn add_positional_encoding(
+        &self,
+        x: &mut Tensor,
+        grid: &Tensor,
+        shape: [usize; 3],
+    ) -> Result<()> {
+        volume::add_positional_encoding(x, grid, shape)
+    }
+
+    fn gather_rows(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        volume::gather_rows(x, rows)
+    }
+
+    fn linear(&self, x: &Tensor, linear: &Linear<Tensor>) -> Result<Tensor> {
+        linear::linear(x, linear)
+    }
+
+    fn layer_norm(&self, x: &Tensor, norm: &LayerNorm<Tensor>) -> Result<Tensor> {
+        let (_, width) = linear::token_dims(x, "layer_norm")?;
+        norm::check_layer_norm(norm, width)?;
+        let mut out = vec![0f32; x.len()];
+        norm::layer_norm_rows(x.data(), width, norm, &mut out);
+        Tensor::new(x.shape().to_vec(), out)
+    }
+
+    fn mlp(&self, x: &Tensor, mlp: &Mlp<Tensor>) -> Result<Tensor> {
+        linear::mlp(x, mlp)
+    }
+
+    fn feed_forward(&self, x: &mut Tensor, ffn: &FeedForward<Tensor>) -> Result<()> {
+        linear::feed_forward(x, ffn)
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+        attention::attention(q, k, v, heads)
+    }
+
+    fn click_cross_attention(
+        &self,
+        x: &Tensor,
+        q: &Tensor,
+        norm: &LayerNorm<Tensor>,
+        key: &Linear<Tensor>,
+        value: &Linear<Tensor>,
+        heads: usize,
+    ) -> Result<Tensor> {
+        attention::click_cross_attention(x, q, norm, key, value, heads)
+    }
+
+    fn label_assignment(
+        &self,
+        x: &mut Tensor,
+        click_keys: &Tensor,
+        click_values: &Tensor,
+        probs: &Tensor,
+        params: &LabelAssignment<'_, Tensor>,
+    ) -> Result<()> {
+        attention::label_assignment(x, click_keys, click_values, probs, params)
+    }
+
+    fn argmax_rows(&self, x: &Tensor) -> Result<Vec<Label>> {
+        volume::argmax_rows(x)
+    }
+}

@@ -1,0 +1,346 @@
+//! Data movement and per-voxel ops on the CPU: crops, flips, the sliding window's weighted
+//! accumulation, softmax and argmax over channels, tokens of a region, the trilinear positional
+//! encoding, row gathers. Work is split over channels or over blocks of voxels.
+
+use rayon::prelude::*;
+
+use super::linear::token_dims;
+use crate::error::{Error, Result};
+use crate::geometry::{Label, Region};
+use crate::tensor::Tensor;
+
+/// Voxels per task for per-voxel work.
+const VOXEL_BLOCK: usize = 4096;
+
+pub fn volume_dims(x: &Tensor) -> Result<(usize, [usize; 3])> {
+    match *x.shape() {
+        [c, z, y, xx] => Ok((c, [z, y, xx])),
+        ref other => Err(Error::Shape(format!(
+            "expected a C × Z × Y × X volume, got shape {other:?}"
+        ))),
+    }
+}
+
+fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
+    if a.shape() != b.shape() {
+        return Err(Error::Shape(format!(
+            "{what}: shapes {:?} and {:?} differ",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    Ok(())
+}
+
+/// Calls `f(z, y, row)` for each (z, y) line of `region` in a grid of `dims`, `row` the range of
+/// flat indices of that line.
+fn for_each_line(dims: [usize; 3], region: &Region, mut f: impl FnMut(std::ops::Range<usize>)) {
+    for z in region.start[0]..region.stop()[0] {
+        for y in region.start[1]..region.stop()[1] {
+            let first = (z * dims[1] + y) * dims[2] + region.start[2];
+            f(first..first + region.size[2]);
+        }
+    }
+}
+
+pub fn crop(x: &Tensor, region: &Region) -> Result<Tensor> {
+    let (channels, dims) = volume_dims(x)?;
+    region.check_inside(dims)?;
+    let voxels: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(channels * region.voxels());
+    for channel in x.data().chunks_exact(voxels) {
+        for_each_line(dims, region, |line| out.extend_from_slice(&channel[line]));
+    }
+    Tensor::new(
+        vec![channels, region.size[0], region.size[1], region.size[2]],
+        out,
+    )
+}
+
+pub fn flip(x: &Tensor, axes: &[usize]) -> Result<Tensor> {
+    let (_, dims) = volume_dims(x)?;
+    if let Some(a) = axes.iter().find(|&&a| a > 2) {
+        return Err(Error::Shape(format!("cannot flip spatial axis {a}")));
+    }
+    let flipped = [0, 1, 2].map(|a| axes.contains(&a));
+    let voxels: usize = dims.iter().product();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(voxels)
+        .zip(x.data().par_chunks(voxels))
+        .for_each(|(dest, src)| {
+            for z in 0..dims[0] {
+                let zs = if flipped[0] { dims[0] - 1 - z } else { z };
+                for y in 0..dims[1] {
+                    let ys = if flipped[1] { dims[1] - 1 - y } else { y };
+                    let d = &mut dest[(z * dims[1] + y) * dims[2]..][..dims[2]];
+                    let s = &src[(zs * dims[1] + ys) * dims[2]..][..dims[2]];
+                    d.copy_from_slice(s);
+                    if flipped[2] {
+                        d.reverse();
+                    }
+                }
+            }
+        });
+    Tensor::new(x.shape().to_vec(), out)
+}
+
+pub fn concat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (ca, da) = volume_dims(a)?;
+    let (cb, db) = volume_dims(b)?;
+    if da != db {
+        return Err(Error::Shape(format!(
+            "cannot concatenate volumes {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let mut data = Vec::with_capacity(a.len() + b.len());
+    data.extend_from_slice(a.data());
+    data.extend_from_slice(b.data());
+    Tensor::new(vec![ca + cb, da[0], da[1], da[2]], data)
+}
+
+pub fn add_assign(acc: &mut Tensor, x: &Tensor) -> Result<()> {
+    same_shape(acc, x, "add")?;
+    acc.data_mut()
+        .par_chunks_mut(VOXEL_BLOCK)
+        .zip(x.data().par_chunks(VOXEL_BLOCK))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+    Ok(())
+}
+
+pub fn scale(x: &mut Tensor, factor: f32) {
+    x.data_mut()
+        .par_chunks_mut(VOXEL_BLOCK)
+        .for_each(|block| block.iter_mut().for_each(|v| *v *= factor));
+}
+
+pub fn accumulate_weighted(
+    acc: &mut Tensor,
+    tile: &Tensor,
+    weights: &Tensor,
+    region: &Region,
+) -> Result<()> {
+    let (channels, dims) = volume_dims(acc)?;
+    let (tile_channels, tile_dims) = volume_dims(tile)?;
+    region.check_inside(dims)?;
+    if tile_channels != channels
+        || tile_dims != region.size
+        || weights.shape() != [1, tile_dims[0], tile_dims[1], tile_dims[2]]
+    {
+        return Err(Error::Shape(format!(
+            "cannot accumulate tile {:?} with weights {:?} into {:?} at {region:?}",
+            tile.shape(),
+            weights.shape(),
+            acc.shape()
+        )));
+    }
+    let voxels: usize = dims.iter().product();
+    let w = weights.data();
+    acc.data_mut()
+        .par_chunks_mut(voxels)
+        .zip(tile.data().par_chunks(region.voxels()))
+        .for_each(|(channel, src)| {
+            let mut offset = 0;
+            for_each_line(dims, region, |line| {
+                let n = line.len();
+                let (s, wl) = (&src[offset..offset + n], &w[offset..offset + n]);
+                channel[line]
+                    .iter_mut()
+                    .zip(s.iter().zip(wl))
+                    .for_each(|(a, (v, g))| *a += v * g);
+                offset += n;
+            });
+        });
+    Ok(())
+}
+
+pub fn divide_by_weights(x: &mut Tensor, weight_sum: &Tensor) -> Result<()> {
+    let (_, dims) = volume_dims(x)?;
+    if weight_sum.shape() != [1, dims[0], dims[1], dims[2]] {
+        return Err(Error::Shape(format!(
+            "weights {:?} do not cover volume {:?}",
+            weight_sum.shape(),
+            x.shape()
+        )));
+    }
+    let voxels = weight_sum.len();
+    x.data_mut().par_chunks_mut(voxels).for_each(|channel| {
+        channel
+            .iter_mut()
+            .zip(weight_sum.data())
+            .for_each(|(v, w)| *v /= w);
+    });
+    Ok(())
+}
+
+pub fn softmax_channels(x: &Tensor) -> Result<Tensor> {
+    let (channels, dims) = volume_dims(x)?;
+    let voxels: usize = dims.iter().product();
+    let src = x.data();
+    // Per voxel: the maximum and the sum of exponentials over the channels.
+    let mut max = vec![f32::NEG_INFINITY; voxels];
+    let mut sum = vec![0f32; voxels];
+    max.par_chunks_mut(VOXEL_BLOCK)
+        .zip(sum.par_chunks_mut(VOXEL_BLOCK))
+        .enumerate()
+        .for_each(|(block, (m, s))| {
+            let v0 = block * VOXEL_BLOCK;
+            for c in 0..channels {
+                let row = &src[c * voxels + v0..][..m.len()];
+                m.iter_mut().zip(row).for_each(|(m, &v)| *m = m.max(v));
+            }
+            for c in 0..channels {
+                let row = &src[c * voxels + v0..][..m.len()];
+                s.iter_mut()
+                    .zip(row.iter().zip(m.iter()))
+                    .for_each(|(s, (&v, &m))| *s += (v - m).exp());
+            }
+        });
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(voxels)
+        .zip(src.par_chunks(voxels))
+        .for_each(|(dest, row)| {
+            for (i, d) in dest.iter_mut().enumerate() {
+                *d = (row[i] - max[i]).exp() / sum[i];
+            }
+        });
+    Tensor::new(x.shape().to_vec(), out)
+}
+
+pub fn argmax_channels(x: &Tensor) -> Result<Vec<Label>> {
+    let (channels, dims) = volume_dims(x)?;
+    check_label_range(channels)?;
+    let voxels: usize = dims.iter().product();
+    let src = x.data();
+    let mut labels = vec![0 as Label; voxels];
+    labels
+        .par_chunks_mut(VOXEL_BLOCK)
+        .enumerate()
+        .for_each(|(block, dest)| {
+            let v0 = block * VOXEL_BLOCK;
+            let mut best = src[v0..v0 + dest.len()].to_vec();
+            for c in 1..channels {
+                let row = &src[c * voxels + v0..][..dest.len()];
+                for ((l, b), &v) in dest.iter_mut().zip(best.iter_mut()).zip(row) {
+                    if v > *b {
+                        *b = v;
+                        *l = c as Label;
+                    }
+                }
+            }
+        });
+    Ok(labels)
+}
+
+fn check_label_range(classes: usize) -> Result<()> {
+    if classes == 0 || classes > Label::MAX as usize + 1 {
+        return Err(Error::Shape(format!(
+            "cannot take the argmax over {classes} classes"
+        )));
+    }
+    Ok(())
+}
+
+pub fn argmax_rows(x: &Tensor) -> Result<Vec<Label>> {
+    let (_, classes) = token_dims(x, "argmax_rows")?;
+    check_label_range(classes)?;
+    Ok(x.data()
+        .par_chunks(classes)
+        .map(|row| {
+            let mut best = 0;
+            for (c, &v) in row.iter().enumerate() {
+                if v > row[best] {
+                    best = c;
+                }
+            }
+            best as Label
+        })
+        .collect())
+}
+
+pub fn region_tokens(volume: &Tensor, region: &Region) -> Result<Tensor> {
+    let (channels, dims) = volume_dims(volume)?;
+    region.check_inside(dims)?;
+    let voxels: usize = dims.iter().product();
+    let [_, ry, rx] = region.size;
+    let src = volume.data();
+    let mut out = vec![0f32; region.voxels() * channels];
+    out.par_chunks_mut(channels)
+        .enumerate()
+        .for_each(|(n, token)| {
+            let (z, y, x) = (n / (ry * rx), (n / rx) % ry, n % rx);
+            let v = ((region.start[0] + z) * dims[1] + region.start[1] + y) * dims[2]
+                + region.start[2]
+                + x;
+            for (c, t) in token.iter_mut().enumerate() {
+                *t = src[c * voxels + v];
+            }
+        });
+    Tensor::new(vec![region.voxels(), channels], out)
+}
+
+/// Source index and weight of the upper neighbour for a resize with align_corners = True, as
+/// PyTorch computes them (scale in f32, index clamped to the input).
+fn align_corners_taps(input: usize, output: usize) -> Vec<(usize, usize, f32)> {
+    let scale = if output > 1 {
+        (input - 1) as f32 / (output - 1) as f32
+    } else {
+        0.0
+    };
+    (0..output)
+        .map(|o| {
+            let real = scale * o as f32;
+            let i0 = (real as usize).min(input - 1);
+            let i1 = if i0 < input - 1 { i0 + 1 } else { i0 };
+            let lambda = (real - i0 as f32).clamp(0.0, 1.0);
+            (i0, i1, lambda)
+        })
+        .collect()
+}
+
+pub fn add_positional_encoding(x: &mut Tensor, grid: &Tensor, shape: [usize; 3]) -> Result<()> {
+    let (width, gdims) = volume_dims(grid)?;
+    let (rows, xw) = token_dims(x, "add_positional_encoding")?;
+    if xw != width || rows != shape.iter().product::<usize>() || gdims.contains(&0) {
+        return Err(Error::Shape(format!(
+            "positional grid {:?} cannot encode tokens {:?} of a {shape:?} region",
+            grid.shape(),
+            x.shape()
+        )));
+    }
+    let taps = [0, 1, 2].map(|a| align_corners_taps(gdims[a], shape[a]));
+    let g = grid.data();
+    let plane = gdims[1] * gdims[2];
+    let cell = gdims.iter().product::<usize>();
+    x.data_mut()
+        .par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(n, token)| {
+            let (tz, ty, tx) = (
+                taps[0][n / (shape[1] * shape[2])],
+                taps[1][(n / shape[2]) % shape[1]],
+                taps[2][n % shape[2]],
+            );
+            let at = |z: usize, y: usize, x: usize| z * plane + y * gdims[2] + x;
+            for (c, t) in token.iter_mut().enumerate() {
+                let gc = &g[c * cell..(c + 1) * cell];
+                let lerp_x = |z, y| (1.0 - tx.2) * gc[at(z, y, tx.0)] + tx.2 * gc[at(z, y, tx.1)];
+                let lerp_y = |z| (1.0 - ty.2) * lerp_x(z, ty.0) + ty.2 * lerp_x(z, ty.1);
+                *t += (1.0 - tz.2) * lerp_y(tz.0) + tz.2 * lerp_y(tz.1);
+            }
+        });
+    Ok(())
+}
+
+pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let (n, width) = token_dims(x, "gather_rows")?;
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        if r >= n {
+            return Err(Error::Shape(format!("row {r} out of range for {n} rows")));
+        }
+        out.extend_from_slice(&x.data()[r * width..(r + 1) * width]);
+    }
+    Tensor::new(vec![rows.len(), width], out)
+}

@@ -1,0 +1,189 @@
+//! The ops the two graphs need (the nnU-Net network and the TIS head), behind one trait.
+//!
+//! The model code in `crate::model` is written once over [`Backend`]; a backend only knows ops.
+//! Volumes are logically channels first (C × Z × Y × X, one sample); token matrices are
+//! N × width, one row per voxel in C order. A backend may store them as it likes, as long as
+//! [`Backend::download`] returns that logical layout. The CPU backend is the oracle every other
+//! backend is tested against.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::geometry::{Label, Region};
+use crate::tensor::Tensor;
+
+/// What every backend tensor can tell without a device round trip.
+pub trait BackendTensor: Send + Sync {
+    fn shape(&self) -> &[usize];
+}
+
+/// `y = x·Wᵀ + b`, W stored `[out, in]` as PyTorch does.
+pub struct Linear<T> {
+    pub weight: T,
+    pub bias: T,
+}
+
+/// LayerNorm over the last axis, eps 1e-5, biased variance.
+pub struct LayerNorm<T> {
+    pub weight: T,
+    pub bias: T,
+}
+
+/// `Linear → GELU (erf) → Linear`.
+pub struct Mlp<T> {
+    pub up: Linear<T>,
+    pub down: Linear<T>,
+}
+
+/// A pre-norm feed-forward sub-layer: `x ← x + Mlp(LN(x))`.
+pub struct FeedForward<T> {
+    pub norm: LayerNorm<T>,
+    pub mlp: Mlp<T>,
+}
+
+/// A 3D convolution of PyTorch layout `[out, in, kz, ky, kx]` with optional bias.
+pub struct Conv3d<T> {
+    pub weight: T,
+    pub bias: Option<T>,
+    pub stride: [usize; 3],
+    pub padding: [usize; 3],
+}
+
+/// A transposed 3D convolution whose kernel equals its stride (nnU-Net's upsampling), PyTorch
+/// layout `[in, out, kz, ky, kx]`.
+pub struct ConvTranspose3d<T> {
+    pub weight: T,
+    pub bias: Option<T>,
+    pub stride: [usize; 3],
+}
+
+/// InstanceNorm (affine) followed by LeakyReLU.
+pub struct InstanceNorm<T> {
+    pub weight: T,
+    pub bias: T,
+    pub eps: f32,
+    pub negative_slope: f32,
+}
+
+/// The per-voxel half of a label-assignment sub-layer of the TIS head (contract, "label
+/// assignment"): queries from the voxels, keys from the clicks, values from the clicks' label
+/// embeddings, mixed by α with the automatic segmentation's embedding.
+pub struct LabelAssignment<'a, T> {
+    pub norm_q: &'a LayerNorm<T>,
+    pub q: &'a Linear<T>,
+    pub out: &'a Linear<T>,
+    /// `label_mlp`, applied to the automatic probabilities of every voxel.
+    pub label_mlp: &'a Mlp<T>,
+    /// `sigmoid(assign_alpha)`.
+    pub alpha: f32,
+    pub heads: usize,
+}
+
+pub trait Backend: Send + Sync {
+    type Tensor: BackendTensor;
+
+    /// A short name for messages ("cpu", "cuda").
+    fn name(&self) -> &'static str;
+
+    fn upload(&self, host: &Tensor) -> Result<Self::Tensor>;
+    fn download(&self, tensor: &Self::Tensor) -> Result<Tensor>;
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
+
+    // ---- nnU-Net network: volumes C × Z × Y × X -------------------------------------------
+
+    fn conv3d(&self, x: &Self::Tensor, conv: &Conv3d<Self::Tensor>) -> Result<Self::Tensor>;
+    fn conv_transpose3d(
+        &self,
+        x: &Self::Tensor,
+        conv: &ConvTranspose3d<Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+    /// In place: per channel, normalise over the volume, scale, shift, LeakyReLU.
+    fn instance_norm_leaky_relu(
+        &self,
+        x: &mut Self::Tensor,
+        norm: &InstanceNorm<Self::Tensor>,
+    ) -> Result<()>;
+    /// `[a; b]` along the channel axis.
+    fn concat_channels(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+
+    // ---- sliding window over volumes ------------------------------------------------------
+
+    /// The voxels of `region`, all channels.
+    fn crop(&self, x: &Self::Tensor, region: &Region) -> Result<Self::Tensor>;
+    /// Reverses the given spatial axes (0 = z, 1 = y, 2 = x).
+    fn flip(&self, x: &Self::Tensor, axes: &[usize]) -> Result<Self::Tensor>;
+    /// `acc += x`.
+    fn add_assign(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
+    /// `x *= factor`.
+    fn scale(&self, x: &mut Self::Tensor, factor: f32) -> Result<()>;
+    /// `acc[:, region] += tile · weights` with `weights` one channel of the tile's size and
+    /// `region` the tile's place in `acc`.
+    fn accumulate_weighted(
+        &self,
+        acc: &mut Self::Tensor,
+        tile: &Self::Tensor,
+        weights: &Self::Tensor,
+        region: &Region,
+    ) -> Result<()>;
+    /// `x[c, v] /= weight_sum[0, v]` for every channel.
+    fn divide_by_weights(&self, x: &mut Self::Tensor, weight_sum: &Self::Tensor) -> Result<()>;
+    /// Softmax over the channel axis of a volume.
+    fn softmax_channels(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Index of the largest channel per voxel, ties to the lower index.
+    fn argmax_channels(&self, x: &Self::Tensor) -> Result<Vec<Label>>;
+
+    // ---- TIS head: tokens N × width ------------------------------------------------------
+
+    /// The voxels of `region` of a channels-first volume as tokens (N × C, C order).
+    fn region_tokens(&self, volume: &Self::Tensor, region: &Region) -> Result<Self::Tensor>;
+    /// `x + PE`, PE = trilinear resize (align_corners) of `grid` (d × gz × gy × gx) to `shape`,
+    /// laid out as tokens of that shape.
+    fn add_positional_encoding(
+        &self,
+        x: &mut Self::Tensor,
+        grid: &Self::Tensor,
+        shape: [usize; 3],
+    ) -> Result<()>;
+    /// The given rows, in the given order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    fn linear(&self, x: &Self::Tensor, linear: &Linear<Self::Tensor>) -> Result<Self::Tensor>;
+    fn layer_norm(&self, x: &Self::Tensor, norm: &LayerNorm<Self::Tensor>) -> Result<Self::Tensor>;
+    /// `Mlp(x)` without residual.
+    fn mlp(&self, x: &Self::Tensor, mlp: &Mlp<Self::Tensor>) -> Result<Self::Tensor>;
+    /// In place: `x ← x + Mlp(LN(x))`.
+    fn feed_forward(&self, x: &mut Self::Tensor, ffn: &FeedForward<Self::Tensor>) -> Result<()>;
+    /// Multi-head scaled dot-product attention of already projected q, k, v (few rows), heads
+    /// concatenated, before the output projection.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        heads: usize,
+    ) -> Result<Self::Tensor>;
+    /// Attention of the click queries `q` (already projected) over every voxel of `x`, with keys
+    /// `LN(x)·Wkᵀ + bk` and values `LN(x)·Wvᵀ + bv`; heads concatenated, before the output
+    /// projection. A backend need not form the N × d keys or values.
+    fn click_cross_attention(
+        &self,
+        x: &Self::Tensor,
+        q: &Self::Tensor,
+        norm: &LayerNorm<Self::Tensor>,
+        key: &Linear<Self::Tensor>,
+        value: &Linear<Self::Tensor>,
+        heads: usize,
+    ) -> Result<Self::Tensor>;
+    /// In place: `x ← x + ((1 − α)·U + α·label_mlp(probs))·W_outᵀ + b_out`, where per head
+    /// `U = softmax_over_clicks(Q·Kcᵀ/√d_h)·Vc` and `Q = LN_q(x)·W_qᵀ + b_q`.
+    /// `click_keys` and `click_values` are N_c × d, `probs` is N × K.
+    fn label_assignment(
+        &self,
+        x: &mut Self::Tensor,
+        click_keys: &Self::Tensor,
+        click_values: &Self::Tensor,
+        probs: &Self::Tensor,
+        params: &LabelAssignment<'_, Self::Tensor>,
+    ) -> Result<()>;
+    /// Index of the largest column per row, ties to the lower index.
+    fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<Label>>;
+}

@@ -1,0 +1,182 @@
+//! `tis demo`: the interactive loop end to end on a real CT. The embedded default model reads
+//! the sample volume, segments it, and a simulated user clicks where the segmentation is most
+//! wrong against the reference labels; Dice and latency are printed per click and the automatic
+//! and refined segmentations written as NIfTI.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use tis::geometry::Label;
+use tis::io::nifti::{read_image, write_labels};
+use tis::pipeline::preprocess::{labels_to_image, preprocess};
+use tis::pipeline::robot::{dice, next_click};
+use tis::{Error, Session, SessionOptions};
+
+const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/abdomen-ct/image.nii.gz");
+const SAMPLE_LABELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/abdomen-ct/labels.nii.gz");
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Model bundle; the embedded default when left out.
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// CT volume (NIfTI).
+    #[arg(long, default_value = SAMPLE)]
+    image: PathBuf,
+    /// Reference label map on the same grid, for the simulated user and Dice.
+    #[arg(long, default_value = SAMPLE_LABELS)]
+    reference: PathBuf,
+    /// Reference label → model class, e.g. "5:1,1:2,2:3,3:3" (TotalSegmentator liver, spleen,
+    /// kidneys → the default model's liver, spleen, kidney); unlisted labels are background.
+    #[arg(long, default_value = "5:1,1:2,2:3,3:3")]
+    reference_map: String,
+    /// Number of simulated clicks.
+    #[arg(long, default_value_t = 5)]
+    clicks: usize,
+    /// Folder for the outputs.
+    #[arg(short, long, default_value = "out/demo")]
+    output: PathBuf,
+    /// Turn test-time mirroring off.
+    #[arg(long)]
+    no_mirror: bool,
+}
+
+fn parse_map(text: &str, classes: usize) -> tis::Result<Vec<(u32, Label)>> {
+    text.split(',')
+        .map(|pair| {
+            let parsed = pair.split_once(':').and_then(|(a, b)| {
+                Some((
+                    a.trim().parse::<u32>().ok()?,
+                    b.trim().parse::<Label>().ok()?,
+                ))
+            });
+            match parsed {
+                Some((from, to)) if (to as usize) < classes => Ok((from, to)),
+                _ => Err(Error::Session(format!(
+                    "--reference-map entry `{pair}` is not `label:class` with class < {classes}"
+                ))),
+            }
+        })
+        .collect()
+}
+
+pub fn run(args: &DemoArgs) -> tis::Result<()> {
+    let model = crate::load_model(args.model.as_ref())?;
+    let info = &model.info;
+    let names = &info.dataset.class_names;
+    println!(
+        "model      {} — {}",
+        info.origin,
+        info.metadata.get("source").map_or("", String::as_str)
+    );
+
+    let image = read_image(&args.image)?;
+    let reference_image = read_image(&args.reference)?;
+    if reference_image.shape() != image.shape() {
+        return Err(Error::Image {
+            path: args.reference.clone(),
+            message: format!(
+                "grid {:?} differs from the image's {:?}",
+                reference_image.shape(),
+                image.shape()
+            ),
+        });
+    }
+    let map = parse_map(&args.reference_map, names.len())?;
+    let pre = preprocess(&image.voxels, image.spacing, info)?;
+    let grid = [1, 2, 3].map(|a| pre.volume.shape()[a]);
+    println!(
+        "image      {} — {:?} voxels at {:?} mm; model grid {:?}",
+        args.image.display(),
+        image.shape(),
+        image.spacing,
+        grid
+    );
+
+    // The reference on the model's grid, through the same transpose and crop as the image.
+    let reference: Vec<Label> = pre
+        .map_to_grid(&reference_image.voxels)?
+        .data()
+        .iter()
+        .map(|&v| {
+            map.iter()
+                .find(|(from, _)| *from as f32 == v)
+                .map_or(0, |(_, to)| *to)
+        })
+        .collect();
+
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("encoder    {bar:30} {pos}/{len} tiles {elapsed}")
+            .expect("valid template"),
+    );
+    let started = Instant::now();
+    let options = SessionOptions {
+        mirror: !args.no_mirror,
+        ..Default::default()
+    };
+    let mut session = Session::new(&model, &pre.volume, &options, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "encoder    {:.2} s over the whole grid",
+        started.elapsed().as_secs_f64()
+    );
+
+    let dice_row = |labels: &[Label]| -> String {
+        (1..names.len())
+            .map(|c| match dice(labels, &reference, c as Label) {
+                Some(d) => format!("{} {:.3}", names[c], d),
+                None => format!("{} -", names[c]),
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    println!("auto       Dice  {}", dice_row(session.labels()));
+    std::fs::create_dir_all(&args.output).map_err(|e| tis::Error::Io {
+        path: args.output.clone(),
+        source: e,
+    })?;
+    let auto_path = args.output.join("auto.nii.gz");
+    write_labels(
+        &auto_path,
+        &labels_to_image(session.labels(), &pre),
+        image.shape(),
+        &image.header,
+    )?;
+
+    for i in 1..=args.clicks {
+        let Some(click) = next_click(session.labels(), &reference, grid) else {
+            println!("click {i:<3}  segmentation matches the reference: done");
+            break;
+        };
+        let started = Instant::now();
+        let refinement = session.refine(&[click])?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        println!(
+            "click {i:<3}  {:<10} at (z {}, y {}, x {})  roi {:?}  {ms:7.1} ms  Dice  {}",
+            names[click.class],
+            click.z,
+            click.y,
+            click.x,
+            refinement.roi.size,
+            dice_row(refinement.labels)
+        );
+    }
+    let refined_path = args.output.join("refined.nii.gz");
+    write_labels(
+        &refined_path,
+        &labels_to_image(session.labels(), &pre),
+        image.shape(),
+        &image.header,
+    )?;
+    println!(
+        "wrote      {} and {}",
+        auto_path.display(),
+        refined_path.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! The `tis` command line.
+
+mod demo;
+mod info;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tis::{CpuBackend, Model};
+
+#[derive(Parser)]
+#[command(
+    name = "tis",
+    version,
+    about = "Interactive 3D medical image segmentation: nnU-Net + TIS refinement"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a model bundle: classes, configuration, parameters, dtypes, origin.
+    Info(info::InfoArgs),
+    /// Run the whole interactive loop on a sample CT with the embedded default model.
+    Demo(demo::DemoArgs),
+}
+
+/// The model at `path`, or the embedded default.
+pub fn load_model(path: Option<&PathBuf>) -> tis::Result<Model<CpuBackend>> {
+    match path {
+        Some(p) => Model::load(p, CpuBackend),
+        None => Model::default_model(CpuBackend),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(args) => info::run(&args),
+        Command::Demo(args) => demo::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

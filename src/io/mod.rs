@@ -1,0 +1,3 @@
+//! Files in and out: images and label maps.
+
+pub mod nifti;

@@ -1,0 +1,116 @@
+//! NIfTI in and out, read the way nnU-Net's SimpleITKIO sees a file: the raw voxel buffer
+//! (i fastest) as a C-order Z × Y × X array, spacing (pixdim[3], pixdim[2], pixdim[1]), the
+//! intensity scaling applied unless scl_slope is 0 or not finite (ITK's rule). Label maps are
+//! written with the input's header (dims, pixdim, qform/sform) to a temporary file in the same
+//! folder and renamed, so a failure never leaves a partial file.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array3, ShapeBuilder};
+use nifti::writer::WriterOptions;
+use nifti::{InMemNiftiVolume, IntoNdArray, NiftiHeader, NiftiObject, ReaderOptions};
+
+use crate::error::{Error, Result};
+use crate::geometry::Label;
+use crate::tensor::Tensor;
+
+/// A 3D image: its voxels as one channel, C order (z, y, x), and the header it came with.
+pub struct Image {
+    pub path: PathBuf,
+    pub header: NiftiHeader,
+    /// 1 × Z × Y × X, scaled intensities.
+    pub voxels: Tensor,
+    /// Voxel size in mm per array axis (z, y, x).
+    pub spacing: [f64; 3],
+}
+
+impl Image {
+    pub fn shape(&self) -> [usize; 3] {
+        let s = self.voxels.shape();
+        [s[1], s[2], s[3]]
+    }
+}
+
+fn image_err(path: &Path, message: impl Into<String>) -> Error {
+    Error::Image {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+pub fn read_image(path: &Path) -> Result<Image> {
+    let object = ReaderOptions::new()
+        .read_file(path)
+        .map_err(|e| image_err(path, format!("cannot read as NIfTI ({e})")))?;
+    let mut header = object.header().clone();
+    let dims = header.dim;
+    let rank = dims[0] as usize;
+    if !(rank == 3 || (rank == 4 && dims[4] == 1)) || dims[1..4].contains(&0) {
+        return Err(image_err(
+            path,
+            format!(
+                "expected a 3D image, found {rank} dimensions {:?}",
+                &dims[1..=rank.min(7)]
+            ),
+        ));
+    }
+    let [nx, ny, nz] = [dims[1], dims[2], dims[3]].map(usize::from);
+    if !header.scl_slope.is_finite() || header.scl_slope == 0.0 {
+        header.scl_slope = 0.0; // no scaling, as ITK reads it
+    }
+    let volume = InMemNiftiVolume::from_raw_data(&header, object.into_volume().into_raw_data())
+        .and_then(|v| v.into_ndarray::<f32>())
+        .map_err(|e| image_err(path, format!("cannot decode the voxels ({e})")))?;
+    // The array is F-ordered [x, y, z]: its buffer is already C order (z, y, x).
+    let (data, _) = volume.into_raw_vec_and_offset();
+    let spacing = [header.pixdim[3], header.pixdim[2], header.pixdim[1]].map(|s| s.abs() as f64);
+    Ok(Image {
+        path: path.to_path_buf(),
+        header,
+        voxels: Tensor::new(vec![1, nz, ny, nx], data)?,
+        spacing,
+    })
+}
+
+/// Writes a label map (Z × Y × X, C order) with `reference`'s geometry, as uint8 when every label
+/// fits, else uint16.
+pub fn write_labels(
+    path: &Path,
+    labels: &[Label],
+    shape: [usize; 3],
+    reference: &NiftiHeader,
+) -> Result<()> {
+    let [nz, ny, nx] = shape;
+    if labels.len() != nz * ny * nx {
+        return Err(image_err(
+            path,
+            format!("{} labels do not fill a {shape:?} grid", labels.len()),
+        ));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| image_err(path, "not a file name"))?;
+    let temporary = path.with_file_name(format!(
+        ".{}.partial-{}-{name}",
+        env!("CARGO_PKG_NAME"),
+        std::process::id()
+    ));
+    let mut header = reference.clone();
+    header.dim = [3, nx as u16, ny as u16, nz as u16, 1, 1, 1, 1];
+    let writer = WriterOptions::new(&temporary).reference_header(&header);
+    let written = if labels.iter().all(|&l| l <= u8::MAX as Label) {
+        let data: Vec<u8> = labels.iter().map(|&l| l as u8).collect();
+        writer.write_nifti(&Array3::from_shape_vec((nx, ny, nz).f(), data).expect("sized above"))
+    } else {
+        writer.write_nifti(
+            &Array3::from_shape_vec((nx, ny, nz).f(), labels.to_vec()).expect("sized above"),
+        )
+    };
+    written
+        .map_err(|e| image_err(path, format!("cannot write ({e})")))
+        .and_then(|()| std::fs::rename(&temporary, path).map_err(|e| Error::io(path, e)))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&temporary);
+        })
+}
