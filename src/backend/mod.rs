@@ -7,6 +7,7 @@
 //! backend is tested against.
 
 pub mod cpu;
+pub mod shapes;
 
 use crate::error::Result;
 use crate::geometry::{Label, Region};

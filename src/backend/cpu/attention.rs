@@ -14,20 +14,11 @@
 use rayon::prelude::*;
 
 use super::gemm::{MatRef, gemm};
-use super::linear::{TOKEN_BLOCK, linear_dims, linear_rows, mlp_rows, token_dims};
-use super::norm::{check_layer_norm, layer_norm_rows};
-use crate::backend::{LabelAssignment, LayerNorm, Linear};
-use crate::error::{Error, Result};
+use super::linear::{TOKEN_BLOCK, linear_rows, mlp_rows};
+use super::norm::layer_norm_rows;
+use crate::backend::{LabelAssignment, LayerNorm, Linear, shapes};
+use crate::error::Result;
 use crate::tensor::Tensor;
-
-fn head_width(width: usize, heads: usize) -> Result<usize> {
-    if heads == 0 || !width.is_multiple_of(heads) {
-        return Err(Error::Shape(format!(
-            "width {width} cannot be split into {heads} heads"
-        )));
-    }
-    Ok(width / heads)
-}
 
 /// In place softmax of a short row.
 fn softmax_in_place(row: &mut [f32]) {
@@ -75,17 +66,7 @@ fn attend_rows(
 }
 
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    let (nq, width) = token_dims(q, "attention")?;
-    let (nk, kw) = token_dims(k, "attention")?;
-    if kw != width || v.shape() != k.shape() || nk == 0 {
-        return Err(Error::Shape(format!(
-            "attention of queries {:?} over keys {:?} and values {:?}",
-            q.shape(),
-            k.shape(),
-            v.shape()
-        )));
-    }
-    head_width(width, heads)?;
+    let (nq, _, width) = shapes::attention(q, k, v, heads)?;
     let mut out = vec![0f32; nq * width];
     attend_rows(
         q.data(),
@@ -135,21 +116,8 @@ pub fn click_cross_attention(
     value: &Linear<Tensor>,
     heads: usize,
 ) -> Result<Tensor> {
-    let (n, width) = token_dims(x, "click_cross_attention")?;
-    let (clicks, qw) = token_dims(q, "click_cross_attention")?;
-    check_layer_norm(norm, width)?;
-    if qw != width
-        || n == 0
-        || linear_dims(key, width)?.0 != width
-        || linear_dims(value, width)?.0 != width
-    {
-        return Err(Error::Shape(format!(
-            "click cross-attention of queries {:?} over tokens {:?}",
-            q.shape(),
-            x.shape()
-        )));
-    }
-    let dh = head_width(width, heads)?;
+    let (_, clicks, width) = shapes::click_cross_attention(x, q, norm, key, value, heads)?;
+    let dh = width / heads;
     let scale = 1.0 / (dh as f32).sqrt();
     let columns = clicks * heads;
 
@@ -239,28 +207,7 @@ pub fn label_assignment(
     probs: &Tensor,
     params: &LabelAssignment<'_, Tensor>,
 ) -> Result<()> {
-    let (n, width) = token_dims(x, "label_assignment")?;
-    let (clicks, kw) = token_dims(click_keys, "label_assignment")?;
-    let (pn, classes) = token_dims(probs, "label_assignment")?;
-    check_layer_norm(params.norm_q, width)?;
-    if kw != width
-        || click_values.shape() != click_keys.shape()
-        || pn != n
-        || clicks == 0
-        || linear_dims(params.q, width)?.0 != width
-        || linear_dims(params.out, width)?.0 != width
-        || linear_dims(&params.label_mlp.up, classes)?.0 != width
-        || linear_dims(&params.label_mlp.down, width)?.0 != width
-    {
-        return Err(Error::Shape(format!(
-            "label assignment of tokens {:?} with click keys {:?}, values {:?}, probabilities {:?}",
-            x.shape(),
-            click_keys.shape(),
-            click_values.shape(),
-            probs.shape()
-        )));
-    }
-    head_width(width, params.heads)?;
+    let (_, _, width, classes) = shapes::label_assignment(x, click_keys, click_values, probs, params)?;
     let alpha = params.alpha;
     x.data_mut()
         .par_chunks_mut(TOKEN_BLOCK * width)

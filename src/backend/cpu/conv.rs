@@ -13,28 +13,12 @@
 use rayon::prelude::*;
 
 use super::gemm::{MatRef, gemm, gemm_raw};
-use crate::backend::{Conv3d, ConvTranspose3d};
-use crate::error::{Error, Result};
+use crate::backend::{Conv3d, ConvTranspose3d, shapes};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// Target size of one chunk's column buffer, in floats.
 const COLUMN_BUFFER_FLOATS: usize = 1 << 21;
-
-fn volume_dims(x: &Tensor, what: &str) -> Result<(usize, [usize; 3])> {
-    match *x.shape() {
-        [c, z, y, xx] => Ok((c, [z, y, xx])),
-        ref other => Err(Error::Shape(format!(
-            "{what} expects a C × Z × Y × X volume, got shape {other:?}"
-        ))),
-    }
-}
-
-/// Output extent of a convolution along one axis.
-fn conv_out_len(len: usize, kernel: usize, stride: usize, pad: usize) -> Option<usize> {
-    (len + 2 * pad)
-        .checked_sub(kernel)
-        .map(|span| span / stride + 1)
-}
 
 /// A pointer to the output shared by the chunk tasks; each task writes only its own columns.
 struct SharedOutput(*mut f32);
@@ -42,27 +26,7 @@ struct SharedOutput(*mut f32);
 unsafe impl Sync for SharedOutput {}
 
 pub fn conv3d(x: &Tensor, conv: &Conv3d<Tensor>) -> Result<Tensor> {
-    let (cin, dims) = volume_dims(x, "conv3d")?;
-    let w_shape = conv.weight.shape();
-    let (cout, kernel) = match *w_shape {
-        [o, i, kz, ky, kx] if i == cin => (o, [kz, ky, kx]),
-        _ => {
-            return Err(Error::Shape(format!(
-                "conv3d weight {w_shape:?} does not take {cin} input channels"
-            )));
-        }
-    };
-    let mut out_dims = [0; 3];
-    for a in 0..3 {
-        out_dims[a] = conv_out_len(dims[a], kernel[a], conv.stride[a], conv.padding[a])
-            .filter(|&n| n > 0)
-            .ok_or_else(|| {
-                Error::Shape(format!(
-                    "conv3d kernel {kernel:?} with padding {:?} does not fit input {dims:?}",
-                    conv.padding
-                ))
-            })?;
-    }
+    let shapes::ConvShape { cin, dims, cout, out_dims, kernel } = shapes::conv3d(x, conv)?;
     let out_vox: usize = out_dims.iter().product();
     let taps = cin * kernel.iter().product::<usize>();
     let mut out = vec![0f32; cout * out_vox];
@@ -163,18 +127,7 @@ fn gather_columns(
 }
 
 pub fn conv_transpose3d(x: &Tensor, conv: &ConvTranspose3d<Tensor>) -> Result<Tensor> {
-    let (cin, dims) = volume_dims(x, "conv_transpose3d")?;
-    let w_shape = conv.weight.shape();
-    let cout = match *w_shape {
-        [i, o, kz, ky, kx] if i == cin && [kz, ky, kx] == conv.stride => o,
-        _ => {
-            return Err(Error::Shape(format!(
-                "conv_transpose3d weight {w_shape:?} does not take {cin} input channels with \
-                 kernel = stride {:?}",
-                conv.stride
-            )));
-        }
-    };
+    let shapes::ConvShape { cin, dims, cout, out_dims, .. } = shapes::conv_transpose3d(x, conv)?;
     let s = conv.stride;
     let taps: usize = s.iter().product();
     let in_vox: usize = dims.iter().product();
@@ -189,7 +142,6 @@ pub fn conv_transpose3d(x: &Tensor, conv: &ConvTranspose3d<Tensor>) -> Result<Te
             gemm(w_t, MatRef::new(x.data(), cin, in_vox), 0.0, dest);
         });
 
-    let out_dims = [dims[0] * s[0], dims[1] * s[1], dims[2] * s[2]];
     let out_vox: usize = out_dims.iter().product();
     let mut out = vec![0f32; cout * out_vox];
     out.par_chunks_mut(out_vox)

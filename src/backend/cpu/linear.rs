@@ -5,9 +5,9 @@
 use rayon::prelude::*;
 
 use super::gemm::matmul_weight_t;
-use super::norm::{check_layer_norm, layer_norm_rows};
-use crate::backend::{FeedForward, Linear, Mlp};
-use crate::error::{Error, Result};
+use super::norm::layer_norm_rows;
+use crate::backend::{FeedForward, Linear, Mlp, shapes};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// Rows per task for token-wise work.
@@ -16,27 +16,6 @@ pub const TOKEN_BLOCK: usize = 128;
 /// Exact GELU, `0.5·x·(1 + erf(x/√2))`.
 pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// `(rows, width)` of a token matrix.
-pub fn token_dims(x: &Tensor, what: &str) -> Result<(usize, usize)> {
-    match *x.shape() {
-        [rows, width] => Ok((rows, width)),
-        ref other => Err(Error::Shape(format!(
-            "{what} expects a token matrix (N × width), got shape {other:?}"
-        ))),
-    }
-}
-
-/// `(out, in)` of a Linear, checked against the input width.
-pub fn linear_dims(linear: &Linear<Tensor>, input_width: usize) -> Result<(usize, usize)> {
-    match *linear.weight.shape() {
-        [out, inp] if inp == input_width && linear.bias.len() == out => Ok((out, inp)),
-        ref other => Err(Error::Shape(format!(
-            "linear weight {other:?} (bias {}) applied to rows of width {input_width}",
-            linear.bias.len()
-        ))),
-    }
 }
 
 /// `out = x·Wᵀ + b` for a block of rows (`out` already sized rows × out).
@@ -62,15 +41,9 @@ pub fn mlp_rows(x: &[f32], mlp: &Mlp<Tensor>, hidden: &mut Vec<f32>, out: &mut [
     linear_rows(hidden, &mlp.down, out);
 }
 
-fn check_mlp(mlp: &Mlp<Tensor>, width: usize) -> Result<usize> {
-    let (hidden, _) = linear_dims(&mlp.up, width)?;
-    let (out, _) = linear_dims(&mlp.down, hidden)?;
-    Ok(out)
-}
-
 pub fn linear(x: &Tensor, linear: &Linear<Tensor>) -> Result<Tensor> {
-    let (rows, width) = token_dims(x, "linear")?;
-    let (out_width, _) = linear_dims(linear, width)?;
+    let (rows, width) = shapes::tokens(x, "linear")?;
+    let out_width = shapes::linear(linear, width)?;
     let mut out = vec![0f32; rows * out_width];
     out.par_chunks_mut(TOKEN_BLOCK * out_width)
         .zip(x.data().par_chunks(TOKEN_BLOCK * width))
@@ -79,8 +52,8 @@ pub fn linear(x: &Tensor, linear: &Linear<Tensor>) -> Result<Tensor> {
 }
 
 pub fn mlp(x: &Tensor, mlp: &Mlp<Tensor>) -> Result<Tensor> {
-    let (rows, width) = token_dims(x, "mlp")?;
-    let out_width = check_mlp(mlp, width)?;
+    let (rows, width) = shapes::tokens(x, "mlp")?;
+    let (_, out_width) = shapes::mlp(mlp, width)?;
     let mut out = vec![0f32; rows * out_width];
     out.par_chunks_mut(TOKEN_BLOCK * out_width)
         .zip(x.data().par_chunks(TOKEN_BLOCK * width))
@@ -91,13 +64,7 @@ pub fn mlp(x: &Tensor, mlp: &Mlp<Tensor>) -> Result<Tensor> {
 }
 
 pub fn feed_forward(x: &mut Tensor, ffn: &FeedForward<Tensor>) -> Result<()> {
-    let (_, width) = token_dims(x, "feed_forward")?;
-    check_layer_norm(&ffn.norm, width)?;
-    if check_mlp(&ffn.mlp, width)? != width {
-        return Err(Error::Shape(format!(
-            "feed-forward does not map width {width} back to itself"
-        )));
-    }
+    let (_, width, _) = shapes::feed_forward(x, ffn)?;
     x.data_mut()
         .par_chunks_mut(TOKEN_BLOCK * width)
         .for_each_init(

@@ -123,11 +123,7 @@ impl Backend for CpuBackend {
     }
 
     fn layer_norm(&self, x: &Tensor, norm: &LayerNorm<Tensor>) -> Result<Tensor> {
-        let (_, width) = linear::token_dims(x, "layer_norm")?;
-        norm::check_layer_norm(norm, width)?;
-        let mut out = vec![0f32; x.len()];
-        norm::layer_norm_rows(x.data(), width, norm, &mut out);
-        Tensor::new(x.shape().to_vec(), out)
+        norm::layer_norm(x, norm)
     }
 
     fn mlp(&self, x: &Tensor, mlp: &Mlp<Tensor>) -> Result<Tensor> {

@@ -3,8 +3,10 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{InstanceNorm, LayerNorm};
-use crate::error::{Error, Result};
+use super::linear::TOKEN_BLOCK;
+
+use crate::backend::{InstanceNorm, LayerNorm, shapes};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// LayerNorm's epsilon in the contract.
@@ -23,15 +25,7 @@ fn moments(values: &[f32]) -> (f64, f64) {
 }
 
 pub fn instance_norm_leaky_relu(x: &mut Tensor, norm: &InstanceNorm<Tensor>) -> Result<()> {
-    let channels = x.shape().first().copied().unwrap_or(0);
-    if x.shape().len() != 4 || norm.weight.len() != channels || norm.bias.len() != channels {
-        return Err(Error::Shape(format!(
-            "instance norm of {} channels applied to a volume of shape {:?}",
-            norm.weight.len(),
-            x.shape()
-        )));
-    }
-    let voxels = x.len() / channels;
+    let (_, voxels) = shapes::instance_norm(x, norm)?;
     let (gamma, beta) = (norm.weight.data(), norm.bias.data());
     x.data_mut()
         .par_chunks_mut(voxels)
@@ -61,13 +55,13 @@ pub fn layer_norm_rows(x: &[f32], width: usize, norm: &LayerNorm<Tensor>, out: &
     }
 }
 
-/// Checks that `norm` fits rows of `width`.
-pub fn check_layer_norm(norm: &LayerNorm<Tensor>, width: usize) -> Result<()> {
-    if norm.weight.len() != width || norm.bias.len() != width {
-        return Err(Error::Shape(format!(
-            "layer norm of width {} applied to rows of width {width}",
-            norm.weight.len()
-        )));
-    }
-    Ok(())
+/// LayerNorm of every row of a token matrix, one block of rows per task.
+pub fn layer_norm(x: &Tensor, norm: &LayerNorm<Tensor>) -> Result<Tensor> {
+    let (_, width) = shapes::tokens(x, "layer_norm")?;
+    shapes::layer_norm(norm, width)?;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(TOKEN_BLOCK * width)
+        .zip(x.data().par_chunks(TOKEN_BLOCK * width))
+        .for_each(|(dest, src)| layer_norm_rows(src, width, norm, dest));
+    Tensor::new(x.shape().to_vec(), out)
 }

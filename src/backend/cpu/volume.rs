@@ -4,33 +4,13 @@
 
 use rayon::prelude::*;
 
-use super::linear::token_dims;
-use crate::error::{Error, Result};
+use crate::backend::shapes;
+use crate::error::Result;
 use crate::geometry::{Label, Region};
 use crate::tensor::Tensor;
 
 /// Voxels per task for per-voxel work.
 const VOXEL_BLOCK: usize = 4096;
-
-pub fn volume_dims(x: &Tensor) -> Result<(usize, [usize; 3])> {
-    match *x.shape() {
-        [c, z, y, xx] => Ok((c, [z, y, xx])),
-        ref other => Err(Error::Shape(format!(
-            "expected a C × Z × Y × X volume, got shape {other:?}"
-        ))),
-    }
-}
-
-fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
-    if a.shape() != b.shape() {
-        return Err(Error::Shape(format!(
-            "{what}: shapes {:?} and {:?} differ",
-            a.shape(),
-            b.shape()
-        )));
-    }
-    Ok(())
-}
 
 /// Calls `f(z, y, row)` for each (z, y) line of `region` in a grid of `dims`, `row` the range of
 /// flat indices of that line.
@@ -44,8 +24,7 @@ fn for_each_line(dims: [usize; 3], region: &Region, mut f: impl FnMut(std::ops::
 }
 
 pub fn crop(x: &Tensor, region: &Region) -> Result<Tensor> {
-    let (channels, dims) = volume_dims(x)?;
-    region.check_inside(dims)?;
+    let (channels, dims) = shapes::crop(x, region)?;
     let voxels: usize = dims.iter().product();
     let mut out = Vec::with_capacity(channels * region.voxels());
     for channel in x.data().chunks_exact(voxels) {
@@ -58,11 +37,8 @@ pub fn crop(x: &Tensor, region: &Region) -> Result<Tensor> {
 }
 
 pub fn flip(x: &Tensor, axes: &[usize]) -> Result<Tensor> {
-    let (_, dims) = volume_dims(x)?;
-    if let Some(a) = axes.iter().find(|&&a| a > 2) {
-        return Err(Error::Shape(format!("cannot flip spatial axis {a}")));
-    }
-    let flipped = [0, 1, 2].map(|a| axes.contains(&a));
+    let (_, dims) = shapes::volume(x, "flip")?;
+    let flipped = shapes::flip_axes(axes)?;
     let voxels: usize = dims.iter().product();
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(voxels)
@@ -85,23 +61,15 @@ pub fn flip(x: &Tensor, axes: &[usize]) -> Result<Tensor> {
 }
 
 pub fn concat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (ca, da) = volume_dims(a)?;
-    let (cb, db) = volume_dims(b)?;
-    if da != db {
-        return Err(Error::Shape(format!(
-            "cannot concatenate volumes {:?} and {:?}",
-            a.shape(),
-            b.shape()
-        )));
-    }
+    let shape = shapes::concat(a, b)?;
     let mut data = Vec::with_capacity(a.len() + b.len());
     data.extend_from_slice(a.data());
     data.extend_from_slice(b.data());
-    Tensor::new(vec![ca + cb, da[0], da[1], da[2]], data)
+    Tensor::new(shape.to_vec(), data)
 }
 
 pub fn add_assign(acc: &mut Tensor, x: &Tensor) -> Result<()> {
-    same_shape(acc, x, "add")?;
+    shapes::same(acc, x, "add")?;
     acc.data_mut()
         .par_chunks_mut(VOXEL_BLOCK)
         .zip(x.data().par_chunks(VOXEL_BLOCK))
@@ -121,20 +89,7 @@ pub fn accumulate_weighted(
     weights: &Tensor,
     region: &Region,
 ) -> Result<()> {
-    let (channels, dims) = volume_dims(acc)?;
-    let (tile_channels, tile_dims) = volume_dims(tile)?;
-    region.check_inside(dims)?;
-    if tile_channels != channels
-        || tile_dims != region.size
-        || weights.shape() != [1, tile_dims[0], tile_dims[1], tile_dims[2]]
-    {
-        return Err(Error::Shape(format!(
-            "cannot accumulate tile {:?} with weights {:?} into {:?} at {region:?}",
-            tile.shape(),
-            weights.shape(),
-            acc.shape()
-        )));
-    }
+    let (_, dims) = shapes::accumulate(acc, tile, weights, region)?;
     let voxels: usize = dims.iter().product();
     let w = weights.data();
     acc.data_mut()
@@ -156,15 +111,7 @@ pub fn accumulate_weighted(
 }
 
 pub fn divide_by_weights(x: &mut Tensor, weight_sum: &Tensor) -> Result<()> {
-    let (_, dims) = volume_dims(x)?;
-    if weight_sum.shape() != [1, dims[0], dims[1], dims[2]] {
-        return Err(Error::Shape(format!(
-            "weights {:?} do not cover volume {:?}",
-            weight_sum.shape(),
-            x.shape()
-        )));
-    }
-    let voxels = weight_sum.len();
+    let (_, voxels) = shapes::weight_sum(x, weight_sum)?;
     x.data_mut().par_chunks_mut(voxels).for_each(|channel| {
         channel
             .iter_mut()
@@ -175,7 +122,7 @@ pub fn divide_by_weights(x: &mut Tensor, weight_sum: &Tensor) -> Result<()> {
 }
 
 pub fn softmax_channels(x: &Tensor) -> Result<Tensor> {
-    let (channels, dims) = volume_dims(x)?;
+    let (channels, dims) = shapes::volume(x, "softmax_channels")?;
     let voxels: usize = dims.iter().product();
     let src = x.data();
     // Per voxel: the maximum and the sum of exponentials over the channels.
@@ -209,8 +156,8 @@ pub fn softmax_channels(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn argmax_channels(x: &Tensor) -> Result<Vec<Label>> {
-    let (channels, dims) = volume_dims(x)?;
-    check_label_range(channels)?;
+    let (channels, dims) = shapes::volume(x, "argmax_channels")?;
+    shapes::label_classes(channels)?;
     let voxels: usize = dims.iter().product();
     let src = x.data();
     let mut labels = vec![0 as Label; voxels];
@@ -233,18 +180,9 @@ pub fn argmax_channels(x: &Tensor) -> Result<Vec<Label>> {
     Ok(labels)
 }
 
-fn check_label_range(classes: usize) -> Result<()> {
-    if classes == 0 || classes > Label::MAX as usize + 1 {
-        return Err(Error::Shape(format!(
-            "cannot take the argmax over {classes} classes"
-        )));
-    }
-    Ok(())
-}
-
 pub fn argmax_rows(x: &Tensor) -> Result<Vec<Label>> {
-    let (_, classes) = token_dims(x, "argmax_rows")?;
-    check_label_range(classes)?;
+    let (_, classes) = shapes::tokens(x, "argmax_rows")?;
+    shapes::label_classes(classes)?;
     Ok(x.data()
         .par_chunks(classes)
         .map(|row| {
@@ -260,8 +198,7 @@ pub fn argmax_rows(x: &Tensor) -> Result<Vec<Label>> {
 }
 
 pub fn region_tokens(volume: &Tensor, region: &Region) -> Result<Tensor> {
-    let (channels, dims) = volume_dims(volume)?;
-    region.check_inside(dims)?;
+    let (channels, dims) = shapes::crop(volume, region)?;
     let voxels: usize = dims.iter().product();
     let [_, ry, rx] = region.size;
     let src = volume.data();
@@ -300,15 +237,7 @@ fn align_corners_taps(input: usize, output: usize) -> Vec<(usize, usize, f32)> {
 }
 
 pub fn add_positional_encoding(x: &mut Tensor, grid: &Tensor, shape: [usize; 3]) -> Result<()> {
-    let (width, gdims) = volume_dims(grid)?;
-    let (rows, xw) = token_dims(x, "add_positional_encoding")?;
-    if xw != width || rows != shape.iter().product::<usize>() || gdims.contains(&0) {
-        return Err(Error::Shape(format!(
-            "positional grid {:?} cannot encode tokens {:?} of a {shape:?} region",
-            grid.shape(),
-            x.shape()
-        )));
-    }
+    let (width, gdims) = shapes::positional(x, grid, shape)?;
     let taps = [0, 1, 2].map(|a| align_corners_taps(gdims[a], shape[a]));
     let g = grid.data();
     let plane = gdims[1] * gdims[2];
@@ -334,12 +263,9 @@ pub fn add_positional_encoding(x: &mut Tensor, grid: &Tensor, shape: [usize; 3])
 }
 
 pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
-    let (n, width) = token_dims(x, "gather_rows")?;
+    let (_, width) = shapes::gather_rows(x, rows)?;
     let mut out = Vec::with_capacity(rows.len() * width);
     for &r in rows {
-        if r >= n {
-            return Err(Error::Shape(format!("row {r} out of range for {n} rows")));
-        }
         out.extend_from_slice(&x.data()[r * width..(r + 1) * width]);
     }
     Tensor::new(vec![rows.len(), width], out)

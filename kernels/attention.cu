@@ -1,0 +1,262 @@
+// Attention of the TIS head.
+//
+// Click cross-attention (few queries, up to millions of keys) never forms the N × d keys or
+// values: the key projection is folded into the queries, q·(LN(x)·Wkᵀ + bk)ᵀ = (q·Wk)·LN(x)ᵀ +
+// q·bk (`cross_fold`), and the value projection is applied after the weighted sum, since the
+// softmax weights sum to one: Σ a·(LN(x)·Wvᵀ + bv) = (Σ a·LN(x))·Wvᵀ + bv (`cross_project`).
+// `cross_partial` splits the voxels over blocks; a block walks its voxels in tiles of 32 rows:
+// LayerNorm into shared memory (one warp per row), scores against every (click, head) column,
+// then an online-softmax update of the block's running max, sum and Σ exp·LN(x) per column, all
+// in shared memory (columns × d floats; columns are split over blockIdx.y when they would not
+// fit). `cross_merge` combines the blocks' partials (flash-attention style) into the weighted
+// mean of LN(x) per column.
+//
+// Label assignment (`assign_mix`): one thread per (voxel, head) scores the voxel's query against
+// the click keys, softmaxes over the clicks, copies the clicks' label embeddings A·Vc and mixes
+// them with the automatic segmentation's embedding: (1 − α)·U + α·Va. The head width is a
+// template parameter so the running sum stays in registers.
+//
+// `attention_small`: plain attention among the clicks, one block per (query, head).
+#include "common.cuh"
+
+constexpr int ROWS = 32;          // voxels per tile of cross_partial
+constexpr int CROSS_THREADS = 256;
+
+// folded[col, f] = scale·Σ_{e ∈ head h} q[c, e]·Wk[e, f]; offset[col] = scale·Σ q[c, e]·bk[e];
+// col = c·heads + h. One thread per (col, f), f = d computing the offset.
+template <typename T>
+__device__ void cross_fold(const T* q, const T* wk, const T* bk, float* folded, float* offset, int64_t clicks,
+                           int64_t width, int64_t heads) {
+    int64_t dh = width / heads;
+    float scale = rsqrtf((float)dh);
+    GRID_LOOP(i, clicks * heads * (width + 1)) {
+        int64_t f = i % (width + 1), col = i / (width + 1);
+        int64_t c = col / heads, h = col % heads;
+        float acc = 0.f;
+        for (int64_t e = h * dh; e < (h + 1) * dh; ++e)
+            acc += to_f32(q[c * width + e]) * (f < width ? to_f32(wk[e * width + f]) : to_f32(bk[e]));
+        if (f < width) folded[col * width + f] = scale * acc;
+        else offset[col] = scale * acc;
+    }
+}
+
+// Dynamic shared memory: ln[ROWS][width], score[ROWS][group], max/sum/correction[group],
+// weighted[group][width]; `group` columns per blockIdx.y.
+template <typename T>
+__device__ void cross_partial(const T* x, const T* gamma, const T* beta, const float* folded, const float* offset,
+                              float* part_max, float* part_sum, float* part_weighted, int64_t n, int64_t width,
+                              int64_t columns, int64_t group, int64_t tokens_per_block) {
+    extern __shared__ float shared[];
+    float* ln = shared;
+    float* score = ln + ROWS * width;
+    float* run_max = score + ROWS * group;
+    float* run_sum = run_max + group;
+    float* correction = run_sum + group;
+    float* weighted = correction + group;
+    int64_t col0 = (int64_t)blockIdx.y * group;
+    int64_t cols = min(group, columns - col0);
+    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) { run_max[i] = -INFINITY; run_sum[i] = 0.f; }
+    for (int64_t i = threadIdx.x; i < cols * width; i += blockDim.x) weighted[i] = 0.f;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    int64_t begin = (int64_t)blockIdx.x * tokens_per_block, end = min(n, begin + tokens_per_block);
+    for (int64_t t0 = begin; t0 < end; t0 += ROWS) {
+        __syncthreads();
+        for (int r = warp; r < ROWS; r += warps) {
+            int64_t token = t0 + r;
+            float* dest = ln + r * width;
+            if (token >= end) {
+                for (int64_t f = lane; f < width; f += 32) dest[f] = 0.f;
+                continue;
+            }
+            const T* row = x + token * width;
+            float sum = 0.f;
+            for (int64_t f = lane; f < width; f += 32) sum += to_f32(row[f]);
+            float mean = warp_sum(sum) / width, squares = 0.f;
+            for (int64_t f = lane; f < width; f += 32) { float d = to_f32(row[f]) - mean; squares += d * d; }
+            float inv_std = rsqrtf(warp_sum(squares) / width + 1e-5f);
+            for (int64_t f = lane; f < width; f += 32)
+                dest[f] = (to_f32(row[f]) - mean) * inv_std * to_f32(gamma[f]) + to_f32(beta[f]);
+        }
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < ROWS * cols; i += blockDim.x) {
+            int64_t r = i / cols, c = i % cols;
+            float s = -INFINITY;
+            if (t0 + r < end) {
+                const float* fold = folded + (col0 + c) * width;
+                s = offset[col0 + c];
+                for (int64_t f = 0; f < width; ++f) s += ln[r * width + f] * fold[f];
+            }
+            score[r * group + c] = s;
+        }
+        __syncthreads();
+        for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+            float tile_max = -INFINITY;
+            for (int r = 0; r < ROWS; ++r) tile_max = fmaxf(tile_max, score[r * group + c]);
+            float new_max = fmaxf(run_max[c], tile_max);
+            float corr = __expf(run_max[c] - new_max);  // 0 while run_max is -inf
+            float sum = 0.f;
+            for (int r = 0; r < ROWS; ++r) {
+                float p = __expf(score[r * group + c] - new_max);
+                score[r * group + c] = p;
+                sum += p;
+            }
+            run_sum[c] = run_sum[c] * corr + sum;
+            run_max[c] = new_max;
+            correction[c] = corr;
+        }
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < cols * width; i += blockDim.x) {
+            int64_t c = i / width, f = i % width;
+            float acc = weighted[i] * correction[c];
+            for (int r = 0; r < ROWS; ++r) acc += score[r * group + c] * ln[r * width + f];
+            weighted[i] = acc;
+        }
+    }
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+        part_max[blockIdx.x * columns + col0 + c] = run_max[c];
+        part_sum[blockIdx.x * columns + col0 + c] = run_sum[c];
+    }
+    for (int64_t i = threadIdx.x; i < cols * width; i += blockDim.x)
+        part_weighted[(blockIdx.x * columns + col0) * width + i] = weighted[i];
+}
+
+// mean[col, f] = Σ_b e^(max_b − M)·weighted_b[col, f] / Σ_b e^(max_b − M)·sum_b, one thread per
+// (col, f).
+__device__ void merge_partials(const float* part_max, const float* part_sum, const float* part_weighted, float* mean,
+                            int64_t blocks, int64_t columns, int64_t width) {
+    GRID_LOOP(i, columns * width) {
+        int64_t col = i / width, f = i % width;
+        float m = -INFINITY;
+        for (int64_t b = 0; b < blocks; ++b) m = fmaxf(m, part_max[b * columns + col]);
+        float sum = 0.f, acc = 0.f;
+        for (int64_t b = 0; b < blocks; ++b) {
+            float weight = __expf(part_max[b * columns + col] - m);
+            sum += part_sum[b * columns + col] * weight;
+            acc += part_weighted[(b * columns + col) * width + f] * weight;
+        }
+        mean[i] = acc / sum;
+    }
+}
+
+// out[c, e] = mean[(c, head of e)]·Wv[e]ᵀ + bv[e]
+template <typename T>
+__device__ void cross_project(const float* mean, const T* wv, const T* bv, T* out, int64_t clicks, int64_t width,
+                              int64_t heads) {
+    int64_t dh = width / heads;
+    GRID_LOOP(i, clicks * width) {
+        int64_t c = i / width, e = i % width;
+        const float* m = mean + (c * heads + e / dh) * width;
+        float acc = to_f32(bv[e]);
+        for (int64_t f = 0; f < width; ++f) acc += m[f] * to_f32(wv[e * width + f]);
+        out[i] = from_f32<T>(acc);
+    }
+}
+
+template <typename T, int DH>
+__device__ void assign_mix(const T* q, const T* keys, const T* values, const T* auto_embedding, T* mixed, int64_t n,
+                           int64_t clicks, int64_t heads, float alpha) {
+    int64_t width = heads * DH;
+    float scale = rsqrtf((float)DH);
+    GRID_LOOP(i, n * heads) {
+        int64_t token = i / heads, h = i % heads;
+        float query[DH], acc[DH];
+#pragma unroll
+        for (int e = 0; e < DH; ++e) { query[e] = to_f32(q[token * width + h * DH + e]); acc[e] = 0.f; }
+        float max = -INFINITY;
+        for (int64_t c = 0; c < clicks; ++c) {
+            float s = 0.f;
+#pragma unroll
+            for (int e = 0; e < DH; ++e) s += query[e] * to_f32(keys[c * width + h * DH + e]);
+            max = fmaxf(max, s * scale);
+        }
+        float sum = 0.f;
+        for (int64_t c = 0; c < clicks; ++c) {
+            float s = 0.f;
+#pragma unroll
+            for (int e = 0; e < DH; ++e) s += query[e] * to_f32(keys[c * width + h * DH + e]);
+            float p = __expf(s * scale - max);
+            sum += p;
+#pragma unroll
+            for (int e = 0; e < DH; ++e) acc[e] += p * to_f32(values[c * width + h * DH + e]);
+        }
+#pragma unroll
+        for (int e = 0; e < DH; ++e) {
+            int64_t o = token * width + h * DH + e;
+            mixed[o] = from_f32<T>((1.f - alpha) * acc[e] / sum + alpha * to_f32(auto_embedding[o]));
+        }
+    }
+}
+
+// One block per (query, head); keys are few (clicks). Dynamic shared memory: one float per key.
+template <typename T>
+__device__ void attention_small(const T* q, const T* k, const T* v, T* out, int64_t keys, int64_t width,
+                                int64_t heads) {
+    extern __shared__ float scores[];
+    __shared__ float reduce[32];
+    int64_t query = blockIdx.x, h = blockIdx.y, dh = width / heads;
+    float scale = rsqrtf((float)dh);
+    float local_max = -INFINITY;
+    for (int64_t j = threadIdx.x; j < keys; j += blockDim.x) {
+        float s = 0.f;
+        for (int64_t e = 0; e < dh; ++e) s += to_f32(q[query * width + h * dh + e]) * to_f32(k[j * width + h * dh + e]);
+        scores[j] = s * scale;
+        local_max = fmaxf(local_max, s * scale);
+    }
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    local_max = warp_max(local_max);
+    if (lane == 0) reduce[warp] = local_max;
+    __syncthreads();
+    float max = -INFINITY;
+    for (int w = 0; w < warps; ++w) max = fmaxf(max, reduce[w]);
+    __syncthreads();
+    float local_sum = 0.f;
+    for (int64_t j = threadIdx.x; j < keys; j += blockDim.x) {
+        scores[j] = __expf(scores[j] - max);
+        local_sum += scores[j];
+    }
+    local_sum = warp_sum(local_sum);
+    if (lane == 0) reduce[warp] = local_sum;
+    __syncthreads();
+    float sum = 0.f;
+    for (int w = 0; w < warps; ++w) sum += reduce[w];
+    for (int64_t e = threadIdx.x; e < dh; e += blockDim.x) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < keys; ++j) acc += scores[j] * to_f32(v[j * width + h * dh + e]);
+        out[query * width + h * dh + e] = from_f32<T>(acc / sum);
+    }
+}
+
+#define ATTENTION_KERNELS(T, S)                                                                                      \
+    extern "C" __global__ void cross_fold_##S(const T* q, const T* wk, const T* bk, float* folded, float* offset,   \
+                                              int64_t clicks, int64_t width, int64_t heads) {                        \
+        cross_fold<T>(q, wk, bk, folded, offset, clicks, width, heads);                                              \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(CROSS_THREADS)                                                      \
+        cross_partial_##S(const T* x, const T* g, const T* b, const float* folded, const float* offset, float* pm,  \
+                          float* ps, float* pw, int64_t n, int64_t width, int64_t columns, int64_t group,            \
+                          int64_t tokens_per_block) {                                                                \
+        cross_partial<T>(x, g, b, folded, offset, pm, ps, pw, n, width, columns, group, tokens_per_block);           \
+    }                                                                                                                \
+    extern "C" __global__ void cross_project_##S(const float* mean, const T* wv, const T* bv, T* out,               \
+                                                 int64_t clicks, int64_t width, int64_t heads) {                     \
+        cross_project<T>(mean, wv, bv, out, clicks, width, heads);                                                   \
+    }                                                                                                                \
+    extern "C" __global__ void attention_small_##S(const T* q, const T* k, const T* v, T* out, int64_t keys,        \
+                                                   int64_t width, int64_t heads) {                                   \
+        attention_small<T>(q, k, v, out, keys, width, heads);                                                        \
+    }                                                                                                                \
+    ASSIGN_MIX(T, S, 8) ASSIGN_MIX(T, S, 16) ASSIGN_MIX(T, S, 32) ASSIGN_MIX(T, S, 64)
+
+#define ASSIGN_MIX(T, S, DH)                                                                                         \
+    extern "C" __global__ void assign_mix_##S##_##DH(const T* q, const T* k, const T* v, const T* va, T* mixed,     \
+                                                     int64_t n, int64_t clicks, int64_t heads, float alpha) {        \
+        assign_mix<T, DH>(q, k, v, va, mixed, n, clicks, heads, alpha);                                              \
+    }
+
+FOR_EACH_STORAGE(ATTENTION_KERNELS)
+
+extern "C" __global__ void cross_merge(const float* pm, const float* ps, const float* pw, float* mean, int64_t blocks,
+                                       int64_t columns, int64_t width) {
+    merge_partials(pm, ps, pw, mean, blocks, columns, width);
+}

@@ -1,0 +1,43 @@
+// Shared helpers of every tis kernel file.
+//
+// Storage types: every kernel that touches activations or weights exists once per storage type,
+// `<name>_f32` and `<name>_f16` (IEEE half, as nnU-Net's autocast), generated from one template
+// by FOR_EACH_STORAGE. Arithmetic is always f32: values are widened on load and rounded once on
+// store. Flat indices are 64-bit, since a feature volume (C × Z × Y × X) can exceed 2^31 values.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define FOR_EACH_STORAGE(X) X(float, f32) X(__half, f16)
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// Grid-stride loop over [0, n).
+#define GRID_LOOP(i, n)                                                              \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (int64_t)(n); \
+         i += (int64_t)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Exact GELU, 0.5·x·(1 + erf(x/√2)), as torch.nn.GELU().
+__device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752440f)); }
+
+// A grid of 3 extents, passed by value to kernels.
+struct Dims3 {
+    int64_t z, y, x;
+    __device__ __forceinline__ int64_t count() const { return z * y * x; }
+};

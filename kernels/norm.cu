@@ -1,0 +1,109 @@
+// Normalisations: InstanceNorm + LeakyReLU over volumes, LayerNorm over token rows.
+//
+// InstanceNorm runs in three launches: `instance_norm_partials` gives each (channel, split)
+// block a contiguous slice of the channel and reduces Σx and Σx² in f64 (no cancellation in the
+// variance even over millions of voxels); `instance_norm_finalize` turns the partials of each
+// channel into an f32 scale and shift (γ/σ, β − μγ/σ); `instance_norm_apply` applies them with
+// LeakyReLU in one memory-bound pass.
+//
+// LayerNorm: one warp per row, two passes over the row (mean, then biased variance) from L1;
+// rows are d_model wide (≤ a few hundred values), so the second pass hits cache.
+#include "common.cuh"
+
+constexpr int NORM_THREADS = 256;
+
+template <typename T>
+__device__ void instance_norm_partials(const T* x, double* partials, int64_t voxels, int splits) {
+    int64_t c = blockIdx.y, s = blockIdx.x;
+    int64_t chunk = (voxels + splits - 1) / splits;
+    int64_t begin = s * chunk, end = min(voxels, begin + chunk);
+    const T* channel = x + c * voxels;
+    double sum = 0.0, squares = 0.0;
+    for (int64_t v = begin + threadIdx.x; v < end; v += blockDim.x) {
+        double value = to_f32(channel[v]);
+        sum += value;
+        squares += value * value;
+    }
+    __shared__ double shared[2][NORM_THREADS];
+    shared[0][threadIdx.x] = sum;
+    shared[1][threadIdx.x] = squares;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            shared[0][threadIdx.x] += shared[0][threadIdx.x + stride];
+            shared[1][threadIdx.x] += shared[1][threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        partials[(c * splits + s) * 2] = shared[0][0];
+        partials[(c * splits + s) * 2 + 1] = shared[1][0];
+    }
+}
+
+// One thread per channel: scale_shift[c] = (γ/σ, β − μ·γ/σ).
+template <typename T>
+__device__ void instance_norm_finalize(const double* partials, const T* gamma, const T* beta, float* scale_shift,
+                                       int64_t channels, int64_t voxels, int splits, float eps) {
+    GRID_LOOP(c, channels) {
+        double sum = 0.0, squares = 0.0;
+        for (int s = 0; s < splits; ++s) {
+            sum += partials[(c * splits + s) * 2];
+            squares += partials[(c * splits + s) * 2 + 1];
+        }
+        double mean = sum / voxels;
+        double var = fmax(squares / voxels - mean * mean, 0.0);
+        double inv_std = 1.0 / sqrt(var + eps);
+        double g = to_f32(gamma[c]);
+        scale_shift[2 * c] = (float)(g * inv_std);
+        scale_shift[2 * c + 1] = (float)(to_f32(beta[c]) - mean * g * inv_std);
+    }
+}
+
+template <typename T>
+__device__ void instance_norm_apply(T* x, const float* scale_shift, int64_t channels, int64_t voxels, float slope) {
+    GRID_LOOP(i, channels * voxels) {
+        int64_t c = i / voxels;
+        float y = to_f32(x[i]) * scale_shift[2 * c] + scale_shift[2 * c + 1];
+        x[i] = from_f32<T>(y < 0.f ? y * slope : y);
+    }
+}
+
+// One warp per row; blockDim.x is a multiple of 32.
+template <typename T>
+__device__ void layer_norm(const T* x, T* y, const T* gamma, const T* beta, int64_t rows, int64_t width) {
+    int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
+    int lane = threadIdx.x % 32;
+    for (int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+        const T* row = x + r * width;
+        float sum = 0.f;
+        for (int64_t i = lane; i < width; i += 32) sum += to_f32(row[i]);
+        float mean = warp_sum(sum) / width;
+        float squares = 0.f;
+        for (int64_t i = lane; i < width; i += 32) {
+            float d = to_f32(row[i]) - mean;
+            squares += d * d;
+        }
+        float inv_std = rsqrtf(warp_sum(squares) / width + 1e-5f);
+        for (int64_t i = lane; i < width; i += 32)
+            y[r * width + i] = from_f32<T>((to_f32(row[i]) - mean) * inv_std * to_f32(gamma[i]) + to_f32(beta[i]));
+    }
+}
+
+#define NORM_KERNELS(T, S)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                                      \
+        instance_norm_partials_##S(const T* x, double* p, int64_t v, int splits) {                                  \
+        instance_norm_partials<T>(x, p, v, splits);                                                                 \
+    }                                                                                                               \
+    extern "C" __global__ void instance_norm_finalize_##S(const double* p, const T* g, const T* b, float* ss,      \
+                                                          int64_t c, int64_t v, int splits, float eps) {            \
+        instance_norm_finalize<T>(p, g, b, ss, c, v, splits, eps);                                                  \
+    }                                                                                                               \
+    extern "C" __global__ void instance_norm_apply_##S(T* x, const float* ss, int64_t c, int64_t v, float slope) { \
+        instance_norm_apply<T>(x, ss, c, v, slope);                                                                 \
+    }                                                                                                               \
+    extern "C" __global__ void layer_norm_##S(const T* x, T* y, const T* g, const T* b, int64_t r, int64_t w) {    \
+        layer_norm<T>(x, y, g, b, r, w);                                                                            \
+    }
+
+FOR_EACH_STORAGE(NORM_KERNELS)

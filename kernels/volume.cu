@@ -1,0 +1,177 @@
+// Data movement and per-voxel ops: the sliding window's crops, flips and weighted accumulation,
+// softmax and argmax over channels, tokens of a region, the trilinear positional encoding, row
+// gathers and argmax over rows.
+//
+// All are memory-bound one-pass kernels: one thread per output element in a grid-stride loop,
+// the innermost (x) index fastest so that neighbouring threads touch neighbouring addresses of
+// the larger side (for `region_tokens` the write side, whose channel index runs fastest).
+// Volumes are channels first (C × Z × Y × X); token matrices row-major (N × width).
+#include "common.cuh"
+
+// y[c, p] = x[c, start + p] for p in a box of `box` voxels.
+template <typename T>
+__device__ void crop(const T* x, T* y, int64_t channels, Dims3 dims, Dims3 start, Dims3 box) {
+    GRID_LOOP(i, channels * box.count()) {
+        int64_t px = i % box.x, py = (i / box.x) % box.y, pz = (i / (box.x * box.y)) % box.z;
+        int64_t c = i / box.count();
+        y[i] = x[((c * dims.z + start.z + pz) * dims.y + start.y + py) * dims.x + start.x + px];
+    }
+}
+
+// y = x with the flagged spatial axes reversed.
+template <typename T>
+__device__ void flip(const T* x, T* y, int64_t channels, Dims3 dims, int flip_z, int flip_y, int flip_x) {
+    GRID_LOOP(i, channels * dims.count()) {
+        int64_t px = i % dims.x, py = (i / dims.x) % dims.y, pz = (i / (dims.x * dims.y)) % dims.z;
+        int64_t c = i / dims.count();
+        if (flip_z) pz = dims.z - 1 - pz;
+        if (flip_y) py = dims.y - 1 - py;
+        if (flip_x) px = dims.x - 1 - px;
+        y[i] = x[((c * dims.z + pz) * dims.y + py) * dims.x + px];
+    }
+}
+
+template <typename T>
+__device__ void add_assign(T* acc, const T* x, int64_t n) {
+    GRID_LOOP(i, n) acc[i] = from_f32<T>(to_f32(acc[i]) + to_f32(x[i]));
+}
+
+template <typename T>
+__device__ void scale(T* x, int64_t n, float factor) {
+    GRID_LOOP(i, n) x[i] = from_f32<T>(to_f32(x[i]) * factor);
+}
+
+// acc[c, start + p] += tile[c, p] · weights[p] over the tile's box (tiles of one launch never
+// overlap, so no atomics).
+template <typename T>
+__device__ void accumulate_weighted(T* acc, const T* tile, const T* weights, int64_t channels, Dims3 dims,
+                                    Dims3 start, Dims3 box) {
+    GRID_LOOP(i, channels * box.count()) {
+        int64_t p = i % box.count(), c = i / box.count();
+        int64_t px = p % box.x, py = (p / box.x) % box.y, pz = p / (box.x * box.y);
+        int64_t a = ((c * dims.z + start.z + pz) * dims.y + start.y + py) * dims.x + start.x + px;
+        acc[a] = from_f32<T>(to_f32(acc[a]) + to_f32(tile[i]) * to_f32(weights[p]));
+    }
+}
+
+// x[c, v] /= weight_sum[v]
+template <typename T>
+__device__ void divide_by_weights(T* x, const T* weight_sum, int64_t channels, int64_t voxels) {
+    GRID_LOOP(i, channels * voxels) x[i] = from_f32<T>(to_f32(x[i]) / to_f32(weight_sum[i % voxels]));
+}
+
+template <typename T>
+__device__ void softmax_channels(const T* x, T* y, int64_t channels, int64_t voxels) {
+    GRID_LOOP(v, voxels) {
+        float max = -INFINITY, sum = 0.f;
+        for (int64_t c = 0; c < channels; ++c) max = fmaxf(max, to_f32(x[c * voxels + v]));
+        for (int64_t c = 0; c < channels; ++c) sum += __expf(to_f32(x[c * voxels + v]) - max);
+        for (int64_t c = 0; c < channels; ++c) y[c * voxels + v] = from_f32<T>(__expf(to_f32(x[c * voxels + v]) - max) / sum);
+    }
+}
+
+// Index of the largest channel per voxel; ties to the lower index.
+template <typename T>
+__device__ void argmax_channels(const T* x, uint16_t* labels, int64_t channels, int64_t voxels) {
+    GRID_LOOP(v, voxels) {
+        float best = to_f32(x[v]);
+        uint16_t label = 0;
+        for (int64_t c = 1; c < channels; ++c) {
+            float value = to_f32(x[c * voxels + v]);
+            if (value > best) { best = value; label = (uint16_t)c; }
+        }
+        labels[v] = label;
+    }
+}
+
+// Index of the largest column per row; ties to the lower index.
+template <typename T>
+__device__ void argmax_rows(const T* x, uint16_t* labels, int64_t rows, int64_t cols) {
+    GRID_LOOP(r, rows) {
+        float best = to_f32(x[r * cols]);
+        uint16_t label = 0;
+        for (int64_t c = 1; c < cols; ++c) {
+            float value = to_f32(x[r * cols + c]);
+            if (value > best) { best = value; label = (uint16_t)c; }
+        }
+        labels[r] = label;
+    }
+}
+
+// tokens[n, c] = volume[c, start + position of token n in the box]
+template <typename T>
+__device__ void region_tokens(const T* volume, T* tokens, int64_t channels, Dims3 dims, Dims3 start, Dims3 box) {
+    GRID_LOOP(i, box.count() * channels) {
+        int64_t c = i % channels, n = i / channels;
+        int64_t px = n % box.x, py = (n / box.x) % box.y, pz = n / (box.x * box.y);
+        tokens[i] = volume[((c * dims.z + start.z + pz) * dims.y + start.y + py) * dims.x + start.x + px];
+    }
+}
+
+template <typename T>
+__device__ void gather_rows(const T* x, const int64_t* rows, T* y, int64_t n_rows, int64_t width) {
+    GRID_LOOP(i, n_rows * width) y[i] = x[rows[i / width] * width + i % width];
+}
+
+// Source index pair and weight of an align_corners = True resize, as PyTorch computes them.
+struct Tap { int64_t i0, i1; float lambda; };
+__device__ __forceinline__ Tap align_corners_tap(int64_t in, int64_t out, int64_t o) {
+    float scale = out > 1 ? (float)(in - 1) / (float)(out - 1) : 0.f;
+    float real = scale * (float)o;
+    int64_t i0 = min((int64_t)real, in - 1);
+    Tap t{i0, i0 < in - 1 ? i0 + 1 : i0, fminf(fmaxf(real - (float)i0, 0.f), 1.f)};
+    return t;
+}
+
+// x[n, c] += trilinear(grid[c], position of token n in `shape`)
+template <typename T>
+__device__ void add_positional_encoding(T* x, const T* grid, int64_t width, Dims3 grid_dims, Dims3 shape) {
+    GRID_LOOP(i, shape.count() * width) {
+        int64_t c = i % width, n = i / width;
+        Tap tz = align_corners_tap(grid_dims.z, shape.z, n / (shape.x * shape.y));
+        Tap ty = align_corners_tap(grid_dims.y, shape.y, (n / shape.x) % shape.y);
+        Tap tx = align_corners_tap(grid_dims.x, shape.x, n % shape.x);
+        const T* g = grid + c * grid_dims.count();
+        auto at = [&](int64_t z, int64_t y, int64_t xx) { return to_f32(g[(z * grid_dims.y + y) * grid_dims.x + xx]); };
+        auto lerp_x = [&](int64_t z, int64_t y) { return (1.f - tx.lambda) * at(z, y, tx.i0) + tx.lambda * at(z, y, tx.i1); };
+        auto lerp_y = [&](int64_t z) { return (1.f - ty.lambda) * lerp_x(z, ty.i0) + ty.lambda * lerp_x(z, ty.i1); };
+        x[i] = from_f32<T>(to_f32(x[i]) + (1.f - tz.lambda) * lerp_y(tz.i0) + tz.lambda * lerp_y(tz.i1));
+    }
+}
+
+#define VOLUME_KERNELS(T, S)                                                                                         \
+    extern "C" __global__ void crop_##S(const T* x, T* y, int64_t c, Dims3 d, Dims3 s, Dims3 b) {                   \
+        crop<T>(x, y, c, d, s, b);                                                                                   \
+    }                                                                                                                \
+    extern "C" __global__ void flip_##S(const T* x, T* y, int64_t c, Dims3 d, int fz, int fy, int fx) {             \
+        flip<T>(x, y, c, d, fz, fy, fx);                                                                             \
+    }                                                                                                                \
+    extern "C" __global__ void add_assign_##S(T* acc, const T* x, int64_t n) { add_assign<T>(acc, x, n); }          \
+    extern "C" __global__ void scale_##S(T* x, int64_t n, float f) { scale<T>(x, n, f); }                           \
+    extern "C" __global__ void accumulate_weighted_##S(T* acc, const T* tile, const T* w, int64_t c, Dims3 d,       \
+                                                       Dims3 s, Dims3 b) {                                           \
+        accumulate_weighted<T>(acc, tile, w, c, d, s, b);                                                            \
+    }                                                                                                                \
+    extern "C" __global__ void divide_by_weights_##S(T* x, const T* w, int64_t c, int64_t v) {                      \
+        divide_by_weights<T>(x, w, c, v);                                                                            \
+    }                                                                                                                \
+    extern "C" __global__ void softmax_channels_##S(const T* x, T* y, int64_t c, int64_t v) {                       \
+        softmax_channels<T>(x, y, c, v);                                                                             \
+    }                                                                                                                \
+    extern "C" __global__ void argmax_channels_##S(const T* x, uint16_t* l, int64_t c, int64_t v) {                 \
+        argmax_channels<T>(x, l, c, v);                                                                              \
+    }                                                                                                                \
+    extern "C" __global__ void argmax_rows_##S(const T* x, uint16_t* l, int64_t r, int64_t c) {                     \
+        argmax_rows<T>(x, l, r, c);                                                                                  \
+    }                                                                                                                \
+    extern "C" __global__ void region_tokens_##S(const T* v, T* t, int64_t c, Dims3 d, Dims3 s, Dims3 b) {          \
+        region_tokens<T>(v, t, c, d, s, b);                                                                          \
+    }                                                                                                                \
+    extern "C" __global__ void gather_rows_##S(const T* x, const int64_t* r, T* y, int64_t n, int64_t w) {          \
+        gather_rows<T>(x, r, y, n, w);                                                                               \
+    }                                                                                                                \
+    extern "C" __global__ void add_positional_encoding_##S(T* x, const T* g, int64_t w, Dims3 gd, Dims3 shape) {    \
+        add_positional_encoding<T>(x, g, w, gd, shape);                                                              \
+    }
+
+FOR_EACH_STORAGE(VOLUME_KERNELS)
