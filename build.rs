@@ -6,7 +6,7 @@
 //! `CUDA_HOME`/`CUDA_PATH`, then `PATH`. Without nvcc the build succeeds with a warning and the
 //! table is empty (the CUDA backend then reports "built without CUDA kernels");
 //! `TIS_REQUIRE_KERNELS=1` makes a missing nvcc or a failed compile a build error. Register
-//! spills reported by `-Xptxas -v` become cargo warnings.
+//! spills and stack frames reported by `-Xptxas -v` become cargo warnings.
 
 use std::env;
 use std::fmt::Write as _;
@@ -39,17 +39,24 @@ fn find_nvcc() -> Option<PathBuf> {
     })
 }
 
-/// Spill lines of `-Xptxas -v` output that report a non-zero spill.
-fn spills(ptxas_log: &str) -> Vec<&str> {
-    ptxas_log
-        .lines()
-        .filter(|line| line.contains("spill stores") || line.contains("spill loads"))
-        .filter(|line| {
-            line.split(',')
-                .filter(|part| part.contains("spill"))
-                .any(|part| part.split_whitespace().next().is_some_and(|n| n != "0"))
-        })
-        .collect()
+/// `(kernel, ptxas line)` for every kernel whose `-Xptxas -v` report shows register spills or a
+/// stack frame (local memory: LDL/STL in the hot loop).
+fn spills(ptxas_log: &str) -> Vec<(String, String)> {
+    let mut kernel = String::new();
+    let mut found = Vec::new();
+    for line in ptxas_log.lines() {
+        if let Some(name) = line.split("Function properties for ").nth(1) {
+            kernel = name.trim().to_string();
+        }
+        let spilled = line
+            .split(',')
+            .filter(|part| part.contains("bytes spill") || part.contains("bytes stack frame"))
+            .any(|part| part.split_whitespace().next().is_some_and(|n| n != "0"));
+        if spilled {
+            found.push((kernel.clone(), line.trim().to_string()));
+        }
+    }
+    found
 }
 
 fn main() {
@@ -124,8 +131,8 @@ fn main() {
                 continue;
             }
             let log = String::from_utf8_lossy(&output.expect("checked above").stderr).into_owned();
-            for line in spills(&log) {
-                println!("cargo:warning={stem}: register spill: {}", line.trim());
+            for (kernel, line) in spills(&log) {
+                println!("cargo:warning={stem}.cu: {kernel} uses local memory: {line}");
             }
             writeln!(
                 table,

@@ -5,51 +5,20 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tis::backend::Backend;
+use tis::CpuBackend;
+use tis::bench::{CLASSES, HeadBench};
 use tis::model::TisConfig;
 use tis::model::plans::NetworkPlan;
 use tis::model::random::{Normal, random_tensors};
-use tis::model::tis_head::TisHead;
 use tis::model::unet::UNet;
-use tis::{Click, CpuBackend, Region};
-
-const FEATURE_CHANNELS: usize = 32;
-const CLASSES: usize = 3;
 
 fn click_latency(c: &mut Criterion) {
-    let backend = CpuBackend;
-    let config = TisConfig::tis_b();
-    let mut weights = random_tensors(&config.expected_tensors(FEATURE_CHANNELS, CLASSES), 1);
-    let head = TisHead::from_tensors(&backend, &config, FEATURE_CHANNELS, CLASSES, &mut |n| {
-        Ok(weights.remove(n).expect("every expected tensor"))
-    })
-    .unwrap();
     let mut group = c.benchmark_group("click TIS-B, 10 clicks");
     group.sample_size(10);
     for roi in [[16, 32, 32], [32, 64, 64]] {
-        let mut normal = Normal::new(2);
-        let features = normal.tensor(&[FEATURE_CHANNELS, roi[0], roi[1], roi[2]], 1.0);
-        let probs = backend
-            .softmax_channels(&normal.tensor(&[CLASSES, roi[0], roi[1], roi[2]], 2.0))
-            .unwrap();
-        let clicks: Vec<Click> = (0..10)
-            .map(|i| {
-                Click::new(
-                    i * roi[0] / 10,
-                    (i * 7) % roi[1],
-                    (i * 13) % roi[2],
-                    i % CLASSES,
-                )
-            })
-            .collect();
-        let region = Region::full(roi);
+        let bench = HeadBench::new(&CpuBackend, TisConfig::tis_b(), roi, 10, 1).unwrap();
         group.bench_function(format!("roi {}x{}x{}", roi[0], roi[1], roi[2]), |b| {
-            b.iter(|| {
-                black_box(
-                    head.forward(&backend, &features, &probs, &region, &clicks)
-                        .unwrap(),
-                )
-            })
+            b.iter(|| black_box(bench.click().unwrap()))
         });
     }
     group.finish();

@@ -84,9 +84,10 @@ __device__ void argmax_channels(const T* x, uint16_t* labels, int64_t channels, 
     }
 }
 
-// Index of the largest column per row; ties to the lower index.
+// Index of the largest column per row; ties to the lower index. Arguments in the order of
+// argmax_channels: (x, labels, classes, items).
 template <typename T>
-__device__ void argmax_rows(const T* x, uint16_t* labels, int64_t rows, int64_t cols) {
+__device__ void argmax_rows(const T* x, uint16_t* labels, int64_t cols, int64_t rows) {
     GRID_LOOP(r, rows) {
         float best = to_f32(x[r * cols]);
         uint16_t label = 0;
@@ -161,8 +162,8 @@ __device__ void add_positional_encoding(T* x, const T* grid, int64_t width, Dims
     extern "C" __global__ void argmax_channels_##S(const T* x, uint16_t* l, int64_t c, int64_t v) {                 \
         argmax_channels<T>(x, l, c, v);                                                                              \
     }                                                                                                                \
-    extern "C" __global__ void argmax_rows_##S(const T* x, uint16_t* l, int64_t r, int64_t c) {                     \
-        argmax_rows<T>(x, l, r, c);                                                                                  \
+    extern "C" __global__ void argmax_rows_##S(const T* x, uint16_t* l, int64_t c, int64_t r) {                     \
+        argmax_rows<T>(x, l, c, r);                                                                                  \
     }                                                                                                                \
     extern "C" __global__ void region_tokens_##S(const T* v, T* t, int64_t c, Dims3 d, Dims3 s, Dims3 b) {          \
         region_tokens<T>(v, t, c, d, s, b);                                                                          \

@@ -5,7 +5,7 @@ Runs TisHead.forward (python/tis_reference.py) on one ROI with random, seeded we
 and times one click = one forward over the whole ROI with all the clicks, in up to three modes:
 eager float32, eager bf16 autocast and torch.compile under bf16 autocast. Eager modes are also
 broken down into stages. FLOPs are counted as in shared/design/engine.md ("Per-click budget of
-TIS-B"), so GFLOP/s match the Rust engine's figures. It prints a results table last; --json writes
+TIS-B"), so GFLOP/s compare with the Rust engine's. It prints a results table last; --json writes
 everything. Needs only torch and numpy.
 
 Usage (from the repository root):
@@ -120,11 +120,13 @@ def spread_clicks(roi, n_clicks):
     Click i sits at fraction ((s·i mod n) + 0.5)/n of each axis with s = 1, 3, 7 for z, y, x:
     n distinct positions spread over the ROI whenever n is coprime with 3 and 7 (n = 10).
     """
-    rows = [
-        [int(((step * i) % n_clicks + 0.5) / n_clicks * extent) for step, extent in zip((1, 3, 7), roi)]
-        + [i % NUM_CLASSES]
-        for i in range(n_clicks)
-    ]
+    rows = []
+    for i in range(n_clicks):
+        position = [
+            int(((step * i) % n_clicks + 0.5) / n_clicks * extent)
+            for step, extent in zip((1, 3, 7), roi)
+        ]
+        rows.append(position + [i % NUM_CLASSES])
     return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -150,7 +152,8 @@ def flops_per_click(roi, n_clicks):
         "label assignment": d * d + 2 * n_clicks * d + (NUM_CLASSES * d + d * d) + d * d,
         "FFN": 2 * d * f,
     }
-    flops = {part: 2 * mac * tokens * TIS_B["n_layers"] for part, mac in mac_per_token_layer.items()}
+    n_layers = TIS_B["n_layers"]
+    flops = {part: 2 * mac * tokens * n_layers for part, mac in mac_per_token_layer.items()}
     flops["input projection"] = 2 * FEATURE_CHANNELS * d * tokens
     return flops
 
@@ -216,7 +219,9 @@ def stage_marks(head, clock):
         return lambda module, args: marks.append((stage, clock.mark()))
 
     handles = [module.register_forward_pre_hook(pre_hook(stage)) for module, stage in starts]
-    handles.append(head.register_forward_hook(lambda module, args, output: marks.append((None, clock.mark()))))
+    handles.append(
+        head.register_forward_hook(lambda module, args, output: marks.append((None, clock.mark())))
+    )
     try:
         yield marks
     finally:
@@ -238,7 +243,7 @@ def time_stages(head, run, clock, n, expected):
             clock.synchronize()
             if i == 0:
                 error = relative_l2_error(output.float(), expected.float())
-                assert error <= STAGE_CHECK_MAX_ERROR, f"instrumented forward differs: rel. L2 {error:.2e}"
+                assert error <= STAGE_CHECK_MAX_ERROR, f"instrumented click differs by {error:.2e}"
             totals = dict.fromkeys(STAGES, 0.0)
             for (stage, start), (_, end) in zip(marks, marks[1:]):
                 totals[stage] += clock.elapsed_ms(start, end)
@@ -254,9 +259,11 @@ def peak_memory_bytes(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def bench_mode(mode, head, inputs, device, clock, args, reference):
-    """One mode's results: times, percentiles, peak memory, error vs f32, compile time, stages."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode.endswith("bf16") else nullcontext()
+def bench_mode(mode, head, inputs, device, clock, args, reference, total_flops):
+    """One mode's results: times, percentiles, GFLOP/s, peak memory, error vs f32, compile time
+    and stages; or {"error": ...} when torch.compile fails (the other modes still run)."""
+    bf16 = mode.endswith("bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     result = {}
     with torch.inference_mode(), autocast:
         model = head
@@ -264,7 +271,10 @@ def bench_mode(mode, head, inputs, device, clock, args, reference):
             model = torch.compile(head)
             clock.synchronize()
             start = time.perf_counter()
-            model(*inputs)
+            try:
+                model(*inputs)
+            except Exception as error:  # e.g. inductor finding no C compiler
+                return {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"}
             clock.synchronize()
             result["compile_s"] = time.perf_counter() - start
 
@@ -287,6 +297,7 @@ def bench_mode(mode, head, inputs, device, clock, args, reference):
         median_ms=float(median),
         p10_ms=float(p10),
         p90_ms=float(p90),
+        gflops_per_s=total_flops / median / 1e6,
         rel_l2_vs_f32=relative_l2_error(logits.float(), reference),
         times_ms=times,
     )
@@ -300,19 +311,24 @@ def bench_mode(mode, head, inputs, device, clock, args, reference):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--roi", type=int, nargs=3, metavar=("Z", "Y", "X"), default=[96, 128, 128])
-    parser.add_argument("--clicks", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=50, help="timed clicks per mode (median over them)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed clicks per mode first")
-    parser.add_argument("--modes", help=f"comma list of {', '.join(MODES)} (default: all on cuda, eager-f32 on cpu)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="write all results to this file")
-    parser.add_argument("--tf32", action="store_true", help="allow TF32 in f32 matmuls and convolutions")
+    add = parser.add_argument
+    add("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--roi", type=int, nargs=3, metavar=("Z", "Y", "X"), default=[96, 128, 128])
+    add("--clicks", type=int, default=10)
+    add("--iters", type=int, default=50, help="timed clicks per mode (median over them)")
+    add("--warmup", type=int, default=5, help="untimed clicks per mode before them")
+    add(
+        "--modes",
+        help=f"comma list of {', '.join(MODES)} (default: all on cuda, eager-f32 on cpu)",
+    )
+    add("--threads", type=int, help="CPU threads (default: torch's)")
+    add("--seed", type=int, default=0)
+    add("--json", type=Path, help="write all results to this file")
+    add("--tf32", action="store_true", help="allow TF32 in f32 matmuls and convolutions")
     args = parser.parse_args()
 
-    args.modes = args.modes.split(",") if args.modes else list(MODES if args.device == "cuda" else MODES[:1])
+    default_modes = MODES if args.device == "cuda" else MODES[:1]
+    args.modes = args.modes.split(",") if args.modes else list(default_modes)
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown:
         parser.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
@@ -332,14 +348,17 @@ def device_name(device):
     return platform.machine()
 
 
-def print_report(results, device, total_flops):
+def print_report(results, device):
     memory = "peak CUDA MiB" if device.type == "cuda" else "peak RSS MiB"
     print(f"\n{'mode':<14}{'median ms':>11}{'p10 ms':>10}{'p90 ms':>10}{'GFLOP/s':>10}"
           f"{memory:>15}{'rel.L2 vs f32':>15}{'compile s':>11}")
     for mode, r in results.items():
+        if "error" in r:
+            print(f"{mode:<14}failed: {r['error']}")
+            continue
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
         print(f"{mode:<14}{r['median_ms']:>11.2f}{r['p10_ms']:>10.2f}{r['p90_ms']:>10.2f}"
-              f"{total_flops / r['median_ms'] / 1e6:>10.1f}{r['peak_memory_bytes'] / 2**20:>15.0f}"
+              f"{r['gflops_per_s']:>10.1f}{r['peak_memory_bytes'] / 2**20:>15.0f}"
               f"{r['rel_l2_vs_f32']:>15.1e}{compile_s:>11}")
 
     staged = {mode: r["stages_ms"] for mode, r in results.items() if "stages_ms" in r}
@@ -348,10 +367,14 @@ def print_report(results, device, total_flops):
     print(f"\n{'stage (median ms per click)':<28}" + "".join(f"{mode:>20}" for mode in staged))
     totals = {mode: sum(stages.values()) for mode, stages in staged.items()}
     for stage in STAGES:
-        cells = (f"{stages[stage]:.2f} ({100 * stages[stage] / totals[mode]:4.1f}%)" for mode, stages in staged.items())
+        cells = (
+            f"{stages[stage]:.2f} ({100 * stages[stage] / totals[mode]:4.1f}%)"
+            for mode, stages in staged.items()
+        )
         print(f"{stage:<28}" + "".join(f"{cell:>20}" for cell in cells))
     print(f"{'sum of stages':<28}" + "".join(f"{totals[mode]:>20.2f}" for mode in staged))
-    print(f"{'instrumented click':<28}" + "".join(f"{results[mode]['instrumented_median_ms']:>20.2f}" for mode in staged))
+    instrumented = (results[mode]["instrumented_median_ms"] for mode in staged)
+    print(f"{'instrumented click':<28}" + "".join(f"{ms:>20.2f}" for ms in instrumented))
 
 
 def main():
@@ -372,8 +395,9 @@ def main():
     print(f"device {device_name(device)} ({device.type}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads, TF32 {'on' if args.tf32 else 'off'}")
     print(f"TIS-B {json.dumps(TIS_B)}, C_f {FEATURE_CHANNELS}, K {NUM_CLASSES}")
-    print(f"ROI {'x'.join(map(str, args.roi))} = {math.prod(args.roi)} tokens, {args.clicks} clicks, "
-          f"seed {args.seed}, {args.warmup} warm-up + {args.iters} timed clicks per mode")
+    print(f"ROI {'x'.join(map(str, args.roi))} = {math.prod(args.roi)} tokens, "
+          f"{args.clicks} clicks, seed {args.seed}, "
+          f"{args.warmup} warm-up + {args.iters} timed clicks per mode")
     print(f"FLOPs per click (engine.md count): {total_flops / 1e9:.1f} G = "
           + ", ".join(f"{part} {value / 1e9:.1f} G" for part, value in flops.items()), flush=True)
 
@@ -382,10 +406,13 @@ def main():
         reference = head(*inputs).float()
     results = {}
     for mode in args.modes:
-        results[mode] = bench_mode(mode, head, inputs, device, clock, args, reference)
-        print(f"{mode}: median {results[mode]['median_ms']:.2f} ms", flush=True)
+        result = bench_mode(mode, head, inputs, device, clock, args, reference, total_flops)
+        failed = "error" in result
+        status = f"failed: {result['error']}" if failed else f"median {result['median_ms']:.2f} ms"
+        print(f"{mode}: {status}", flush=True)
+        results[mode] = result
 
-    print_report(results, device, total_flops)
+    print_report(results, device)
     if args.json:
         report = {
             "device": device_name(device),
@@ -402,10 +429,12 @@ def main():
             "warmup": args.warmup,
             "iters": args.iters,
             "flops_per_click": {**flops, "total": total_flops},
-            "peak_memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-            "modes": {
-                mode: {**r, "gflops_per_s": total_flops / r["median_ms"] / 1e6} for mode, r in results.items()
-            },
+            "peak_memory": (
+                "torch.cuda.max_memory_allocated per mode"
+                if device.type == "cuda"
+                else "peak RSS of the process so far (cumulative over modes)"
+            ),
+            "modes": results,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -7,6 +7,7 @@
 //! [`geometry`] and [`tensor`] (shared types).
 
 pub mod backend;
+pub mod bench;
 pub mod error;
 pub mod geometry;
 pub mod io;

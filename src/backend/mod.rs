@@ -7,6 +7,7 @@
 //! backend is tested against.
 
 pub mod cpu;
+pub mod cuda;
 pub mod shapes;
 
 use crate::error::Result;
@@ -85,6 +86,11 @@ pub trait Backend: Send + Sync {
 
     /// A short name for messages ("cpu", "cuda").
     fn name(&self) -> &'static str;
+
+    /// Waits until every op issued so far has finished (for timing; ops are otherwise ordered).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
 
     fn upload(&self, host: &Tensor) -> Result<Self::Tensor>;
     fn download(&self, tensor: &Self::Tensor) -> Result<Tensor>;

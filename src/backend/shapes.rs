@@ -1,7 +1,10 @@
 //! Shape checks of every backend op, shared by all backends: an op validates its operands here
 //! first, so a wrong shape is the same clear error on every backend and never reaches a kernel.
 
-use super::{BackendTensor, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, LabelAssignment, LayerNorm, Linear, Mlp};
+use super::{
+    BackendTensor, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, LabelAssignment, LayerNorm,
+    Linear, Mlp,
+};
 use crate::error::{Error, Result};
 use crate::geometry::{Label, Region};
 
@@ -17,7 +20,9 @@ pub fn numel(t: &impl BackendTensor) -> usize {
 pub fn volume(x: &impl BackendTensor, what: &str) -> Result<(usize, [usize; 3])> {
     match *x.shape() {
         [c, z, y, xx] => Ok((c, [z, y, xx])),
-        ref other => Err(shape_err(format!("{what} expects a C × Z × Y × X volume, got shape {other:?}"))),
+        ref other => Err(shape_err(format!(
+            "{what} expects a C × Z × Y × X volume, got shape {other:?}"
+        ))),
     }
 }
 
@@ -25,13 +30,19 @@ pub fn volume(x: &impl BackendTensor, what: &str) -> Result<(usize, [usize; 3])>
 pub fn tokens(x: &impl BackendTensor, what: &str) -> Result<(usize, usize)> {
     match *x.shape() {
         [rows, width] => Ok((rows, width)),
-        ref other => Err(shape_err(format!("{what} expects a token matrix (N × width), got shape {other:?}"))),
+        ref other => Err(shape_err(format!(
+            "{what} expects a token matrix (N × width), got shape {other:?}"
+        ))),
     }
 }
 
 pub fn same(a: &impl BackendTensor, b: &impl BackendTensor, what: &str) -> Result<()> {
     if a.shape() != b.shape() {
-        return Err(shape_err(format!("{what}: shapes {:?} and {:?} differ", a.shape(), b.shape())));
+        return Err(shape_err(format!(
+            "{what}: shapes {:?} and {:?} differ",
+            a.shape(),
+            b.shape()
+        )));
     }
     Ok(())
 }
@@ -48,8 +59,14 @@ pub struct ConvShape {
 pub fn conv3d<T: BackendTensor>(x: &T, conv: &Conv3d<T>) -> Result<ConvShape> {
     let (cin, dims) = volume(x, "conv3d")?;
     let (cout, kernel) = match *conv.weight.shape() {
-        [o, i, kz, ky, kx] if i == cin && conv.bias.as_ref().is_none_or(|b| b.shape() == [o]) => (o, [kz, ky, kx]),
-        ref w => return Err(shape_err(format!("conv3d weight {w:?} does not take {cin} input channels"))),
+        [o, i, kz, ky, kx] if i == cin && conv.bias.as_ref().is_none_or(|b| b.shape() == [o]) => {
+            (o, [kz, ky, kx])
+        }
+        ref w => {
+            return Err(shape_err(format!(
+                "conv3d weight {w:?} does not take {cin} input channels"
+            )));
+        }
     };
     let mut out_dims = [0; 3];
     for a in 0..3 {
@@ -64,16 +81,30 @@ pub fn conv3d<T: BackendTensor>(x: &T, conv: &Conv3d<T>) -> Result<ConvShape> {
                 ))
             })?;
     }
-    Ok(ConvShape { cin, dims, cout, out_dims, kernel })
+    Ok(ConvShape {
+        cin,
+        dims,
+        cout,
+        out_dims,
+        kernel,
+    })
 }
 
 pub fn conv_transpose3d<T: BackendTensor>(x: &T, conv: &ConvTranspose3d<T>) -> Result<ConvShape> {
     let (cin, dims) = volume(x, "conv_transpose3d")?;
     match *conv.weight.shape() {
         [i, o, kz, ky, kx]
-            if i == cin && [kz, ky, kx] == conv.stride && conv.bias.as_ref().is_none_or(|b| b.shape() == [o]) =>
+            if i == cin
+                && [kz, ky, kx] == conv.stride
+                && conv.bias.as_ref().is_none_or(|b| b.shape() == [o]) =>
         {
-            Ok(ConvShape { cin, dims, cout: o, out_dims: [0, 1, 2].map(|a| dims[a] * conv.stride[a]), kernel: conv.stride })
+            Ok(ConvShape {
+                cin,
+                dims,
+                cout: o,
+                out_dims: [0, 1, 2].map(|a| dims[a] * conv.stride[a]),
+                kernel: conv.stride,
+            })
         }
         ref w => Err(shape_err(format!(
             "conv_transpose3d weight {w:?} does not take {cin} input channels with kernel = stride {:?}",
@@ -99,7 +130,11 @@ pub fn concat<T: BackendTensor>(a: &T, b: &T) -> Result<[usize; 4]> {
     let (ca, da) = volume(a, "concat")?;
     let (cb, db) = volume(b, "concat")?;
     if da != db {
-        return Err(shape_err(format!("cannot concatenate volumes {:?} and {:?}", a.shape(), b.shape())));
+        return Err(shape_err(format!(
+            "cannot concatenate volumes {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        )));
     }
     Ok([ca + cb, da[0], da[1], da[2]])
 }
@@ -119,7 +154,12 @@ pub fn flip_axes(axes: &[usize]) -> Result<[bool; 3]> {
 }
 
 /// `(channels, dims)` of the accumulator a weighted tile is added to.
-pub fn accumulate<T: BackendTensor>(acc: &T, tile: &T, weights: &T, region: &Region) -> Result<(usize, [usize; 3])> {
+pub fn accumulate<T: BackendTensor>(
+    acc: &T,
+    tile: &T,
+    weights: &T,
+    region: &Region,
+) -> Result<(usize, [usize; 3])> {
     let (channels, dims) = crop(acc, region)?;
     let (tile_channels, tile_dims) = volume(tile, "accumulate")?;
     let s = region.size;
@@ -138,7 +178,11 @@ pub fn accumulate<T: BackendTensor>(acc: &T, tile: &T, weights: &T, region: &Reg
 pub fn weight_sum<T: BackendTensor>(x: &T, weight_sum: &T) -> Result<(usize, usize)> {
     let (channels, dims) = volume(x, "divide_by_weights")?;
     if weight_sum.shape() != [1, dims[0], dims[1], dims[2]] {
-        return Err(shape_err(format!("weights {:?} do not cover volume {:?}", weight_sum.shape(), x.shape())));
+        return Err(shape_err(format!(
+            "weights {:?} do not cover volume {:?}",
+            weight_sum.shape(),
+            x.shape()
+        )));
     }
     Ok((channels, dims.iter().product()))
 }
@@ -146,13 +190,19 @@ pub fn weight_sum<T: BackendTensor>(x: &T, weight_sum: &T) -> Result<(usize, usi
 /// Classes an argmax can name as a `Label`.
 pub fn label_classes(classes: usize) -> Result<()> {
     if classes == 0 || classes > Label::MAX as usize + 1 {
-        return Err(shape_err(format!("cannot take the argmax over {classes} classes")));
+        return Err(shape_err(format!(
+            "cannot take the argmax over {classes} classes"
+        )));
     }
     Ok(())
 }
 
 /// `(width, grid dims)` of a positional grid encoding tokens of a region of `shape`.
-pub fn positional<T: BackendTensor>(x: &T, grid: &T, shape: [usize; 3]) -> Result<(usize, [usize; 3])> {
+pub fn positional<T: BackendTensor>(
+    x: &T,
+    grid: &T,
+    shape: [usize; 3],
+) -> Result<(usize, [usize; 3])> {
     let (width, gdims) = volume(grid, "positional grid")?;
     let (rows, xw) = tokens(x, "add_positional_encoding")?;
     if xw != width || rows != shape.iter().product::<usize>() || gdims.contains(&0) {
@@ -201,12 +251,17 @@ pub fn mlp<T: BackendTensor>(mlp: &Mlp<T>, width: usize) -> Result<(usize, usize
 }
 
 /// `(rows, width, hidden)` of a feed-forward sub-layer applied in place.
-pub fn feed_forward<T: BackendTensor>(x: &T, ffn: &FeedForward<T>) -> Result<(usize, usize, usize)> {
+pub fn feed_forward<T: BackendTensor>(
+    x: &T,
+    ffn: &FeedForward<T>,
+) -> Result<(usize, usize, usize)> {
     let (rows, width) = tokens(x, "feed_forward")?;
     layer_norm(&ffn.norm, width)?;
     let (hidden, out) = mlp(&ffn.mlp, width)?;
     if out != width {
-        return Err(shape_err(format!("feed-forward does not map width {width} back to itself")));
+        return Err(shape_err(format!(
+            "feed-forward does not map width {width} back to itself"
+        )));
     }
     Ok((rows, width, hidden))
 }
@@ -214,13 +269,20 @@ pub fn feed_forward<T: BackendTensor>(x: &T, ffn: &FeedForward<T>) -> Result<(us
 /// Width of one head.
 pub fn head_width(width: usize, heads: usize) -> Result<usize> {
     if heads == 0 || !width.is_multiple_of(heads) {
-        return Err(shape_err(format!("width {width} cannot be split into {heads} heads")));
+        return Err(shape_err(format!(
+            "width {width} cannot be split into {heads} heads"
+        )));
     }
     Ok(width / heads)
 }
 
 /// `(queries, keys, width)` of a small attention.
-pub fn attention<T: BackendTensor>(q: &T, k: &T, v: &T, heads: usize) -> Result<(usize, usize, usize)> {
+pub fn attention<T: BackendTensor>(
+    q: &T,
+    k: &T,
+    v: &T,
+    heads: usize,
+) -> Result<(usize, usize, usize)> {
     let (nq, width) = tokens(q, "attention")?;
     let (nk, kw) = tokens(k, "attention")?;
     if kw != width || v.shape() != k.shape() || nk == 0 {

@@ -60,6 +60,31 @@ impl TisConfig {
         Ok(())
     }
 
+    /// Multiply-accumulates of one refinement over `tokens` voxels with `clicks` clicks (the
+    /// dense per-voxel work; the click-side work is negligible), counted as docs/performance.md
+    /// does: cross-attention with folded key/value projections, label assignment (Q projection,
+    /// scores and copy, label_mlp of the probabilities, output projection), FFN, input and output
+    /// projections.
+    pub fn macs_per_click(
+        &self,
+        feature_channels: usize,
+        classes: usize,
+        tokens: usize,
+        clicks: usize,
+    ) -> u64 {
+        let (d, f, h) = (
+            self.d_model as u64,
+            self.ffn_dim as u64,
+            self.n_heads as u64,
+        );
+        let (c, k, n) = (clicks as u64, classes as u64, tokens as u64);
+        let cross = 2 * c * h * d;
+        let assignment = d * d + 2 * c * d + (k * d + d * d) + d * d;
+        let ffn = 2 * d * f;
+        let per_layer = cross + assignment + ffn;
+        n * (self.n_layers as u64 * per_layer + feature_channels as u64 * d + d * k)
+    }
+
     pub fn head_width(&self) -> usize {
         self.d_model / self.n_heads
     }

@@ -13,6 +13,41 @@ use crate::geometry::{Click, Region};
 use crate::model::config::TisConfig;
 use crate::tensor::Tensor;
 
+/// The parts of a forward pass, in the order they run (the layer stages once per layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    /// Input projection, positional encoding, click and label embeddings.
+    Tokens,
+    /// Cross-attention over the voxels, self-attention and FFN of the clicks.
+    ClickEncoding,
+    /// Every voxel's comparison with the clicks and copy of their labels.
+    LabelAssignment,
+    /// The voxels' feed-forward sub-layer.
+    FeedForward,
+    /// Output norm and projection to class logits.
+    Output,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Tokens,
+        Stage::ClickEncoding,
+        Stage::LabelAssignment,
+        Stage::FeedForward,
+        Stage::Output,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Tokens => "tokens",
+            Stage::ClickEncoding => "click encoding",
+            Stage::LabelAssignment => "label assignment",
+            Stage::FeedForward => "feed-forward",
+            Stage::Output => "output",
+        }
+    }
+}
+
 /// q, k and v projections of a `torch.nn.MultiheadAttention` (its `in_proj` split by rows) and
 /// its output projection.
 struct Attention<T> {
@@ -195,6 +230,20 @@ impl<B: Backend> TisHead<B> {
         roi: &Region,
         clicks: &[Click],
     ) -> Result<B::Tensor> {
+        self.forward_observed(backend, features, probs, roi, clicks, &mut |_| Ok(()))
+    }
+
+    /// `forward`, calling `stage_done` with each [`Stage`] as its work has been issued (for
+    /// per-stage timings; it may synchronise the backend).
+    pub fn forward_observed(
+        &self,
+        backend: &B,
+        features: &B::Tensor,
+        probs: &B::Tensor,
+        roi: &Region,
+        clicks: &[Click],
+        stage_done: &mut dyn FnMut(Stage) -> Result<()>,
+    ) -> Result<B::Tensor> {
         if clicks.is_empty() {
             return Err(Error::Click(
                 "the refinement head needs at least one click".into(),
@@ -222,6 +271,7 @@ impl<B: Backend> TisHead<B> {
         let onehot = backend.upload(&Tensor::new(vec![clicks.len(), self.classes], onehot)?)?;
         let click_values = backend.mlp(&onehot, &self.label_mlp)?;
         let probs = backend.region_tokens(probs, roi)?;
+        stage_done(Stage::Tokens)?;
 
         for layer in &self.layers {
             // Click encoding: cross-attention over the voxels, self-attention, FFN.
@@ -250,6 +300,7 @@ impl<B: Backend> TisHead<B> {
             )?;
             backend.add_assign(&mut clicks_e, &backend.linear(&attended, &own.out)?)?;
             backend.feed_forward(&mut clicks_e, &layer.click_ffn)?;
+            stage_done(Stage::ClickEncoding)?;
 
             // Label assignment: every voxel copies the labels of the clicks it resembles.
             let click_keys = backend.linear(
@@ -270,8 +321,12 @@ impl<B: Backend> TisHead<B> {
                     heads,
                 },
             )?;
+            stage_done(Stage::LabelAssignment)?;
             backend.feed_forward(&mut x, &layer.assign_ffn)?;
+            stage_done(Stage::FeedForward)?;
         }
-        backend.linear(&backend.layer_norm(&x, &self.out_norm)?, &self.out_proj)
+        let logits = backend.linear(&backend.layer_norm(&x, &self.out_norm)?, &self.out_proj)?;
+        stage_done(Stage::Output)?;
+        Ok(logits)
     }
 }

@@ -207,7 +207,8 @@ pub fn label_assignment(
     probs: &Tensor,
     params: &LabelAssignment<'_, Tensor>,
 ) -> Result<()> {
-    let (_, _, width, classes) = shapes::label_assignment(x, click_keys, click_values, probs, params)?;
+    let (_, _, width, classes) =
+        shapes::label_assignment(x, click_keys, click_values, probs, params)?;
     let alpha = params.alpha;
     x.data_mut()
         .par_chunks_mut(TOKEN_BLOCK * width)

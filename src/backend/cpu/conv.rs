@@ -26,7 +26,13 @@ struct SharedOutput(*mut f32);
 unsafe impl Sync for SharedOutput {}
 
 pub fn conv3d(x: &Tensor, conv: &Conv3d<Tensor>) -> Result<Tensor> {
-    let shapes::ConvShape { cin, dims, cout, out_dims, kernel } = shapes::conv3d(x, conv)?;
+    let shapes::ConvShape {
+        cin,
+        dims,
+        cout,
+        out_dims,
+        kernel,
+    } = shapes::conv3d(x, conv)?;
     let out_vox: usize = out_dims.iter().product();
     let taps = cin * kernel.iter().product::<usize>();
     let mut out = vec![0f32; cout * out_vox];
@@ -127,7 +133,13 @@ fn gather_columns(
 }
 
 pub fn conv_transpose3d(x: &Tensor, conv: &ConvTranspose3d<Tensor>) -> Result<Tensor> {
-    let shapes::ConvShape { cin, dims, cout, out_dims, .. } = shapes::conv_transpose3d(x, conv)?;
+    let shapes::ConvShape {
+        cin,
+        dims,
+        cout,
+        out_dims,
+        ..
+    } = shapes::conv_transpose3d(x, conv)?;
     let s = conv.stride;
     let taps: usize = s.iter().product();
     let in_vox: usize = dims.iter().product();

@@ -1,5 +1,6 @@
 //! The `tis` command line.
 
+mod bench;
 mod demo;
 mod info;
 
@@ -26,6 +27,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Run the whole interactive loop on a sample CT with the embedded default model.
     Demo(demo::DemoArgs),
+    /// Measure per-click latency of the TIS-B head (random weights) on the CPU or the GPU.
+    Bench(bench::BenchArgs),
 }
 
 /// The model at `path`, or the embedded default.
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info(args) => info::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) => bench::run_command(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

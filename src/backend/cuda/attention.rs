@@ -1,0 +1,220 @@
+//! Launches of kernels/attention.cu: attention among the clicks, the click cross-attention over
+//! every voxel (fold, partial softmax per block, merge, value projection) and label assignment.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::linear::{Epilogue, gemm};
+use super::{CudaBackend, CudaTensor, Element, driver, norm};
+use crate::backend::{LabelAssignment, LayerNorm, Linear, shapes};
+use crate::error::{Error, Result};
+
+const MODULE: &str = "attention";
+/// Voxels per tile and threads per block of `cross_partial` (ROWS, CROSS_THREADS).
+const ROWS: usize = 32;
+const CROSS_THREADS: u32 = 256;
+/// Dynamic shared memory `cross_partial` may use; columns are split over blockIdx.y to fit.
+const CROSS_SHARED_BYTES: usize = 96 * 1024;
+/// Head widths `assign_mix` is instantiated for.
+const ASSIGN_HEAD_WIDTHS: [usize; 4] = [8, 16, 32, 64];
+
+pub fn attention<E: Element>(
+    b: &CudaBackend<E>,
+    q: &CudaTensor<E>,
+    k: &CudaTensor<E>,
+    v: &CudaTensor<E>,
+    heads: usize,
+) -> Result<CudaTensor<E>> {
+    let (queries, keys, width) = shapes::attention(q, k, v, heads)?;
+    let mut out = b.output(vec![queries, width])?;
+    if queries == 0 {
+        return Ok(out);
+    }
+    let f = b.kernel(MODULE, "attention_small")?;
+    let (nk, w, h) = (keys as i64, width as i64, heads as i64);
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&q.data)
+        .arg(&k.data)
+        .arg(&v.data)
+        .arg(&mut out.data)
+        .arg(&nk)
+        .arg(&w)
+        .arg(&h);
+    let shared = keys * 4;
+    b.allow_shared_memory(&f, shared)?;
+    let grid = LaunchConfig {
+        grid_dim: (queries as u32, heads as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    // SAFETY: matches `attention_small_*`; one float of shared memory per key.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
+    Ok(out)
+}
+
+pub fn click_cross_attention<E: Element>(
+    b: &CudaBackend<E>,
+    x: &CudaTensor<E>,
+    q: &CudaTensor<E>,
+    norm: &LayerNorm<CudaTensor<E>>,
+    key: &Linear<CudaTensor<E>>,
+    value: &Linear<CudaTensor<E>>,
+    heads: usize,
+) -> Result<CudaTensor<E>> {
+    let (n, clicks, width) = shapes::click_cross_attention(x, q, norm, key, value, heads)?;
+    let columns = clicks * heads;
+    let mut out = b.output(vec![clicks, width])?;
+    if clicks == 0 {
+        return Ok(out);
+    }
+    let (nc, w, h, cols, tokens) = (
+        clicks as i64,
+        width as i64,
+        heads as i64,
+        columns as i64,
+        n as i64,
+    );
+
+    // Fold the key projection into the queries.
+    let mut folded = b.scratch::<f32>(columns * width)?;
+    let mut offset = b.scratch::<f32>(columns)?;
+    let f = b.kernel(MODULE, "cross_fold")?;
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&q.data)
+        .arg(&key.weight.data)
+        .arg(&key.bias.data)
+        .arg(&mut folded)
+        .arg(&mut offset);
+    launch.arg(&nc).arg(&w).arg(&h);
+    // SAFETY: matches `cross_fold_*`; folded holds columns × width values, offset columns.
+    unsafe { launch.launch(b.elementwise(columns * (width + 1))) }.map_err(driver)?;
+
+    // Partial softmax per block of voxels, columns grouped to fit shared memory.
+    let floats = CROSS_SHARED_BYTES / 4;
+    let per_column = ROWS + 3 + width;
+    let group = floats.saturating_sub(ROWS * width) / per_column;
+    if group == 0 {
+        return Err(Error::Shape(format!(
+            "width {width} is too wide for the cross-attention kernel"
+        )));
+    }
+    let group = group.min(columns);
+    let groups = columns.div_ceil(group);
+    let blocks = n
+        .div_ceil(ROWS)
+        .clamp(1, (4 * b.multiprocessors).div_ceil(groups).max(1));
+    let tokens_per_block = n.div_ceil(blocks).div_ceil(ROWS) * ROWS;
+    let blocks = n.div_ceil(tokens_per_block);
+    let shared = 4 * (ROWS * width + group * per_column);
+    let mut part_max = b.scratch::<f32>(blocks * columns)?;
+    let mut part_sum = b.scratch::<f32>(blocks * columns)?;
+    let mut part_weighted = b.scratch::<f32>(blocks * columns * width)?;
+    let f = b.kernel(MODULE, "cross_partial")?;
+    b.allow_shared_memory(&f, shared)?;
+    let (g, per_block) = (group as i64, tokens_per_block as i64);
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&x.data)
+        .arg(&norm.weight.data)
+        .arg(&norm.bias.data)
+        .arg(&folded)
+        .arg(&offset);
+    launch
+        .arg(&mut part_max)
+        .arg(&mut part_sum)
+        .arg(&mut part_weighted);
+    launch
+        .arg(&tokens)
+        .arg(&w)
+        .arg(&cols)
+        .arg(&g)
+        .arg(&per_block);
+    let grid = LaunchConfig {
+        grid_dim: (blocks as u32, groups as u32, 1),
+        block_dim: (CROSS_THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    // SAFETY: matches `cross_partial_*`; the partial buffers hold blocks × columns (× width)
+    // values and the dynamic shared memory is what the kernel lays out for `group` columns.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
+
+    // Merge the blocks, then apply the value projection.
+    let mut mean = b.scratch::<f32>(columns * width)?;
+    let f = b.function(MODULE, "cross_merge")?;
+    let nb = blocks as i64;
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&part_max)
+        .arg(&part_sum)
+        .arg(&part_weighted)
+        .arg(&mut mean)
+        .arg(&nb)
+        .arg(&cols)
+        .arg(&w);
+    // SAFETY: matches `cross_merge`.
+    unsafe { launch.launch(b.elementwise(columns * width)) }.map_err(driver)?;
+
+    let f = b.kernel(MODULE, "cross_project")?;
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&mean)
+        .arg(&value.weight.data)
+        .arg(&value.bias.data)
+        .arg(&mut out.data)
+        .arg(&nc)
+        .arg(&w)
+        .arg(&h);
+    // SAFETY: matches `cross_project_*`; out holds clicks × width values.
+    unsafe { launch.launch(b.elementwise(clicks * width)) }.map_err(driver)?;
+    Ok(out)
+}
+
+pub fn label_assignment<E: Element>(
+    b: &CudaBackend<E>,
+    x: &mut CudaTensor<E>,
+    click_keys: &CudaTensor<E>,
+    click_values: &CudaTensor<E>,
+    probs: &CudaTensor<E>,
+    params: &LabelAssignment<'_, CudaTensor<E>>,
+) -> Result<()> {
+    let (n, clicks, width, _) =
+        shapes::label_assignment(x, click_keys, click_values, probs, params)?;
+    let dh = width / params.heads;
+    if !ASSIGN_HEAD_WIDTHS.contains(&dh) {
+        return Err(Error::Shape(format!(
+            "head width {dh} is not supported by the CUDA label assignment (one of {ASSIGN_HEAD_WIDTHS:?})"
+        )));
+    }
+    let normed = norm::layer_norm(b, x, params.norm_q)?;
+    let mut queries = b.output(vec![n, width])?;
+    gemm(b, &normed, params.q, &mut queries, Epilogue::Plain)?;
+    let mut hidden = b.output(vec![n, width])?;
+    gemm(b, probs, &params.label_mlp.up, &mut hidden, Epilogue::Gelu)?;
+    let mut auto_embedding = normed; // reuse: LN(x) is no longer needed
+    gemm(
+        b,
+        &hidden,
+        &params.label_mlp.down,
+        &mut auto_embedding,
+        Epilogue::Plain,
+    )?;
+    let mut mixed = hidden; // reuse
+    let f = b.function(MODULE, &format!("assign_mix_{}_{dh}", E::SUFFIX))?;
+    let (tokens, nc, h, alpha) = (n as i64, clicks as i64, params.heads as i64, params.alpha);
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&queries.data)
+        .arg(&click_keys.data)
+        .arg(&click_values.data)
+        .arg(&auto_embedding.data);
+    launch
+        .arg(&mut mixed.data)
+        .arg(&tokens)
+        .arg(&nc)
+        .arg(&h)
+        .arg(&alpha);
+    // SAFETY: matches `assign_mix_*_{dh}`; every buffer holds n × width (clicks × width) values.
+    unsafe { launch.launch(b.elementwise(n * params.heads)) }.map_err(driver)?;
+    gemm(b, &mixed, params.out, x, Epilogue::Residual)
+}

@@ -1,0 +1,78 @@
+//! Launches of kernels/conv.cu: direct 3D convolution and the kernel = stride transposed
+//! convolution.
+
+use cudarc::driver::{LaunchArgs, PushKernelArg};
+
+use super::{CudaBackend, CudaTensor, Dims3, Element, driver};
+use crate::backend::{Conv3d, ConvTranspose3d, shapes};
+use crate::error::Result;
+
+const MODULE: &str = "conv";
+
+/// A null device pointer, for kernels whose bias is optional.
+const NO_BIAS: u64 = 0;
+
+fn push_bias<'a, E: Element>(launch: &mut LaunchArgs<'a>, bias: &'a Option<CudaTensor<E>>) {
+    match bias {
+        Some(b) => launch.arg(&b.data),
+        None => launch.arg(&NO_BIAS),
+    };
+}
+
+/// Runs `kernel` (conv3d or conv_transpose3d; `extra` the extents after `cout`) into a new
+/// output of the checked shape.
+fn launch_conv<E: Element>(
+    b: &CudaBackend<E>,
+    kernel: &str,
+    x: &CudaTensor<E>,
+    weight: &CudaTensor<E>,
+    bias: &Option<CudaTensor<E>>,
+    extra: &[Dims3],
+    conv: &shapes::ConvShape,
+) -> Result<CudaTensor<E>> {
+    let o = conv.out_dims;
+    let mut y = b.output(vec![conv.cout, o[0], o[1], o[2]])?;
+    let f = b.kernel(MODULE, kernel)?;
+    let (cin, cout) = (conv.cin as i64, conv.cout as i64);
+    let input = Dims3::from(conv.dims);
+    let mut launch = b.stream.launch_builder(&f);
+    launch.arg(&x.data).arg(&weight.data);
+    push_bias(&mut launch, bias);
+    launch.arg(&mut y.data).arg(&cin).arg(&input).arg(&cout);
+    for d in extra {
+        launch.arg(d);
+    }
+    // SAFETY: argument order matches `conv3d_*` (x, w, b, y, cin, in, cout, out, kernel,
+    // stride, pad) and `conv_transpose3d_*` (x, w, b, y, cin, in, cout, stride); shapes checked.
+    unsafe { launch.launch(b.elementwise(conv.cout * o.iter().product::<usize>())) }
+        .map_err(driver)?;
+    Ok(y)
+}
+
+pub fn conv3d<E: Element>(
+    b: &CudaBackend<E>,
+    x: &CudaTensor<E>,
+    conv: &Conv3d<CudaTensor<E>>,
+) -> Result<CudaTensor<E>> {
+    let shape = shapes::conv3d(x, conv)?;
+    let extra = [shape.out_dims, shape.kernel, conv.stride, conv.padding].map(Dims3::from);
+    launch_conv(b, "conv3d", x, &conv.weight, &conv.bias, &extra, &shape)
+}
+
+pub fn conv_transpose3d<E: Element>(
+    b: &CudaBackend<E>,
+    x: &CudaTensor<E>,
+    conv: &ConvTranspose3d<CudaTensor<E>>,
+) -> Result<CudaTensor<E>> {
+    let shape = shapes::conv_transpose3d(x, conv)?;
+    let extra = [Dims3::from(conv.stride)];
+    launch_conv(
+        b,
+        "conv_transpose3d",
+        x,
+        &conv.weight,
+        &conv.bias,
+        &extra,
+        &shape,
+    )
+}

@@ -1,0 +1,445 @@
+//! The CUDA backend: kernels from `kernels/*.cu` (compiled by build.rs, embedded as fatbins),
+//! launched on one stream through cudarc with the driver loaded at run time.
+//!
+//! Every tensor of a backend instance has one storage type `E`: f16 (the fast path; tensor-core
+//! GEMMs) or f32 (an exactness mode, within 1e-4 of the CPU oracle). Arithmetic inside kernels is
+//! f32. One file per op family, mirroring `kernels/`. Every driver call and launch is checked; a
+//! machine without a driver, without a GPU or without compiled kernels gets an error, never a
+//! panic.
+
+mod attention;
+mod conv;
+mod linear;
+mod norm;
+mod volume;
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr,
+    DriverError, LaunchConfig, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+use half::f16;
+
+use crate::backend::{
+    Backend, BackendTensor, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, LabelAssignment,
+    LayerNorm, Linear, Mlp,
+};
+use crate::error::{Error, Result};
+use crate::geometry::{Label, Region};
+use crate::tensor::Tensor;
+
+mod compiled {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// A storage type of the CUDA backend.
+pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + 'static {
+    /// Suffix of the kernels instantiated for this type (`crop_f16`).
+    const SUFFIX: &'static str;
+    /// The dense-layer kernel for this type.
+    const LINEAR_KERNEL: &'static str;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Element for f32 {
+    const SUFFIX: &'static str = "f32";
+    const LINEAR_KERNEL: &'static str = "linear_simt_f32";
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for f16 {
+    const SUFFIX: &'static str = "f16";
+    const LINEAR_KERNEL: &'static str = "linear_mma_f16";
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// A tensor in device memory.
+pub struct CudaTensor<E> {
+    shape: Vec<usize>,
+    data: CudaSlice<E>,
+}
+
+impl<E: Element> BackendTensor for CudaTensor<E> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+/// Three extents passed to kernels by value (`Dims3` in kernels/common.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims3 {
+    z: i64,
+    y: i64,
+    x: i64,
+}
+
+// SAFETY: plain C struct of three i64, laid out like the kernels' `Dims3`.
+unsafe impl DeviceRepr for Dims3 {}
+
+impl From<[usize; 3]> for Dims3 {
+    fn from(d: [usize; 3]) -> Self {
+        Dims3 {
+            z: d[0] as i64,
+            y: d[1] as i64,
+            x: d[2] as i64,
+        }
+    }
+}
+
+fn driver(e: DriverError) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        message: format!("{e:?}"),
+    }
+}
+
+/// The CUDA backend on one GPU, storing tensors as `E`.
+pub struct CudaBackend<E: Element = f16> {
+    stream: Arc<CudaStream>,
+    device: String,
+    multiprocessors: usize,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    poison: bool,
+    _storage: PhantomData<E>,
+}
+
+impl<E: Element> CudaBackend<E> {
+    /// Opens GPU `ordinal`. Fails, saying why, when the build has no kernels, the machine has no
+    /// CUDA driver, or the GPU cannot be opened.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let unavailable = |message: String| Error::Backend {
+            backend: "cuda",
+            message,
+        };
+        if compiled::KERNELS.is_empty() {
+            return Err(unavailable(
+                "built without CUDA kernels (nvcc was not found when tis was built; set NVCC or CUDA_HOME)".into(),
+            ));
+        }
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(unavailable(
+                "no CUDA driver (libcuda) on this machine".into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(driver)?;
+        if ordinal >= count.max(0) as usize {
+            return Err(unavailable(format!(
+                "GPU {ordinal} requested, {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver)?;
+        // One stream, ops in order: cudarc's per-buffer event tracking is not needed.
+        // SAFETY: called before this context allocates anything.
+        unsafe { ctx.disable_event_tracking() };
+        let multiprocessors = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver)? as usize;
+        Ok(CudaBackend {
+            device: ctx.name().map_err(driver)?,
+            stream: ctx.default_stream(),
+            multiprocessors,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            poison: false,
+            _storage: PhantomData,
+        })
+    }
+
+    /// For tests: every output buffer starts as NaN, so an element a kernel fails to write shows.
+    pub fn poison_outputs(mut self) -> Self {
+        self.poison = true;
+        self
+    }
+
+    /// The GPU's name.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// A kernel of `kernels/{module}.cu`, loaded once and cached.
+    fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let mut functions = self.functions.lock().expect("kernel cache lock");
+        if let Some(f) = functions.get(name) {
+            return Ok(f.clone());
+        }
+        let mut modules = self.modules.lock().expect("module cache lock");
+        let loaded = match modules.get(module) {
+            Some(m) => m.clone(),
+            None => {
+                let (_, image) = compiled::KERNELS
+                    .iter()
+                    .find(|(stem, _)| *stem == module)
+                    .ok_or_else(|| Error::Backend {
+                        backend: "cuda",
+                        message: format!(
+                            "kernel file {module}.cu was not compiled into this build"
+                        ),
+                    })?;
+                let m = self
+                    .stream
+                    .context()
+                    .load_module(Ptx::from_binary(image.to_vec()))
+                    .map_err(driver)?;
+                modules.insert(module, m.clone());
+                m
+            }
+        };
+        let f = loaded.load_function(name).map_err(driver)?;
+        functions.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// The storage-typed instance of a kernel template (`crop` → `crop_f16`).
+    fn kernel(&self, module: &'static str, base: &str) -> Result<CudaFunction> {
+        self.function(module, &format!("{base}_{}", E::SUFFIX))
+    }
+
+    /// An uninitialised buffer (NaN when poisoning), for outputs kernels overwrite entirely.
+    fn output(&self, shape: Vec<usize>) -> Result<CudaTensor<E>> {
+        let len = shape.iter().product::<usize>().max(1);
+        // SAFETY: the caller's kernel writes every element before anything reads it (the
+        // poisoned test mode checks exactly that).
+        let mut data = unsafe { self.stream.alloc::<E>(len) }.map_err(driver)?;
+        if self.poison {
+            self.fill_bytes(&mut data, 0xFF)?;
+        }
+        Ok(CudaTensor { shape, data })
+    }
+
+    fn scratch<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(len.max(1)).map_err(driver)
+    }
+
+    fn fill_bytes<T: DeviceRepr>(&self, data: &mut CudaSlice<T>, byte: u8) -> Result<()> {
+        let bytes = data.num_bytes();
+        let (ptr, _sync) = data.device_ptr_mut(&self.stream);
+        // SAFETY: `ptr` addresses `bytes` bytes of this stream's allocation.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(ptr, byte, bytes, self.stream.cu_stream())
+        }
+        .map_err(driver)
+    }
+
+    /// A grid-stride launch over `n` elements.
+    fn elementwise(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, 32 * self.multiprocessors.max(1));
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Allows `function` up to `bytes` of dynamic shared memory.
+    fn allow_shared_memory(&self, function: &CudaFunction, bytes: usize) -> Result<()> {
+        function
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(driver)
+    }
+
+    fn download_labels(&self, labels: &CudaSlice<u16>) -> Result<Vec<Label>> {
+        self.stream.clone_dtoh(labels).map_err(driver)
+    }
+}
+
+impl<E: Element> Backend for CudaBackend<E> {
+    type Tensor = CudaTensor<E>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver)
+    }
+
+    fn upload(&self, host: &Tensor) -> Result<CudaTensor<E>> {
+        let values: Vec<E> = host.data().iter().map(|&v| E::from_f32(v)).collect();
+        let data = if values.is_empty() {
+            self.scratch(1)?
+        } else {
+            self.stream.clone_htod(&values).map_err(driver)?
+        };
+        Ok(CudaTensor {
+            shape: host.shape().to_vec(),
+            data,
+        })
+    }
+
+    fn download(&self, tensor: &CudaTensor<E>) -> Result<Tensor> {
+        let len = tensor.shape.iter().product::<usize>();
+        let values = self
+            .stream
+            .clone_dtoh(&tensor.data.slice(..len))
+            .map_err(driver)?;
+        Tensor::new(
+            tensor.shape.clone(),
+            values.into_iter().map(E::to_f32).collect(),
+        )
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<CudaTensor<E>> {
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            data: self.scratch(shape.iter().product())?,
+        })
+    }
+
+    fn conv3d(&self, x: &CudaTensor<E>, conv: &Conv3d<CudaTensor<E>>) -> Result<CudaTensor<E>> {
+        conv::conv3d(self, x, conv)
+    }
+
+    fn conv_transpose3d(
+        &self,
+        x: &CudaTensor<E>,
+        conv: &ConvTranspose3d<CudaTensor<E>>,
+    ) -> Result<CudaTensor<E>> {
+        conv::conv_transpose3d(self, x, conv)
+    }
+
+    fn instance_norm_leaky_relu(
+        &self,
+        x: &mut CudaTensor<E>,
+        norm: &InstanceNorm<CudaTensor<E>>,
+    ) -> Result<()> {
+        norm::instance_norm_leaky_relu(self, x, norm)
+    }
+
+    fn concat_channels(&self, a: &CudaTensor<E>, b: &CudaTensor<E>) -> Result<CudaTensor<E>> {
+        volume::concat_channels(self, a, b)
+    }
+
+    fn crop(&self, x: &CudaTensor<E>, region: &Region) -> Result<CudaTensor<E>> {
+        volume::crop(self, x, region)
+    }
+
+    fn flip(&self, x: &CudaTensor<E>, axes: &[usize]) -> Result<CudaTensor<E>> {
+        volume::flip(self, x, axes)
+    }
+
+    fn add_assign(&self, acc: &mut CudaTensor<E>, x: &CudaTensor<E>) -> Result<()> {
+        volume::add_assign(self, acc, x)
+    }
+
+    fn scale(&self, x: &mut CudaTensor<E>, factor: f32) -> Result<()> {
+        volume::scale(self, x, factor)
+    }
+
+    fn accumulate_weighted(
+        &self,
+        acc: &mut CudaTensor<E>,
+        tile: &CudaTensor<E>,
+        weights: &CudaTensor<E>,
+        region: &Region,
+    ) -> Result<()> {
+        volume::accumulate_weighted(self, acc, tile, weights, region)
+    }
+
+    fn divide_by_weights(&self, x: &mut CudaTensor<E>, weight_sum: &CudaTensor<E>) -> Result<()> {
+        volume::divide_by_weights(self, x, weight_sum)
+    }
+
+    fn softmax_channels(&self, x: &CudaTensor<E>) -> Result<CudaTensor<E>> {
+        volume::softmax_channels(self, x)
+    }
+
+    fn argmax_channels(&self, x: &CudaTensor<E>) -> Result<Vec<Label>> {
+        volume::argmax_channels(self, x)
+    }
+
+    fn region_tokens(&self, volume: &CudaTensor<E>, region: &Region) -> Result<CudaTensor<E>> {
+        volume::region_tokens(self, volume, region)
+    }
+
+    fn add_positional_encoding(
+        &self,
+        x: &mut CudaTensor<E>,
+        grid: &CudaTensor<E>,
+        shape: [usize; 3],
+    ) -> Result<()> {
+        volume::add_positional_encoding(self, x, grid, shape)
+    }
+
+    fn gather_rows(&self, x: &CudaTensor<E>, rows: &[usize]) -> Result<CudaTensor<E>> {
+        volume::gather_rows(self, x, rows)
+    }
+
+    fn linear(&self, x: &CudaTensor<E>, linear: &Linear<CudaTensor<E>>) -> Result<CudaTensor<E>> {
+        linear::linear(self, x, linear)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor<E>,
+        norm: &LayerNorm<CudaTensor<E>>,
+    ) -> Result<CudaTensor<E>> {
+        norm::layer_norm(self, x, norm)
+    }
+
+    fn mlp(&self, x: &CudaTensor<E>, mlp: &Mlp<CudaTensor<E>>) -> Result<CudaTensor<E>> {
+        linear::mlp(self, x, mlp)
+    }
+
+    fn feed_forward(&self, x: &mut CudaTensor<E>, ffn: &FeedForward<CudaTensor<E>>) -> Result<()> {
+        linear::feed_forward(self, x, ffn)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor<E>,
+        k: &CudaTensor<E>,
+        v: &CudaTensor<E>,
+        heads: usize,
+    ) -> Result<CudaTensor<E>> {
+        attention::attention(self, q, k, v, heads)
+    }
+
+    fn click_cross_attention(
+        &self,
+        x: &CudaTensor<E>,
+        q: &CudaTensor<E>,
+        norm: &LayerNorm<CudaTensor<E>>,
+        key: &Linear<CudaTensor<E>>,
+        value: &Linear<CudaTensor<E>>,
+        heads: usize,
+    ) -> Result<CudaTensor<E>> {
+        attention::click_cross_attention(self, x, q, norm, key, value, heads)
+    }
+
+    fn label_assignment(
+        &self,
+        x: &mut CudaTensor<E>,
+        click_keys: &CudaTensor<E>,
+        click_values: &CudaTensor<E>,
+        probs: &CudaTensor<E>,
+        params: &LabelAssignment<'_, CudaTensor<E>>,
+    ) -> Result<()> {
+        attention::label_assignment(self, x, click_keys, click_values, probs, params)
+    }
+
+    fn argmax_rows(&self, x: &CudaTensor<E>) -> Result<Vec<Label>> {
+        volume::argmax_rows(self, x)
+    }
+}

@@ -1,0 +1,92 @@
+//! Launches of kernels/norm.cu: InstanceNorm + LeakyReLU (partials, finalize, apply) and
+//! LayerNorm over rows.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{CudaBackend, CudaTensor, Element, driver};
+use crate::backend::{InstanceNorm, LayerNorm, shapes};
+use crate::error::Result;
+
+const MODULE: &str = "norm";
+/// Threads per block of `instance_norm_partials` (NORM_THREADS in the kernel).
+const NORM_THREADS: u32 = 256;
+
+pub fn instance_norm_leaky_relu<E: Element>(
+    b: &CudaBackend<E>,
+    x: &mut CudaTensor<E>,
+    norm: &InstanceNorm<CudaTensor<E>>,
+) -> Result<()> {
+    let (channels, voxels) = shapes::instance_norm(x, norm)?;
+    // Enough blocks to fill the GPU about four times over, each with at least 1024 voxels.
+    let splits = (4 * b.multiprocessors)
+        .div_ceil(channels)
+        .clamp(1, voxels.div_ceil(1024).max(1));
+    let mut partials = b.scratch::<f64>(channels * splits * 2)?;
+    let mut scale_shift = b.scratch::<f32>(channels * 2)?;
+    let (c, v, s, eps, slope) = (
+        channels as i64,
+        voxels as i64,
+        splits as i32,
+        norm.eps,
+        norm.negative_slope,
+    );
+
+    let f = b.kernel(MODULE, "instance_norm_partials")?;
+    let mut launch = b.stream.launch_builder(&f);
+    launch.arg(&x.data).arg(&mut partials).arg(&v).arg(&s);
+    let grid = LaunchConfig {
+        grid_dim: (splits as u32, channels as u32, 1),
+        block_dim: (NORM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `instance_norm_partials_*`; partials holds channels × splits × 2 values.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
+
+    let f = b.kernel(MODULE, "instance_norm_finalize")?;
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&partials)
+        .arg(&norm.weight.data)
+        .arg(&norm.bias.data)
+        .arg(&mut scale_shift);
+    launch.arg(&c).arg(&v).arg(&s).arg(&eps);
+    // SAFETY: matches `instance_norm_finalize_*`.
+    unsafe { launch.launch(b.elementwise(channels)) }.map_err(driver)?;
+
+    let f = b.kernel(MODULE, "instance_norm_apply")?;
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&mut x.data)
+        .arg(&scale_shift)
+        .arg(&c)
+        .arg(&v)
+        .arg(&slope);
+    // SAFETY: matches `instance_norm_apply_*`.
+    unsafe { launch.launch(b.elementwise(channels * voxels)) }.map_err(driver)?;
+    Ok(())
+}
+
+/// `y = LN(x)` into a new tensor.
+pub fn layer_norm<E: Element>(
+    b: &CudaBackend<E>,
+    x: &CudaTensor<E>,
+    norm: &LayerNorm<CudaTensor<E>>,
+) -> Result<CudaTensor<E>> {
+    let (rows, width) = shapes::tokens(x, "layer_norm")?;
+    shapes::layer_norm(norm, width)?;
+    let mut y = b.output(x.shape.clone())?;
+    let f = b.kernel(MODULE, "layer_norm")?;
+    let (r, w) = (rows as i64, width as i64);
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&x.data)
+        .arg(&mut y.data)
+        .arg(&norm.weight.data)
+        .arg(&norm.bias.data)
+        .arg(&r)
+        .arg(&w);
+    // One warp per row: 8 rows per block of 256 threads.
+    // SAFETY: matches `layer_norm_*`.
+    unsafe { launch.launch(b.elementwise(rows * 32)) }.map_err(driver)?;
+    Ok(y)
+}

@@ -1,0 +1,162 @@
+//! `tis bench`: per-click latency of the refinement head on the contract's TIS-B configuration
+//! with random weights, as a whole and per stage, on the CPU or the GPU.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use half::f16;
+use serde_json::json;
+use tis::backend::Backend;
+use tis::backend::cuda::CudaBackend;
+use tis::bench::{CLASSES, FEATURE_CHANNELS, HeadBench};
+use tis::model::TisConfig;
+use tis::model::tis_head::Stage;
+use tis::{CpuBackend, Error};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Precision {
+    F16,
+    F32,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+    /// Storage type on the GPU (the CPU computes in f32).
+    #[arg(long, value_enum, default_value = "f16")]
+    precision: Precision,
+    /// ROI extent z y x [default: 96 128 128 on cuda, 32 64 64 on cpu].
+    #[arg(long, num_args = 3, value_names = ["Z", "Y", "X"])]
+    roi: Option<Vec<usize>>,
+    /// Clicks per refinement.
+    #[arg(long, default_value_t = 10)]
+    clicks: usize,
+    /// Timed clicks (the median is over these).
+    #[arg(long, default_value_t = 50)]
+    iters: usize,
+    /// Untimed clicks first.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn run<B: Backend>(
+    backend: &B,
+    device: &str,
+    precision: &str,
+    args: &BenchArgs,
+    roi: [usize; 3],
+) -> tis::Result<()> {
+    if args.iters == 0 {
+        return Err(Error::Session("--iters must be at least 1".into()));
+    }
+    let bench = HeadBench::new(backend, TisConfig::tis_b(), roi, args.clicks, 1)?;
+    for _ in 0..args.warmup {
+        bench.click()?;
+    }
+    let mut totals = Vec::with_capacity(args.iters);
+    let mut stages: BTreeMap<Stage, Vec<f64>> = BTreeMap::new();
+    for _ in 0..args.iters {
+        let (total, per_stage) = bench.timed_click()?;
+        totals.push(ms(total));
+        for (stage, d) in per_stage {
+            stages.entry(stage).or_default().push(ms(d));
+        }
+    }
+    totals.sort_by(f64::total_cmp);
+    stages.values_mut().for_each(|v| v.sort_by(f64::total_cmp));
+    let median = percentile(&totals, 0.5);
+    let gflop = 2.0 * bench.macs() as f64 / 1e9;
+    println!(
+        "TIS-B head on {device} ({precision}), ROI {}×{}×{} = {} tokens, {} clicks, C_f {FEATURE_CHANNELS}, K {CLASSES}",
+        roi[0],
+        roi[1],
+        roi[2],
+        bench.roi.voxels(),
+        args.clicks
+    );
+    println!(
+        "per click    median {median:.2} ms  p10 {:.2}  p90 {:.2}  ({} clicks; {gflop:.1} GFLOP → {:.0} GFLOP/s)",
+        percentile(&totals, 0.1),
+        percentile(&totals, 0.9),
+        args.iters,
+        gflop / median * 1e3
+    );
+    for (stage, times) in &stages {
+        println!(
+            "  {:<17} median {:.2} ms",
+            stage.name(),
+            percentile(times, 0.5)
+        );
+    }
+    if let Some(path) = &args.json {
+        let report = json!({
+            "engine": "tis",
+            "device": device,
+            "precision": precision,
+            "roi": roi,
+            "clicks": args.clicks,
+            "iters": args.iters,
+            "median_ms": median,
+            "p10_ms": percentile(&totals, 0.1),
+            "p90_ms": percentile(&totals, 0.9),
+            "gflop_per_click": gflop,
+            "stages_median_ms": stages.iter().map(|(s, t)| (s.name(), percentile(t, 0.5))).collect::<BTreeMap<_, _>>(),
+            "threads": rayon::current_num_threads(),
+        });
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&report).expect("JSON values"),
+        )
+        .map_err(|e| Error::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+    }
+    Ok(())
+}
+
+pub fn run_command(args: &BenchArgs) -> tis::Result<()> {
+    let roi = match (&args.roi, args.device) {
+        (Some(r), _) => [r[0], r[1], r[2]],
+        (None, Device::Cuda) => [96, 128, 128],
+        (None, Device::Cpu) => [32, 64, 64],
+    };
+    if roi.contains(&0) {
+        return Err(Error::Shape(format!("--roi {roi:?} must be positive")));
+    }
+    match (args.device, args.precision) {
+        (Device::Cpu, _) => {
+            let threads = format!("cpu, {} threads", rayon::current_num_threads());
+            run(&CpuBackend, &threads, "f32", args, roi)
+        }
+        (Device::Cuda, Precision::F16) => {
+            let backend = CudaBackend::<f16>::new(0)?;
+            run(&backend, backend.device(), "f16", args, roi)
+        }
+        (Device::Cuda, Precision::F32) => {
+            let backend = CudaBackend::<f32>::new(0)?;
+            run(&backend, backend.device(), "f32", args, roi)
+        }
+    }
+}

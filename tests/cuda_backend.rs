@@ -1,0 +1,623 @@
+//! The CUDA backend against the CPU oracle: every op on fresh random inputs (relative L2 error
+//! ≤ 1e-4 with f32 storage, ≤ 1e-2 with f16; outputs poisoned with NaN before each run, NaN
+//! fails), the refinement head on the fixture bundles (≥ 99.5 % argmax agreement), and a whole
+//! session on the GPU.
+//!
+//! Tests that need a GPU are ignored by default, with the reason shown by `cargo test`; run them
+//! with `cargo test --release --test cuda_backend -- --ignored` (scripts/gpu-check.sh does).
+//! On a machine without a GPU, asking for them fails: they never pass without running.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::read_fixture;
+use half::f16;
+use tis::backend::cuda::{CudaBackend, Element};
+use tis::backend::{
+    Backend, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, LabelAssignment, LayerNorm,
+    Linear, Mlp,
+};
+use tis::model::Bundle;
+use tis::model::bundle::TensorFile;
+use tis::model::random::Normal;
+use tis::pipeline::session::refine_region;
+use tis::{CpuBackend, Model, Region, Session, SessionOptions, Tensor};
+
+const F32_TOLERANCE: f64 = 1e-4;
+const F16_TOLERANCE: f64 = 1e-2;
+
+#[test]
+fn unavailable_cuda_is_an_error_not_a_panic() {
+    match CudaBackend::<f16>::new(0) {
+        Ok(backend) => assert!(!backend.device().is_empty()),
+        Err(e) => {
+            let message = e.to_string();
+            println!("CUDA unavailable here: {message}");
+            assert!(message.starts_with("backend cuda:"), "{message}");
+        }
+    }
+    let err = CudaBackend::<f32>::new(999)
+        .err()
+        .expect("there is no GPU 999");
+    assert!(err.to_string().starts_with("backend cuda:"), "{err}");
+}
+
+fn gpu<E: Element>() -> CudaBackend<E> {
+    CudaBackend::<E>::new(0)
+        .unwrap_or_else(|e| panic!("this test needs a GPU: {e}"))
+        .poison_outputs()
+}
+
+/// A generator with a fresh seed, printed so that a failure can be replayed.
+fn fresh(what: &str) -> Normal {
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    println!("{what}: seed {seed}");
+    Normal::new(seed)
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f64) {
+    assert!(
+        got.data().iter().all(|v| v.is_finite()),
+        "{what}: non-finite output"
+    );
+    let err = got.relative_l2_error(want).unwrap();
+    println!("{what}: relative L2 error {err:e}");
+    assert!(
+        err <= tolerance,
+        "{what}: relative L2 error {err:e} > {tolerance:e}"
+    );
+}
+
+fn agreement(a: &[u16], b: &[u16]) -> f64 {
+    a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64
+}
+
+/// Runs one op on the CPU and on the GPU from the same host inputs and compares.
+fn check<E: Element, I>(
+    what: &str,
+    tolerance: f64,
+    inputs: &I,
+    on_cpu: fn(&CpuBackend, &I) -> Tensor,
+    on_gpu: fn(&CudaBackend<E>, &I) -> Tensor,
+) {
+    let want = on_cpu(&CpuBackend, inputs);
+    let got = on_gpu(&gpu::<E>(), inputs);
+    assert_close(&format!("{what} ({})", E::SUFFIX), &got, &want, tolerance);
+}
+
+fn up<B: Backend>(b: &B, t: &Tensor) -> B::Tensor {
+    b.upload(t).unwrap()
+}
+
+fn down<B: Backend>(b: &B, t: &B::Tensor) -> Tensor {
+    b.download(t).unwrap()
+}
+
+fn linear_on<B: Backend>(b: &B, (w, bias): &(Tensor, Tensor)) -> Linear<B::Tensor> {
+    Linear {
+        weight: up(b, w),
+        bias: up(b, bias),
+    }
+}
+
+fn norm_on<B: Backend>(b: &B, (w, bias): &(Tensor, Tensor)) -> LayerNorm<B::Tensor> {
+    LayerNorm {
+        weight: up(b, w),
+        bias: up(b, bias),
+    }
+}
+
+fn random_linear(n: &mut Normal, out: usize, inp: usize) -> (Tensor, Tensor) {
+    (
+        n.tensor(&[out, inp], 1.0 / (inp as f32).sqrt()),
+        n.tensor(&[out], 0.1),
+    )
+}
+
+fn random_norm(n: &mut Normal, width: usize) -> (Tensor, Tensor) {
+    let mut w = n.tensor(&[width], 0.1);
+    w.data_mut().iter_mut().for_each(|v| *v += 1.0);
+    (w, n.tensor(&[width], 0.1))
+}
+
+// ---- the nnU-Net network's ops ---------------------------------------------------------------
+
+struct ConvCase {
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor,
+    stride: [usize; 3],
+    padding: [usize; 3],
+}
+
+fn conv3d_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
+    let conv = Conv3d {
+        weight: up(b, &c.w),
+        bias: Some(up(b, &c.bias)),
+        stride: c.stride,
+        padding: c.padding,
+    };
+    down(b, &b.conv3d(&up(b, &c.x), &conv).unwrap())
+}
+
+fn conv_transpose3d_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
+    let conv = ConvTranspose3d {
+        weight: up(b, &c.w),
+        bias: Some(up(b, &c.bias)),
+        stride: c.stride,
+    };
+    down(b, &b.conv_transpose3d(&up(b, &c.x), &conv).unwrap())
+}
+
+fn instance_norm_on<B: Backend>(b: &B, (x, w, bias): &(Tensor, Tensor, Tensor)) -> Tensor {
+    let norm = InstanceNorm {
+        weight: up(b, w),
+        bias: up(b, bias),
+        eps: 1e-5,
+        negative_slope: 0.01,
+    };
+    let mut x = up(b, x);
+    b.instance_norm_leaky_relu(&mut x, &norm).unwrap();
+    down(b, &x)
+}
+
+fn network_ops<E: Element>(tolerance: f64) {
+    let mut n = fresh("network ops");
+    for (cin, cout, dims, kernel, stride) in [
+        (3, 8, [9, 17, 15], [3, 3, 3], [1, 1, 1]),
+        (4, 6, [6, 20, 19], [1, 3, 3], [1, 2, 2]),
+        (5, 7, [11, 10, 13], [3, 3, 3], [2, 2, 2]),
+        (8, 3, [7, 9, 11], [1, 1, 1], [1, 1, 1]),
+    ] {
+        let case = ConvCase {
+            x: n.tensor(&[cin, dims[0], dims[1], dims[2]], 1.0),
+            w: n.tensor(&[cout, cin, kernel[0], kernel[1], kernel[2]], 0.3),
+            bias: n.tensor(&[cout], 0.1),
+            stride,
+            padding: kernel.map(|k| (k - 1) / 2),
+        };
+        check::<E, _>(
+            &format!("conv3d k{kernel:?} s{stride:?}"),
+            tolerance,
+            &case,
+            conv3d_on,
+            conv3d_on,
+        );
+    }
+    for stride in [[2, 2, 2], [1, 2, 2]] {
+        let case = ConvCase {
+            x: n.tensor(&[6, 5, 7, 6], 1.0),
+            w: n.tensor(&[6, 4, stride[0], stride[1], stride[2]], 0.3),
+            bias: n.tensor(&[4], 0.1),
+            stride,
+            padding: [0; 3],
+        };
+        check::<E, _>(
+            &format!("conv_transpose3d s{stride:?}"),
+            tolerance,
+            &case,
+            conv_transpose3d_on,
+            conv_transpose3d_on,
+        );
+    }
+    let norm_case = (
+        n.tensor(&[5, 13, 31, 29], 2.0),
+        n.tensor(&[5], 1.0),
+        n.tensor(&[5], 0.5),
+    );
+    check::<E, _>(
+        "instance norm + LeakyReLU",
+        tolerance,
+        &norm_case,
+        instance_norm_on,
+        instance_norm_on,
+    );
+}
+
+// ---- sliding-window ops -----------------------------------------------------------------------
+
+struct VolumeCase {
+    a: Tensor,
+    b: Tensor,
+    weights: Tensor,
+    region: Region,
+}
+
+fn volume_case(n: &mut Normal) -> VolumeCase {
+    let region = Region {
+        start: [2, 5, 3],
+        size: [6, 9, 10],
+    };
+    VolumeCase {
+        a: n.tensor(&[3, 11, 17, 14], 1.0),
+        b: n.tensor(&[3, 11, 17, 14], 1.0),
+        weights: {
+            let mut w = n.tensor(&[1, 6, 9, 10], 1.0);
+            w.data_mut().iter_mut().for_each(|v| *v = v.abs() + 0.5);
+            w
+        },
+        region,
+    }
+}
+
+fn volume_ops_on<B: Backend>(b: &B, c: &VolumeCase) -> Tensor {
+    // crop, flip, concat, add, scale, accumulate, divide, softmax: one chain, every op checked
+    // through its effect on the result.
+    let a = up(b, &c.a);
+    let cropped = b.crop(&a, &c.region).unwrap();
+    let flipped = b.flip(&cropped, &[0, 2]).unwrap();
+    let mut acc = b.zeros(c.a.shape()).unwrap();
+    b.accumulate_weighted(&mut acc, &flipped, &up(b, &c.weights), &c.region)
+        .unwrap();
+    b.add_assign(&mut acc, &up(b, &c.b)).unwrap();
+    b.scale(&mut acc, 0.75).unwrap();
+    let mut weight_sum = Tensor::zeros(&[1, 11, 17, 14]);
+    weight_sum
+        .data_mut()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = 1.0 + (i % 7) as f32);
+    b.divide_by_weights(&mut acc, &up(b, &weight_sum)).unwrap();
+    let probs = b.softmax_channels(&acc).unwrap();
+    down(b, &b.concat_channels(&acc, &probs).unwrap())
+}
+
+fn sliding_window_ops<E: Element>(tolerance: f64) {
+    let case = volume_case(&mut fresh("volume ops"));
+    check::<E, _>(
+        "crop/flip/accumulate/add/scale/divide/softmax/concat",
+        tolerance,
+        &case,
+        volume_ops_on,
+        volume_ops_on,
+    );
+    let gpu = gpu::<E>();
+    let labels = gpu.argmax_channels(&up(&gpu, &case.a)).unwrap();
+    let want = CpuBackend.argmax_channels(&case.a).unwrap();
+    let agree = agreement(&labels, &want);
+    println!("argmax_channels agreement {agree}");
+    assert!(agree >= 0.995, "argmax over channels agrees on {agree}");
+}
+
+// ---- token ops of the head ------------------------------------------------------------------
+
+struct TokenCase {
+    volume: Tensor,
+    region: Region,
+    grid: Tensor,
+    x: Tensor,
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    probs: Tensor,
+    linear: (Tensor, Tensor),
+    norm: (Tensor, Tensor),
+    up: (Tensor, Tensor),
+    down: (Tensor, Tensor),
+    key_proj: (Tensor, Tensor),
+    value_proj: (Tensor, Tensor),
+    label_up: (Tensor, Tensor),
+    label_down: (Tensor, Tensor),
+    heads: usize,
+}
+
+fn token_case(
+    n: &mut Normal,
+    tokens: usize,
+    width: usize,
+    heads: usize,
+    clicks: usize,
+) -> TokenCase {
+    let classes = 3;
+    let probs = CpuBackend
+        .softmax_channels(&n.tensor(&[classes, 1, 1, tokens], 2.0))
+        .unwrap();
+    TokenCase {
+        volume: n.tensor(&[7, 12, 19, 23], 1.0),
+        region: Region {
+            start: [3, 2, 5],
+            size: [8, 13, 17],
+        },
+        grid: n.tensor(&[width, 3, 4, 5], 0.5),
+        x: n.tensor(&[tokens, width], 1.0),
+        q: n.tensor(&[clicks, width], 1.0),
+        keys: n.tensor(&[clicks, width], 1.0),
+        values: n.tensor(&[clicks, width], 1.0),
+        probs: probs
+            .reshape(vec![classes, tokens])
+            .unwrap()
+            .transpose_2d()
+            .unwrap(),
+        linear: random_linear(n, 50, width),
+        norm: random_norm(n, width),
+        up: random_linear(n, 2 * width, width),
+        down: random_linear(n, width, 2 * width),
+        key_proj: random_linear(n, width, width),
+        value_proj: random_linear(n, width, width),
+        label_up: random_linear(n, width, classes),
+        label_down: random_linear(n, width, width),
+        heads,
+    }
+}
+
+/// The tokens of a region, some of them gathered, and the positional encoding of that region.
+fn region_tokens_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
+    let tokens = b.region_tokens(&up(b, &c.volume), &c.region).unwrap();
+    let rows: Vec<usize> = (0..c.region.voxels()).step_by(7).rev().collect();
+    let gathered = b.gather_rows(&tokens, &rows).unwrap();
+    let mut encoding = b.zeros(&[c.region.voxels(), c.grid.shape()[0]]).unwrap();
+    b.add_positional_encoding(&mut encoding, &up(b, &c.grid), c.region.size)
+        .unwrap();
+    let mut all = down(b, &tokens).into_data();
+    all.extend(down(b, &gathered).into_data());
+    all.extend(down(b, &encoding).into_data());
+    Tensor::new(vec![all.len()], all).unwrap()
+}
+
+fn dense_ops_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
+    let x = up(b, &c.x);
+    let projected = b.linear(&x, &linear_on(b, &c.linear)).unwrap();
+    let normed = b.layer_norm(&x, &norm_on(b, &c.norm)).unwrap();
+    let mlp = Mlp {
+        up: linear_on(b, &c.up),
+        down: linear_on(b, &c.down),
+    };
+    let hidden = b.mlp(&normed, &mlp).unwrap();
+    let mut residual = up(b, &c.x);
+    b.feed_forward(
+        &mut residual,
+        &FeedForward {
+            norm: norm_on(b, &c.norm),
+            mlp,
+        },
+    )
+    .unwrap();
+    let mut all = down(b, &projected).into_data();
+    all.extend(down(b, &hidden).into_data());
+    all.extend(down(b, &residual).into_data());
+    Tensor::new(vec![all.len()], all).unwrap()
+}
+
+fn attention_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
+    let (q, k, v) = (up(b, &c.q), up(b, &c.keys), up(b, &c.values));
+    down(b, &b.attention(&q, &k, &v, c.heads).unwrap())
+}
+
+fn cross_attention_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
+    let out = b
+        .click_cross_attention(
+            &up(b, &c.x),
+            &up(b, &c.q),
+            &norm_on(b, &c.norm),
+            &linear_on(b, &c.key_proj),
+            &linear_on(b, &c.value_proj),
+            c.heads,
+        )
+        .unwrap();
+    down(b, &out)
+}
+
+fn label_assignment_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
+    let mut x = up(b, &c.x);
+    let norm = norm_on(b, &c.norm);
+    let (q, out) = (linear_on(b, &c.key_proj), linear_on(b, &c.value_proj));
+    let label_mlp = Mlp {
+        up: linear_on(b, &c.label_up),
+        down: linear_on(b, &c.label_down),
+    };
+    let params = LabelAssignment {
+        norm_q: &norm,
+        q: &q,
+        out: &out,
+        label_mlp: &label_mlp,
+        alpha: 0.3,
+        heads: c.heads,
+    };
+    b.label_assignment(
+        &mut x,
+        &up(b, &c.keys),
+        &up(b, &c.values),
+        &up(b, &c.probs),
+        &params,
+    )
+    .unwrap();
+    down(b, &x)
+}
+
+fn token_ops<E: Element>(tolerance: f64) {
+    // TIS-B widths (d 128, 8 heads of 16) with odd token counts, and a narrow head of width 8.
+    for (tokens, width, heads, clicks) in [(5003, 128, 8, 10), (777, 24, 3, 4)] {
+        let case = token_case(&mut fresh("token ops"), tokens, width, heads, clicks);
+        let tag = format!("N {tokens} d {width} h {heads} clicks {clicks}");
+        check::<E, _>(
+            &format!("region tokens/positional encoding/gather, {tag}"),
+            tolerance,
+            &case,
+            region_tokens_on,
+            region_tokens_on,
+        );
+        check::<E, _>(
+            &format!("linear/layer norm/mlp/feed-forward, {tag}"),
+            tolerance,
+            &case,
+            dense_ops_on,
+            dense_ops_on,
+        );
+        check::<E, _>(
+            &format!("attention, {tag}"),
+            tolerance,
+            &case,
+            attention_on,
+            attention_on,
+        );
+        check::<E, _>(
+            &format!("click cross-attention, {tag}"),
+            tolerance,
+            &case,
+            cross_attention_on,
+            cross_attention_on,
+        );
+        check::<E, _>(
+            &format!("label assignment, {tag}"),
+            tolerance,
+            &case,
+            label_assignment_on,
+            label_assignment_on,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn network_ops_match_cpu_f32() {
+    network_ops::<f32>(F32_TOLERANCE);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn network_ops_match_cpu_f16() {
+    network_ops::<f16>(F16_TOLERANCE);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn sliding_window_ops_match_cpu_f32() {
+    sliding_window_ops::<f32>(F32_TOLERANCE);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn sliding_window_ops_match_cpu_f16() {
+    sliding_window_ops::<f16>(F16_TOLERANCE);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn token_ops_match_cpu_f32() {
+    token_ops::<f32>(F32_TOLERANCE);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn token_ops_match_cpu_f16() {
+    token_ops::<f16>(F16_TOLERANCE);
+}
+
+// ---- the whole head and a whole session --------------------------------------------------------
+
+fn fixture_model<B: Backend>(config: &str, backend: B) -> Model<B> {
+    let bytes = read_fixture(&format!("{config}/bundle.safetensors"));
+    Model::from_bundle(Bundle::from_bytes(&bytes, config).unwrap(), backend).unwrap()
+}
+
+fn head_matches_cpu<E: Element>(tolerance: f64) {
+    for config in ["iso", "aniso"] {
+        let cpu = fixture_model(config, CpuBackend);
+        let gpu_model = fixture_model(config, gpu::<E>());
+        let golden_bytes = read_fixture(&format!("{config}/golden.safetensors"));
+        let golden = TensorFile::parse(&golden_bytes, config).unwrap();
+        let features = golden.f32("window0.features").unwrap();
+        let probs = CpuBackend
+            .softmax_channels(&golden.f32("window0.logits").unwrap())
+            .unwrap();
+        let g = &gpu_model.backend;
+        let (gpu_features, gpu_probs) = (up(g, &features), up(g, &probs));
+        let mut case = 0;
+        while let Ok((_, values)) = golden.i64(&format!("case{case}.clicks")) {
+            let clicks: Vec<tis::Click> = values
+                .chunks_exact(4)
+                .map(|c| {
+                    tis::Click::new(c[0] as usize, c[1] as usize, c[2] as usize, c[3] as usize)
+                })
+                .collect();
+            let want = refine_region(
+                &CpuBackend,
+                cpu.head.as_ref().unwrap(),
+                &features,
+                &probs,
+                &clicks,
+            )
+            .unwrap();
+            let got = refine_region(
+                g,
+                gpu_model.head.as_ref().unwrap(),
+                &gpu_features,
+                &gpu_probs,
+                &clicks,
+            )
+            .unwrap();
+            assert_eq!(got.roi, want.roi);
+            let what = format!("{config} head case {case} ({})", E::SUFFIX);
+            assert_close(&what, &down(g, &got.logits), &want.logits, tolerance);
+            let agree = agreement(
+                &g.argmax_rows(&got.logits).unwrap(),
+                &CpuBackend.argmax_rows(&want.logits).unwrap(),
+            );
+            println!("{what}: argmax agreement {agree}");
+            assert!(agree >= 0.995, "{what}: argmax agreement {agree}");
+            case += 1;
+        }
+        assert!(case >= 5);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn head_matches_cpu_f32() {
+    head_matches_cpu::<f32>(F32_TOLERANCE);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn head_matches_cpu_f16() {
+    head_matches_cpu::<f16>(F16_TOLERANCE);
+}
+
+fn session_matches_cpu<E: Element>(tolerance: f64) {
+    let golden_bytes = read_fixture("iso/golden.safetensors");
+    let volume = TensorFile::parse(&golden_bytes, "iso")
+        .unwrap()
+        .f32("window0.input")
+        .unwrap();
+    let cpu = fixture_model("iso", CpuBackend);
+    let gpu_model = fixture_model("iso", gpu::<E>());
+    let options = SessionOptions::default();
+    let mut want = Session::new(&cpu, &volume, &options, &mut |_, _| {}).unwrap();
+    let mut got = Session::new(&gpu_model, &volume, &options, &mut |_, _| {}).unwrap();
+    let g = &gpu_model.backend;
+    let what = format!("session ({})", E::SUFFIX);
+    assert_close(
+        &format!("{what} features"),
+        &down(g, got.features()),
+        want.features(),
+        tolerance,
+    );
+    let agree = agreement(got.auto_labels(), want.auto_labels());
+    println!("{what}: automatic segmentation agreement {agree}");
+    assert!(
+        agree >= 0.995,
+        "{what}: automatic segmentation agreement {agree}"
+    );
+    let clicks = [tis::Click::new(10, 18, 13, 1), tis::Click::new(4, 30, 5, 0)];
+    let refined_cpu = want.refine(&clicks).unwrap().labels.to_vec();
+    let refined_gpu = got.refine(&clicks).unwrap().labels.to_vec();
+    let agree = agreement(&refined_gpu, &refined_cpu);
+    println!("{what}: refined agreement {agree}");
+    assert!(agree >= 0.995, "{what}: refined agreement {agree}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn session_matches_cpu_f32() {
+    session_matches_cpu::<f32>(F32_TOLERANCE);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn session_matches_cpu_f16() {
+    session_matches_cpu::<f16>(F16_TOLERANCE);
+}
