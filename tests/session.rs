@@ -25,6 +25,17 @@ fn window0() -> tis::Tensor {
         .unwrap()
 }
 
+/// A session over window0 with the default options.
+fn iso_session(model: &Model<CpuBackend>) -> Session<'_, CpuBackend> {
+    Session::new(
+        model,
+        &window0(),
+        &SessionOptions::default(),
+        &mut |_, _| {},
+    )
+    .unwrap()
+}
+
 fn index(grid: [usize; 3], [z, y, x]: [usize; 3]) -> usize {
     (z * grid[1] + y) * grid[2] + x
 }
@@ -54,13 +65,7 @@ fn diff_box(grid: [usize; 3], a: &[Label], b: &[Label]) -> Option<Region> {
 #[test]
 fn zero_clicks_give_the_automatic_segmentation() {
     let model = iso_model();
-    let session = Session::new(
-        &model,
-        &window0(),
-        &SessionOptions::default(),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let session = iso_session(&model);
     let bytes = read_fixture("iso/golden.safetensors");
     let golden = TensorFile::parse(&bytes, "golden").unwrap();
     let reference = model
@@ -84,13 +89,7 @@ fn zero_clicks_give_the_automatic_segmentation() {
 #[test]
 fn refine_undo_reset() {
     let model = iso_model();
-    let mut session = Session::new(
-        &model,
-        &window0(),
-        &SessionOptions::default(),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let mut session = iso_session(&model);
     let grid = session.grid();
     let auto = session.auto_labels().to_vec();
 
@@ -167,13 +166,7 @@ fn refine_undo_reset() {
 #[test]
 fn bad_clicks_leave_the_session_as_it_was() {
     let model = iso_model();
-    let mut session = Session::new(
-        &model,
-        &window0(),
-        &SessionOptions::default(),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let mut session = iso_session(&model);
     session.refine(&[Click::new(10, 18, 13, 1)]).unwrap();
     let labels = session.labels().to_vec();
     for bad in [

@@ -10,33 +10,43 @@ use crate::geometry::{Label, Region};
 
 const MODULE: &str = "volume";
 
+/// Runs a kernel of signature (volume, out, channels, dims, start, size) over the voxels of
+/// `region` (`crop_*`, `region_tokens_*`) into `out`.
+fn launch_over_region<E: Element>(
+    b: &CudaBackend<E>,
+    kernel: &str,
+    volume: &CudaTensor<E>,
+    region: &Region,
+    mut out: CudaTensor<E>,
+) -> Result<CudaTensor<E>> {
+    let (channels, dims) = shapes::crop(volume, region)?;
+    let f = b.kernel(MODULE, kernel)?;
+    let c = channels as i64;
+    let [d, start, size] = [dims, region.start, region.size].map(Dims3::from);
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&volume.data)
+        .arg(&mut out.data)
+        .arg(&c)
+        .arg(&d)
+        .arg(&start)
+        .arg(&size);
+    // SAFETY: argument types and order match `crop_*` and `region_tokens_*` in
+    // kernels/volume.cu; the region lies inside the volume (checked) and `out` holds
+    // channels × region voxels values.
+    unsafe { launch.launch(b.elementwise(channels * region.voxels())) }.map_err(driver)?;
+    Ok(out)
+}
+
 pub fn crop<E: Element>(
     b: &CudaBackend<E>,
     x: &CudaTensor<E>,
     region: &Region,
 ) -> Result<CudaTensor<E>> {
-    let (channels, dims) = shapes::crop(x, region)?;
+    let (channels, _) = shapes::crop(x, region)?;
     let s = region.size;
-    let mut y = b.output(vec![channels, s[0], s[1], s[2]])?;
-    let f = b.kernel(MODULE, "crop")?;
-    let (c, d, start, size) = (
-        channels as i64,
-        Dims3::from(dims),
-        Dims3::from(region.start),
-        Dims3::from(s),
-    );
-    let mut launch = b.stream.launch_builder(&f);
-    launch
-        .arg(&x.data)
-        .arg(&mut y.data)
-        .arg(&c)
-        .arg(&d)
-        .arg(&start)
-        .arg(&size);
-    // SAFETY: argument types and order match `crop_*` in kernels/volume.cu; buffers hold the
-    // checked shapes.
-    unsafe { launch.launch(b.elementwise(channels * region.voxels())) }.map_err(driver)?;
-    Ok(y)
+    let out = b.output(vec![channels, s[0], s[1], s[2]])?;
+    launch_over_region(b, "crop", x, region, out)
 }
 
 pub fn flip<E: Element>(
@@ -205,26 +215,9 @@ pub fn region_tokens<E: Element>(
     volume: &CudaTensor<E>,
     region: &Region,
 ) -> Result<CudaTensor<E>> {
-    let (channels, dims) = shapes::crop(volume, region)?;
-    let mut y = b.output(vec![region.voxels(), channels])?;
-    let f = b.kernel(MODULE, "region_tokens")?;
-    let (c, d, start, size) = (
-        channels as i64,
-        Dims3::from(dims),
-        Dims3::from(region.start),
-        Dims3::from(region.size),
-    );
-    let mut launch = b.stream.launch_builder(&f);
-    launch
-        .arg(&volume.data)
-        .arg(&mut y.data)
-        .arg(&c)
-        .arg(&d)
-        .arg(&start)
-        .arg(&size);
-    // SAFETY: matches `region_tokens_*`; the region lies inside the volume (checked).
-    unsafe { launch.launch(b.elementwise(channels * region.voxels())) }.map_err(driver)?;
-    Ok(y)
+    let (channels, _) = shapes::crop(volume, region)?;
+    let out = b.output(vec![region.voxels(), channels])?;
+    launch_over_region(b, "region_tokens", volume, region, out)
 }
 
 pub fn add_positional_encoding<E: Element>(
