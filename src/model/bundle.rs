@@ -112,6 +112,23 @@ impl<'a> TensorFile<'a> {
         Tensor::new(view.shape().to_vec(), data)
     }
 
+    /// A floating-point tensor (F64 or F32) as f64, flattened, with its shape.
+    pub fn f64(&self, name: &str) -> Result<(Vec<usize>, Vec<f64>)> {
+        let (dtype, shape) = self.dtype_and_shape(name)?;
+        let values = match dtype {
+            Dtype::F64 => self
+                .tensors
+                .tensor(name)
+                .map_err(|_| self.err(format!("tensor `{name}` is missing")))?
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+            _ => self.f32(name)?.data().iter().map(|&v| v as f64).collect(),
+        };
+        Ok((shape, values))
+    }
+
     /// An I64 tensor, flattened, with its shape.
     pub fn i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
         let view = self

@@ -1,10 +1,10 @@
-//! nnU-Net's preprocessing of an image onto the model's grid, and the way back for labels
-//! (nnunet-inference.md §3.2, §3.4): transpose, crop to the non-zero box, per-channel
-//! normalisation from the plans, and the check that no resampling is needed.
-//!
-//! Not yet here (they arrive with the nnU-Net pipeline work): resampling to the target spacing
-//! and ZScore normalisation restricted to a mask. Both are refused with a clear error rather
-//! than approximated.
+//! nnU-Net's preprocessing of an image onto the model's grid, and the way back
+//! (nnunet-inference.md §3.2, §3.4): transpose, crop to the box of the (hole-filled) non-zero
+//! mask, per-channel normalisation from the plans, resampling to the target spacing; and for
+//! labels, the crop and transpose reverted. Voxel positions map between the image and the grid
+//! by nearest neighbour (`floor((i + 0.5)·to/from)`, nnU-Net's order-0 rule).
+
+use std::collections::VecDeque;
 
 use serde_json::Value;
 
@@ -13,20 +13,25 @@ use crate::backend::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::geometry::{Label, Region};
 use crate::model::ModelInfo;
+use crate::pipeline::resample::{Resampling, new_shape};
 use crate::tensor::Tensor;
 
-/// An image on the model's grid, and what is needed to map labels back.
+/// An image on the model's grid, and what is needed to map positions and labels back.
 pub struct Preprocessed {
     /// C × grid, normalised.
     pub volume: Tensor,
-    /// Where the grid lies in the transposed image (the non-zero crop).
+    /// Where the cropped region lies in the transposed image (the non-zero box).
     pub crop: Region,
     /// The image's shape after transposition, before cropping.
     pub transposed_shape: [usize; 3],
     pub transpose_forward: [usize; 3],
+    /// The image's spacing in transposed axis order (mm).
+    pub spacing: [f64; 3],
+    /// The model's spacing (mm), that of the grid.
+    pub target_spacing: [f64; 3],
 }
 
-fn permute(shape: [usize; 3], order: [usize; 3]) -> [usize; 3] {
+fn permute<T: Copy>(shape: [T; 3], order: [usize; 3]) -> [T; 3] {
     order.map(|a| shape[a])
 }
 
@@ -63,41 +68,78 @@ fn transpose(volume: &Tensor, order: [usize; 3]) -> Result<Tensor> {
     Tensor::new(vec![s[0], dims[0], dims[1], dims[2]], data)
 }
 
-impl Preprocessed {
-    /// Another volume on the image's grid (a label map, say) through the same transpose and crop,
-    /// without normalisation.
-    pub fn map_to_grid(&self, volume: &Tensor) -> Result<Tensor> {
-        let transposed = transpose(volume, self.transpose_forward)?;
-        if transposed.shape()[1..] != self.transposed_shape {
-            return Err(Error::Shape(format!(
-                "volume {:?} is not on the image's grid",
-                volume.shape()
-            )));
-        }
-        CpuBackend.crop(&transposed, &self.crop)
-    }
+/// Index along an axis of `to` samples nearest to sample `i` of `from` (pixel centres aligned).
+pub fn nearest_index(i: usize, from: usize, to: usize) -> usize {
+    (((i as f64 + 0.5) * to as f64 / from as f64).floor() as usize).min(to - 1)
 }
 
-/// The box of voxels that are non-zero in any channel (the whole grid when none is).
-fn nonzero_box(volume: &Tensor) -> Region {
+/// `scipy.ndimage.binary_fill_holes` with its default (6-connected) structure: every false voxel
+/// not connected to the border through false voxels becomes true.
+pub fn fill_holes(mask: &[bool], dims: [usize; 3]) -> Vec<bool> {
+    let [nz, ny, nx] = dims;
+    let mut outside = vec![false; mask.len()];
+    let mut queue = VecDeque::new();
+    let index = |z: usize, y: usize, x: usize| (z * ny + y) * nx + x;
+    for z in 0..nz {
+        for y in 0..ny {
+            for x in 0..nx {
+                let border =
+                    z == 0 || y == 0 || x == 0 || z + 1 == nz || y + 1 == ny || x + 1 == nx;
+                let v = index(z, y, x);
+                if border && !mask[v] && !outside[v] {
+                    outside[v] = true;
+                    queue.push_back((z, y, x));
+                }
+            }
+        }
+    }
+    while let Some((z, y, x)) = queue.pop_front() {
+        let neighbours = [
+            (z > 0).then(|| (z - 1, y, x)),
+            (z + 1 < nz).then_some((z + 1, y, x)),
+            (y > 0).then(|| (z, y - 1, x)),
+            (y + 1 < ny).then_some((z, y + 1, x)),
+            (x > 0).then(|| (z, y, x - 1)),
+            (x + 1 < nx).then_some((z, y, x + 1)),
+        ];
+        for (z, y, x) in neighbours.into_iter().flatten() {
+            let v = index(z, y, x);
+            if !mask[v] && !outside[v] {
+                outside[v] = true;
+                queue.push_back((z, y, x));
+            }
+        }
+    }
+    outside.into_iter().map(|o| !o).collect()
+}
+
+/// nnU-Net's `create_nonzero_mask`: non-zero in any channel, holes filled.
+fn nonzero_mask(volume: &Tensor) -> Vec<bool> {
     let s = volume.shape();
     let dims = [s[1], s[2], s[3]];
     let voxels: usize = dims.iter().product();
+    let mut mask = vec![false; voxels];
+    for channel in volume.data().chunks_exact(voxels) {
+        mask.iter_mut()
+            .zip(channel)
+            .for_each(|(m, &v)| *m |= v != 0.0);
+    }
+    fill_holes(&mask, dims)
+}
+
+/// The box of the true voxels (the whole grid when there are none), as `get_bbox_from_mask`.
+fn mask_box(mask: &[bool], dims: [usize; 3]) -> Region {
     let mut lo = [usize::MAX; 3];
     let mut hi = [0; 3];
-    for channel in volume.data().chunks_exact(voxels) {
-        for (v, &value) in channel.iter().enumerate() {
-            if value != 0.0 {
-                let p = [
-                    v / (dims[1] * dims[2]),
-                    (v / dims[2]) % dims[1],
-                    v % dims[2],
-                ];
-                for a in 0..3 {
-                    lo[a] = lo[a].min(p[a]);
-                    hi[a] = hi[a].max(p[a]);
-                }
-            }
+    for (v, _) in mask.iter().enumerate().filter(|(_, m)| **m) {
+        let p = [
+            v / (dims[1] * dims[2]),
+            (v / dims[2]) % dims[1],
+            v % dims[2],
+        ];
+        for a in 0..3 {
+            lo[a] = lo[a].min(p[a]);
+            hi[a] = hi[a].max(p[a]);
         }
     }
     if lo[0] == usize::MAX {
@@ -107,6 +149,18 @@ fn nonzero_box(volume: &Tensor) -> Region {
         start: lo,
         size: [0, 1, 2].map(|a| hi[a] + 1 - lo[a]),
     }
+}
+
+/// The values of `mask` inside `region` of a grid of `dims`.
+fn crop_mask(mask: &[bool], dims: [usize; 3], region: &Region) -> Vec<bool> {
+    let mut out = Vec::with_capacity(region.voxels());
+    for z in region.start[0]..region.stop()[0] {
+        for y in region.start[1]..region.stop()[1] {
+            let row = (z * dims[1] + y) * dims[2];
+            out.extend_from_slice(&mask[row + region.start[2]..row + region.stop()[2]]);
+        }
+    }
+    out
 }
 
 /// Foreground intensity statistic `key` of channel `c` from the plans.
@@ -125,10 +179,22 @@ fn intensity(plans: &Value, channel: usize, key: &str) -> Result<f32> {
         })
 }
 
+/// Mean and population standard deviation of the selected values, in f64.
+fn moments<'a>(values: impl Iterator<Item = &'a f32> + Clone) -> (f32, f32) {
+    let (n, sum) = values
+        .clone()
+        .fold((0usize, 0f64), |(n, s), &v| (n + 1, s + v as f64));
+    let mean = sum / n.max(1) as f64;
+    let var = values.map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n.max(1) as f64;
+    (mean as f32, var.sqrt() as f32)
+}
+
+/// One channel normalised in place with nnU-Net's scheme `scheme`; `mask` is the cropped,
+/// hole-filled non-zero mask, used by ZScore normalisation when the plans ask for it.
 fn normalize_channel(
     values: &mut [f32],
     scheme: &str,
-    use_mask: bool,
+    mask: Option<&[bool]>,
     plans: &Value,
     channel: usize,
 ) -> Result<()> {
@@ -147,23 +213,23 @@ fn normalize_channel(
                 .iter_mut()
                 .for_each(|v| *v = (v.clamp(lo, hi) - mean) / std);
         }
-        "ZScoreNormalization" if use_mask => {
-            return Err(Error::Plans(format!(
-                "channel {channel}: ZScore normalisation within the non-zero mask is not supported yet"
-            )));
-        }
-        "ZScoreNormalization" => {
-            let n = values.len() as f64;
-            let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-            let std = (values
-                .iter()
-                .map(|&v| (v as f64 - mean).powi(2))
-                .sum::<f64>()
-                / n)
-                .sqrt();
-            let (mean, std) = (mean as f32, (std as f32).max(1e-8));
-            values.iter_mut().for_each(|v| *v = (*v - mean) / std);
-        }
+        "ZScoreNormalization" => match mask {
+            Some(mask) => {
+                let (mean, std) =
+                    moments(values.iter().zip(mask).filter(|(_, m)| **m).map(|(v, _)| v));
+                let std = std.max(1e-8);
+                values
+                    .iter_mut()
+                    .zip(mask)
+                    .filter(|(_, m)| **m)
+                    .for_each(|(v, _)| *v = (*v - mean) / std);
+            }
+            None => {
+                let (mean, std) = moments(values.iter());
+                let std = std.max(1e-8);
+                values.iter_mut().for_each(|v| *v = (*v - mean) / std);
+            }
+        },
         "NoNormalization" => {}
         "RescaleTo01Normalization" => {
             let min = values.iter().copied().fold(f32::INFINITY, f32::min);
@@ -200,32 +266,33 @@ pub fn preprocess(image: &Tensor, spacing: [f64; 3], info: &ModelInfo) -> Result
             "the image holds NaN or infinite voxels".into(),
         ));
     }
-    let order = config.transpose_forward;
-    let transposed = transpose(image, order)?;
-    let spacing = permute([0, 1, 2], order).map(|a| spacing[a]);
-    let transposed_shape = [1, 2, 3].map(|a| transposed.shape()[a]);
-    let crop = nonzero_box(&transposed);
-    let target = config.spacing;
-    let resampled: [usize; 3] = [0, 1, 2]
-        .map(|a| (spacing[a] / target[a] * crop.size[a] as f64).round_ties_even() as usize);
-    if resampled != crop.size {
+    if spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
         return Err(Error::Shape(format!(
-            "the image (spacing {spacing:?} mm) would need resampling to the model's spacing \
-             {target:?} mm ({:?} → {resampled:?} voxels), which is not supported yet",
-            crop.size
+            "the image's spacing {spacing:?} is not positive"
         )));
     }
+    let order = config.transpose_forward;
+    let transposed = transpose(image, order)?;
+    let spacing = permute(spacing, order);
+    let transposed_shape = [1, 2, 3].map(|a| transposed.shape()[a]);
+    let mask = nonzero_mask(&transposed);
+    let crop = mask_box(&mask, transposed_shape);
+    let mask = crop_mask(&mask, transposed_shape, &crop);
     let mut volume = CpuBackend.crop(&transposed, &crop)?;
+
     let schemes = config
         .raw
         .get("normalization_schemes")
         .and_then(Value::as_array);
-    let masks = config
+    let use_mask = config
         .raw
         .get("use_mask_for_norm")
         .and_then(Value::as_array);
-    let voxels = crop.voxels();
-    for (c, values) in volume.data_mut().chunks_exact_mut(voxels).enumerate() {
+    for (c, values) in volume
+        .data_mut()
+        .chunks_exact_mut(crop.voxels())
+        .enumerate()
+    {
         let scheme = schemes
             .and_then(|s| s.get(c))
             .and_then(Value::as_str)
@@ -234,39 +301,146 @@ pub fn preprocess(image: &Tensor, spacing: [f64; 3], info: &ModelInfo) -> Result
                     "plans name no normalisation scheme for channel {c}"
                 ))
             })?;
-        let use_mask = masks
+        let masked = use_mask
             .and_then(|m| m.get(c))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        normalize_channel(values, scheme, use_mask, &info.plans, c)?;
+        normalize_channel(
+            values,
+            scheme,
+            masked.then_some(mask.as_slice()),
+            &info.plans,
+            c,
+        )?;
     }
+    let target_spacing = config.spacing;
+    let shape = new_shape(crop.size, spacing, target_spacing);
+    let resampling = Resampling::from_plans(&config.raw, "resampling_fn_data")?;
+    let volume = resampling.apply(&volume, shape, spacing, target_spacing)?;
     Ok(Preprocessed {
         volume,
         crop,
         transposed_shape,
         transpose_forward: order,
+        spacing,
+        target_spacing,
     })
 }
 
-/// Labels of the grid back onto the image: crop reverted (0 outside), axes transposed back.
-/// Returns the labels in the image's C order (z, y, x).
-pub fn labels_to_image(labels: &[Label], pre: &Preprocessed) -> Vec<Label> {
-    let full = pre.transposed_shape;
-    let mut canvas = vec![0 as Label; full.iter().product()];
-    let crop = &pre.crop;
-    let mut i = 0;
-    for z in crop.start[0]..crop.stop()[0] {
-        for y in crop.start[1]..crop.stop()[1] {
-            let row = (z * full[1] + y) * full[2] + crop.start[2];
-            canvas[row..row + crop.size[2]].copy_from_slice(&labels[i..i + crop.size[2]]);
-            i += crop.size[2];
+impl Preprocessed {
+    /// The grid's extent.
+    pub fn grid(&self) -> [usize; 3] {
+        let s = self.volume.shape();
+        [s[1], s[2], s[3]]
+    }
+
+    /// A voxel of the image (file order z, y, x) on the grid: None when it lies outside the
+    /// cropped region (the model never saw it) or outside the image.
+    pub fn image_to_grid(&self, position: [usize; 3]) -> Option<[usize; 3]> {
+        let t = permute(position, self.transpose_forward);
+        let grid = self.grid();
+        if !Region::full(self.transposed_shape).contains(t) || !self.crop.contains(t) {
+            return None;
+        }
+        Some(
+            [0, 1, 2].map(|a| nearest_index(t[a] - self.crop.start[a], self.crop.size[a], grid[a])),
+        )
+    }
+
+    /// A label map of the image (1 × Z × Y × X, file order) on the grid: transposed, cropped and
+    /// sampled by nearest neighbour.
+    pub fn labels_to_grid(&self, labels: &Tensor) -> Result<Vec<Label>> {
+        let transposed = transpose(labels, self.transpose_forward)?;
+        if transposed.shape()[1..] != self.transposed_shape {
+            return Err(Error::Shape(format!(
+                "label map {:?} is not on the image's grid",
+                labels.shape()
+            )));
+        }
+        let cropped = CpuBackend.crop(&transposed, &self.crop)?;
+        let grid = self.grid();
+        let axis = |a: usize| -> Vec<usize> {
+            (0..grid[a])
+                .map(|g| nearest_index(g, grid[a], self.crop.size[a]))
+                .collect()
+        };
+        let (iz, iy, ix) = (axis(0), axis(1), axis(2));
+        let c = self.crop.size;
+        let mut out = Vec::with_capacity(grid.iter().product());
+        for &z in &iz {
+            for &y in &iy {
+                out.extend(
+                    ix.iter()
+                        .map(|&x| cropped.data()[(z * c[1] + y) * c[2] + x] as Label),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Labels of the cropped region (transposed order) back onto the whole image: crop reverted
+    /// (0 outside), axes transposed back; C order of the image file's array.
+    pub fn cropped_labels_to_image(&self, labels: &[Label]) -> Vec<Label> {
+        let full = self.transposed_shape;
+        let mut canvas = vec![0 as Label; full.iter().product()];
+        let crop = &self.crop;
+        let mut i = 0;
+        for z in crop.start[0]..crop.stop()[0] {
+            for y in crop.start[1]..crop.stop()[1] {
+                let row = (z * full[1] + y) * full[2] + crop.start[2];
+                canvas[row..row + crop.size[2]].copy_from_slice(&labels[i..i + crop.size[2]]);
+                i += crop.size[2];
+            }
+        }
+        let mut backward = [0; 3];
+        for (i, &a) in self.transpose_forward.iter().enumerate() {
+            backward[a] = i;
+        }
+        transpose_axes(&canvas, 1, full, backward).0
+    }
+
+    /// The image voxels (file order) whose nearest grid voxel lies in `region` of the grid.
+    pub fn grid_region_to_image(&self, region: &Region) -> Region {
+        let grid = self.grid();
+        let mut start = [0; 3];
+        let mut size = [0; 3];
+        for a in 0..3 {
+            let (c, g) = (self.crop.size[a], grid[a]);
+            let inside: Vec<usize> = (0..c)
+                .filter(|&i| (region.start[a]..region.stop()[a]).contains(&nearest_index(i, c, g)))
+                .collect();
+            start[a] = self.crop.start[a] + inside.first().copied().unwrap_or(0);
+            size[a] = inside.len();
+        }
+        // Back from transposed to file axis order.
+        let mut file_start = [0; 3];
+        let mut file_size = [0; 3];
+        for (i, &a) in self.transpose_forward.iter().enumerate() {
+            file_start[a] = start[i];
+            file_size[a] = size[i];
+        }
+        Region {
+            start: file_start,
+            size: file_size,
         }
     }
-    let mut backward = [0; 3];
-    for (i, &a) in pre.transpose_forward.iter().enumerate() {
-        backward[a] = i;
+
+    /// Grid labels onto the image by nearest neighbour (no interpolation of logits).
+    pub fn grid_labels_to_image(&self, labels: &[Label]) -> Vec<Label> {
+        let grid = self.grid();
+        let c = self.crop.size;
+        let axis = |a: usize| -> Vec<usize> {
+            (0..c[a]).map(|i| nearest_index(i, c[a], grid[a])).collect()
+        };
+        let (gz, gy, gx) = (axis(0), axis(1), axis(2));
+        let mut cropped = Vec::with_capacity(self.crop.voxels());
+        for &z in &gz {
+            for &y in &gy {
+                cropped.extend(gx.iter().map(|&x| labels[(z * grid[1] + y) * grid[2] + x]));
+            }
+        }
+        self.cropped_labels_to_image(&cropped)
     }
-    transpose_axes(&canvas, 1, full, backward).0
 }
 
 #[cfg(test)]
@@ -295,16 +469,54 @@ mod tests {
         let mut volume = Tensor::zeros(&[2, 4, 5, 6]);
         volume.data_mut()[at([4, 5, 6], [1, 2, 3])] = 1.0; // channel 0 at (1, 2, 3)
         volume.data_mut()[120 + at([4, 5, 6], [3, 4, 1])] = -2.0; // channel 1 at (3, 4, 1)
+        let boxed = |v: &Tensor| mask_box(&nonzero_mask(v), [4, 5, 6]);
         assert_eq!(
-            nonzero_box(&volume),
+            boxed(&volume),
             Region {
                 start: [1, 2, 1],
                 size: [3, 3, 3]
             }
         );
         assert_eq!(
-            nonzero_box(&Tensor::zeros(&[1, 2, 2, 2])),
-            Region::full([2, 2, 2])
+            boxed(&Tensor::zeros(&[1, 4, 5, 6])),
+            Region::full([4, 5, 6])
+        );
+    }
+
+    #[test]
+    fn fill_holes_keeps_what_touches_the_border() {
+        // A hollow 3×3×3 cube (hole in the middle) and a ring open to the border.
+        let dims = [5, 5, 5];
+        let mut mask = vec![false; 125];
+        for z in 1..4 {
+            for y in 1..4 {
+                for x in 1..4 {
+                    mask[at(dims, [z, y, x])] = (z, y, x) != (2, 2, 2);
+                }
+            }
+        }
+        let filled = fill_holes(&mask, dims);
+        assert!(filled[at(dims, [2, 2, 2])], "the enclosed hole is filled");
+        assert!(!filled[at(dims, [0, 0, 0])], "the outside stays empty");
+        mask[at(dims, [2, 2, 1])] = false; // open a tunnel to the outside through x = 1 → 0
+        mask[at(dims, [2, 2, 0])] = false;
+        let filled = fill_holes(&mask, dims);
+        assert!(
+            !filled[at(dims, [2, 2, 2])],
+            "a cavity open to the border is not a hole"
+        );
+    }
+
+    #[test]
+    fn nearest_index_matches_order_zero_resampling() {
+        // floor((i + 0.5)·to/from), clamped: the voxel whose centre is nearest.
+        assert_eq!(
+            (0..6).map(|i| nearest_index(i, 6, 3)).collect::<Vec<_>>(),
+            [0, 0, 1, 1, 2, 2]
+        );
+        assert_eq!(
+            (0..3).map(|i| nearest_index(i, 3, 6)).collect::<Vec<_>>(),
+            [1, 3, 5]
         );
     }
 }

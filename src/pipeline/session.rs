@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::geometry::{Click, Label, Region};
 use crate::model::Model;
 use crate::model::tis_head::TisHead;
+use crate::model::unet::TileOutput;
 use crate::pipeline::roi::roi_for_clicks;
 use crate::pipeline::sliding_window::{DEFAULT_STEP, predict_sliding_window};
 use crate::tensor::Tensor;
@@ -31,6 +32,30 @@ impl Default for SessionOptions {
             mirror: true,
         }
     }
+}
+
+/// The model's logits and penultimate features over a whole preprocessed volume (C × grid):
+/// nnU-Net's sliding window, with mirroring over the bundle's axes when the options ask for it.
+pub fn encode<B: Backend>(
+    model: &Model<B>,
+    volume: &Tensor,
+    options: &SessionOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<TileOutput<B::Tensor>> {
+    let mirror_axes: &[usize] = if options.mirror {
+        &model.info.mirror_axes
+    } else {
+        &[]
+    };
+    predict_sliding_window(
+        &model.backend,
+        &model.network,
+        model.info.configuration.patch_size,
+        volume,
+        mirror_axes,
+        options.step,
+        progress,
+    )
 }
 
 /// The head's answer for a set of clicks.
@@ -119,34 +144,43 @@ impl<'m, B: Backend> Session<'m, B> {
         options: &SessionOptions,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        let encoded = encode(model, volume, options, progress)?;
+        Self::from_encoded(model, encoded)
+    }
+
+    /// A session over what the encoder gave for a volume (`encode`).
+    pub fn from_encoded(model: &'m Model<B>, encoded: TileOutput<B::Tensor>) -> Result<Self> {
         let backend = &model.backend;
-        let mirror_axes: &[usize] = if options.mirror {
-            &model.info.mirror_axes
-        } else {
-            &[]
+        let grid = match *encoded.logits.shape() {
+            [_, z, y, x] => [z, y, x],
+            ref other => {
+                return Err(Error::Shape(format!(
+                    "logits of shape {other:?} are not a volume"
+                )));
+            }
         };
-        let out = predict_sliding_window(
-            backend,
-            &model.network,
-            model.info.configuration.patch_size,
-            volume,
-            mirror_axes,
-            options.step,
-            progress,
-        )?;
-        let auto_labels = backend.argmax_channels(&out.logits)?;
-        let probs = backend.softmax_channels(&out.logits)?;
-        let s = volume.shape();
+        let auto_labels = backend.argmax_channels(&encoded.logits)?;
+        let probs = backend.softmax_channels(&encoded.logits)?;
         Ok(Session {
             model,
-            grid: [s[1], s[2], s[3]],
-            features: out.features,
+            grid,
+            features: encoded.features,
             probs,
             labels: auto_labels.clone(),
             auto_labels,
             clicks: Vec::new(),
             steps: Vec::new(),
         })
+    }
+
+    /// K, the number of classes.
+    pub fn classes(&self) -> usize {
+        self.model.info.classes()
+    }
+
+    /// The ROI of the refinement shown now, if any.
+    pub fn current_roi(&self) -> Option<Region> {
+        self.steps.last().map(|s| s.roi)
     }
 
     pub fn grid(&self) -> [usize; 3] {

@@ -110,13 +110,15 @@ fn driver(e: DriverError) -> Error {
     }
 }
 
-/// The CUDA backend on one GPU, storing tensors as `E`.
+/// The CUDA backend on one GPU, storing tensors as `E`. Clones share the stream and the kernel
+/// caches (several models on one GPU).
+#[derive(Clone)]
 pub struct CudaBackend<E: Element = f16> {
     stream: Arc<CudaStream>,
     device: String,
     multiprocessors: usize,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
+    functions: Arc<Mutex<HashMap<String, CudaFunction>>>,
     poison: bool,
     _storage: PhantomData<E>,
 }
@@ -157,8 +159,8 @@ impl<E: Element> CudaBackend<E> {
             device: ctx.name().map_err(driver)?,
             stream: ctx.default_stream(),
             multiprocessors,
-            modules: Mutex::new(HashMap::new()),
-            functions: Mutex::new(HashMap::new()),
+            modules: Arc::new(Mutex::new(HashMap::new())),
+            functions: Arc::new(Mutex::new(HashMap::new())),
             poison: false,
             _storage: PhantomData,
         })

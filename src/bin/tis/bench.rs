@@ -15,11 +15,7 @@ use tis::model::TisConfig;
 use tis::model::tis_head::Stage;
 use tis::{CpuBackend, Error};
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
+use crate::Device;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Precision {

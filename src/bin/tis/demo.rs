@@ -10,9 +10,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tis::geometry::Label;
 use tis::io::nifti::{read_image, write_labels};
-use tis::pipeline::preprocess::{labels_to_image, preprocess};
+use tis::pipeline::image_session::ImageSession;
 use tis::pipeline::robot::{dice, next_click};
-use tis::{Error, Session, SessionOptions};
+use tis::{Error, SessionOptions};
 
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/abdomen-ct/image.nii.gz");
 const SAMPLE_LABELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/abdomen-ct/labels.nii.gz");
@@ -85,19 +85,8 @@ pub fn run(args: &DemoArgs) -> tis::Result<()> {
         });
     }
     let map = parse_map(&args.reference_map, names.len())?;
-    let pre = preprocess(&image.voxels, image.spacing, info)?;
-    let grid = [1, 2, 3].map(|a| pre.volume.shape()[a]);
-    println!(
-        "image      {} — {:?} voxels at {:?} mm; model grid {:?}",
-        args.image.display(),
-        image.shape(),
-        image.spacing,
-        grid
-    );
-
-    // The reference on the model's grid, through the same transpose and crop as the image.
-    let reference: Vec<Label> = pre
-        .map_to_grid(&reference_image.voxels)?
+    let reference: Vec<Label> = reference_image
+        .voxels
         .data()
         .iter()
         .map(|&v| {
@@ -116,11 +105,24 @@ pub fn run(args: &DemoArgs) -> tis::Result<()> {
         mirror: !args.no_mirror,
         ..Default::default()
     };
-    let mut session = Session::new(&model, &pre.volume, &options, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
+    let mut session = ImageSession::new(
+        &model,
+        &image.voxels,
+        image.spacing,
+        &options,
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
     bar.finish_and_clear();
+    println!(
+        "image      {} — {:?} voxels at {:?} mm; model grid {:?}",
+        args.image.display(),
+        image.shape(),
+        image.spacing,
+        session.preprocessed().grid()
+    );
     println!(
         "encoder    {:.2} s over the whole grid",
         started.elapsed().as_secs_f64()
@@ -135,7 +137,7 @@ pub fn run(args: &DemoArgs) -> tis::Result<()> {
             .collect::<Vec<_>>()
             .join("  ")
     };
-    println!("auto       Dice  {}", dice_row(session.labels()));
+    println!("auto       Dice  {}", dice_row(session.auto_labels()));
     std::fs::create_dir_all(&args.output).map_err(|e| tis::Error::Io {
         path: args.output.clone(),
         source: e,
@@ -143,19 +145,21 @@ pub fn run(args: &DemoArgs) -> tis::Result<()> {
     let auto_path = args.output.join("auto.nii.gz");
     write_labels(
         &auto_path,
-        &labels_to_image(session.labels(), &pre),
+        session.auto_labels(),
         image.shape(),
         &image.header,
     )?;
 
+    let mut labels = session.auto_labels().to_vec();
     for i in 1..=args.clicks {
-        let Some(click) = next_click(session.labels(), &reference, grid) else {
+        let Some(click) = next_click(&labels, &reference, image.shape()) else {
             println!("click {i:<3}  segmentation matches the reference: done");
             break;
         };
         let started = Instant::now();
         let refinement = session.refine(&[click])?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
+        labels = session.labels();
         println!(
             "click {i:<3}  {:<10} at (z {}, y {}, x {})  roi {:?}  {ms:7.1} ms  Dice  {}",
             names[click.class],
@@ -163,16 +167,11 @@ pub fn run(args: &DemoArgs) -> tis::Result<()> {
             click.y,
             click.x,
             refinement.roi.size,
-            dice_row(refinement.labels)
+            dice_row(&labels)
         );
     }
     let refined_path = args.output.join("refined.nii.gz");
-    write_labels(
-        &refined_path,
-        &labels_to_image(session.labels(), &pre),
-        image.shape(),
-        &image.header,
-    )?;
+    write_labels(&refined_path, &labels, image.shape(), &image.header)?;
     println!(
         "wrote      {} and {}",
         auto_path.display(),

@@ -3,11 +3,12 @@
 mod bench;
 mod demo;
 mod info;
+mod segment;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use tis::{CpuBackend, Model};
 
 #[derive(Parser)]
@@ -25,10 +26,20 @@ struct Cli {
 enum Command {
     /// Describe a model bundle: classes, configuration, parameters, dtypes, origin.
     Info(info::InfoArgs),
+    /// Segment an image automatically (nnU-Net's predictor), one model or an ensemble.
+    Segment(segment::SegmentArgs),
     /// Run the whole interactive loop on a sample CT with the embedded default model.
     Demo(demo::DemoArgs),
     /// Measure per-click latency of the TIS-B head (random weights) on the CPU or the GPU.
     Bench(bench::BenchArgs),
+}
+
+/// Where a command runs.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Device {
+    Cpu,
+    /// The first CUDA GPU, f16 storage.
+    Cuda,
 }
 
 /// The model at `path`, or the embedded default.
@@ -43,6 +54,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info(args) => info::run(&args),
+        Command::Segment(args) => segment::run_command(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run_command(&args),
     };

@@ -1,0 +1,120 @@
+//! `tis segment`: nnU-Net's automatic segmentation of an image, by one model or an ensemble of
+//! folds, written in the image's geometry.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use half::f16;
+use indicatif::{ProgressBar, ProgressStyle};
+use tis::backend::Backend;
+use tis::backend::cuda::CudaBackend;
+use tis::io::nifti::{Image, read_image, write_labels};
+use tis::pipeline::predictor::predict;
+use tis::{CpuBackend, Error, Model, SessionOptions, Tensor};
+
+use crate::Device;
+
+#[derive(Args)]
+pub struct SegmentArgs {
+    /// The image, one NIfTI file per input channel (nnU-Net's _0000, _0001, … in that order).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Model bundle(s); several are an ensemble (folds of one training, logits averaged). The
+    /// embedded default when left out.
+    #[arg(short, long)]
+    model: Vec<PathBuf>,
+    /// Where to write the segmentation (.nii or .nii.gz).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Turn test-time mirroring off.
+    #[arg(long)]
+    no_mirror: bool,
+    /// Tile step as a fraction of the patch.
+    #[arg(long, default_value_t = 0.5)]
+    step: f64,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+}
+
+/// The channels of an image, stacked (C × Z × Y × X), checked to share one grid.
+pub fn read_channels(paths: &[PathBuf]) -> tis::Result<(Tensor, Image)> {
+    let first = read_image(&paths[0])?;
+    let mut data = first.voxels.data().to_vec();
+    for path in &paths[1..] {
+        let channel = read_image(path)?;
+        if channel.shape() != first.shape() {
+            return Err(Error::Image {
+                path: path.clone(),
+                message: format!(
+                    "grid {:?} differs from the first channel's {:?}",
+                    channel.shape(),
+                    first.shape()
+                ),
+            });
+        }
+        data.extend_from_slice(channel.voxels.data());
+    }
+    let s = first.shape();
+    Ok((
+        Tensor::new(vec![paths.len(), s[0], s[1], s[2]], data)?,
+        first,
+    ))
+}
+
+fn run<B: Backend + Clone>(backend: B, args: &SegmentArgs) -> tis::Result<()> {
+    let models = if args.model.is_empty() {
+        vec![Model::default_model(backend)?]
+    } else {
+        args.model
+            .iter()
+            .map(|p| Model::load(p, backend.clone()))
+            .collect::<tis::Result<Vec<_>>>()?
+    };
+    let (volume, image) = read_channels(&args.images)?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} tiles {elapsed}")
+            .expect("valid template"),
+    );
+    bar.set_message("segmenting");
+    let started = Instant::now();
+    let options = SessionOptions {
+        step: args.step,
+        mirror: !args.no_mirror,
+    };
+    let refs: Vec<&Model<B>> = models.iter().collect();
+    let prediction = predict(
+        &refs,
+        &volume,
+        image.spacing,
+        &options,
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    write_labels(
+        &args.output,
+        &prediction.labels,
+        image.shape(),
+        &image.header,
+    )?;
+    println!(
+        "segmented {} ({:?} voxels, grid {:?}, {} model(s)) in {:.2} s → {}",
+        args.images[0].display(),
+        image.shape(),
+        prediction.pre.grid(),
+        models.len(),
+        started.elapsed().as_secs_f64(),
+        args.output.display()
+    );
+    Ok(())
+}
+
+pub fn run_command(args: &SegmentArgs) -> tis::Result<()> {
+    match args.device {
+        Device::Cpu => run(CpuBackend, args),
+        Device::Cuda => run(CudaBackend::<f16>::new(0)?, args),
+    }
+}

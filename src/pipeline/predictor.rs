@@ -1,0 +1,114 @@
+//! nnU-Net's predictor from an image to its segmentation (nnunet-inference.md §3): preprocess,
+//! the sliding window of every model of an ensemble (logits averaged), and the export: logits
+//! resampled back to the cropped shape (the plans' `resampling_fn_probabilities`), argmax, crop
+//! and transpose reverted.
+//!
+//! nnU-Net keeps logits in f16 on the way out (its sliding-window buffers and the resampled
+//! array are f16); the export rounds to f16 before and after resampling the same way, so that
+//! near-ties break as nnU-Net's do. The engine's own sums stay f32.
+
+use half::f16;
+
+use crate::backend::Backend;
+use crate::backend::cpu::CpuBackend;
+use crate::error::{Error, Result};
+use crate::geometry::Label;
+use crate::model::{Model, ModelInfo};
+use crate::pipeline::preprocess::{Preprocessed, preprocess};
+use crate::pipeline::resample::Resampling;
+use crate::pipeline::session::{SessionOptions, encode};
+use crate::tensor::Tensor;
+
+/// An image's automatic segmentation and what led to it.
+pub struct Prediction {
+    pub pre: Preprocessed,
+    /// Logits on the grid (K × grid), averaged over the ensemble.
+    pub logits: Tensor,
+    /// The segmentation in the image's geometry (file C order, z y x).
+    pub labels: Vec<Label>,
+}
+
+/// Every model of an ensemble must share plans, configuration and classes (folds of one
+/// training); the first one's preprocessing serves all.
+fn check_ensemble<B: Backend>(models: &[&Model<B>]) -> Result<()> {
+    let first = &models
+        .first()
+        .ok_or_else(|| Error::Session("no model given".into()))?
+        .info;
+    for other in &models[1..] {
+        let o = &other.info;
+        if o.plans != first.plans
+            || o.configuration.name != first.configuration.name
+            || o.dataset != first.dataset
+        {
+            return Err(Error::Session(format!(
+                "models {} and {} are not folds of one training (plans, configuration or classes differ)",
+                first.origin, o.origin
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn round_to_f16(t: &Tensor) -> Tensor {
+    let data = t
+        .data()
+        .iter()
+        .map(|&v| f16::from_f32(v).to_f32())
+        .collect();
+    Tensor::new(t.shape().to_vec(), data).expect("same shape")
+}
+
+/// nnU-Net's `convert_predicted_logits_to_segmentation_with_correct_shape`.
+pub fn export_segmentation(
+    logits: &Tensor,
+    pre: &Preprocessed,
+    info: &ModelInfo,
+) -> Result<Vec<Label>> {
+    let resampling =
+        Resampling::from_plans(&info.configuration.raw, "resampling_fn_probabilities")?;
+    let back = resampling.apply(
+        &round_to_f16(logits),
+        pre.crop.size,
+        pre.target_spacing,
+        pre.spacing,
+    )?;
+    let labels = CpuBackend.argmax_channels(&round_to_f16(&back))?;
+    Ok(pre.cropped_labels_to_image(&labels))
+}
+
+/// The automatic segmentation of an image (C × Z × Y × X in file order, spacing per axis in
+/// mm) by one model or an ensemble of folds.
+pub fn predict<B: Backend>(
+    models: &[&Model<B>],
+    image: &Tensor,
+    spacing: [f64; 3],
+    options: &SessionOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Prediction> {
+    check_ensemble(models)?;
+    let info = &models[0].info;
+    let pre = preprocess(image, spacing, info)?;
+    let mut sum: Option<Tensor> = None;
+    for model in models {
+        let encoded = encode(model, &pre.volume, options, progress)?;
+        let logits = model.backend.download(&encoded.logits)?;
+        match &mut sum {
+            None => sum = Some(logits),
+            Some(acc) => acc
+                .data_mut()
+                .iter_mut()
+                .zip(logits.data())
+                .for_each(|(a, b)| *a += b),
+        }
+    }
+    let mut logits = sum.expect("at least one model");
+    let n = models.len() as f32;
+    logits.data_mut().iter_mut().for_each(|v| *v /= n);
+    let labels = export_segmentation(&logits, &pre, info)?;
+    Ok(Prediction {
+        pre,
+        logits,
+        labels,
+    })
+}
