@@ -65,6 +65,11 @@ impl<'m, B: Backend> ImageSession<'m, B> {
         &self.session
     }
 
+    /// The model's class names, by label value.
+    pub fn class_names(&self) -> &[String] {
+        self.session.class_names()
+    }
+
     /// The image's extent (z, y, x in file order).
     pub fn image_shape(&self) -> [usize; 3] {
         self.image_shape

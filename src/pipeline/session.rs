@@ -178,6 +178,11 @@ impl<'m, B: Backend> Session<'m, B> {
         self.model.info.classes()
     }
 
+    /// The model's class names, by label value.
+    pub fn class_names(&self) -> &[String] {
+        &self.model.info.dataset.class_names
+    }
+
     /// The ROI of the refinement shown now, if any.
     pub fn current_roi(&self) -> Option<Region> {
         self.steps.last().map(|s| s.roi)

@@ -124,10 +124,7 @@ fn run<B: Backend>(
             path,
             serde_json::to_string_pretty(&report).expect("JSON values"),
         )
-        .map_err(|e| Error::Io {
-            path: path.clone(),
-            source: e,
-        })?;
+        .map_err(|e| Error::io(path, e))?;
     }
     Ok(())
 }

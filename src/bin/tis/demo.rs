@@ -138,10 +138,7 @@ pub fn run(args: &DemoArgs) -> tis::Result<()> {
             .join("  ")
     };
     println!("auto       Dice  {}", dice_row(session.auto_labels()));
-    std::fs::create_dir_all(&args.output).map_err(|e| tis::Error::Io {
-        path: args.output.clone(),
-        source: e,
-    })?;
+    std::fs::create_dir_all(&args.output).map_err(|e| tis::Error::io(&args.output, e))?;
     let auto_path = args.output.join("auto.nii.gz");
     write_labels(
         &auto_path,

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod info;
+mod interactive;
 mod segment;
 
 use std::path::PathBuf;
@@ -28,6 +29,10 @@ enum Command {
     Info(info::InfoArgs),
     /// Segment an image automatically (nnU-Net's predictor), one model or an ensemble.
     Segment(segment::SegmentArgs),
+    /// Refine an image's segmentation with clicks from a JSON file.
+    Refine(interactive::RefineArgs),
+    /// Serve a viewer: a JSON-lines session on stdin/stdout (docs/session-protocol.md).
+    Session(interactive::SessionArgs),
     /// Run the whole interactive loop on a sample CT with the embedded default model.
     Demo(demo::DemoArgs),
     /// Measure per-click latency of the TIS-B head (random weights) on the CPU or the GPU.
@@ -42,11 +47,19 @@ pub enum Device {
     Cuda,
 }
 
-/// The model at `path`, or the embedded default.
+/// The model at `path`, or the embedded default, on the CPU.
 pub fn load_model(path: Option<&PathBuf>) -> tis::Result<Model<CpuBackend>> {
+    load_model_on(path, CpuBackend)
+}
+
+/// The model at `path`, or the embedded default, on `backend`.
+pub fn load_model_on<B: tis::backend::Backend>(
+    path: Option<&PathBuf>,
+    backend: B,
+) -> tis::Result<Model<B>> {
     match path {
-        Some(p) => Model::load(p, CpuBackend),
-        None => Model::default_model(CpuBackend),
+        Some(p) => Model::load(p, backend),
+        None => Model::default_model(backend),
     }
 }
 
@@ -55,6 +68,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info(args) => info::run(&args),
         Command::Segment(args) => segment::run_command(&args),
+        Command::Refine(args) => interactive::refine(&args),
+        Command::Session(args) => interactive::session(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run_command(&args),
     };

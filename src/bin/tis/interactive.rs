@@ -1,0 +1,286 @@
+//! `tis refine` (clicks from a file, one refinement, the result written) and `tis session`
+//! (the JSON-lines protocol of docs/session-protocol.md for viewers).
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use half::f16;
+use serde_json::{Value, json};
+use tis::backend::Backend;
+use tis::backend::cuda::CudaBackend;
+use tis::io::clicks::{parse_click, parse_clicks, read_clicks};
+use tis::io::nifti::{Image, write_labels};
+use tis::pipeline::image_session::ImageSession;
+use tis::{CpuBackend, Error, Model, Region, SessionOptions};
+
+use crate::Device;
+use crate::segment::read_channels;
+
+/// What both commands need to open a session on an image.
+#[derive(Args)]
+pub struct SessionInput {
+    /// The image, one NIfTI file per input channel.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Model bundle with a TIS head; the embedded default when left out.
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// Turn test-time mirroring off.
+    #[arg(long)]
+    no_mirror: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+}
+
+#[derive(Args)]
+pub struct RefineArgs {
+    #[command(flatten)]
+    input: SessionInput,
+    /// JSON file of clicks: [{"z", "y", "x", "class"}] in image voxel indices, class by name or
+    /// number.
+    #[arg(long)]
+    clicks: PathBuf,
+    /// Where to write the refined segmentation.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Print a JSON report instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct SessionArgs {
+    #[command(flatten)]
+    input: SessionInput,
+}
+
+fn box_json(region: Option<Region>) -> Value {
+    region.map_or(Value::Null, |r| json!({"start": r.start, "size": r.size}))
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// The model (with a TIS head), the image and a session on it, encoded.
+fn open<B: Backend + Clone>(
+    backend: B,
+    input: &SessionInput,
+) -> tis::Result<(Model<B>, tis::Tensor, Image)> {
+    let model = crate::load_model_on(input.model.as_ref(), backend)?;
+    if model.head.is_none() {
+        return Err(Error::Session(format!(
+            "model {} has no TIS head: it cannot refine",
+            model.info.origin
+        )));
+    }
+    let (volume, image) = read_channels(&input.images)?;
+    Ok((model, volume, image))
+}
+
+fn options(input: &SessionInput) -> SessionOptions {
+    SessionOptions {
+        mirror: !input.no_mirror,
+        ..Default::default()
+    }
+}
+
+pub fn refine(args: &RefineArgs) -> tis::Result<()> {
+    match args.input.device {
+        Device::Cpu => refine_on(CpuBackend, args),
+        Device::Cuda => refine_on(CudaBackend::<f16>::new(0)?, args),
+    }
+}
+
+fn refine_on<B: Backend + Clone>(backend: B, args: &RefineArgs) -> tis::Result<()> {
+    let (model, volume, image) = open(backend, &args.input)?;
+    let clicks = read_clicks(&args.clicks, &model.info.dataset.class_names)?;
+    let started = Instant::now();
+    let mut session = ImageSession::new(
+        &model,
+        &volume,
+        image.spacing,
+        &options(&args.input),
+        &mut |_, _| {},
+    )?;
+    let encode_ms = ms(started);
+    let started = Instant::now();
+    let r = session.refine(&clicks)?;
+    let refine_ms = ms(started);
+    write_labels(
+        &args.output,
+        &session.labels(),
+        image.shape(),
+        &image.header,
+    )?;
+    if args.json {
+        let report = json!({
+            "output": args.output,
+            "clicks": clicks.len(),
+            "clicks_used": r.clicks_used,
+            "clicks_outside_roi": r.clicks_outside_roi,
+            "roi": box_json(Some(r.roi)),
+            "changed": box_json(r.changed),
+            "encode_ms": encode_ms,
+            "refine_ms": refine_ms,
+        });
+        println!("{report}");
+    } else {
+        println!(
+            "refined with {} click(s) ({} in the ROI at {:?} of {:?}) in {refine_ms:.1} ms after {encode_ms:.0} ms of encoding → {}",
+            clicks.len(),
+            r.clicks_used,
+            r.roi.start,
+            r.roi.size,
+            args.output.display()
+        );
+    }
+    Ok(())
+}
+
+/// One request of the session protocol, answered as a JSON object (without `id`).
+fn answer<B: Backend>(
+    session: &mut ImageSession<'_, B>,
+    image: &Image,
+    request: &Value,
+    quit: &mut bool,
+) -> tis::Result<Value> {
+    let cmd = request.get("cmd").and_then(Value::as_str).unwrap_or("");
+    let started = Instant::now();
+    let mut reply = match cmd {
+        "click" | "clicks" => {
+            let clicks = if cmd == "click" {
+                let mut click = request.clone();
+                let map = click.as_object_mut().expect("requests are objects");
+                map.remove("cmd");
+                map.remove("id");
+                vec![parse_click(&click, session.class_names())?]
+            } else {
+                parse_clicks(
+                    request.get("clicks").unwrap_or(&Value::Null),
+                    session.class_names(),
+                )?
+            };
+            let r = session.refine(&clicks)?;
+            json!({
+                "changed": box_json(r.changed),
+                "roi": box_json(Some(r.roi)),
+                "clicks_used": r.clicks_used,
+                "clicks_outside_roi": r.clicks_outside_roi,
+                "clicks": session.grid_session().clicks().len(),
+            })
+        }
+        "undo" => {
+            let changed = session.undo()?;
+            json!({"changed": box_json(changed), "clicks": session.grid_session().clicks().len()})
+        }
+        "reset" => {
+            let changed = session.reset();
+            json!({"changed": box_json(changed), "clicks": 0})
+        }
+        "save" => {
+            let path = request
+                .get("path")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::Session("save needs a \"path\"".into()))?;
+            write_labels(
+                Path::new(path),
+                &session.labels(),
+                image.shape(),
+                &image.header,
+            )?;
+            json!({"path": path})
+        }
+        "stats" => {
+            let labels = session.labels();
+            let mut counts = vec![0usize; session.class_names().len()];
+            labels.iter().for_each(|&l| counts[l as usize] += 1);
+            json!({"clicks": session.grid_session().clicks().len(), "voxels_per_class": counts})
+        }
+        "quit" => {
+            *quit = true;
+            json!({})
+        }
+        other => {
+            return Err(Error::Session(format!(
+                "unknown cmd {other:?}: expected click, clicks, undo, reset, save, stats or quit"
+            )));
+        }
+    };
+    let map = reply.as_object_mut().expect("replies are objects");
+    map.insert("ok".into(), true.into());
+    map.insert("cmd".into(), cmd.into());
+    map.insert("latency_ms".into(), ms(started).into());
+    Ok(reply)
+}
+
+pub fn session(args: &SessionArgs) -> tis::Result<()> {
+    match args.input.device {
+        Device::Cpu => session_on(CpuBackend, args),
+        Device::Cuda => session_on(CudaBackend::<f16>::new(0)?, args),
+    }
+}
+
+fn session_on<B: Backend + Clone>(backend: B, args: &SessionArgs) -> tis::Result<()> {
+    let (model, volume, image) = open(backend, &args.input)?;
+    let started = Instant::now();
+    let mut session = ImageSession::new(
+        &model,
+        &volume,
+        image.spacing,
+        &options(&args.input),
+        &mut |_, _| {},
+    )?;
+    let encode_ms = ms(started);
+    {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let say = |out: &mut std::io::StdoutLock<'_>, value: Value| -> tis::Result<()> {
+            writeln!(out, "{value}")
+                .and_then(|()| out.flush())
+                .map_err(|e| Error::io("stdout", e))
+        };
+        say(
+            &mut out,
+            json!({
+                "ok": true,
+                "event": "ready",
+                "image_shape": session.image_shape(),
+                "grid": session.preprocessed().grid(),
+                "classes": model.info.dataset.class_names,
+                "encode_ms": encode_ms,
+            }),
+        )?;
+        let mut quit = false;
+        for line in std::io::stdin().lock().lines() {
+            let line = line.map_err(|e| Error::io("stdin", e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let request: Result<Value, String> = match serde_json::from_str::<Value>(&line) {
+                Ok(v @ Value::Object(_)) => Ok(v),
+                Ok(_) => Err("a request must be a JSON object".into()),
+                Err(e) => Err(format!("not JSON: {e}")),
+            };
+            let id = request.as_ref().ok().and_then(|r| r.get("id").cloned());
+            let mut reply = match request {
+                Ok(r) => answer(&mut session, &image, &r, &mut quit)
+                    .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()})),
+                Err(e) => json!({"ok": false, "error": e}),
+            };
+            if let Some(id) = id {
+                reply
+                    .as_object_mut()
+                    .expect("replies are objects")
+                    .insert("id".into(), id);
+            }
+            say(&mut out, reply)?;
+            if quit {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
