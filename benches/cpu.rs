@@ -9,8 +9,8 @@ use tis::CpuBackend;
 use tis::bench::{CLASSES, HeadBench};
 use tis::model::TisConfig;
 use tis::model::plans::NetworkPlan;
-use tis::model::random::{Normal, random_tensors};
 use tis::model::unet::UNet;
+use tis::random::{Rng, random_tensors};
 
 fn click_latency(c: &mut Criterion) {
     let mut group = c.benchmark_group("click TIS-B, 10 clicks");
@@ -43,7 +43,7 @@ fn tile_forward(c: &mut Criterion) {
         Ok(weights.remove(n).expect("every expected tensor"))
     })
     .unwrap();
-    let tile = Normal::new(4).tensor(&[1, 48, 96, 96], 1.0);
+    let tile = Rng::new(4).tensor(&[1, 48, 96, 96], 1.0);
     let mut group = c.benchmark_group("nnU-Net tile");
     group.sample_size(10);
     group.bench_function("features 16-128 patch 48x96x96", |b| {

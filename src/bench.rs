@@ -11,8 +11,8 @@ use crate::backend::Backend;
 use crate::error::Result;
 use crate::geometry::{Click, Label, Region};
 use crate::model::TisConfig;
-use crate::model::random::{Normal, random_tensors};
 use crate::model::tis_head::{Stage, TisHead};
+use crate::random::{Rng, random_tensors};
 
 /// Feature channels (nnU-Net's F[0]) and classes of the benchmark.
 pub const FEATURE_CHANNELS: usize = 32;
@@ -43,7 +43,7 @@ impl<'b, B: Backend> HeadBench<'b, B> {
                     .remove(name)
                     .expect("random weights for every expected tensor"))
             })?;
-        let mut normal = Normal::new(seed.wrapping_add(1));
+        let mut normal = Rng::new(seed.wrapping_add(1));
         let features =
             backend.upload(&normal.tensor(&[FEATURE_CHANNELS, roi[0], roi[1], roi[2]], 1.0))?;
         let logits = backend.upload(&normal.tensor(&[CLASSES, roi[0], roi[1], roi[2]], 2.0))?;

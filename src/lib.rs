@@ -9,10 +9,12 @@
 pub mod backend;
 pub mod bench;
 pub mod error;
+pub mod evaluation;
 pub mod geometry;
 pub mod io;
 pub mod model;
 pub mod pipeline;
+pub mod random;
 pub mod tensor;
 
 pub use backend::cpu::CpuBackend;

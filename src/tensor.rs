@@ -108,3 +108,50 @@ impl Tensor {
         Ok((diff / norm).sqrt())
     }
 }
+
+/// `v` rounded to the nearest f16 (ties to even), as numpy's `astype(float16)` does from f64,
+/// returned as f32. (`half`'s f64 conversion drops low mantissa bits before rounding, so it can
+/// miss the nearest value by one ulp; this picks among its neighbours exactly.)
+pub fn round_to_f16(v: f64) -> f32 {
+    use half::f16;
+    let guess = f16::from_f64(v);
+    if !guess.is_finite() || !v.is_finite() {
+        return guess.to_f32();
+    }
+    let bits = guess.to_bits();
+    [bits.wrapping_sub(1), bits, bits.wrapping_add(1)]
+        .into_iter()
+        .map(f16::from_bits)
+        .filter(|c| c.is_finite() && (c.to_f64() >= 0.0) == (v >= 0.0) || c.to_f64() == 0.0)
+        .min_by(|a, b| {
+            let (da, db) = ((a.to_f64() - v).abs(), (b.to_f64() - v).abs());
+            da.total_cmp(&db)
+                .then((a.to_bits() & 1).cmp(&(b.to_bits() & 1)))
+        })
+        .unwrap_or(guess)
+        .to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_rounding_is_exact_with_ties_to_even() {
+        // 1 + 2^-11 is a tie between 1 and 1 + 2^-10: even wins (1). Just above it rounds up,
+        // by a margin only the low mantissa bits of the f64 hold.
+        assert_eq!(round_to_f16(1.0 + 2f64.powi(-11)), 1.0);
+        assert_eq!(
+            round_to_f16(1.0 + 2f64.powi(-11) + 2f64.powi(-40)),
+            1.0 + 2f32.powi(-10)
+        );
+        assert_eq!(
+            round_to_f16(-(1.0 + 2f64.powi(-11) + 2f64.powi(-40))),
+            -(1.0 + 2f32.powi(-10))
+        );
+        assert_eq!(round_to_f16(0.0), 0.0);
+        assert_eq!(round_to_f16(1e-9), 0.0);
+        assert_eq!(round_to_f16(65504.0), 65504.0);
+        assert_eq!(round_to_f16(0.1), half::f16::from_f32(0.1).to_f32());
+    }
+}

@@ -20,8 +20,8 @@ use tis::backend::{
 };
 use tis::model::Bundle;
 use tis::model::bundle::TensorFile;
-use tis::model::random::Normal;
 use tis::pipeline::session::refine_region;
+use tis::random::Rng;
 use tis::{CpuBackend, Model, Region, Session, SessionOptions, Tensor};
 
 const F32_TOLERANCE: f64 = 1e-4;
@@ -50,13 +50,13 @@ fn gpu<E: Element>() -> CudaBackend<E> {
 }
 
 /// A generator with a fresh seed, printed so that a failure can be replayed.
-fn fresh(what: &str) -> Normal {
+fn fresh(what: &str) -> Rng {
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     println!("{what}: seed {seed}");
-    Normal::new(seed)
+    Rng::new(seed)
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f64) {
@@ -111,14 +111,14 @@ fn norm_on<B: Backend>(b: &B, (w, bias): &(Tensor, Tensor)) -> LayerNorm<B::Tens
     }
 }
 
-fn random_linear(n: &mut Normal, out: usize, inp: usize) -> (Tensor, Tensor) {
+fn random_linear(n: &mut Rng, out: usize, inp: usize) -> (Tensor, Tensor) {
     (
         n.tensor(&[out, inp], 1.0 / (inp as f32).sqrt()),
         n.tensor(&[out], 0.1),
     )
 }
 
-fn random_norm(n: &mut Normal, width: usize) -> (Tensor, Tensor) {
+fn random_norm(n: &mut Rng, width: usize) -> (Tensor, Tensor) {
     let mut w = n.tensor(&[width], 0.1);
     w.data_mut().iter_mut().for_each(|v| *v += 1.0);
     (w, n.tensor(&[width], 0.1))
@@ -227,7 +227,7 @@ struct VolumeCase {
     region: Region,
 }
 
-fn volume_case(n: &mut Normal) -> VolumeCase {
+fn volume_case(n: &mut Rng) -> VolumeCase {
     let region = Region {
         start: [2, 5, 3],
         size: [6, 9, 10],
@@ -305,13 +305,7 @@ struct TokenCase {
     heads: usize,
 }
 
-fn token_case(
-    n: &mut Normal,
-    tokens: usize,
-    width: usize,
-    heads: usize,
-    clicks: usize,
-) -> TokenCase {
+fn token_case(n: &mut Rng, tokens: usize, width: usize, heads: usize, clicks: usize) -> TokenCase {
     let classes = 3;
     let probs = CpuBackend
         .softmax_channels(&n.tensor(&[classes, 1, 1, tokens], 2.0))

@@ -10,6 +10,7 @@ use ndarray::{Array3, ShapeBuilder};
 use nifti::writer::WriterOptions;
 use nifti::{InMemNiftiVolume, IntoNdArray, NiftiHeader, NiftiObject, ReaderOptions};
 
+use super::replace_atomically;
 use crate::error::{Error, Result};
 use crate::geometry::Label;
 use crate::tensor::Tensor;
@@ -87,30 +88,19 @@ pub fn write_labels(
             format!("{} labels do not fill a {shape:?} grid", labels.len()),
         ));
     }
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| image_err(path, "not a file name"))?;
-    let temporary = path.with_file_name(format!(
-        ".{}.partial-{}-{name}",
-        env!("CARGO_PKG_NAME"),
-        std::process::id()
-    ));
     let mut header = reference.clone();
     header.dim = [3, nx as u16, ny as u16, nz as u16, 1, 1, 1, 1];
-    let writer = WriterOptions::new(&temporary).reference_header(&header);
-    let written = if labels.iter().all(|&l| l <= u8::MAX as Label) {
-        let data: Vec<u8> = labels.iter().map(|&l| l as u8).collect();
-        writer.write_nifti(&Array3::from_shape_vec((nx, ny, nz).f(), data).expect("sized above"))
-    } else {
-        writer.write_nifti(
-            &Array3::from_shape_vec((nx, ny, nz).f(), labels.to_vec()).expect("sized above"),
-        )
-    };
-    written
-        .map_err(|e| image_err(path, format!("cannot write ({e})")))
-        .and_then(|()| std::fs::rename(&temporary, path).map_err(|e| Error::io(path, e)))
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&temporary);
-        })
+    replace_atomically(path, |temporary| {
+        let writer = WriterOptions::new(temporary).reference_header(&header);
+        let written = if labels.iter().all(|&l| l <= u8::MAX as Label) {
+            let data: Vec<u8> = labels.iter().map(|&l| l as u8).collect();
+            writer
+                .write_nifti(&Array3::from_shape_vec((nx, ny, nz).f(), data).expect("sized above"))
+        } else {
+            writer.write_nifti(
+                &Array3::from_shape_vec((nx, ny, nz).f(), labels.to_vec()).expect("sized above"),
+            )
+        };
+        written.map_err(|e| image_err(path, format!("cannot write ({e})")))
+    })
 }

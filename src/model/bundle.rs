@@ -129,6 +129,21 @@ impl<'a> TensorFile<'a> {
         Ok((shape, values))
     }
 
+    /// A U8 tensor, flattened, with its shape.
+    pub fn u8(&self, name: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+        let view = self
+            .tensors
+            .tensor(name)
+            .map_err(|_| self.err(format!("tensor `{name}` is missing")))?;
+        if view.dtype() != Dtype::U8 {
+            return Err(self.err(format!(
+                "tensor `{name}` has dtype {:?}, expected U8",
+                view.dtype()
+            )));
+        }
+        Ok((view.shape().to_vec(), view.data().to_vec()))
+    }
+
     /// An I64 tensor, flattened, with its shape.
     pub fn i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
         let view = self

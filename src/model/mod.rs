@@ -3,7 +3,6 @@
 pub mod bundle;
 pub mod config;
 pub mod plans;
-pub mod random;
 pub mod tis_head;
 pub mod unet;
 

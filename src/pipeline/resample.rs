@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, round_to_f16};
 
 /// nnU-Net's threshold for treating spacing as anisotropic.
 const ANISOTROPY_THRESHOLD: f64 = 3.0;
@@ -71,8 +71,8 @@ impl Resampling {
         })
     }
 
-    /// nnU-Net's `resample_data_or_seg_to_shape` of a C × Z × Y × X image of `spacing` to `shape`
-    /// at `new_spacing`; unchanged when the shape already matches.
+    /// nnU-Net's `resample_data_or_seg_to_shape` of a C × Z × Y × X f32 image of `spacing` to
+    /// `shape` at `new_spacing`; unchanged when the shape already matches.
     pub fn apply(
         &self,
         volume: &Tensor,
@@ -80,12 +80,35 @@ impl Resampling {
         spacing: [f64; 3],
         new_spacing: [f64; 3],
     ) -> Result<Tensor> {
+        self.resample_stored(volume, shape, spacing, new_spacing, |v| v as f32)
+    }
+
+    /// The same for an f16 array (nnU-Net's logits on export): the f64 results are rounded to f16
+    /// directly, as numpy stores them.
+    pub fn apply_f16(
+        &self,
+        volume: &Tensor,
+        shape: [usize; 3],
+        spacing: [f64; 3],
+        new_spacing: [f64; 3],
+    ) -> Result<Tensor> {
+        self.resample_stored(volume, shape, spacing, new_spacing, round_to_f16)
+    }
+
+    fn resample_stored(
+        &self,
+        volume: &Tensor,
+        shape: [usize; 3],
+        spacing: [f64; 3],
+        new_spacing: [f64; 3],
+        store: fn(f64) -> f32,
+    ) -> Result<Tensor> {
         let axis = match self.force_separate_z {
             None => separate_axis(spacing, new_spacing),
             Some(true) => lowres_axis(spacing),
             Some(false) => None,
         };
-        resample(volume, shape, axis, self.order, self.order_z)
+        resample(volume, shape, axis, self.order, self.order_z, store)
     }
 }
 
@@ -300,6 +323,7 @@ fn resample(
     separate: Option<usize>,
     order: usize,
     order_z: usize,
+    store: fn(f64) -> f32,
 ) -> Result<Tensor> {
     let s = volume.shape();
     let (channels, dims) = match *s {
@@ -349,6 +373,6 @@ fn resample(
     }
     Tensor::new(
         vec![channels, current[0], current[1], current[2]],
-        data.into_iter().map(|v| v as f32).collect(),
+        data.into_iter().map(store).collect(),
     )
 }

@@ -7,13 +7,11 @@
 //! averaged, weighted by nnU-Net's Gaussian (σ = P/8, peak 10, quantised to f16 as nnU-Net does)
 //! and accumulated in f32; the sums are divided by the summed weights at the end.
 
-use half::f16;
-
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::geometry::Region;
 use crate::model::unet::{TileOutput, UNet};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, round_to_f16};
 
 /// nnU-Net's default overlap: tiles advance by half a patch.
 pub const DEFAULT_STEP: f64 = 0.5;
@@ -44,7 +42,7 @@ pub fn gaussian_weights(patch: [usize; 3]) -> Tensor {
     for z in &gz {
         for y in &gy {
             for x in &gx {
-                values.push(f16::from_f64(10.0 * z * y * x).to_f32());
+                values.push(round_to_f16(10.0 * z * y * x));
             }
         }
     }
@@ -212,6 +210,8 @@ fn accumulate_host(acc: &mut Tensor, weights: &Tensor, tile: &Region) {
 
 #[cfg(test)]
 mod tests {
+    use half::f16;
+
     use super::*;
 
     #[test]

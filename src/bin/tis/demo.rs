@@ -10,10 +10,13 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tis::geometry::Label;
 use tis::io::nifti::{read_image, write_labels};
+use tis::io::png::write_overlay;
 use tis::pipeline::image_session::ImageSession;
-use tis::pipeline::robot::{dice, next_click};
+use tis::pipeline::robot::{Robot, dice};
 use tis::{Error, SessionOptions};
 
+/// The abdominal soft-tissue window (HU) of the overlays.
+const CT_WINDOW: (f32, f32) = (-160.0, 240.0);
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/abdomen-ct/image.nii.gz");
 const SAMPLE_LABELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/abdomen-ct/labels.nii.gz");
 
@@ -41,6 +44,9 @@ pub struct DemoArgs {
     /// Turn test-time mirroring off.
     #[arg(long)]
     no_mirror: bool,
+    /// Seed of the simulated user's jitter.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 fn parse_map(text: &str, classes: usize) -> tis::Result<Vec<(u32, Label)>> {
@@ -148,11 +154,14 @@ pub fn run(args: &DemoArgs) -> tis::Result<()> {
     )?;
 
     let mut labels = session.auto_labels().to_vec();
+    let mut robot = Robot::new(args.seed, Robot::PAPER_JITTER);
+    let mut first_click = None;
     for i in 1..=args.clicks {
-        let Some(click) = next_click(&labels, &reference, image.shape()) else {
+        let Some(click) = robot.next_click(&labels, &reference, image.shape()) else {
             println!("click {i:<3}  segmentation matches the reference: done");
             break;
         };
+        first_click.get_or_insert(click);
         let started = Instant::now();
         let refinement = session.refine(&[click])?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -169,6 +178,20 @@ pub fn run(args: &DemoArgs) -> tis::Result<()> {
     }
     let refined_path = args.output.join("refined.nii.gz");
     write_labels(&refined_path, &labels, image.shape(), &image.header)?;
+    // Axial slices through the first click (or the middle): automatic | refined | reference.
+    let z = first_click.map_or(image.shape()[0] / 2, |c| c.z);
+    let overlay_path = args.output.join("overlay.png");
+    write_overlay(
+        &overlay_path,
+        &image.voxels,
+        &[session.auto_labels(), &labels, &reference],
+        z,
+        CT_WINDOW,
+    )?;
+    println!(
+        "overlay    {} (slice z {z}: automatic | refined | reference)",
+        overlay_path.display()
+    );
     println!(
         "wrote      {} and {}",
         auto_path.display(),

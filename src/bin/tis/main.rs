@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod eval;
 mod info;
 mod interactive;
 mod segment;
@@ -33,6 +34,8 @@ enum Command {
     Refine(interactive::RefineArgs),
     /// Serve a viewer: a JSON-lines session on stdin/stdout (docs/session-protocol.md).
     Session(interactive::SessionArgs),
+    /// Evaluate refinement with the paper's simulated user: Dice per class after 0..N clicks.
+    Eval(eval::EvalArgs),
     /// Run the whole interactive loop on a sample CT with the embedded default model.
     Demo(demo::DemoArgs),
     /// Measure per-click latency of the TIS-B head (random weights) on the CPU or the GPU.
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Segment(args) => segment::run_command(&args),
         Command::Refine(args) => interactive::refine(&args),
         Command::Session(args) => interactive::session(&args),
+        Command::Eval(args) => eval::run_command(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run_command(&args),
     };

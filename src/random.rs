@@ -1,17 +1,17 @@
-//! Seeded random weights for a network plan and head config, for benchmarks and tests that need
-//! a model of a given size rather than a trained one. Weights are N(0, 1/fan_in); norm scales
-//! 1 + 0.1·N(0, 1); other vectors 0.1·N(0, 1).
+//! A small seeded random generator (SplitMix64), for random weights of a given model size
+//! (benchmarks, tests: weights N(0, 1/fan_in), norm scales 1 + 0.1·N(0, 1), other vectors
+//! 0.1·N(0, 1)) and for the simulated user's jitter.
 
 use std::collections::BTreeMap;
 
 use crate::tensor::Tensor;
 
 /// SplitMix64 with Box–Muller normals: small, seedable, dependency-free.
-pub struct Normal(u64);
+pub struct Rng(u64);
 
-impl Normal {
+impl Rng {
     pub fn new(seed: u64) -> Self {
-        Normal(seed)
+        Rng(seed)
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -27,7 +27,13 @@ impl Normal {
         ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
     }
 
-    pub fn sample(&mut self) -> f32 {
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// A standard normal sample.
+    pub fn normal(&mut self) -> f32 {
         let (u, v) = (self.uniform(), self.uniform());
         ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
     }
@@ -35,7 +41,7 @@ impl Normal {
     /// A tensor of N(0, 1) samples times `scale`.
     pub fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
         let data = (0..shape.iter().product())
-            .map(|_| self.sample() * scale)
+            .map(|_| self.normal() * scale)
             .collect();
         Tensor::new(shape.to_vec(), data).expect("sized by shape")
     }
@@ -43,7 +49,7 @@ impl Normal {
 
 /// Random tensors for every (name, shape) given.
 pub fn random_tensors(expected: &[(String, Vec<usize>)], seed: u64) -> BTreeMap<String, Tensor> {
-    let mut normal = Normal::new(seed);
+    let mut normal = Rng::new(seed);
     expected
         .iter()
         .map(|(name, shape)| {
