@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bench;
 pub mod error;
 pub mod evaluation;
+pub mod ffi;
 pub mod geometry;
 pub mod io;
 pub mod model;
