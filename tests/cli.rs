@@ -19,7 +19,9 @@ fn stdout(o: &Output) -> String {
 fn help_lists_the_commands() {
     let out = tis(&["--help"]);
     assert!(out.status.success());
-    for command in ["info", "demo"] {
+    for command in [
+        "info", "segment", "refine", "session", "eval", "demo", "bench",
+    ] {
         assert!(
             stdout(&out).contains(command),
             "help lacks `{command}`:\n{}",
@@ -76,5 +78,178 @@ fn demo_runs_end_to_end() {
         assert_eq!(written.shape(), [112, 101, 122]);
         assert_eq!(written.spacing, [3.0, 3.0, 3.0]);
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tis-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn nnunet(file: &str) -> String {
+    common::fixture(&format!("nnunet/{file}"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn segment_reproduces_nnunet_and_keeps_the_geometry() {
+    let dir = temp_dir("segment");
+    let out = dir.join("seg.nii.gz");
+    let run = tis(&[
+        "segment",
+        &nnunet("case3_0000.nii.gz"),
+        "-m",
+        &nnunet("bundle.safetensors"),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ours = tis::io::nifti::read_image(&out).unwrap();
+    let theirs = tis::io::nifti::read_image(&common::fixture("nnunet/case3.seg.nii.gz")).unwrap();
+    let input = tis::io::nifti::read_image(&common::fixture("nnunet/case3_0000.nii.gz")).unwrap();
+    assert_eq!(
+        ours.voxels, theirs.voxels,
+        "the segmentation differs from nnUNetPredictor's"
+    );
+    // The input's geometry, exactly: dims, pixdim, qform/sform and their codes.
+    let (a, b) = (&ours.header, &input.header);
+    assert_eq!(
+        (a.dim, a.pixdim, a.qform_code, a.sform_code),
+        (b.dim, b.pixdim, b.qform_code, b.sform_code)
+    );
+    assert_eq!(
+        (
+            a.quatern_b,
+            a.quatern_c,
+            a.quatern_d,
+            a.quatern_x,
+            a.quatern_y,
+            a.quatern_z
+        ),
+        (
+            b.quatern_b,
+            b.quatern_c,
+            b.quatern_d,
+            b.quatern_x,
+            b.quatern_y,
+            b.quatern_z
+        )
+    );
+    assert_eq!(
+        (a.srow_x, a.srow_y, a.srow_z),
+        (b.srow_x, b.srow_y, b.srow_z)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn refine_writes_the_refined_segmentation() {
+    let dir = temp_dir("refine");
+    let clicks = dir.join("clicks.json");
+    std::fs::write(&clicks, r#"{"clicks": [{"z": 8, "y": 13, "x": 15, "class": "lesion"}, {"z": 2, "y": 3, "x": 4, "class": 0}]}"#).unwrap();
+    let out = dir.join("refined.nii.gz");
+    let args = [
+        "refine",
+        &nnunet("case3_0000.nii.gz"),
+        "-m",
+        &nnunet("bundle_with_head.safetensors"),
+        "--clicks",
+        clicks.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    let run = tis(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&run)).unwrap();
+    assert_eq!(report["clicks"], 2);
+    assert!(report["refine_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        tis::io::nifti::read_image(&out).unwrap().shape(),
+        [17, 26, 30]
+    );
+
+    // Bad clicks are refused with the reason, and nothing is written.
+    std::fs::remove_file(&out).unwrap();
+    for (bad, reason) in [
+        (
+            r#"[{"z": 8, "y": 13, "x": 15, "class": "tumour"}]"#,
+            "unknown class \"tumour\"",
+        ),
+        (
+            r#"[{"z": 17, "y": 0, "x": 0, "class": 1}]"#,
+            "outside the grid",
+        ),
+        (r#"not json"#, "not JSON"),
+    ] {
+        std::fs::write(&clicks, bad).unwrap();
+        let run = tis(&args);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            !run.status.success() && err.contains(reason),
+            "{bad}: {err}"
+        );
+        assert!(!out.exists(), "a failed refine left a file");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn eval_writes_table_csv_and_plot() {
+    let dir = temp_dir("eval");
+    let (csv, plot) = (dir.join("dice.csv"), dir.join("dice.png"));
+    let run = tis(&[
+        "eval",
+        &nnunet("case0_0000.nii.gz"),
+        &nnunet("case3.seg.nii.gz"),
+        "-m",
+        &nnunet("bundle_with_head.safetensors"),
+        "--clicks",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && err.contains("differs from the image's"),
+        "mismatched grids: {err}"
+    );
+    let run = tis(&[
+        "eval",
+        &nnunet("case0_0000.nii.gz"),
+        &nnunet("case0.seg.nii.gz"),
+        "-m",
+        &nnunet("bundle_with_head.safetensors"),
+        "--clicks",
+        "2",
+        "--json",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&run)).unwrap();
+    assert_eq!(report["cases"], 1);
+    assert_eq!(report["summary"].as_array().unwrap().len(), 3);
+    let rows = std::fs::read_to_string(&csv).unwrap();
+    assert!(
+        rows.starts_with("case,class,clicks,dice\n") && rows.lines().count() == 1 + 3 * 2,
+        "{rows}"
+    );
+    assert!(std::fs::read(&plot).unwrap().starts_with(b"\x89PNG"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
