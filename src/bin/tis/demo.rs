@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use tis::geometry::Label;
 use tis::io::nifti::{read_image, write_labels};
 use tis::io::png::write_overlay;
@@ -102,10 +101,7 @@ pub fn run(args: &DemoArgs) -> tis::Result<()> {
         })
         .collect();
 
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("encoder    {bar:30} {pos}/{len} tiles {elapsed}")
-            .expect("valid template"),
-    );
+    let (bar, mut progress) = crate::tile_progress("encoder");
     let started = Instant::now();
     let options = SessionOptions {
         mirror: !args.no_mirror,
@@ -116,10 +112,7 @@ pub fn run(args: &DemoArgs) -> tis::Result<()> {
         &image.voxels,
         image.spacing,
         &options,
-        &mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
+        &mut progress,
     )?;
     bar.finish_and_clear();
     println!(

@@ -4,17 +4,15 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use half::f16;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tis::backend::Backend;
-use tis::backend::cuda::CudaBackend;
 use tis::evaluation::{CaseCurve, evaluate_case, summarize, write_csv};
 use tis::geometry::Label;
 use tis::io::nifti::read_image;
 use tis::io::png::plot_dice;
 use tis::pipeline::robot::Robot;
-use tis::{CpuBackend, Error, SessionOptions};
+use tis::{Error, SessionOptions};
 
 use crate::Device;
 use crate::segment::read_channels;
@@ -224,8 +222,5 @@ fn run<B: Backend + Clone>(backend: B, args: &EvalArgs) -> tis::Result<()> {
 }
 
 pub fn run_command(args: &EvalArgs) -> tis::Result<()> {
-    match args.device {
-        Device::Cpu => run(CpuBackend, args),
-        Device::Cuda => run(CudaBackend::<f16>::new(0)?, args),
-    }
+    crate::on_device!(args.device, run, args)
 }

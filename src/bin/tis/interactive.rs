@@ -6,14 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
-use half::f16;
 use serde_json::{Value, json};
 use tis::backend::Backend;
-use tis::backend::cuda::CudaBackend;
 use tis::io::clicks::{parse_click, parse_clicks, read_clicks};
 use tis::io::nifti::{Image, write_labels};
 use tis::pipeline::image_session::ImageSession;
-use tis::{CpuBackend, Error, Model, Region, SessionOptions};
+use tis::{Error, Model, Region, SessionOptions};
 
 use crate::Device;
 use crate::segment::read_channels;
@@ -88,10 +86,7 @@ fn options(input: &SessionInput) -> SessionOptions {
 }
 
 pub fn refine(args: &RefineArgs) -> tis::Result<()> {
-    match args.input.device {
-        Device::Cpu => refine_on(CpuBackend, args),
-        Device::Cuda => refine_on(CudaBackend::<f16>::new(0)?, args),
-    }
+    crate::on_device!(args.input.device, refine_on, args)
 }
 
 fn refine_on<B: Backend + Clone>(backend: B, args: &RefineArgs) -> tis::Result<()> {
@@ -217,10 +212,7 @@ fn answer<B: Backend>(
 }
 
 pub fn session(args: &SessionArgs) -> tis::Result<()> {
-    match args.input.device {
-        Device::Cpu => session_on(CpuBackend, args),
-        Device::Cuda => session_on(CudaBackend::<f16>::new(0)?, args),
-    }
+    crate::on_device!(args.input.device, session_on, args)
 }
 
 fn session_on<B: Backend + Clone>(backend: B, args: &SessionArgs) -> tis::Result<()> {

@@ -1,5 +1,18 @@
 //! The `tis` command line.
 
+/// Calls the generic `$run(backend, $args)` with the backend `$device` names.
+macro_rules! on_device {
+    ($device:expr, $run:ident, $args:expr) => {
+        match $device {
+            $crate::Device::Cpu => $run(tis::CpuBackend, $args),
+            $crate::Device::Cuda => {
+                $run(tis::backend::cuda::CudaBackend::<half::f16>::new(0)?, $args)
+            }
+        }
+    };
+}
+pub(crate) use on_device;
+
 mod bench;
 mod demo;
 mod eval;
@@ -48,6 +61,18 @@ pub enum Device {
     Cpu,
     /// The first CUDA GPU, f16 storage.
     Cuda,
+}
+
+/// A progress bar of sliding-window tiles, and the callback that drives it.
+pub fn tile_progress(label: &str) -> (indicatif::ProgressBar, impl FnMut(usize, usize)) {
+    let template = format!("{label:<10} {{bar:30}} {{pos}}/{{len}} tiles {{elapsed}}");
+    let bar = indicatif::ProgressBar::new(0)
+        .with_style(indicatif::ProgressStyle::with_template(&template).expect("valid template"));
+    let driven = bar.clone();
+    (bar, move |done, total| {
+        driven.set_length(total as u64);
+        driven.set_position(done as u64);
+    })
 }
 
 /// The model at `path`, or the embedded default, on the CPU.

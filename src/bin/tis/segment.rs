@@ -5,13 +5,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use half::f16;
-use indicatif::{ProgressBar, ProgressStyle};
 use tis::backend::Backend;
-use tis::backend::cuda::CudaBackend;
 use tis::io::nifti::{Image, read_image, write_labels};
 use tis::pipeline::predictor::predict;
-use tis::{CpuBackend, Error, Model, SessionOptions, Tensor};
+use tis::{Error, Model, SessionOptions, Tensor};
 
 use crate::Device;
 
@@ -72,27 +69,14 @@ fn run<B: Backend + Clone>(backend: B, args: &SegmentArgs) -> tis::Result<()> {
             .collect::<tis::Result<Vec<_>>>()?
     };
     let (volume, image) = read_channels(&args.images)?;
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} tiles {elapsed}")
-            .expect("valid template"),
-    );
-    bar.set_message("segmenting");
+    let (bar, mut progress) = crate::tile_progress("segmenting");
     let started = Instant::now();
     let options = SessionOptions {
         step: args.step,
         mirror: !args.no_mirror,
     };
     let refs: Vec<&Model<B>> = models.iter().collect();
-    let prediction = predict(
-        &refs,
-        &volume,
-        image.spacing,
-        &options,
-        &mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-    )?;
+    let prediction = predict(&refs, &volume, image.spacing, &options, &mut progress)?;
     bar.finish_and_clear();
     write_labels(
         &args.output,
@@ -113,8 +97,5 @@ fn run<B: Backend + Clone>(backend: B, args: &SegmentArgs) -> tis::Result<()> {
 }
 
 pub fn run_command(args: &SegmentArgs) -> tis::Result<()> {
-    match args.device {
-        Device::Cpu => run(CpuBackend, args),
-        Device::Cuda => run(CudaBackend::<f16>::new(0)?, args),
-    }
+    crate::on_device!(args.device, run, args)
 }
