@@ -2,7 +2,8 @@
 # The one prepared GPU check, run on the GPU machine from the repository root with the binaries
 # of scripts/build-gpu-bin.sh in gpu-bin/ (carried there). In one call, well inside 10 minutes:
 #   1. the CUDA backend against the CPU oracle (every op, f32 and f16; the head; a session);
-#   2. compute-sanitizer memcheck over the f16 tests;
+#   2. compute-sanitizer memcheck over the f16 tests, racecheck over the op tests (the kernels
+#      with shared memory);
 #   3. the per-click benchmark (tis f16 and f32) beside PyTorch eager and torch.compile;
 # then a short table. Full logs go to $OUT (or out/gpu-check).
 set -uo pipefail
@@ -29,12 +30,19 @@ memcheck=$?
 tail -5 "$out/memcheck.log"
 [ $memcheck -eq 0 ] || status=1
 
+step "compute-sanitizer racecheck (f16 op tests)"
+timeout 120 compute-sanitizer --tool racecheck --error-exitcode 3 gpu-bin/cuda_backend --ignored --test-threads 1 \
+    token_ops_match_cpu_f16 network_ops_match_cpu_f16 > "$out/racecheck.log" 2>&1
+racecheck=$?
+tail -5 "$out/racecheck.log"
+[ $racecheck -eq 0 ] || status=1
+
 step "benchmark"
 gpu-bin/tis bench --device cuda --precision f16 --json "$out/tis-f16.json" | tee "$out/bench.log"
 gpu-bin/tis bench --device cuda --precision f32 --iters 20 --json "$out/tis-f32.json" | tee -a "$out/bench.log"
 timeout 300 python3 python/bench_head.py --device cuda --json "$out/torch.json" 2>&1 | tee -a "$out/bench.log"
 
 step "summary"
-echo "parity exit $parity, memcheck exit $memcheck"
+echo "parity exit $parity, memcheck exit $memcheck, racecheck exit $racecheck"
 python3 scripts/bench_table.py "$out/tis-f16.json" "$out/tis-f32.json" "$out/torch.json"
 exit $status
