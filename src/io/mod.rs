@@ -5,6 +5,7 @@
 pub mod clicks;
 pub mod nifti;
 pub mod png;
+pub mod protocol;
 
 use std::path::{Path, PathBuf};
 

@@ -39,23 +39,40 @@ fn image_err(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
-pub fn read_image(path: &Path) -> Result<Image> {
-    let object = ReaderOptions::new()
-        .read_file(path)
-        .map_err(|e| image_err(path, format!("cannot read as NIfTI ({e})")))?;
-    let mut header = object.header().clone();
+/// The most voxels an image may have (8 GiB as f32); larger headers are refused before anything
+/// is allocated.
+pub const MAX_IMAGE_VOXELS: usize = 1 << 31;
+
+/// The (x, y, z) extent of a 3D image header, refused unless it is a 3D image (or 4D with one
+/// time point) of positive size within `MAX_IMAGE_VOXELS`.
+fn image_extent(path: &Path, header: &NiftiHeader) -> Result<[usize; 3]> {
     let dims = header.dim;
     let rank = dims[0] as usize;
-    if !(rank == 3 || (rank == 4 && dims[4] == 1)) || dims[1..4].contains(&0) {
+    if !(rank == 3 || (rank == 4 && dims[4] == 1)) {
+        let shown = &dims[1..=rank.clamp(1, 7)];
+        return Err(image_err(
+            path,
+            format!("expected a 3D image, found {rank} dimensions {shown:?}"),
+        ));
+    }
+    let extent = [dims[1], dims[2], dims[3]].map(usize::from);
+    let voxels = extent.iter().product::<usize>();
+    if voxels == 0 || voxels > MAX_IMAGE_VOXELS {
         return Err(image_err(
             path,
             format!(
-                "expected a 3D image, found {rank} dimensions {:?}",
-                &dims[1..=rank.min(7)]
+                "dims {extent:?} ({voxels} voxels) are not a usable image (1 to {MAX_IMAGE_VOXELS} voxels)"
             ),
         ));
     }
-    let [nx, ny, nz] = [dims[1], dims[2], dims[3]].map(usize::from);
+    Ok(extent)
+}
+
+pub fn read_image(path: &Path) -> Result<Image> {
+    let unreadable = |e: nifti::NiftiError| image_err(path, format!("cannot read as NIfTI ({e})"));
+    let [nx, ny, nz] = image_extent(path, &NiftiHeader::from_file(path).map_err(unreadable)?)?;
+    let object = ReaderOptions::new().read_file(path).map_err(unreadable)?;
+    let mut header = object.header().clone();
     if !header.scl_slope.is_finite() || header.scl_slope == 0.0 {
         header.scl_slope = 0.0; // no scaling, as ITK reads it
     }

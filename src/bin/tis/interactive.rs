@@ -8,8 +8,9 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::{Value, json};
 use tis::backend::Backend;
-use tis::io::clicks::{parse_click, parse_clicks, read_clicks};
+use tis::io::clicks::read_clicks;
 use tis::io::nifti::{Image, write_labels};
+use tis::io::protocol::{Command, Request, parse_request, request_id};
 use tis::pipeline::image_session::ImageSession;
 use tis::{Error, Model, Region, SessionOptions};
 
@@ -135,51 +136,36 @@ fn refine_on<B: Backend + Clone>(backend: B, args: &RefineArgs) -> tis::Result<(
     Ok(())
 }
 
-/// One request of the session protocol, answered as a JSON object (without `id`).
+/// One request of the session protocol, carried out and answered as a JSON object (without
+/// `id`); `quit` is set by the quit command.
 fn answer<B: Backend>(
     session: &mut ImageSession<'_, B>,
     image: &Image,
-    request: &Value,
+    request: &Request,
     quit: &mut bool,
 ) -> tis::Result<Value> {
-    let cmd = request.get("cmd").and_then(Value::as_str).unwrap_or("");
     let started = Instant::now();
-    let mut reply = match cmd {
-        "click" | "clicks" => {
-            let clicks = if cmd == "click" {
-                let mut click = request.clone();
-                let map = click.as_object_mut().expect("requests are objects");
-                map.remove("cmd");
-                map.remove("id");
-                vec![parse_click(&click, session.class_names())?]
-            } else {
-                parse_clicks(
-                    request.get("clicks").unwrap_or(&Value::Null),
-                    session.class_names(),
-                )?
-            };
-            let r = session.refine(&clicks)?;
+    let clicks_now = |s: &ImageSession<'_, B>| s.grid_session().clicks().len();
+    let mut reply = match &request.command {
+        Command::Refine(clicks) => {
+            let r = session.refine(clicks)?;
             json!({
                 "changed": box_json(r.changed),
                 "roi": box_json(Some(r.roi)),
                 "clicks_used": r.clicks_used,
                 "clicks_outside_roi": r.clicks_outside_roi,
-                "clicks": session.grid_session().clicks().len(),
+                "clicks": clicks_now(session),
             })
         }
-        "undo" => {
+        Command::Undo => {
             let changed = session.undo()?;
-            json!({"changed": box_json(changed), "clicks": session.grid_session().clicks().len()})
+            json!({"changed": box_json(changed), "clicks": clicks_now(session)})
         }
-        "reset" => {
+        Command::Reset => {
             let changed = session.reset();
             json!({"changed": box_json(changed), "clicks": 0})
         }
-        "save" => {
-            let path = request
-                .get("path")
-                .and_then(Value::as_str)
-                .ok_or_else(|| Error::Session("save needs a \"path\"".into()))?;
+        Command::Save(path) => {
             write_labels(
                 Path::new(path),
                 &session.labels(),
@@ -188,25 +174,22 @@ fn answer<B: Backend>(
             )?;
             json!({"path": path})
         }
-        "stats" => {
-            let labels = session.labels();
+        Command::Stats => {
             let mut counts = vec![0usize; session.class_names().len()];
-            labels.iter().for_each(|&l| counts[l as usize] += 1);
-            json!({"clicks": session.grid_session().clicks().len(), "voxels_per_class": counts})
+            session
+                .labels()
+                .iter()
+                .for_each(|&l| counts[l as usize] += 1);
+            json!({"clicks": clicks_now(session), "voxels_per_class": counts})
         }
-        "quit" => {
+        Command::Quit => {
             *quit = true;
             json!({})
-        }
-        other => {
-            return Err(Error::Session(format!(
-                "unknown cmd {other:?}: expected click, clicks, undo, reset, save, stats or quit"
-            )));
         }
     };
     let map = reply.as_object_mut().expect("replies are objects");
     map.insert("ok".into(), true.into());
-    map.insert("cmd".into(), cmd.into());
+    map.insert("cmd".into(), request.cmd.clone().into());
     map.insert("latency_ms".into(), ms(started).into());
     Ok(reply)
 }
@@ -251,17 +234,10 @@ fn session_on<B: Backend + Clone>(backend: B, args: &SessionArgs) -> tis::Result
             if line.trim().is_empty() {
                 continue;
             }
-            let request: Result<Value, String> = match serde_json::from_str::<Value>(&line) {
-                Ok(v @ Value::Object(_)) => Ok(v),
-                Ok(_) => Err("a request must be a JSON object".into()),
-                Err(e) => Err(format!("not JSON: {e}")),
-            };
-            let id = request.as_ref().ok().and_then(|r| r.get("id").cloned());
-            let mut reply = match request {
-                Ok(r) => answer(&mut session, &image, &r, &mut quit)
-                    .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()})),
-                Err(e) => json!({"ok": false, "error": e}),
-            };
+            let id = request_id(&line);
+            let mut reply = parse_request(&line, &model.info.dataset.class_names)
+                .and_then(|request| answer(&mut session, &image, &request, &mut quit))
+                .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}));
             if let Some(id) = id {
                 reply
                     .as_object_mut()

@@ -1,0 +1,110 @@
+//! Bad images are refused with a clear error, never a panic and never a huge allocation.
+
+mod common;
+
+use std::path::PathBuf;
+
+use tis::io::nifti::read_image;
+use tis::pipeline::preprocess::preprocess;
+use tis::{CpuBackend, Model};
+
+/// A minimal uncompressed NIfTI-1 file: 348-byte header, 4 bytes of extension flag, f32 voxels.
+fn nifti_bytes(dims: &[i16], voxels: &[f32]) -> Vec<u8> {
+    let mut h = vec![0u8; 352];
+    h[0..4].copy_from_slice(&348i32.to_le_bytes());
+    let mut dim = [1i16; 8];
+    dim[0] = dims.len() as i16;
+    dim[1..=dims.len()].copy_from_slice(dims);
+    for (i, d) in dim.iter().enumerate() {
+        h[40 + 2 * i..42 + 2 * i].copy_from_slice(&d.to_le_bytes());
+    }
+    h[70..72].copy_from_slice(&16i16.to_le_bytes()); // FLOAT32
+    h[72..74].copy_from_slice(&32i16.to_le_bytes());
+    for i in 0..8 {
+        h[76 + 4 * i..80 + 4 * i].copy_from_slice(&1f32.to_le_bytes());
+    }
+    h[108..112].copy_from_slice(&352f32.to_le_bytes());
+    h[112..116].copy_from_slice(&1f32.to_le_bytes());
+    h[344..348].copy_from_slice(b"n+1\0");
+    h.extend(voxels.iter().flat_map(|v| v.to_le_bytes()));
+    h
+}
+
+fn write(name: &str, bytes: &[u8]) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("tis-bad-{}-{name}", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn refused(name: &str, bytes: &[u8], reason: &str) {
+    let path = write(name, bytes);
+    let err = read_image(&path)
+        .err()
+        .unwrap_or_else(|| panic!("{name} was read"));
+    let message = err.to_string();
+    assert!(
+        message.contains(reason) && message.contains(path.to_str().unwrap()),
+        "{name}: {message}"
+    );
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn a_valid_image_reads() {
+    let path = write(
+        "ok.nii",
+        &nifti_bytes(&[4, 3, 2], &(0..24).map(|v| v as f32).collect::<Vec<_>>()),
+    );
+    let image = read_image(&path).unwrap();
+    assert_eq!(image.shape(), [2, 3, 4]);
+    assert_eq!(image.voxels.data()[5], 5.0);
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn malformed_images_are_refused() {
+    let good = nifti_bytes(&[4, 3, 2], &[0.5; 24]);
+    refused("truncated.nii", &good[..good.len() - 10], "cannot read");
+    refused("header-only.nii", &good[..200], "cannot read");
+    refused("garbage.nii", b"this is not an image at all", "cannot read");
+    refused(
+        "zero.nii",
+        &nifti_bytes(&[4, 0, 2], &[]),
+        "not a usable image",
+    );
+    refused(
+        "four-d.nii",
+        &nifti_bytes(&[4, 3, 2, 2], &[0.5; 48]),
+        "expected a 3D image, found 4 dimensions",
+    );
+    refused(
+        "two-d.nii",
+        &nifti_bytes(&[4, 3], &[0.5; 12]),
+        "expected a 3D image, found 2 dimensions",
+    );
+}
+
+#[test]
+fn absurd_sizes_are_refused_before_allocating() {
+    // 30000³ f32 would be 108 TB: refused from the header alone.
+    refused(
+        "huge.nii",
+        &nifti_bytes(&[30000, 30000, 30000], &[]),
+        "not a usable image",
+    );
+}
+
+#[test]
+fn nan_voxels_are_refused_by_preprocessing() {
+    let mut voxels = vec![40.0f32; 16 * 16 * 16];
+    voxels[100] = f32::NAN;
+    let path = write("nan.nii", &nifti_bytes(&[16, 16, 16], &voxels));
+    let image = read_image(&path).unwrap();
+    let model = Model::default_model(CpuBackend).unwrap();
+    let err = preprocess(&image.voxels, image.spacing, &model.info)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("NaN"), "{err}");
+    std::fs::remove_file(path).unwrap();
+}
