@@ -108,3 +108,32 @@ fn nan_voxels_are_refused_by_preprocessing() {
     assert!(err.contains("NaN"), "{err}");
     std::fs::remove_file(path).unwrap();
 }
+
+#[test]
+fn a_voxel_offset_past_the_data_is_refused() {
+    let mut bytes = nifti_bytes(&[4, 3, 2], &[0.5; 24]);
+    bytes[108..112].copy_from_slice(&4000f32.to_le_bytes());
+    refused("offset.nii", &bytes, "vox_offset 4000");
+    // Padding between header and voxels, declared by vox_offset but not as an extension.
+    let mut padded = nifti_bytes(&[4, 3, 2], &[0.5; 24]);
+    padded.splice(352..352, [0u8; 48]);
+    padded[108..112].copy_from_slice(&400f32.to_le_bytes());
+    refused("padded.nii", &padded, "vox_offset 400");
+}
+
+#[test]
+fn a_tensor_whose_bytes_do_not_match_its_shape_is_refused() {
+    // safetensors header: shape [4] of F32 needs 16 bytes, the offsets give 8.
+    let header = br#"{"__metadata__":{"format":"tis-bundle/1"},"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0; 8]);
+    let err = tis::model::Bundle::from_bytes(&bytes, "short.safetensors")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("short.safetensors") && err.contains("not a readable safetensors file"),
+        "{err}"
+    );
+}

@@ -73,6 +73,18 @@ pub fn read_image(path: &Path) -> Result<Image> {
     let [nx, ny, nz] = image_extent(path, &NiftiHeader::from_file(path).map_err(unreadable)?)?;
     let object = ReaderOptions::new().read_file(path).map_err(unreadable)?;
     let mut header = object.header().clone();
+    // The reader takes the voxels right after the extensions; a single-file image whose
+    // vox_offset says otherwise would be read shifted, so it is refused.
+    let voxels_at = 352 + object.extensions().bytes_on_disk();
+    if &header.magic == nifti::header::MAGIC_CODE_NIP1 && header.vox_offset as usize != voxels_at {
+        return Err(image_err(
+            path,
+            format!(
+                "vox_offset {} does not match where the voxels follow the header ({voxels_at});                  such files are not supported",
+                header.vox_offset
+            ),
+        ));
+    }
     if !header.scl_slope.is_finite() || header.scl_slope == 0.0 {
         header.scl_slope = 0.0; // no scaling, as ITK reads it
     }
