@@ -137,3 +137,22 @@ fn a_tensor_whose_bytes_do_not_match_its_shape_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn memory_beyond_the_machine_is_refused_with_the_numbers() {
+    // 3000 mm voxels for a model at 3 mm: the grid would be 1000³ times larger.
+    let path = write("fine.nii", &nifti_bytes(&[8, 8, 8], &[40.0; 512]));
+    let mut image = read_image(&path).unwrap();
+    image.spacing = [3000.0, 3000.0, 3000.0];
+    let model = Model::default_model(CpuBackend).unwrap();
+    let err = preprocess(&image.voxels, image.spacing, &model.info)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("GiB") && err.contains("free"), "{err}");
+    // The encoder's estimate grows with the grid; a grid far beyond any machine is refused.
+    let small = tis::pipeline::session::encoding_memory(&model, [64, 64, 64]);
+    let huge = tis::pipeline::session::encoding_memory(&model, [4000, 4000, 4000]);
+    assert!(huge > 1000 * small && huge > 1 << 40);
+    std::fs::remove_file(path).unwrap();
+}

@@ -92,6 +92,12 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Bytes this backend can still allocate, when it can tell.
+    fn available_memory(&self) -> Option<u64>;
+
+    /// Bytes one stored value takes.
+    fn bytes_per_value(&self) -> u64;
+
     fn upload(&self, host: &Tensor) -> Result<Self::Tensor>;
     fn download(&self, tensor: &Self::Tensor) -> Result<Tensor>;
     fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;

@@ -250,6 +250,26 @@ fn normalize_channel(
     Ok(())
 }
 
+/// Refuses, with the numbers, a resampling whose f64 working buffers (input and output of each
+/// axis pass, all channels) would not fit in the memory the machine has free.
+fn check_resampling_memory(from: [usize; 3], to: [usize; 3], channels: usize) -> Result<()> {
+    let voxels = |s: [usize; 3]| s.iter().map(|&v| v as u64).product::<u64>();
+    let needed = 8
+        * 2
+        * channels as u64
+        * voxels(from)
+            .max(voxels(to))
+            .max(voxels([to[0], from[1], from[2]]));
+    match CpuBackend.available_memory() {
+        Some(free) if free < needed => Err(Error::Shape(format!(
+            "resampling {from:?} to the model's grid {to:?} needs about {:.1} GiB, {:.1} GiB are free",
+            needed as f64 / (1u64 << 30) as f64,
+            free as f64 / (1u64 << 30) as f64
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Brings an image (C × Z × Y × X in file order, `spacing` in mm per axis) onto the model's grid.
 pub fn preprocess(image: &Tensor, spacing: [f64; 3], info: &ModelInfo) -> Result<Preprocessed> {
     let config = &info.configuration;
@@ -315,6 +335,7 @@ pub fn preprocess(image: &Tensor, spacing: [f64; 3], info: &ModelInfo) -> Result
     }
     let target_spacing = config.spacing;
     let shape = new_shape(crop.size, spacing, target_spacing);
+    check_resampling_memory(crop.size, shape, channels)?;
     let resampling = Resampling::from_plans(&config.raw, "resampling_fn_data")?;
     let volume = resampling.apply(&volume, shape, spacing, target_spacing)?;
     Ok(Preprocessed {

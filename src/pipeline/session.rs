@@ -34,14 +34,52 @@ impl Default for SessionOptions {
     }
 }
 
+/// An estimate of the bytes the backend holds while encoding a grid and keeping its session:
+/// the padded input, the logit, feature and weight accumulators, the probabilities and
+/// features the session keeps, and one tile's activations (every stage's output at the widest
+/// point of the U, counted twice for the skip and the next stage, plus a mirrored copy).
+pub fn encoding_memory<B: Backend>(model: &Model<B>, grid: [usize; 3]) -> u64 {
+    let net = &model.info.configuration.network;
+    let patch = model.info.configuration.patch_size;
+    let padded: u64 = (0..3).map(|a| grid[a].max(patch[a]) as u64).product();
+    let (k, c_in, c_f) = (
+        net.classes as u64,
+        net.in_channels as u64,
+        net.feature_channels() as u64,
+    );
+    let volumes =
+        padded * (c_in + k + c_f + 1) + grid.iter().map(|&g| g as u64).product::<u64>() * (k + c_f);
+    let mut tile = 0u64;
+    let mut voxels: u64 = patch.iter().map(|&p| p as u64).product();
+    for (s, &features) in net.features.iter().enumerate() {
+        voxels /= net.strides[s].iter().map(|&v| v as u64).product::<u64>();
+        tile += 4 * features as u64 * voxels;
+    }
+    model.backend.bytes_per_value() * (volumes + 2 * tile)
+}
+
 /// The model's logits and penultimate features over a whole preprocessed volume (C × grid):
 /// nnU-Net's sliding window, with mirroring over the bundle's axes when the options ask for it.
+/// Refused, with the numbers, when the backend reports less free memory than it would need.
 pub fn encode<B: Backend>(
     model: &Model<B>,
     volume: &Tensor,
     options: &SessionOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TileOutput<B::Tensor>> {
+    if let [_, z, y, x] = *volume.shape() {
+        let needed = encoding_memory(model, [z, y, x]);
+        if let Some(available) = model.backend.available_memory().filter(|&a| a < needed) {
+            return Err(Error::Backend {
+                backend: model.backend.name(),
+                message: format!(
+                    "a {z} × {y} × {x} grid needs about {:.1} GiB to encode, {:.1} GiB are free",
+                    needed as f64 / (1u64 << 30) as f64,
+                    available as f64 / (1u64 << 30) as f64
+                ),
+            });
+        }
+    }
     let mirror_axes: &[usize] = if options.mirror {
         &model.info.mirror_axes
     } else {

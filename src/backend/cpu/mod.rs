@@ -34,6 +34,18 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    /// `MemAvailable` of /proc/meminfo (Linux).
+    fn available_memory(&self) -> Option<u64> {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    fn bytes_per_value(&self) -> u64 {
+        4
+    }
+
     fn upload(&self, host: &Tensor) -> Result<Tensor> {
         Ok(host.clone())
     }

@@ -277,6 +277,18 @@ impl<E: Element> Backend for CudaBackend<E> {
         self.stream.synchronize().map_err(driver)
     }
 
+    fn available_memory(&self) -> Option<u64> {
+        self.stream
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64)
+    }
+
+    fn bytes_per_value(&self) -> u64 {
+        std::mem::size_of::<E>() as u64
+    }
+
     fn upload(&self, host: &Tensor) -> Result<CudaTensor<E>> {
         let values: Vec<E> = host.data().iter().map(|&v| E::from_f32(v)).collect();
         let data = if values.is_empty() {
