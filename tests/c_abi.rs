@@ -9,10 +9,10 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// target/<profile>, where cargo put libtis.so beside the test executables' parent.
+/// Where cargo put the libtis.so built with this test: target/<profile>/deps, beside the test
+/// executable (a plain `cargo build` also copies it up to target/<profile>).
 fn library_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
 }
 
 #[test]
