@@ -12,7 +12,11 @@ fn root() -> PathBuf {
 /// Where cargo put the libtis.so built with this test: target/<profile>/deps, beside the test
 /// executable (a plain `cargo build` also copies it up to target/<profile>).
 fn library_dir() -> PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 #[test]
