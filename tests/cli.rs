@@ -253,3 +253,41 @@ fn eval_writes_table_csv_and_plot() {
     assert!(std::fs::read(&plot).unwrap().starts_with(b"\x89PNG"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn bench_reports_a_median() {
+    let dir = temp_dir("bench");
+    let json = dir.join("bench.json");
+    let run = tis(&[
+        "bench",
+        "--roi",
+        "4",
+        "8",
+        "8",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout(&run).contains("median"));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(report["median_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["roi"], serde_json::json!([4, 8, 8]));
+    let run = tis(&["bench", "--device", "cuda"]);
+    if !run.status.success() {
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            err.contains("backend cuda"),
+            "a missing GPU is a clear error: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -220,3 +220,56 @@ fn segmentation_matches_nnunet_predictor() {
         assert!(agree >= SEGMENTATION_AGREEMENT, "{case}: agreement {agree}");
     }
 }
+
+#[test]
+fn an_ensemble_of_identical_folds_gives_the_same_segmentation() {
+    let (a, b) = (model("bundle.safetensors"), model("bundle.safetensors"));
+    let image = read_image(&fixture("nnunet/case2_0000.nii.gz")).unwrap();
+    let options = SessionOptions::default();
+    let single = predict(
+        &[&a],
+        &image.voxels,
+        image.spacing,
+        &options,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let ensemble = predict(
+        &[&a, &b],
+        &image.voxels,
+        image.spacing,
+        &options,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(single.labels, ensemble.labels);
+    assert!(single.logits.relative_l2_error(&ensemble.logits).unwrap() < 1e-6);
+    // Folds of different trainings are refused.
+    let other = model("bundle_with_head.safetensors");
+    let iso = Model::from_bundle(
+        Bundle::from_bytes(&read_fixture("iso/bundle.safetensors"), "iso").unwrap(),
+        CpuBackend,
+    )
+    .unwrap();
+    assert!(
+        predict(
+            &[&a, &other],
+            &image.voxels,
+            image.spacing,
+            &options,
+            &mut |_, _| {}
+        )
+        .is_ok()
+    );
+    let err = predict(
+        &[&a, &iso],
+        &image.voxels,
+        image.spacing,
+        &options,
+        &mut |_, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("not folds of one training"), "{err}");
+}
