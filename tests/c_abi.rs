@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -40,8 +41,15 @@ fn header_is_up_to_date() {
     );
 }
 
-/// Builds examples/c/refine.c against libtis into the target directory.
+/// Builds examples/c/refine.c against libtis into the target directory, once per test run:
+/// tests run in parallel, and one test compiling over the executable while another starts it
+/// fails with "Permission denied".
 fn build_c_example() -> PathBuf {
+    static EXAMPLE: OnceLock<PathBuf> = OnceLock::new();
+    EXAMPLE.get_or_init(compile_c_example).clone()
+}
+
+fn compile_c_example() -> PathBuf {
     let lib = library_dir();
     assert!(
         lib.join("libtis.so").exists(),
