@@ -1,10 +1,9 @@
-"""Writes the Rust engine's golden test files and its small demo bundle, deterministically.
+"""Writes the Rust engine's golden test files, deterministically.
 
 Usage (from the repository root): python python/make_fixtures.py
 
     tests/fixtures/iso/{bundle,golden}.safetensors     3-stage isotropic net, new-style plans
     tests/fixtures/aniso/{bundle,golden}.safetensors   4-stage anisotropic net, old v2 plans
-    models/default.safetensors                         random-weight demo bundle (untrained)
 
 All weights are random (seeded); all arithmetic is float32 on the CPU (python/tis_reference.py).
 Every bundle is read back, rebuilt with strict loading and made to reproduce an output before the
@@ -37,7 +36,6 @@ from tis_reference import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
-MODELS = REPO / "models"
 SCRIPT = "python/make_fixtures.py"
 CONFIGURATION = "3d_fullres"
 MAX_TOTAL_BYTES = 5 * 1000 * 1000
@@ -286,37 +284,6 @@ ANISO = GoldenSpec(
     ],
 )
 
-DEFAULT_SEED = 1003
-DEFAULT_MODEL = ModelSpec(
-    seed=DEFAULT_SEED,
-    plans=make_plans(
-        "Dataset999_TisDemoAbdomen",
-        patch_size=[48, 64, 64],
-        spacing=[3.0, 3.0, 3.0],
-        median_shape=[112, 101, 122],
-        channels=[
-            ("CTNormalization", intensity_properties(60.0, 120.0, 62.0, -1000.0, 1800.0, -200.0, 300.0))
-        ],
-        network_fields=plain_conv_architecture(
-            features=[8, 16, 32, 64],
-            kernel_sizes=[[3, 3, 3]] * 4,
-            strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
-            n_conv=[2, 2, 2, 2],
-            n_conv_decoder=[2, 2, 2],
-        ),
-    ),
-    dataset_json=make_dataset_json(["CT"], ["background", "liver", "spleen", "kidney"], num_training=50),
-    tis_config=tis_config(
-        d_model=32, n_heads=4, ffn_dim=64, n_layers=2, pe_grid=[4, 4, 4],
-        roi_margin=[4, 8, 8], roi_min=[16, 32, 32], roi_max=[48, 64, 64],
-    ),
-    mirror_axes=[],
-    source=(
-        f"{SCRIPT}, torch.manual_seed({DEFAULT_SEED}): RANDOM, UNTRAINED weights. A demo of the "
-        "engine's plumbing only; the segmentations it produces mean nothing."
-    ),
-)
-
 # ----------------------------------------------------------------------------------------------
 # Random weights and bundles
 # ----------------------------------------------------------------------------------------------
@@ -487,26 +454,12 @@ def write_golden_fixture(spec):
     check_golden(spec)
 
 
-def write_default_model():
-    net, head = make_model(DEFAULT_MODEL)
-    path = MODELS / "default.safetensors"
-    write_bundle(path, net, head, DEFAULT_MODEL)
-    tile_input = torch.randn(DEFAULT_MODEL.input_channels, *DEFAULT_MODEL.patch_size)
-    tile_logits, tile_features = forward_tile(net, tile_input)
-    probs = torch.softmax(tile_logits, dim=0)
-    clicks = torch.tensor([[24, 32, 32, 1], [20, 40, 28, 3], [30, 30, 36, 0]], dtype=torch.int64)
-    _, _, refined = refine(head, tile_features, probs, clicks, DEFAULT_MODEL.tis_config)
-    print("default:")
-    check_bundle(path, tile_input, tile_logits, (tile_features, probs, clicks, refined))
-
-
 def main():
     torch.set_num_threads(2)
     for spec in (ISO, ANISO):
         write_golden_fixture(spec)
-    write_default_model()
 
-    written = sorted(FIXTURES.glob("*/*.safetensors")) + [MODELS / "default.safetensors"]
+    written = sorted(FIXTURES.glob("*/*.safetensors"))
     total = sum(path.stat().st_size for path in written)
     for path in written:
         print(f"{path.stat().st_size:>9}  {path.relative_to(REPO)}")

@@ -75,8 +75,8 @@ fn demo_runs_end_to_end() {
     }
     for file in ["auto.nii.gz", "refined.nii.gz"] {
         let written = tis::io::nifti::read_image(&dir.join(file)).unwrap();
-        assert_eq!(written.shape(), [112, 101, 122]);
-        assert_eq!(written.spacing, [3.0, 3.0, 3.0]);
+        assert_eq!(written.shape(), [32, 96, 96]);
+        assert_eq!(written.spacing, [3.0, 1.0, 1.0]);
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -105,12 +105,19 @@ fn segment_reproduces_nnunet_and_keeps_the_geometry() {
         &nnunet("bundle.safetensors"),
         "-o",
         out.to_str().unwrap(),
+        "--json",
     ]);
     assert!(
         run.status.success(),
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&run)).unwrap();
+    let seconds = &report["seconds"];
+    let phases =
+        ["preprocessing", "sliding window", "export"].map(|p| seconds[p].as_f64().unwrap());
+    assert!(phases.iter().all(|&s| s >= 0.0), "{report}");
+    assert!(phases.iter().sum::<f64>() <= seconds["total"].as_f64().unwrap() + 1e-6);
     let ours = tis::io::nifti::read_image(&out).unwrap();
     let theirs = tis::io::nifti::read_image(&common::fixture("nnunet/case3.seg.nii.gz")).unwrap();
     let input = tis::io::nifti::read_image(&common::fixture("nnunet/case3_0000.nii.gz")).unwrap();

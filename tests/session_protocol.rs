@@ -1,4 +1,4 @@
-//! Replays docs/session-example.jsonl against `tis session` on the sample CT with the embedded
+//! Replays docs/session-example.jsonl against `tis session` on a synthetic CT with the embedded
 //! default model: the documented protocol is what the binary speaks.
 
 use std::io::{BufRead, BufReader, Write};
@@ -36,7 +36,7 @@ fn documented_transcript_replays() {
         .args([
             "session",
             root()
-                .join("data/abdomen-ct/image.nii.gz")
+                .join("data/synthetic/imagesTs/synth_000_0000.nii.gz")
                 .to_str()
                 .unwrap(),
         ])

@@ -122,6 +122,9 @@ pub fn plot_dice(
     })
 }
 
+/// Overlays of slices with fewer rows than this are enlarged by a whole factor.
+const OVERLAY_MIN_HEIGHT: usize = 256;
+
 /// Axial slice `z` of a 1 × Z × Y × X image, grey levels over [`low`, `high`], with each label
 /// map drawn over it (40 % colour), the panels side by side.
 pub fn write_overlay(
@@ -155,6 +158,14 @@ pub fn write_overlay(
             }
         }
     }
+    // Small slices are enlarged (whole pixels, no smoothing) to at least OVERLAY_MIN_HEIGHT rows.
+    let zoom = OVERLAY_MIN_HEIGHT.div_ceil(ny).max(1) as u32;
+    let canvas = image::imageops::resize(
+        &canvas,
+        canvas.width() * zoom,
+        canvas.height() * zoom,
+        image::imageops::FilterType::Nearest,
+    );
     replace_atomically(path, |temporary| {
         canvas
             .save_with_format(temporary, image::ImageFormat::Png)

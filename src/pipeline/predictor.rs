@@ -7,6 +7,8 @@
 //! array are f16); the export rounds to f16 before and after resampling the same way, so that
 //! near-ties break as nnU-Net's do. The engine's own sums stay f32.
 
+use std::time::Instant;
+
 use half::f16;
 
 use crate::backend::Backend;
@@ -26,6 +28,17 @@ pub struct Prediction {
     pub logits: Tensor,
     /// The segmentation in the image's geometry (file C order, z y x).
     pub labels: Vec<Label>,
+    /// Wall time of each phase, in seconds.
+    pub seconds: PhaseSeconds,
+}
+
+/// Where a prediction's time went: the phases nnU-Net's predictor has too.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PhaseSeconds {
+    pub preprocessing: f64,
+    /// Every model's sliding window (encoder tiles, aggregation) and the ensemble average.
+    pub sliding_window: f64,
+    pub export: f64,
 }
 
 /// Every model of an ensemble must share plans, configuration and classes (folds of one
@@ -88,7 +101,15 @@ pub fn predict<B: Backend>(
 ) -> Result<Prediction> {
     check_ensemble(models)?;
     let info = &models[0].info;
+    let mut seconds = PhaseSeconds::default();
+    let mut clock = Instant::now();
+    let mut lap = || {
+        let elapsed = clock.elapsed().as_secs_f64();
+        clock = Instant::now();
+        elapsed
+    };
     let pre = preprocess(image, spacing, info)?;
+    seconds.preprocessing = lap();
     let mut sum: Option<Tensor> = None;
     for model in models {
         let encoded = encode(model, &pre.volume, options, progress)?;
@@ -105,10 +126,13 @@ pub fn predict<B: Backend>(
     let mut logits = sum.expect("at least one model");
     let n = models.len() as f32;
     logits.data_mut().iter_mut().for_each(|v| *v /= n);
+    seconds.sliding_window = lap();
     let labels = export_segmentation(&logits, &pre, info)?;
+    seconds.export = lap();
     Ok(Prediction {
         pre,
         logits,
         labels,
+        seconds,
     })
 }

@@ -141,8 +141,7 @@ impl Robot {
         // The centroid rounded to a voxel (halves up).
         let centre = [0, 1, 2].map(|a| (((2 * sum[a] + n) / (2 * n)) as usize).min(grid[a] - 1));
         let chosen = if member[index(centre)] {
-            self.jittered(centre, grid)
-                .filter(|&p| member[index(p)])
+            self.jittered(centre, grid, |p| member[index(p)])
                 .map_or(index(centre), index)
         } else {
             most_interior(&member, &voxels, grid)
@@ -151,9 +150,14 @@ impl Robot {
         Some(Click::new(z, y, x, reference[chosen] as usize))
     }
 
-    /// The centre moved by at most `jitter` voxels (Euclidean), kept on the grid: the first of up
-    /// to ten draws that is; None when the jitter is 0.
-    fn jittered(&mut self, centre: [usize; 3], grid: [usize; 3]) -> Option<[usize; 3]> {
+    /// The centre moved by at most `jitter` voxels (Euclidean): the first of up to ten draws
+    /// that stays on the grid and `inside` the region; None when all miss or the jitter is 0.
+    fn jittered(
+        &mut self,
+        centre: [usize; 3],
+        grid: [usize; 3],
+        inside: impl Fn([usize; 3]) -> bool,
+    ) -> Option<[usize; 3]> {
         if self.jitter == 0 {
             return None;
         }
@@ -167,6 +171,7 @@ impl Robot {
             (0..3)
                 .all(|a| p[a] >= 0 && (p[a] as usize) < grid[a])
                 .then(|| p.map(|v| v as usize))
+                .filter(|&p| inside(p))
         })
     }
 }
@@ -219,6 +224,32 @@ mod tests {
             Robot::new(1, 0)
                 .next_click(&reference, &reference, grid)
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn jitter_keeps_drawing_until_it_lands_in_a_thin_region() {
+        // A three-voxel-thick plate: most offsets of a 10-voxel ball leave it.
+        let grid = [21, 21, 21];
+        let reference = grid_labels(grid, |z, _, _| if (9..12).contains(&z) { 1 } else { 0 });
+        let labels = vec![0; reference.len()];
+        let centre = Click::new(10, 10, 10, 1);
+        let clicks: Vec<Click> = (0..20)
+            .map(|seed| {
+                Robot::new(seed, Robot::PAPER_JITTER)
+                    .next_click(&labels, &reference, grid)
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            clicks
+                .iter()
+                .all(|c| (9..12).contains(&c.z) && c.class == 1)
+        );
+        let moved = clicks.iter().filter(|&&c| c != centre).count();
+        assert!(
+            moved >= 10,
+            "only {moved} of 20 seeds moved the click off the centre"
         );
     }
 

@@ -1,7 +1,9 @@
-//! `tis demo`: the interactive loop end to end on a real CT. The embedded default model reads
-//! the sample volume, segments it, and a simulated user clicks where the segmentation is most
-//! wrong against the reference labels; Dice and latency are printed per click and the automatic
-//! and refined segmentations written as NIfTI.
+//! `tis demo`: the interactive loop end to end. The embedded default model reads a held-out
+//! sample of its synthetic CT phantoms (data/synthetic), segments it, and the paper's robot user
+//! clicks where the segmentation is most wrong against the reference labels; Dice and latency
+//! are printed per click, the automatic and refined segmentations written as NIfTI and an axial
+//! slice as a PNG overlay. Any CT with reference labels can stand in (`--image`, `--reference`,
+//! `--reference-map`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -16,8 +18,14 @@ use tis::{Error, SessionOptions};
 
 /// The abdominal soft-tissue window (HU) of the overlays.
 const CT_WINDOW: (f32, f32) = (-160.0, 240.0);
-const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/abdomen-ct/image.nii.gz");
-const SAMPLE_LABELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/abdomen-ct/labels.nii.gz");
+const SAMPLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/data/synthetic/imagesTs/synth_000_0000.nii.gz"
+);
+const SAMPLE_LABELS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/data/synthetic/labelsTs/synth_000.nii.gz"
+);
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -30,12 +38,13 @@ pub struct DemoArgs {
     /// Reference label map on the same grid, for the simulated user and Dice.
     #[arg(long, default_value = SAMPLE_LABELS)]
     reference: PathBuf,
-    /// Reference label → model class, e.g. "5:1,1:2,2:3,3:3" (TotalSegmentator liver, spleen,
-    /// kidneys → the default model's liver, spleen, kidney); unlisted labels are background.
-    #[arg(long, default_value = "5:1,1:2,2:3,3:3")]
+    /// Reference label → model class; unlisted labels are background. The synthetic sample's
+    /// labels are the default model's classes; for data/abdomen-ct (TotalSegmentator labels)
+    /// "5:1,1:2" maps liver and spleen.
+    #[arg(long, default_value = "1:1,2:2,3:3")]
     reference_map: String,
     /// Number of simulated clicks.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     clicks: usize,
     /// Folder for the outputs.
     #[arg(short, long, default_value = "out/demo")]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
+use serde_json::json;
 use tis::backend::Backend;
 use tis::io::nifti::{Image, read_image, write_labels};
 use tis::pipeline::predictor::predict;
@@ -32,6 +33,9 @@ pub struct SegmentArgs {
     step: f64,
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
+    /// Print a JSON report (shapes, wall time per phase) instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The channels of an image, stacked (C × Z × Y × X), checked to share one grid.
@@ -84,15 +88,36 @@ fn run<B: Backend + Clone>(backend: B, args: &SegmentArgs) -> tis::Result<()> {
         image.shape(),
         &image.header,
     )?;
-    println!(
-        "segmented {} ({:?} voxels, grid {:?}, {} model(s)) in {:.2} s → {}",
-        args.images[0].display(),
-        image.shape(),
-        prediction.pre.grid(),
-        models.len(),
-        started.elapsed().as_secs_f64(),
-        args.output.display()
-    );
+    let total = started.elapsed().as_secs_f64();
+    if args.json {
+        let seconds = prediction.seconds;
+        let report = json!({
+            "image": args.images[0],
+            "image_shape": image.shape(),
+            "grid": prediction.pre.grid(),
+            "models": models.len(),
+            "output": args.output,
+            "seconds": {
+                "preprocessing": seconds.preprocessing,
+                "sliding window": seconds.sliding_window,
+                "export": seconds.export,
+                "total": total,
+            },
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("JSON values")
+        );
+    } else {
+        println!(
+            "segmented {} ({:?} voxels, grid {:?}, {} model(s)) in {total:.2} s → {}",
+            args.images[0].display(),
+            image.shape(),
+            prediction.pre.grid(),
+            models.len(),
+            args.output.display()
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,68 @@
+//! The embedded default model is the one python/train.py trained, and on its held-out synthetic
+//! cases (data/synthetic, never seen in training) the robot user's clicks pay off for the
+//! hardest class: a smaller version (fewer clicks, a smaller gain) of the claim
+//! docs/interactive.md makes for 10 clicks.
+
+use std::process::Command;
+
+use tis::Model;
+use tis::backend::cpu::CpuBackend;
+
+fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Clicks of the robot user per case, and the least gain (Dice points) they must bring.
+const CLICKS: usize = 5;
+const MIN_GAIN: f64 = MIN_GAIN_POINTS / 100.0;
+const MIN_GAIN_POINTS: f64 = 5.0;
+
+#[test]
+fn the_default_model_is_the_trained_one() {
+    let model = Model::default_model(CpuBackend).unwrap();
+    let source = model
+        .info
+        .metadata
+        .get("source")
+        .cloned()
+        .unwrap_or_default();
+    assert!(source.contains("python/train.py"), "{source}");
+    assert_eq!(
+        model.info.dataset.class_names,
+        ["background", "liver", "spleen", "tumour"]
+    );
+}
+
+#[test]
+fn clicks_pay_off_for_the_hardest_class_on_held_out_cases() {
+    let cases = root().join("data/synthetic");
+    let run = Command::new(env!("CARGO_BIN_EXE_tis"))
+        .args(["eval"])
+        .arg(cases.join("imagesTs"))
+        .arg(cases.join("labelsTs"))
+        .args(["--clicks", &CLICKS.to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(report["cases"], 12);
+    let rows = report["summary"].as_array().unwrap();
+    assert_eq!(rows.len(), CLICKS + 1);
+    let mean = |row: &serde_json::Value, class: &str| row["dice"][class]["mean"].as_f64().unwrap();
+    let (hardest, auto) = ["liver", "spleen", "tumour"]
+        .into_iter()
+        .map(|c| (c, mean(&rows[0], c)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    let after = mean(&rows[CLICKS], hardest);
+    println!("{hardest}: {auto:.3} automatic -> {after:.3} after {CLICKS} clicks");
+    assert!(
+        after >= auto + MIN_GAIN,
+        "{hardest}: {auto:.3} automatic, {after:.3} after {CLICKS} clicks: less than \
+         {MIN_GAIN_POINTS} points gained\n{report}"
+    );
+}
