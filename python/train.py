@@ -288,10 +288,10 @@ HEAD_DICE_WEIGHT = 1.0
 HEAD_LR = 1e-3
 
 PATCH = [32, 64, 64]
-FEATURES = [8, 16, 32, 64]
+FEATURES = [16, 16, 32, 64]
 MIRROR_AXES = []
 TIS_CONFIG = make_tis_config(
-    d_model=32, n_heads=4, ffn_dim=64, n_layers=2, pe_grid=[4, 8, 8],
+    d_model=48, n_heads=4, ffn_dim=96, n_layers=2, pe_grid=[4, 8, 8],
     roi_margin=[2, 8, 8], roi_min=[8, 32, 32], roi_max=[24, 64, 64],
 )
 

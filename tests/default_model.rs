@@ -1,7 +1,7 @@
 //! The embedded default model is the one python/train.py trained, and on its held-out synthetic
 //! cases (data/synthetic, never seen in training) the robot user's clicks pay off for the
-//! hardest class: a smaller version (fewer clicks, a smaller gain) of the claim
-//! docs/interactive.md makes for 10 clicks.
+//! hardest class: a smaller version (half the gain) of the claim docs/interactive.md makes for
+//! 10 clicks.
 
 use std::process::Command;
 
@@ -13,7 +13,7 @@ fn root() -> std::path::PathBuf {
 }
 
 /// Clicks of the robot user per case, and the least gain (Dice points) they must bring.
-const CLICKS: usize = 5;
+const CLICKS: usize = 10;
 const MIN_GAIN: f64 = MIN_GAIN_POINTS / 100.0;
 const MIN_GAIN_POINTS: f64 = 5.0;
 
