@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::Path;
 
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
@@ -79,20 +80,33 @@ impl<'a> TensorFile<'a> {
         names
     }
 
-    pub fn dtype_and_shape(&self, name: &str) -> Result<(Dtype, Vec<usize>)> {
-        let view = self
-            .tensors
+    /// The tensor `name`, or an error naming it.
+    fn view(&self, name: &str) -> Result<TensorView<'a>> {
+        self.tensors
             .tensor(name)
-            .map_err(|_| self.err(format!("tensor `{name}` is missing")))?;
+            .map_err(|_| self.err(format!("tensor `{name}` is missing")))
+    }
+
+    /// The tensor `name`, which must have `dtype`.
+    fn view_with_dtype(&self, name: &str, dtype: Dtype) -> Result<TensorView<'a>> {
+        let view = self.view(name)?;
+        if view.dtype() != dtype {
+            return Err(self.err(format!(
+                "tensor `{name}` has dtype {:?}, expected {dtype:?}",
+                view.dtype()
+            )));
+        }
+        Ok(view)
+    }
+
+    pub fn dtype_and_shape(&self, name: &str) -> Result<(Dtype, Vec<usize>)> {
+        let view = self.view(name)?;
         Ok((view.dtype(), view.shape().to_vec()))
     }
 
     /// A floating-point tensor (F32 or F16) as f32.
     pub fn f32(&self, name: &str) -> Result<Tensor> {
-        let view = self
-            .tensors
-            .tensor(name)
-            .map_err(|_| self.err(format!("tensor `{name}` is missing")))?;
+        let view = self.view(name)?;
         let bytes = view.data();
         let data: Vec<f32> = match view.dtype() {
             Dtype::F32 => bytes
@@ -114,48 +128,27 @@ impl<'a> TensorFile<'a> {
 
     /// A floating-point tensor (F64 or F32) as f64, flattened, with its shape.
     pub fn f64(&self, name: &str) -> Result<(Vec<usize>, Vec<f64>)> {
-        let (dtype, shape) = self.dtype_and_shape(name)?;
-        let values = match dtype {
-            Dtype::F64 => self
-                .tensors
-                .tensor(name)
-                .map_err(|_| self.err(format!("tensor `{name}` is missing")))?
+        let view = self.view(name)?;
+        let values = match view.dtype() {
+            Dtype::F64 => view
                 .data()
                 .chunks_exact(8)
                 .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
                 .collect(),
             _ => self.f32(name)?.data().iter().map(|&v| v as f64).collect(),
         };
-        Ok((shape, values))
+        Ok((view.shape().to_vec(), values))
     }
 
     /// A U8 tensor, flattened, with its shape.
     pub fn u8(&self, name: &str) -> Result<(Vec<usize>, Vec<u8>)> {
-        let view = self
-            .tensors
-            .tensor(name)
-            .map_err(|_| self.err(format!("tensor `{name}` is missing")))?;
-        if view.dtype() != Dtype::U8 {
-            return Err(self.err(format!(
-                "tensor `{name}` has dtype {:?}, expected U8",
-                view.dtype()
-            )));
-        }
+        let view = self.view_with_dtype(name, Dtype::U8)?;
         Ok((view.shape().to_vec(), view.data().to_vec()))
     }
 
     /// An I64 tensor, flattened, with its shape.
     pub fn i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
-        let view = self
-            .tensors
-            .tensor(name)
-            .map_err(|_| self.err(format!("tensor `{name}` is missing")))?;
-        if view.dtype() != Dtype::I64 {
-            return Err(self.err(format!(
-                "tensor `{name}` has dtype {:?}, expected I64",
-                view.dtype()
-            )));
-        }
+        let view = self.view_with_dtype(name, Dtype::I64)?;
         let values = view
             .data()
             .chunks_exact(8)

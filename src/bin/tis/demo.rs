@@ -16,6 +16,8 @@ use tis::pipeline::image_session::ImageSession;
 use tis::pipeline::robot::{Robot, dice};
 use tis::{Error, SessionOptions};
 
+use crate::segment::ensure_grid;
+
 /// The abdominal soft-tissue window (HU) of the overlays.
 const CT_WINDOW: (f32, f32) = (-160.0, 240.0);
 const SAMPLE: &str = concat!(
@@ -88,16 +90,13 @@ pub fn run(args: &DemoArgs) -> tis::Result<()> {
 
     let image = read_image(&args.image)?;
     let reference_image = read_image(&args.reference)?;
-    if reference_image.shape() != image.shape() {
-        return Err(Error::Image {
-            path: args.reference.clone(),
-            message: format!(
-                "grid {:?} differs from the image's {:?}",
-                reference_image.shape(),
-                image.shape()
-            ),
-        });
-    }
+    ensure_grid(
+        &args.reference,
+        "grid",
+        reference_image.shape(),
+        "the image's",
+        image.shape(),
+    )?;
     let map = parse_map(&args.reference_map, names.len())?;
     let reference: Vec<Label> = reference_image
         .voxels

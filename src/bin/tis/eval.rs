@@ -15,7 +15,7 @@ use tis::pipeline::robot::Robot;
 use tis::{Error, SessionOptions};
 
 use crate::Device;
-use crate::segment::read_channels;
+use crate::segment::{ensure_grid, read_channels};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -126,16 +126,13 @@ fn run<B: Backend + Clone>(backend: B, args: &EvalArgs) -> tis::Result<()> {
     for (i, (case, channels, label_path)) in cases.iter().enumerate() {
         let (volume, image) = read_channels(channels)?;
         let reference = read_image(label_path)?;
-        if reference.shape() != image.shape() {
-            return Err(Error::Image {
-                path: label_path.clone(),
-                message: format!(
-                    "label grid {:?} differs from the image's {:?}",
-                    reference.shape(),
-                    image.shape()
-                ),
-            });
-        }
+        ensure_grid(
+            label_path,
+            "label grid",
+            reference.shape(),
+            "the image's",
+            image.shape(),
+        )?;
         let reference: Vec<Label> = reference
             .voxels
             .data()

@@ -1,7 +1,7 @@
 //! `tis segment`: nnU-Net's automatic segmentation of an image, by one model or an ensemble of
 //! folds, written in the image's geometry.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
@@ -38,22 +38,37 @@ pub struct SegmentArgs {
     json: bool,
 }
 
+/// Refuses a volume read from `path` unless its `grid` is `expected`; `what` names its grid and
+/// `against` the one it must match, in the message.
+pub fn ensure_grid(
+    path: &Path,
+    what: &str,
+    grid: [usize; 3],
+    against: &str,
+    expected: [usize; 3],
+) -> tis::Result<()> {
+    if grid == expected {
+        return Ok(());
+    }
+    Err(Error::Image {
+        path: path.to_path_buf(),
+        message: format!("{what} {grid:?} differs from {against} {expected:?}"),
+    })
+}
+
 /// The channels of an image, stacked (C × Z × Y × X), checked to share one grid.
 pub fn read_channels(paths: &[PathBuf]) -> tis::Result<(Tensor, Image)> {
     let first = read_image(&paths[0])?;
     let mut data = first.voxels.data().to_vec();
     for path in &paths[1..] {
         let channel = read_image(path)?;
-        if channel.shape() != first.shape() {
-            return Err(Error::Image {
-                path: path.clone(),
-                message: format!(
-                    "grid {:?} differs from the first channel's {:?}",
-                    channel.shape(),
-                    first.shape()
-                ),
-            });
-        }
+        ensure_grid(
+            path,
+            "grid",
+            channel.shape(),
+            "the first channel's",
+            first.shape(),
+        )?;
         data.extend_from_slice(channel.voxels.data());
     }
     let s = first.shape();
