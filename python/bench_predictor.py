@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_fixtures import (  # noqa: E402
-    CONFIGURATION,
     ModelSpec,
     intensity_properties,
     make_dataset_json,

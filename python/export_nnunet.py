@@ -44,6 +44,7 @@ from tis_reference import (  # noqa: E402
     build_network,
     bundle_tensors,
     is_network_alias,
+    plain_conv_unet_architecture,
     relative_l2_error,
 )
 
@@ -473,26 +474,13 @@ def v1_to_v2_plans(info):
         "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, **resampling},
         "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
         "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, **resampling},
-        "architecture": {
-            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {
-                "n_stages": n_stages,
-                "features_per_stage": v1_features(plans["base_num_features"], n_stages),
-                "conv_op": "torch.nn.modules.conv.Conv3d",
-                "kernel_sizes": [[int(k) for k in ks] for ks in kernels],
-                "strides": [[1, 1, 1]] + [[int(p) for p in ps] for ps in pools],
-                "n_conv_per_stage": [n_conv] * n_stages,
-                "n_conv_per_stage_decoder": [n_conv] * n_pool,
-                "conv_bias": True,
-                "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-                "dropout_op": None,
-                "dropout_op_kwargs": None,
-                "nonlin": "torch.nn.LeakyReLU",
-                "nonlin_kwargs": {"inplace": True},
-            },
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-        },
+        "architecture": plain_conv_unet_architecture(
+            features=v1_features(plans["base_num_features"], n_stages),
+            kernel_sizes=[[int(k) for k in ks] for ks in kernels],
+            strides=[[1, 1, 1]] + [[int(p) for p in ps] for ps in pools],
+            n_conv=[n_conv] * n_stages,
+            n_conv_decoder=[n_conv] * n_pool,
+        ),
         "batch_dice": bool(plans.get("batch_dice", True)),
     }
     transpose_forward = [int(t) for t in plans.get("transpose_forward", [0, 1, 2])]
@@ -771,26 +759,9 @@ def _test_plans(kernel_sizes, strides, features, labels=("background", "organ", 
                 "resampling_fn_probabilities_kwargs": {
                     "is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None,
                 },
-                "architecture": {
-                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                    "arch_kwargs": {
-                        "n_stages": n_stages,
-                        "features_per_stage": features,
-                        "conv_op": "torch.nn.modules.conv.Conv3d",
-                        "kernel_sizes": kernel_sizes,
-                        "strides": strides,
-                        "n_conv_per_stage": [2] * n_stages,
-                        "n_conv_per_stage_decoder": [2] * (n_stages - 1),
-                        "conv_bias": True,
-                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-                        "dropout_op": None,
-                        "dropout_op_kwargs": None,
-                        "nonlin": "torch.nn.LeakyReLU",
-                        "nonlin_kwargs": {"inplace": True},
-                    },
-                    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-                },
+                "architecture": plain_conv_unet_architecture(
+                    features, kernel_sizes, strides, [2] * n_stages, [2] * (n_stages - 1)
+                ),
                 "batch_dice": True,
             }
         },

@@ -42,7 +42,7 @@ from safetensors import safe_open  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import export_nnunet  # noqa: E402
-from make_fixtures import redraw_head, save_safetensors  # noqa: E402
+from make_fixtures import redraw_head, report_sizes, save_safetensors  # noqa: E402
 from tis_reference import (  # noqa: E402
     HEAD_PREFIX,
     TisHead,
@@ -698,13 +698,7 @@ def report(plans, summaries):
               f"{differing} of {record['logits'].numel()} logits differ")
         print(f"  the segmentation from --save_probabilities (argmax of the probabilities) differs from "
               f"the default export's in {record['seg_from_probabilities_differs']} voxels")
-    written = sorted(OUT.iterdir())
-    total = sum(p.stat().st_size for p in written)
-    for path in written:
-        print(f"{path.stat().st_size:>9}  {path.relative_to(REPO)}")
-    print(f"{total:>9}  total")
-    if total > MAX_TOTAL_BYTES:
-        raise SystemExit(f"tests/fixtures/nnunet takes {total} bytes, more than {MAX_TOTAL_BYTES}")
+    report_sizes(sorted(OUT.iterdir()), MAX_TOTAL_BYTES, "the files of tests/fixtures/nnunet")
 
 
 if __name__ == "__main__":

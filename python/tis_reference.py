@@ -227,29 +227,25 @@ def resolve_configuration(plans, configuration, visited=()):
     return resolved
 
 
-def architecture_from_old_plans(config):
-    """The `architecture` entry that nnunetv2's ConfigurationManager derives from pre-v2.3 plans."""
-    if config["UNet_class_name"] != "PlainConvUNet":
-        raise ValueError(f"unsupported UNet_class_name {config['UNet_class_name']!r}")
-    n_stages = len(config["n_conv_per_stage_encoder"])
-    dimension = len(config["patch_size"])
-    conv_op = convert_dim_to_conv_op(dimension)
-    norm_op = get_matching_instancenorm(dimension=dimension)
+CONV_OP_3D = "torch.nn.modules.conv.Conv3d"
+INSTANCE_NORM_3D = "torch.nn.modules.instancenorm.InstanceNorm3d"
+
+
+def plain_conv_unet_architecture(features, kernel_sizes, strides, n_conv, n_conv_decoder,
+                                 conv_op=CONV_OP_3D, norm_op=INSTANCE_NORM_3D):
+    """The `architecture` entry of current (v2.3+) nnU-Net plans for a PlainConvUNet."""
     return {
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
         "arch_kwargs": {
-            "n_stages": n_stages,
-            "features_per_stage": [
-                min(config["UNet_base_num_features"] * 2**i, config["unet_max_num_features"])
-                for i in range(n_stages)
-            ],
-            "conv_op": f"{conv_op.__module__}.{conv_op.__name__}",
-            "kernel_sizes": deepcopy(config["conv_kernel_sizes"]),
-            "strides": deepcopy(config["pool_op_kernel_sizes"]),
-            "n_conv_per_stage": deepcopy(config["n_conv_per_stage_encoder"]),
-            "n_conv_per_stage_decoder": deepcopy(config["n_conv_per_stage_decoder"]),
+            "n_stages": len(features),
+            "features_per_stage": features,
+            "conv_op": conv_op,
+            "kernel_sizes": kernel_sizes,
+            "strides": strides,
+            "n_conv_per_stage": n_conv,
+            "n_conv_per_stage_decoder": n_conv_decoder,
             "conv_bias": True,
-            "norm_op": f"{norm_op.__module__}.{norm_op.__name__}",
+            "norm_op": norm_op,
             "norm_op_kwargs": {"eps": 1e-05, "affine": True},
             "dropout_op": None,
             "dropout_op_kwargs": None,
@@ -258,6 +254,28 @@ def architecture_from_old_plans(config):
         },
         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
     }
+
+
+def architecture_from_old_plans(config):
+    """The `architecture` entry that nnunetv2's ConfigurationManager derives from pre-v2.3 plans."""
+    if config["UNet_class_name"] != "PlainConvUNet":
+        raise ValueError(f"unsupported UNet_class_name {config['UNet_class_name']!r}")
+    n_stages = len(config["n_conv_per_stage_encoder"])
+    dimension = len(config["patch_size"])
+    conv_op = convert_dim_to_conv_op(dimension)
+    norm_op = get_matching_instancenorm(dimension=dimension)
+    return plain_conv_unet_architecture(
+        features=[
+            min(config["UNet_base_num_features"] * 2**i, config["unet_max_num_features"])
+            for i in range(n_stages)
+        ],
+        kernel_sizes=deepcopy(config["conv_kernel_sizes"]),
+        strides=deepcopy(config["pool_op_kernel_sizes"]),
+        n_conv=deepcopy(config["n_conv_per_stage_encoder"]),
+        n_conv_decoder=deepcopy(config["n_conv_per_stage_decoder"]),
+        conv_op=f"{conv_op.__module__}.{conv_op.__name__}",
+        norm_op=f"{norm_op.__module__}.{norm_op.__name__}",
+    )
 
 
 def build_network(plans, configuration, dataset_json):

@@ -46,7 +46,6 @@ from make_fixtures import (  # noqa: E402
     make_dataset_json,
     make_plans,
     plain_conv_architecture,
-    save_safetensors,
     tis_config as make_tis_config,
     write_bundle,
 )
