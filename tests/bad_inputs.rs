@@ -85,6 +85,41 @@ fn malformed_images_are_refused() {
 }
 
 #[test]
+fn a_header_that_lies_about_its_voxels_is_refused_before_reading_them() {
+    let mut unknown_type = nifti_bytes(&[4, 3, 2], &[0.5; 24]);
+    unknown_type[70..72].copy_from_slice(&(-12391i16).to_le_bytes());
+    refused("unknown-type.nii", &unknown_type, "cannot read as NIfTI");
+    // bitpix 15348 with a float32 datatype: found by fuzzing, the reader allocated by bitpix.
+    let mut bitpix = nifti_bytes(&[4, 3843, 30000], &[]);
+    bitpix[72..74].copy_from_slice(&15348i16.to_le_bytes());
+    refused("bitpix.nii", &bitpix, "bitpix 15348 does not match");
+    // A billion voxels promised, none present: refused from the file size, nothing allocated.
+    refused(
+        "promises.nii",
+        &nifti_bytes(&[4, 3843, 30000], &[]),
+        "the header promises 1844640352 bytes",
+    );
+}
+
+#[test]
+fn colour_and_complex_voxels_are_refused() {
+    // RGB24 (128), RGBA32 (2304), COMPLEX64 (32), COMPLEX128 (1792): the byte count matches the
+    // header, but there is no single intensity per voxel to segment.
+    for (code, bytes_per_voxel, name) in [
+        (128i16, 3, "RGB24"),
+        (2304, 4, "RGBA32"),
+        (32, 8, "COMPLEX64"),
+        (1792, 16, "COMPLEX128"),
+    ] {
+        let mut bytes = nifti_bytes(&[4, 3, 2], &[]);
+        bytes[70..72].copy_from_slice(&code.to_le_bytes());
+        bytes[72..74].copy_from_slice(&(8 * bytes_per_voxel as i16).to_le_bytes());
+        bytes.extend(vec![7u8; 24 * bytes_per_voxel]);
+        refused(&format!("{name}.nii"), &bytes, &format!("datatype {name}"));
+    }
+}
+
+#[test]
 fn absurd_sizes_are_refused_before_allocating() {
     // 30000³ f32 would be 108 TB: refused from the header alone.
     refused(

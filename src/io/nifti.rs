@@ -44,8 +44,10 @@ fn image_err(path: &Path, message: impl Into<String>) -> Error {
 pub const MAX_IMAGE_VOXELS: usize = 1 << 31;
 
 /// The (x, y, z) extent of a 3D image header, refused unless it is a 3D image (or 4D with one
-/// time point) of positive size within `MAX_IMAGE_VOXELS`.
-fn image_extent(path: &Path, header: &NiftiHeader) -> Result<[usize; 3]> {
+/// time point) of positive size within `MAX_IMAGE_VOXELS`, of a scalar voxel type whose bitpix
+/// agrees, and (uncompressed) with every voxel's bytes in the file. All of it is checked before
+/// the voxels are read, so a lying header never drives an allocation.
+fn checked_extent(path: &Path, header: &NiftiHeader) -> Result<[usize; 3]> {
     let dims = header.dim;
     let rank = dims[0] as usize;
     if !(rank == 3 || (rank == 4 && dims[4] == 1)) {
@@ -65,12 +67,58 @@ fn image_extent(path: &Path, header: &NiftiHeader) -> Result<[usize; 3]> {
             ),
         ));
     }
+    let unreadable = |e: nifti::NiftiError| image_err(path, format!("cannot read as NIfTI ({e})"));
+    let datatype = header.data_type().map_err(unreadable)?;
+    // Only one real intensity per voxel can be segmented; colour and complex voxels are refused
+    // (the nifti crate would panic decoding them as f32).
+    use nifti::NiftiType::*;
+    if !matches!(
+        datatype,
+        Uint8 | Int8 | Uint16 | Int16 | Uint32 | Int32 | Uint64 | Int64 | Float32 | Float64
+    ) {
+        let name = format!("{datatype:?}").to_uppercase();
+        return Err(image_err(
+            path,
+            format!(
+                "datatype {name} (code {}) has no single real intensity per voxel; tis reads integer and float32/float64 images",
+                header.datatype
+            ),
+        ));
+    }
+    let bytes_per_voxel = datatype.size_of();
+    if header.bitpix as usize != 8 * bytes_per_voxel {
+        return Err(image_err(
+            path,
+            format!(
+                "bitpix {} does not match datatype {datatype:?} ({} bits)",
+                header.bitpix,
+                8 * bytes_per_voxel
+            ),
+        ));
+    }
+    let single_file = &header.magic == nifti::header::MAGIC_CODE_NIP1;
+    let compressed = path.extension().is_some_and(|e| e == "gz");
+    if single_file && !compressed {
+        let needed = header.vox_offset.max(0.0) as u64 + (voxels * bytes_per_voxel) as u64;
+        let found = std::fs::metadata(path)
+            .map_err(|e| image_err(path, e.to_string()))?
+            .len();
+        if found < needed {
+            return Err(image_err(
+                path,
+                format!(
+                    "cannot read as NIfTI: truncated, the header promises {needed} bytes ({extent:?} voxels of {datatype:?} from vox_offset {}), the file has {found}",
+                    header.vox_offset
+                ),
+            ));
+        }
+    }
     Ok(extent)
 }
 
 pub fn read_image(path: &Path) -> Result<Image> {
     let unreadable = |e: nifti::NiftiError| image_err(path, format!("cannot read as NIfTI ({e})"));
-    let [nx, ny, nz] = image_extent(path, &NiftiHeader::from_file(path).map_err(unreadable)?)?;
+    let [nx, ny, nz] = checked_extent(path, &NiftiHeader::from_file(path).map_err(unreadable)?)?;
     let object = ReaderOptions::new().read_file(path).map_err(unreadable)?;
     let mut header = object.header().clone();
     // The reader takes the voxels right after the extensions; a single-file image whose
@@ -80,7 +128,8 @@ pub fn read_image(path: &Path) -> Result<Image> {
         return Err(image_err(
             path,
             format!(
-                "vox_offset {} does not match where the voxels follow the header ({voxels_at});                  such files are not supported",
+                "vox_offset {} does not match where the voxels follow the header ({voxels_at}); \
+                 such files are not supported",
                 header.vox_offset
             ),
         ));
