@@ -12,6 +12,10 @@ use tis::model::plans::NetworkPlan;
 use tis::model::unet::UNet;
 use tis::random::{Rng, random_tensors};
 
+/// The `tis` binary's allocator (src/bin/tis/main.rs says why), so that timings match it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn click_latency(c: &mut Criterion) {
     let mut group = c.benchmark_group("click TIS-B, 10 clicks");
     group.sample_size(10);

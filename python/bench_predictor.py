@@ -38,10 +38,12 @@ from make_fixtures import (  # noqa: E402
 from tis_reference import load_bundle  # noqa: E402
 
 
-def bench_spec(features, patch, spacing, seed):
-    """A random-weight model of a small plan for CT (CTNormalization, abdomen statistics)."""
+def bench_spec(features, patch, spacing, seed, kernel_sizes=None, strides=None):
+    """A random-weight model of a plan for CT (CTNormalization, abdomen statistics); by default
+    3³ kernels, stride 1 then 2 at every stage."""
     stages = len(features)
-    strides = [[1, 1, 1]] + [[2, 2, 2]] * (stages - 1)
+    strides = strides or [[1, 1, 1]] + [[2, 2, 2]] * (stages - 1)
+    kernel_sizes = kernel_sizes or [[3, 3, 3]] * stages
     plans = make_plans(
         "Dataset990_TisBench",
         patch_size=patch,
@@ -50,7 +52,7 @@ def bench_spec(features, patch, spacing, seed):
         channels=[("CTNormalization", intensity_properties(60.0, 120.0, 62.0, -1000.0, 1800.0, -200.0, 300.0))],
         network_fields=plain_conv_architecture(
             features=features,
-            kernel_sizes=[[3, 3, 3]] * stages,
+            kernel_sizes=kernel_sizes,
             strides=strides,
             n_conv=[2] * stages,
             n_conv_decoder=[2] * (stages - 1),

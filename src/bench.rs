@@ -14,6 +14,14 @@ use crate::model::TisConfig;
 use crate::model::tis_head::{Stage, TisHead};
 use crate::random::{Rng, random_tensors};
 
+/// The process's peak resident memory (VmHWM of /proc/self/status, Linux), in MB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 /// Feature channels (nnU-Net's F[0]) and classes of the benchmark.
 pub const FEATURE_CHANNELS: usize = 32;
 pub const CLASSES: usize = 3;

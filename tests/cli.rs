@@ -288,6 +288,28 @@ fn bench_reports_a_median() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(report["median_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(report["roi"], serde_json::json!([4, 8, 8]));
+    // --tile: one forward of the embedded model's network (patch 32×64×64, 6.04 GFLOP).
+    let run = tis(&[
+        "bench",
+        "--tile",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(report["median_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["patch"], serde_json::json!([32, 64, 64]));
+    assert!((report["gflop_per_tile"].as_f64().unwrap() - 6.04).abs() < 0.01);
+    assert!(report["peak_rss_mb"].as_f64().unwrap() > 1.0);
     let run = tis(&["bench", "--device", "cuda"]);
     if !run.status.success() {
         let err = String::from_utf8_lossy(&run.stderr);

@@ -48,6 +48,7 @@ pub fn same(a: &impl BackendTensor, b: &impl BackendTensor, what: &str) -> Resul
 }
 
 /// A checked convolution: input channels and extent, output channels and extent, kernel.
+#[derive(Clone, Copy)]
 pub struct ConvShape {
     pub cin: usize,
     pub dims: [usize; 3],

@@ -338,6 +338,37 @@ impl NetworkPlan {
         [0, 1, 2].map(|a| self.strides.iter().map(|s| s[a]).product())
     }
 
+    /// Multiply-accumulates of one forward pass over a `patch` (a multiple of `total_stride`),
+    /// counted as nnunet-inference.md §5.2 does: a convolution costs out_voxels·Cout·Cin·∏k, a
+    /// transposed convolution out_voxels·Cin·Cout; norms and activations are not counted.
+    pub fn macs(&self, patch: [usize; 3]) -> u64 {
+        let mut extent = patch;
+        let mut extents = Vec::with_capacity(self.stages());
+        for stride in &self.strides {
+            extent = [0, 1, 2].map(|a| extent[a] / stride[a]);
+            extents.push(extent.iter().product::<usize>() as u64);
+        }
+        let (f, k) = (&self.features, &self.kernel_sizes);
+        let taps = |s: usize| k[s].iter().product::<usize>() as u64;
+        let mut macs = 0u64;
+        let mut cin = self.in_channels as u64;
+        for s in 0..self.stages() {
+            let cout = f[s] as u64;
+            macs +=
+                extents[s] * cout * taps(s) * (cin + cout * (self.convs_per_stage[s] as u64 - 1));
+            cin = cout;
+        }
+        // Decoder stage j brings stage s = stages − 1 − j up to stage s − 1's resolution.
+        for (j, &convs) in self.convs_per_decoder_stage.iter().enumerate() {
+            let s = self.stages() - 1 - j;
+            let (below, here) = (f[s] as u64, f[s - 1] as u64);
+            let voxels = extents[s - 1];
+            macs += voxels * below * here;
+            macs += voxels * here * taps(s - 1) * (2 * here + here * (convs as u64 - 1));
+        }
+        macs + extents[0] * f[0] as u64 * self.classes as u64
+    }
+
     /// Every tensor of the network's state dict (aliases dropped) with its shape, as PyTorch
     /// names and stores them.
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
@@ -497,4 +528,57 @@ pub fn configuration_plan(
         network,
         raw,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// nnU-Net's default 6-stage PlainConvUNet (features 32…320, 2 convs per stage).
+    fn msd_plan(
+        classes: usize,
+        kernel_sizes: Vec<[usize; 3]>,
+        strides: Vec<[usize; 3]>,
+    ) -> NetworkPlan {
+        NetworkPlan {
+            in_channels: 1,
+            classes,
+            features: vec![32, 64, 128, 256, 320, 320],
+            kernel_sizes,
+            strides,
+            convs_per_stage: vec![2; 6],
+            convs_per_decoder_stage: vec![2; 5],
+            conv_bias: true,
+            norm_eps: 1e-5,
+            negative_slope: 0.01,
+        }
+    }
+
+    #[test]
+    fn macs_match_the_design_notes_flop_table() {
+        // nnunet-inference.md §5.2: generic 128³ 954.5 GFLOP, MSD Pancreas 40×224×224 1074.
+        let generic = msd_plan(
+            2,
+            vec![[3, 3, 3]; 6],
+            [[1, 1, 1]].into_iter().chain([[2, 2, 2]; 5]).collect(),
+        );
+        let gflop = 2.0 * generic.macs([128, 128, 128]) as f64 / 1e9;
+        assert!((gflop - 954.5).abs() < 0.1, "generic 128³: {gflop} GFLOP");
+        let mut kernels = vec![[3, 3, 3]; 6];
+        kernels[0] = [1, 3, 3];
+        let pancreas = msd_plan(
+            3,
+            kernels,
+            vec![
+                [1, 1, 1],
+                [1, 2, 2],
+                [2, 2, 2],
+                [2, 2, 2],
+                [2, 2, 2],
+                [1, 2, 2],
+            ],
+        );
+        let gflop = 2.0 * pancreas.macs([40, 224, 224]) as f64 / 1e9;
+        assert!((gflop - 1074.0).abs() < 0.5, "pancreas: {gflop} GFLOP");
+    }
 }

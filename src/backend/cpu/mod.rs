@@ -1,9 +1,12 @@
-//! The CPU backend: f32 throughout, multi-threaded with rayon, GEMMs on `matrixmultiply`.
+//! The CPU backend: f32 throughout, multi-threaded with rayon, GEMMs on `matrixmultiply`, and a
+//! direct AVX2/AVX-512 kernel for stride-1 convolutions (conv_direct.rs).
 //! It is the oracle every other backend is tested against and the fallback on machines without
 //! a GPU. One file per op family; this file only routes the trait to them.
 
 mod attention;
 mod conv;
+#[cfg(target_arch = "x86_64")]
+mod conv_direct;
 mod gemm;
 mod linear;
 mod norm;

@@ -1,5 +1,7 @@
 //! `tis bench`: per-click latency of the refinement head on the contract's TIS-B configuration
-//! with random weights, as a whole and per stage, on the CPU or the GPU.
+//! with random weights, as a whole and per stage, on the CPU or the GPU; with `--tile`, one
+//! nnU-Net tile forward of a bundle's network instead (python/bench_tile.py runs PyTorch on the
+//! same bundle beside it).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,12 +12,13 @@ use half::f16;
 use serde_json::json;
 use tis::backend::Backend;
 use tis::backend::cuda::CudaBackend;
-use tis::bench::{CLASSES, FEATURE_CHANNELS, HeadBench};
+use tis::bench::{CLASSES, FEATURE_CHANNELS, HeadBench, peak_rss_mb};
 use tis::model::TisConfig;
 use tis::model::tis_head::Stage;
+use tis::random::Rng;
 use tis::{CpuBackend, Error};
 
-use crate::Device;
+use crate::{Device, load_model_on};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Precision {
@@ -46,6 +49,13 @@ pub struct BenchArgs {
     /// Also write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Time one nnU-Net tile forward instead of a click: the network of --model on a random
+    /// patch of its plan's patch size (--iters and --warmup count forwards).
+    #[arg(long)]
+    tile: bool,
+    /// The bundle whose network --tile times [default: the embedded default model].
+    #[arg(long, short = 'm', requires = "tile")]
+    model: Option<PathBuf>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -119,6 +129,77 @@ fn run<B: Backend>(
             "gflop_per_click": gflop,
             "stages_median_ms": stages.iter().map(|(s, t)| (s.name(), percentile(t, 0.5))).collect::<BTreeMap<_, _>>(),
             "threads": rayon::current_num_threads(),
+            "peak_rss_mb": peak_rss_mb(),
+        });
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&report).expect("JSON values"),
+        )
+        .map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// One tile forward of the model's network, timed `args.iters` times after `args.warmup`.
+fn run_tile<B: Backend>(
+    backend: B,
+    device: &str,
+    precision: &str,
+    args: &BenchArgs,
+) -> tis::Result<()> {
+    if args.iters == 0 {
+        return Err(Error::Session("--iters must be at least 1".into()));
+    }
+    let model = load_model_on(args.model.as_ref(), backend)?;
+    let (patch, plan) = (
+        model.info.configuration.patch_size,
+        &model.info.configuration.network,
+    );
+    let tile = Rng::new(1).tensor(&[plan.in_channels, patch[0], patch[1], patch[2]], 1.0);
+    let tile = model.backend.upload(&tile)?;
+    let forward = || -> tis::Result<Duration> {
+        let start = std::time::Instant::now();
+        model.network.forward(&model.backend, &tile)?;
+        model.backend.synchronize()?;
+        Ok(start.elapsed())
+    };
+    for _ in 0..args.warmup {
+        forward()?;
+    }
+    let mut seconds = (0..args.iters)
+        .map(|_| forward().map(|d| d.as_secs_f64()))
+        .collect::<tis::Result<Vec<_>>>()?;
+    seconds.sort_by(f64::total_cmp);
+    let median = percentile(&seconds, 0.5);
+    let gflop = 2.0 * plan.macs(patch) as f64 / 1e9;
+    let peak = peak_rss_mb();
+    println!(
+        "nnU-Net tile forward on {device} ({precision}), {}, features {:?}, patch {}×{}×{}",
+        model.info.origin, plan.features, patch[0], patch[1], patch[2]
+    );
+    println!(
+        "per tile     median {median:.3} s  p10 {:.3}  p90 {:.3}  ({} forwards; {gflop:.1} GFLOP → {:.0} GFLOP/s; peak RSS {})",
+        percentile(&seconds, 0.1),
+        percentile(&seconds, 0.9),
+        args.iters,
+        gflop / median,
+        peak.map_or("unknown".into(), |mb| format!("{mb:.0} MB")),
+    );
+    if let Some(path) = &args.json {
+        let report = json!({
+            "engine": "tis",
+            "device": device,
+            "precision": precision,
+            "model": model.info.origin,
+            "patch": patch,
+            "features": plan.features,
+            "iters": args.iters,
+            "median_s": median,
+            "p10_s": percentile(&seconds, 0.1),
+            "p90_s": percentile(&seconds, 0.9),
+            "gflop_per_tile": gflop,
+            "threads": rayon::current_num_threads(),
+            "peak_rss_mb": peak,
         });
         std::fs::write(
             path,
@@ -141,15 +222,32 @@ pub fn run_command(args: &BenchArgs) -> tis::Result<()> {
     match (args.device, args.precision) {
         (Device::Cpu, _) => {
             let threads = format!("cpu, {} threads", rayon::current_num_threads());
-            run(&CpuBackend, &threads, "f32", args, roi)
+            bench_on(CpuBackend, &threads, "f32", args, roi)
         }
         (Device::Cuda, Precision::F16) => {
             let backend = CudaBackend::<f16>::new(0)?;
-            run(&backend, backend.device(), "f16", args, roi)
+            let device = backend.device().to_string();
+            bench_on(backend, &device, "f16", args, roi)
         }
         (Device::Cuda, Precision::F32) => {
             let backend = CudaBackend::<f32>::new(0)?;
-            run(&backend, backend.device(), "f32", args, roi)
+            let device = backend.device().to_string();
+            bench_on(backend, &device, "f32", args, roi)
         }
+    }
+}
+
+/// The benchmark `args` ask for (a click, or a tile with --tile) on `backend`.
+fn bench_on<B: Backend>(
+    backend: B,
+    device: &str,
+    precision: &str,
+    args: &BenchArgs,
+    roi: [usize; 3],
+) -> tis::Result<()> {
+    if args.tile {
+        run_tile(backend, device, precision, args)
+    } else {
+        run(&backend, device, precision, args, roi)
     }
 }

@@ -26,6 +26,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tis::{CpuBackend, Model};
 
+/// mimalloc keeps freed pages for reuse: a tile forward allocates and frees hundreds of MB of
+/// activations, which glibc's malloc hands back to the kernel and faults back in, zeroed, each
+/// time (measured: a 56 MB channel concatenation takes 37 ms that way, 5 ms with reuse).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tis",
