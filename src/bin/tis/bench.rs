@@ -115,29 +115,49 @@ fn run<B: Backend>(
             percentile(times, 0.5)
         );
     }
-    if let Some(path) = &args.json {
-        let report = json!({
-            "engine": "tis",
-            "device": device,
-            "precision": precision,
+    write_report(
+        args,
+        device,
+        precision,
+        json!({
             "roi": roi,
             "clicks": args.clicks,
-            "iters": args.iters,
             "median_ms": median,
             "p10_ms": percentile(&totals, 0.1),
             "p90_ms": percentile(&totals, 0.9),
             "gflop_per_click": gflop,
             "stages_median_ms": stages.iter().map(|(s, t)| (s.name(), percentile(t, 0.5))).collect::<BTreeMap<_, _>>(),
-            "threads": rayon::current_num_threads(),
-            "peak_rss_mb": peak_rss_mb(),
-        });
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&report).expect("JSON values"),
-        )
-        .map_err(|e| Error::io(path, e))?;
+        }),
+    )
+}
+
+/// Writes `fields` and what every report carries (engine, device, precision, iterations,
+/// threads, peak RSS) as JSON to `--json`, if given.
+fn write_report(
+    args: &BenchArgs,
+    device: &str,
+    precision: &str,
+    mut fields: serde_json::Value,
+) -> tis::Result<()> {
+    let Some(path) = &args.json else {
+        return Ok(());
+    };
+    let common = json!({
+        "engine": "tis",
+        "device": device,
+        "precision": precision,
+        "iters": args.iters,
+        "threads": rayon::current_num_threads(),
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    if let (Some(fields), serde_json::Value::Object(common)) = (fields.as_object_mut(), common) {
+        fields.extend(common);
     }
-    Ok(())
+    std::fs::write(
+        path,
+        serde_json::to_string_pretty(&fields).expect("JSON values"),
+    )
+    .map_err(|e| Error::io(path, e))
 }
 
 /// One tile forward of the model's network, timed `args.iters` times after `args.warmup`.
@@ -185,29 +205,20 @@ fn run_tile<B: Backend>(
         gflop / median,
         peak.map_or("unknown".into(), |mb| format!("{mb:.0} MB")),
     );
-    if let Some(path) = &args.json {
-        let report = json!({
-            "engine": "tis",
-            "device": device,
-            "precision": precision,
+    write_report(
+        args,
+        device,
+        precision,
+        json!({
             "model": model.info.origin,
             "patch": patch,
             "features": plan.features,
-            "iters": args.iters,
             "median_s": median,
             "p10_s": percentile(&seconds, 0.1),
             "p90_s": percentile(&seconds, 0.9),
             "gflop_per_tile": gflop,
-            "threads": rayon::current_num_threads(),
-            "peak_rss_mb": peak,
-        });
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&report).expect("JSON values"),
-        )
-        .map_err(|e| Error::io(path, e))?;
-    }
-    Ok(())
+        }),
+    )
 }
 
 pub fn run_command(args: &BenchArgs) -> tis::Result<()> {
