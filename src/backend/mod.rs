@@ -118,6 +118,16 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// `[a; b]` along the channel axis.
     fn concat_channels(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `conv3d` of `[a; b]`: the decoder's first convolution after a skip connection. A backend
+    /// may read both inputs in place instead of concatenating them first.
+    fn conv3d_on_concat(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        conv: &Conv3d<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        self.conv3d(&self.concat_channels(a, b)?, conv)
+    }
 
     // ---- sliding window over volumes ------------------------------------------------------
 

@@ -58,7 +58,19 @@ pub struct ConvShape {
 }
 
 pub fn conv3d<T: BackendTensor>(x: &T, conv: &Conv3d<T>) -> Result<ConvShape> {
-    let (cin, dims) = volume(x, "conv3d")?;
+    conv3d_of(volume(x, "conv3d")?, conv)
+}
+
+/// The convolution of the channel concatenation `[a; b]`.
+pub fn conv3d_on_concat<T: BackendTensor>(a: &T, b: &T, conv: &Conv3d<T>) -> Result<ConvShape> {
+    let [channels, z, y, x] = concat(a, b)?;
+    conv3d_of((channels, [z, y, x]), conv)
+}
+
+fn conv3d_of<T: BackendTensor>(
+    (cin, dims): (usize, [usize; 3]),
+    conv: &Conv3d<T>,
+) -> Result<ConvShape> {
     let (cout, kernel) = match *conv.weight.shape() {
         [o, i, kz, ky, kx] if i == cin && conv.bias.as_ref().is_none_or(|b| b.shape() == [o]) => {
             (o, [kz, ky, kx])

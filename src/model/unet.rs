@@ -164,10 +164,20 @@ impl<B: Backend> UNet<B> {
     }
 
     /// The conv blocks of one stage applied to `input`.
-    fn stage(backend: &B, input: &B::Tensor, blocks: &[ConvBlock<B::Tensor>]) -> Result<B::Tensor> {
+    /// The conv blocks of a stage over `input`, or over `[input; skip]` (a decoder stage).
+    fn stage(
+        backend: &B,
+        input: &B::Tensor,
+        skip: Option<&B::Tensor>,
+        blocks: &[ConvBlock<B::Tensor>],
+    ) -> Result<B::Tensor> {
         let mut x: Option<B::Tensor> = None;
         for block in blocks {
-            let mut y = backend.conv3d(x.as_ref().unwrap_or(input), &block.conv)?;
+            let mut y = match (&x, skip) {
+                (Some(x), _) => backend.conv3d(x, &block.conv)?,
+                (None, Some(skip)) => backend.conv3d_on_concat(input, skip, &block.conv)?,
+                (None, None) => backend.conv3d(input, &block.conv)?,
+            };
             backend.instance_norm_leaky_relu(&mut y, &block.norm)?;
             x = Some(y);
         }
@@ -184,19 +194,15 @@ impl<B: Backend> UNet<B> {
             )));
         }
         let mut skips = Vec::with_capacity(self.encoder.len() - 1);
-        let mut x = Self::stage(backend, tile, &self.encoder[0])?;
+        let mut x = Self::stage(backend, tile, None, &self.encoder[0])?;
         for blocks in &self.encoder[1..] {
-            let below = Self::stage(backend, &x, blocks)?;
+            let below = Self::stage(backend, &x, None, blocks)?;
             skips.push(std::mem::replace(&mut x, below));
         }
         for (up, blocks) in self.upsampling.iter().zip(&self.decoder) {
             let skip = skips.pop().expect("one skip per decoder stage");
             let upsampled = backend.conv_transpose3d(&x, up)?;
-            x = Self::stage(
-                backend,
-                &backend.concat_channels(&upsampled, &skip)?,
-                blocks,
-            )?;
+            x = Self::stage(backend, &upsampled, Some(&skip), blocks)?;
         }
         let logits = backend.conv3d(&x, &self.seg_layer)?;
         Ok(TileOutput {

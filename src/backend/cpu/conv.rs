@@ -32,16 +32,37 @@ unsafe impl Sync for SharedOutput {}
 
 pub fn conv3d(x: &Tensor, conv: &Conv3d<Tensor>) -> Result<Tensor> {
     let shape = shapes::conv3d(x, conv)?;
+    let out = match direct(&[x.data()], conv, &shape) {
+        Some(out) => out,
+        None => conv3d_im2col(x, conv, &shape),
+    };
     let [d, h, w] = shape.out_dims;
+    Tensor::new(vec![shape.cout, d, h, w], out)
+}
+
+/// `conv3d` of `[a; b]`; the direct kernel reads both in place, im2col concatenates first.
+pub fn conv3d_on_concat(a: &Tensor, b: &Tensor, conv: &Conv3d<Tensor>) -> Result<Tensor> {
+    let shape = shapes::conv3d_on_concat(a, b, conv)?;
+    let out = match direct(&[a.data(), b.data()], conv, &shape) {
+        Some(out) => out,
+        None => conv3d_im2col(&super::volume::concat_channels(a, b)?, conv, &shape),
+    };
+    let [d, h, w] = shape.out_dims;
+    Tensor::new(vec![shape.cout, d, h, w], out)
+}
+
+/// The direct kernel's output for the channels of `inputs` one after the other, where it runs:
+/// stride 1, a kernel larger than 1×1×1, an x86-64 CPU with AVX2 and FMA.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn direct(inputs: &[&[f32]], conv: &Conv3d<Tensor>, shape: &shapes::ConvShape) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     if conv.stride == [1, 1, 1]
         && shape.kernel != [1, 1, 1]
         && let Some(isa) = conv_direct::Isa::detect()
     {
-        let out = conv_direct::conv3d_stride1(x, conv, &shape, isa);
-        return Tensor::new(vec![shape.cout, d, h, w], out);
+        return Some(conv_direct::conv3d_stride1(inputs, conv, shape, isa));
     }
-    Tensor::new(vec![shape.cout, d, h, w], conv3d_im2col(x, conv, &shape))
+    None
 }
 
 /// `conv3d` as im2col GEMMs, bias added: any stride, and the fallback where the direct kernel
@@ -258,6 +279,44 @@ mod tests {
     }
 
     #[test]
+    fn conv3d_on_concat_is_conv3d_of_the_concatenation() {
+        let mut rng = Rng::new(9);
+        for (kernel, stride, padding) in [
+            ([3, 3, 3], [1, 1, 1], [1, 1, 1]),
+            ([1, 3, 3], [1, 2, 2], [0, 1, 1]),
+        ] {
+            let (a, b) = (
+                rng.tensor(&[2, 4, 5, 37], 1.0),
+                rng.tensor(&[3, 4, 5, 37], 1.0),
+            );
+            let conv = Conv3d {
+                weight: rng.tensor(&[4, 5, kernel[0], kernel[1], kernel[2]], 0.5),
+                bias: Some(rng.tensor(&[4], 0.5)),
+                stride,
+                padding,
+            };
+            let joined = super::super::volume::concat_channels(&a, &b).unwrap();
+            let want = conv3d(&joined, &conv).unwrap();
+            let got = conv3d_on_concat(&a, &b, &conv).unwrap();
+            assert_eq!(got.shape(), want.shape());
+            assert_eq!(
+                got.data(),
+                want.data(),
+                "{kernel:?} {stride:?}: same kernel, same sums"
+            );
+        }
+        let short = rng.tensor(&[2, 4, 5, 36], 1.0);
+        let conv = Conv3d {
+            weight: rng.tensor(&[4, 4, 3, 3, 3], 0.5),
+            bias: None,
+            stride: [1, 1, 1],
+            padding: [1, 1, 1],
+        };
+        let err = conv3d_on_concat(&short, &rng.tensor(&[2, 4, 5, 37], 1.0), &conv);
+        assert!(err.unwrap_err().to_string().contains("cannot concatenate"));
+    }
+
+    #[test]
     fn conv_transpose3d_matches_the_definition() {
         let mut rng = Rng::new(8);
         // The last case has more input rows than one chunk holds (2 Mi floats / 64 / 8).
@@ -336,7 +395,7 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             for isa in [conv_direct::Isa::Avx2, conv_direct::Isa::Avx512] {
                 if stride == [1, 1, 1] && isa.supported() {
-                    let out = conv_direct::conv3d_stride1(&x, &conv, &shape, isa);
+                    let out = conv_direct::conv3d_stride1(&[x.data()], &conv, &shape, isa);
                     paths.push((
                         if isa == conv_direct::Isa::Avx2 {
                             "avx2"

@@ -78,9 +78,15 @@ impl Isa {
     }
 }
 
-/// The stride-1 convolution of `x` (`cin × dims`) into `cout × out_dims`, bias added.
-/// The caller checked the shapes.
-pub fn conv3d_stride1(x: &Tensor, conv: &Conv3d<Tensor>, shape: &ConvShape, isa: Isa) -> Vec<f32> {
+/// The stride-1 convolution into `cout × out_dims`, bias added, of the `cin` input channels
+/// held by `inputs` one after the other (one volume, or the two halves of a concatenation),
+/// each `channels × dims`. The caller checked the shapes.
+pub fn conv3d_stride1(
+    inputs: &[&[f32]],
+    conv: &Conv3d<Tensor>,
+    shape: &ConvShape,
+    isa: Isa,
+) -> Vec<f32> {
     let ConvShape {
         cin,
         dims,
@@ -89,6 +95,12 @@ pub fn conv3d_stride1(x: &Tensor, conv: &Conv3d<Tensor>, shape: &ConvShape, isa:
         kernel,
     } = *shape;
     assert!(isa.supported(), "this CPU does not run the {isa:?} kernel");
+    let values: usize = inputs.iter().map(|input| input.len()).sum();
+    assert_eq!(
+        values,
+        cin * dims.iter().product::<usize>(),
+        "inputs hold cin channels"
+    );
     let x_block = isa.x_block();
     let window_rows = cin * kernel[0] * kernel[1];
     let window_width = out_dims[2].div_ceil(x_block) * x_block + kernel[2] - 1;
@@ -108,8 +120,7 @@ pub fn conv3d_stride1(x: &Tensor, conv: &Conv3d<Tensor>, shape: &ConvShape, isa:
             let (zo, yo) = (row / out_dims[1], row % out_dims[1]);
             window.resize(window_rows * window_width, 0.0);
             fill_window(
-                x.data(),
-                cin,
+                inputs,
                 dims,
                 kernel,
                 conv.padding,
@@ -146,11 +157,10 @@ pub fn conv3d_stride1(x: &Tensor, conv: &Conv3d<Tensor>, shape: &ConvShape, isa:
 }
 
 /// The input rows output row (zo, yo) reads, `[ci][kz][ky]` rows of `window_width` values:
-/// input row (zo + kz − pz, yo + ky − py) of channel ci at x offset px, zero outside the input.
-#[allow(clippy::too_many_arguments)]
+/// input row (zo + kz − pz, yo + ky − py) of channel ci (counted through `inputs` in order) at
+/// x offset px, zero outside the input.
 fn fill_window(
-    input: &[f32],
-    cin: usize,
+    inputs: &[&[f32]],
     dims: [usize; 3],
     kernel: [usize; 3],
     padding: [usize; 3],
@@ -159,7 +169,11 @@ fn fill_window(
     window: &mut [f32],
 ) {
     let mut rows = window.chunks_exact_mut(window_width);
-    for ci in 0..cin {
+    let channel_len: usize = dims.iter().product();
+    for channel in inputs
+        .iter()
+        .flat_map(|input| input.chunks_exact(channel_len))
+    {
         for kz in 0..kernel[0] {
             for ky in 0..kernel[1] {
                 let dest = rows.next().expect("one window row per (ci, kz, ky)");
@@ -169,7 +183,7 @@ fn fill_window(
                     dest.fill(0.0);
                     continue;
                 };
-                let src = &input[((ci * dims[0] + zi) * dims[1] + yi) * dims[2]..][..dims[2]];
+                let src = &channel[(zi * dims[1] + yi) * dims[2]..][..dims[2]];
                 let (head, rest) = dest.split_at_mut(padding[2]);
                 head.fill(0.0);
                 rest[..dims[2]].copy_from_slice(src);

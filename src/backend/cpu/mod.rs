@@ -65,6 +65,10 @@ impl Backend for CpuBackend {
         conv::conv3d(x, conv)
     }
 
+    fn conv3d_on_concat(&self, a: &Tensor, b: &Tensor, conv: &Conv3d<Tensor>) -> Result<Tensor> {
+        conv::conv3d_on_concat(a, b, conv)
+    }
+
     fn conv_transpose3d(&self, x: &Tensor, conv: &ConvTranspose3d<Tensor>) -> Result<Tensor> {
         conv::conv_transpose3d(x, conv)
     }
