@@ -39,6 +39,10 @@ fn image_err(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
+fn unreadable(path: &Path, e: nifti::NiftiError) -> Error {
+    image_err(path, format!("cannot read as NIfTI ({e})"))
+}
+
 /// The most voxels an image may have (8 GiB as f32); larger headers are refused before anything
 /// is allocated.
 pub const MAX_IMAGE_VOXELS: usize = 1 << 31;
@@ -67,8 +71,7 @@ fn checked_extent(path: &Path, header: &NiftiHeader) -> Result<[usize; 3]> {
             ),
         ));
     }
-    let unreadable = |e: nifti::NiftiError| image_err(path, format!("cannot read as NIfTI ({e})"));
-    let datatype = header.data_type().map_err(unreadable)?;
+    let datatype = header.data_type().map_err(|e| unreadable(path, e))?;
     // Only one real intensity per voxel can be segmented; colour and complex voxels are refused
     // (the nifti crate would panic decoding them as f32).
     use nifti::NiftiType::*;
@@ -117,9 +120,12 @@ fn checked_extent(path: &Path, header: &NiftiHeader) -> Result<[usize; 3]> {
 }
 
 pub fn read_image(path: &Path) -> Result<Image> {
-    let unreadable = |e: nifti::NiftiError| image_err(path, format!("cannot read as NIfTI ({e})"));
-    let [nx, ny, nz] = checked_extent(path, &NiftiHeader::from_file(path).map_err(unreadable)?)?;
-    let object = ReaderOptions::new().read_file(path).map_err(unreadable)?;
+    // The header alone first: checked before the reader allocates for the voxels.
+    let on_disk = NiftiHeader::from_file(path).map_err(|e| unreadable(path, e))?;
+    let [nx, ny, nz] = checked_extent(path, &on_disk)?;
+    let object = ReaderOptions::new()
+        .read_file(path)
+        .map_err(|e| unreadable(path, e))?;
     let mut header = object.header().clone();
     // The reader takes the voxels right after the extensions; a single-file image whose
     // vox_offset says otherwise would be read shifted, so it is refused.

@@ -163,7 +163,6 @@ impl<B: Backend> UNet<B> {
         &self.plan
     }
 
-    /// The conv blocks of one stage applied to `input`.
     /// The conv blocks of a stage over `input`, or over `[input; skip]` (a decoder stage).
     fn stage(
         backend: &B,

@@ -1,10 +1,11 @@
 //! 3D convolution and nnU-Net's transposed convolution on the CPU.
 //!
 //! `conv3d` with stride 1 (all but the downsampling convolutions) runs the direct AVX2/FMA
-//! kernel of `conv_direct.rs` where the CPU has it. Everything else is an implicit im2col: the output voxels are cut into chunks of whole output rows;
-//! per chunk one thread gathers the receptive fields into a column buffer (`Cin·kz·ky·kx` rows ×
-//! chunk columns, zero where the window leaves the volume) and multiplies the weights, already in
-//! PyTorch's `[Cout, Cin·kz·ky·kx]` order, into the chunk's columns of the output. The buffer is
+//! kernel of `conv_direct.rs` where the CPU has it. Everything else is an implicit im2col: the
+//! output voxels are cut into chunks of whole output rows; per chunk one thread gathers the
+//! receptive fields into a column buffer (`Cin·kz·ky·kx` rows × chunk columns, zero where the
+//! window leaves the volume) and multiplies the weights, already in PyTorch's
+//! `[Cout, Cin·kz·ky·kx]` order, into the chunk's columns of the output. The buffer is
 //! sized to stay in cache (≈ 2 Mi floats), so a 128³ tile never materialises its full im2col.
 //! A 1×1×1 stride-1 convolution multiplies the input directly.
 //!
@@ -238,7 +239,7 @@ mod tests {
     use crate::random::Rng;
 
     /// The definition, one output value at a time.
-    fn direct_conv3d(x: &Tensor, conv: &Conv3d<Tensor>) -> Vec<f32> {
+    fn conv3d_by_definition(x: &Tensor, conv: &Conv3d<Tensor>) -> Vec<f32> {
         let (s, w) = (x.shape(), conv.weight.shape());
         let (cin, dims, cout, k) = (s[0], [s[1], s[2], s[3]], w[0], [w[2], w[3], w[4]]);
         let out_dims: [usize; 3] =
@@ -384,7 +385,7 @@ mod tests {
                 stride,
                 padding,
             };
-            let want = direct_conv3d(&x, &conv);
+            let want = conv3d_by_definition(&x, &conv);
             // What `conv3d` chooses, the im2col path every case can take, and each direct
             // kernel this CPU runs.
             let shape = shapes::conv3d(&x, &conv).unwrap();

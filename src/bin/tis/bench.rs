@@ -73,9 +73,6 @@ fn run<B: Backend>(
     args: &BenchArgs,
     roi: [usize; 3],
 ) -> tis::Result<()> {
-    if args.iters == 0 {
-        return Err(Error::Session("--iters must be at least 1".into()));
-    }
     let bench = HeadBench::new(backend, TisConfig::tis_b(), roi, args.clicks, 1)?;
     for _ in 0..args.warmup {
         bench.click()?;
@@ -167,9 +164,6 @@ fn run_tile<B: Backend>(
     precision: &str,
     args: &BenchArgs,
 ) -> tis::Result<()> {
-    if args.iters == 0 {
-        return Err(Error::Session("--iters must be at least 1".into()));
-    }
     let model = load_model_on(args.model.as_ref(), backend)?;
     let (patch, plan) = (
         model.info.configuration.patch_size,
@@ -256,6 +250,9 @@ fn bench_on<B: Backend>(
     args: &BenchArgs,
     roi: [usize; 3],
 ) -> tis::Result<()> {
+    if args.iters == 0 {
+        return Err(Error::Session("--iters must be at least 1".into()));
+    }
     if args.tile {
         run_tile(backend, device, precision, args)
     } else {
