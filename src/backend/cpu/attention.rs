@@ -14,29 +14,37 @@
 use rayon::prelude::*;
 
 use super::gemm::{MatRef, gemm};
-use super::linear::{TOKEN_BLOCK, linear_rows, mlp_rows};
+use super::linear::TOKEN_BLOCK;
 use super::norm::layer_norm_rows;
+use super::packed_linear::{Epilogue, PackedLinear, PackedMlp};
+use super::vector_math::{exp_in_place, vectorised};
 use crate::backend::{LabelAssignment, LayerNorm, Linear, shapes};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// In place softmax of a short row.
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+/// Keys per group in `keys_by_head`: whole ymm vectors.
+const KEY_LANES: usize = 8;
+
+/// The keys regrouped for `attend_rows`: `[head][e][key]`, each scaled by 1/√d_h and the keys
+/// zero-padded to a multiple of 8, so that a query's scores over all keys are a sum of d_h
+/// whole-vector rows.
+fn keys_by_head(keys: &[f32], width: usize, heads: usize) -> Vec<f32> {
+    let scale = 1.0 / ((width / heads) as f32).sqrt();
+    let padded = (keys.len() / width).div_ceil(KEY_LANES) * KEY_LANES;
+    let mut grouped = vec![0f32; width * padded];
+    for (k, key) in keys.chunks_exact(width).enumerate() {
+        for (e, &v) in key.iter().enumerate() {
+            grouped[e * padded + k] = scale * v;
+        }
     }
-    row.iter_mut().for_each(|v| *v /= sum);
+    grouped
 }
 
-/// For each query row and head: softmax over the key rows of the scaled dot products, then the
-/// weighted sum of the value rows; `scores` is scratch of at least `keys.rows` floats.
-#[allow(clippy::too_many_arguments)]
+/// For each query row and head: softmax over the keys of the scaled dot products, then the
+/// weighted sum of the value rows. `grouped_keys` comes from `keys_by_head`; `scores` is scratch.
 fn attend_rows(
     queries: &[f32],
-    keys: &[f32],
+    grouped_keys: &[f32],
     values: &[f32],
     width: usize,
     heads: usize,
@@ -44,25 +52,58 @@ fn attend_rows(
     out: &mut [f32],
 ) {
     let dh = width / heads;
-    let scale = 1.0 / (dh as f32).sqrt();
-    let n_keys = keys.len() / width;
-    scores.resize(n_keys, 0.0);
-    for (q, o) in queries.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        for h in 0..heads {
-            let qh = &q[h * dh..(h + 1) * dh];
-            for (s, k) in scores.iter_mut().zip(keys.chunks_exact(width)) {
-                *s = scale * qh.iter().zip(&k[h * dh..]).map(|(a, b)| a * b).sum::<f32>();
+    let n_keys = values.len() / width;
+    let padded = grouped_keys.len() / width;
+    vectorised(
+        #[inline(always)]
+        || {
+            // scores[(r·heads + h)·padded + k] = q[r, h]·key[k, h] / √d_h (0 for padding keys)
+            scores.clear();
+            scores.resize(queries.len() / width * heads * padded, 0.0);
+            for (q, row_scores) in queries
+                .chunks_exact(width)
+                .zip(scores.chunks_exact_mut(heads * padded))
+            {
+                for (e, (&qe, keys)) in q.iter().zip(grouped_keys.chunks_exact(padded)).enumerate()
+                {
+                    let h = e / dh;
+                    row_scores[h * padded..(h + 1) * padded]
+                        .iter_mut()
+                        .zip(keys)
+                        .for_each(|(s, k)| *s = qe.mul_add(*k, *s));
+                }
             }
-            softmax_in_place(scores);
-            let oh = &mut o[h * dh..(h + 1) * dh];
-            oh.fill(0.0);
-            for (&a, v) in scores.iter().zip(values.chunks_exact(width)) {
-                oh.iter_mut()
-                    .zip(&v[h * dh..])
-                    .for_each(|(o, v)| *o += a * v);
+            // Softmax over each (row, head)'s real keys, the exps over the whole buffer at once.
+            for group in scores.chunks_exact_mut(padded) {
+                let max = group[..n_keys]
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                group.iter_mut().for_each(|s| *s -= max);
             }
-        }
-    }
+            exp_in_place(scores);
+            for (o, row_scores) in out
+                .chunks_exact_mut(width)
+                .zip(scores.chunks_exact(heads * padded))
+            {
+                for (h, (oh, weights)) in o
+                    .chunks_exact_mut(dh)
+                    .zip(row_scores.chunks_exact(padded))
+                    .enumerate()
+                {
+                    let weights = &weights[..n_keys];
+                    let inv_sum = 1.0 / weights.iter().sum::<f32>();
+                    oh.fill(0.0);
+                    for (&a, v) in weights.iter().zip(values.chunks_exact(width)) {
+                        let a = a * inv_sum;
+                        oh.iter_mut()
+                            .zip(&v[h * dh..])
+                            .for_each(|(o, v)| *o = a.mul_add(*v, *o));
+                    }
+                }
+            }
+        },
+    )
 }
 
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
@@ -70,7 +111,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     let mut out = vec![0f32; nq * width];
     attend_rows(
         q.data(),
-        k.data(),
+        &keys_by_head(k.data(), width, heads),
         v.data(),
         width,
         heads,
@@ -164,12 +205,13 @@ pub fn click_cross_attention(
                         max[col] = max[col].max(*s);
                     }
                 }
-                let mut sum = vec![0f32; columns];
                 for row in scores.chunks_exact_mut(columns) {
-                    for (col, s) in row.iter_mut().enumerate() {
-                        *s = (*s - max[col]).exp();
-                        sum[col] += *s;
-                    }
+                    row.iter_mut().zip(&max).for_each(|(s, m)| *s -= m);
+                }
+                exp_in_place(scores);
+                let mut sum = vec![0f32; columns];
+                for row in scores.chunks_exact(columns) {
+                    sum.iter_mut().zip(row).for_each(|(t, s)| *t += s);
                 }
                 let mut weighted = vec![0f32; columns * width];
                 gemm(
@@ -210,40 +252,39 @@ pub fn label_assignment(
     let (_, _, width, classes) =
         shapes::label_assignment(x, click_keys, click_values, probs, params)?;
     let alpha = params.alpha;
+    let grouped_keys = keys_by_head(click_keys.data(), width, params.heads);
+    let (q, out) = (PackedLinear::new(params.q), PackedLinear::new(params.out));
+    let label_mlp = PackedMlp::new(params.label_mlp);
     x.data_mut()
         .par_chunks_mut(TOKEN_BLOCK * width)
         .zip(probs.data().par_chunks(TOKEN_BLOCK * classes))
         .for_each_init(
-            || vec![Vec::new(); 5],
-            |scratch, (block, block_probs)| {
-                let [normed, queries, copied, auto, hidden] = &mut scratch[..] else {
-                    unreachable!("five scratch buffers")
+            || vec![Vec::new(); 6],
+            |buffers, (block, block_probs)| {
+                let [normed, queries, copied, auto, hidden, scratch] = &mut buffers[..] else {
+                    unreachable!("six buffers")
                 };
                 for buf in [&mut *normed, &mut *queries, &mut *copied, &mut *auto] {
                     buf.resize(block.len(), 0.0);
                 }
                 layer_norm_rows(block, width, params.norm_q, normed);
-                linear_rows(normed, params.q, queries);
+                q.apply(normed, Epilogue::Store, queries, scratch);
                 attend_rows(
                     queries,
-                    click_keys.data(),
+                    &grouped_keys,
                     click_values.data(),
                     width,
                     params.heads,
                     hidden,
                     copied,
                 );
-                mlp_rows(block_probs, params.label_mlp, hidden, auto);
+                label_mlp.apply(block_probs, Epilogue::Store, auto, hidden, scratch);
                 // mixed = (1 − α)·U + α·Va, reusing `copied`
                 copied
                     .iter_mut()
                     .zip(auto.iter())
                     .for_each(|(u, va)| *u = (1.0 - alpha) * *u + alpha * va);
-                linear_rows(copied, params.out, normed);
-                block
-                    .iter_mut()
-                    .zip(normed.iter())
-                    .for_each(|(v, d)| *v += d);
+                out.apply(copied, Epilogue::Accumulate, block, scratch);
             },
         );
     Ok(())

@@ -18,6 +18,8 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::conv_direct;
 use super::gemm::{MatRef, gemm, gemm_raw};
+#[cfg(target_arch = "x86_64")]
+use super::isa::Isa;
 use crate::backend::{Conv3d, ConvTranspose3d, shapes};
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -59,7 +61,7 @@ fn direct(inputs: &[&[f32]], conv: &Conv3d<Tensor>, shape: &shapes::ConvShape) -
     #[cfg(target_arch = "x86_64")]
     if conv.stride == [1, 1, 1]
         && shape.kernel != [1, 1, 1]
-        && let Some(isa) = conv_direct::Isa::detect()
+        && let Some(isa) = Isa::detect()
     {
         return Some(conv_direct::conv3d_stride1(inputs, conv, shape, isa));
     }
@@ -394,17 +396,10 @@ mod tests {
                 ("im2col", conv3d_im2col(&x, &conv, &shape)),
             ];
             #[cfg(target_arch = "x86_64")]
-            for isa in [conv_direct::Isa::Avx2, conv_direct::Isa::Avx512] {
+            for isa in [Isa::Avx2, Isa::Avx512] {
                 if stride == [1, 1, 1] && isa.supported() {
                     let out = conv_direct::conv3d_stride1(&[x.data()], &conv, &shape, isa);
-                    paths.push((
-                        if isa == conv_direct::Isa::Avx2 {
-                            "avx2"
-                        } else {
-                            "avx512"
-                        },
-                        out,
-                    ));
+                    paths.push((if isa == Isa::Avx2 { "avx2" } else { "avx512" }, out));
                 }
             }
             for (path, got) in paths {

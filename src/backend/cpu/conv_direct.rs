@@ -29,6 +29,7 @@ use std::arch::x86_64::{
 use rayon::prelude::*;
 
 use super::conv::SharedOutput;
+use super::isa::Isa;
 use crate::backend::Conv3d;
 use crate::backend::shapes::ConvShape;
 use crate::tensor::Tensor;
@@ -42,40 +43,13 @@ const LANES: usize = 8;
 const X_VECTORS_AVX512: usize = 4;
 const X_VECTORS_AVX2: usize = 2;
 
-/// The instruction sets the kernel is compiled for.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Isa {
-    /// AVX2 + FMA: 16 ymm registers.
-    Avx2,
-    /// AVX2 + FMA + AVX-512F/VL: 32 ymm registers.
-    Avx512,
-}
-
-impl Isa {
-    /// The best kernel this CPU runs, if any.
-    pub fn detect() -> Option<Isa> {
-        [Isa::Avx512, Isa::Avx2]
-            .into_iter()
-            .find(|isa| isa.supported())
-    }
-
-    pub fn supported(self) -> bool {
-        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        match self {
-            Isa::Avx2 => avx2,
-            Isa::Avx512 => {
-                avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
-            }
+/// x values per register tile.
+fn x_block(isa: Isa) -> usize {
+    LANES
+        * match isa {
+            Isa::Avx2 => X_VECTORS_AVX2,
+            Isa::Avx512 => X_VECTORS_AVX512,
         }
-    }
-
-    fn x_block(self) -> usize {
-        LANES
-            * match self {
-                Isa::Avx2 => X_VECTORS_AVX2,
-                Isa::Avx512 => X_VECTORS_AVX512,
-            }
-    }
 }
 
 /// The stride-1 convolution into `cout × out_dims`, bias added, of the `cin` input channels
@@ -101,7 +75,7 @@ pub fn conv3d_stride1(
         cin * dims.iter().product::<usize>(),
         "inputs hold cin channels"
     );
-    let x_block = isa.x_block();
+    let x_block = x_block(isa);
     let window_rows = cin * kernel[0] * kernel[1];
     let window_width = out_dims[2].div_ceil(x_block) * x_block + kernel[2] - 1;
     let packed = packed_weights(conv.weight.data(), cin, cout, kernel);

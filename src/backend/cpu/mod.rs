@@ -8,8 +8,12 @@ mod conv;
 #[cfg(target_arch = "x86_64")]
 mod conv_direct;
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod isa;
 mod linear;
 mod norm;
+mod packed_linear;
+mod vector_math;
 mod volume;
 
 use crate::backend::{

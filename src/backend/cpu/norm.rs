@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::linear::TOKEN_BLOCK;
+use super::vector_math::vectorised;
 
 use crate::backend::{InstanceNorm, LayerNorm, shapes};
 use crate::error::Result;
@@ -17,6 +18,7 @@ pub const LAYER_NORM_EPS: f64 = 1e-5;
 const SUM_LANES: usize = 8;
 
 /// Σ f(v) over `values` in f64, in `SUM_LANES` interleaved partial sums.
+#[inline(always)]
 fn lane_sum(values: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     let mut lanes = [0f64; SUM_LANES];
     let chunks = values.chunks_exact(SUM_LANES);
@@ -29,7 +31,9 @@ fn lane_sum(values: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
-/// Mean and biased variance of `values`, in f64 (two passes).
+/// Mean and biased variance of `values`, in f64 (two passes). Inlined, so that it vectorises
+/// for the instruction set of its caller (`layer_norm_rows` runs under `vectorised`).
+#[inline(always)]
 fn moments(values: &[f32]) -> (f64, f64) {
     let n = values.len() as f64;
     let mean = lane_sum(values, |v| v) / n;
@@ -59,13 +63,18 @@ pub fn instance_norm_leaky_relu(x: &mut Tensor, norm: &InstanceNorm<Tensor>) -> 
 /// LayerNorm of every row of `x` (rows × width) into `out`.
 pub fn layer_norm_rows(x: &[f32], width: usize, norm: &LayerNorm<Tensor>, out: &mut [f32]) {
     let (gamma, beta) = (norm.weight.data(), norm.bias.data());
-    for (row, dest) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        let (mean, var) = moments(row);
-        let inv_std = 1.0 / (var + LAYER_NORM_EPS).sqrt();
-        for (i, d) in dest.iter_mut().enumerate() {
-            *d = ((row[i] as f64 - mean) * inv_std) as f32 * gamma[i] + beta[i];
-        }
-    }
+    vectorised(
+        #[inline(always)]
+        || {
+            for (row, dest) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+                let (mean, var) = moments(row);
+                let inv_std = 1.0 / (var + LAYER_NORM_EPS).sqrt();
+                for (i, d) in dest.iter_mut().enumerate() {
+                    *d = ((row[i] as f64 - mean) * inv_std) as f32 * gamma[i] + beta[i];
+                }
+            }
+        },
+    )
 }
 
 /// LayerNorm of every row of a token matrix, one block of rows per task.
