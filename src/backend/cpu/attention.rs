@@ -1,11 +1,14 @@
 //! Attention ops of the TIS head on the CPU.
 //!
-//! - `attention`: plain multi-head attention for the few click tokens (self-attention).
+//! - `attention`: plain multi-head attention for the few click tokens (self-attention), and the
+//!   label copy's attention of every voxel over the clicks: per head, two small GEMMs on
+//!   packed_linear.rs's kernel around a softmax (`KeyValueHeads`).
 //! - `click_cross_attention`: the clicks (few queries) attend over every voxel (N keys). The key
 //!   projection is folded into the queries, `q·(LN(x)·Wkᵀ + bk)ᵀ = (q·Wk)·LN(x)ᵀ + q·bk`, and the
 //!   value projection applied after the weighted sum, `Σ a·(LN(x)·Wvᵀ + bv) = (Σ a·LN(x))·Wvᵀ + bv`
 //!   (the weights sum to one), so no N × d key or value matrix exists. The voxels are split into
-//!   blocks; each block yields a partial softmax (running max, sum and weighted sum of LN(x)) and
+//!   blocks; in each the scores are one GEMM of LN(x) with the folded queries, and the block
+//!   yields a partial softmax (running max, sum and weighted sum of LN(x)) and
 //!   the partials are merged, as in flash attention.
 //! - `label_assignment`: per block of voxels, LN + Q projection, scores over the clicks, softmax,
 //!   the label-embedding copy A·Vc, the automatic segmentation's embedding label_mlp(P) computed on
@@ -16,105 +19,110 @@ use rayon::prelude::*;
 use super::gemm::{MatRef, gemm};
 use super::linear::TOKEN_BLOCK;
 use super::norm::layer_norm_rows;
-use super::packed_linear::{Epilogue, PackedLinear, PackedMlp};
+use super::packed_linear::{Epilogue, PANEL, PackedLinear, PackedMlp};
 use super::vector_math::{exp_in_place, vectorised};
 use crate::backend::{LabelAssignment, LayerNorm, Linear, shapes};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// Keys per group in `keys_by_head`: whole ymm vectors.
-const KEY_LANES: usize = 8;
-
-/// The keys regrouped for `attend_rows`: `[head][e][key]`, each scaled by 1/√d_h and the keys
-/// zero-padded to a multiple of 8, so that a query's scores over all keys are a sum of d_h
-/// whole-vector rows.
-fn keys_by_head(keys: &[f32], width: usize, heads: usize) -> Vec<f32> {
-    let scale = 1.0 / ((width / heads) as f32).sqrt();
-    let padded = (keys.len() / width).div_ceil(KEY_LANES) * KEY_LANES;
-    let mut grouped = vec![0f32; width * padded];
-    for (k, key) in keys.chunks_exact(width).enumerate() {
-        for (e, &v) in key.iter().enumerate() {
-            grouped[e * padded + k] = scale * v;
-        }
-    }
-    grouped
+/// The keys and values of a few tokens (the clicks) split by head into linear maps for
+/// packed_linear.rs's kernel, so that attending from a block of query rows is two small GEMMs
+/// per head around a softmax: scores_h = q_h·(K_h/√d_h)ᵀ, then U_h = softmax(scores_h)·V_h.
+struct KeyValueHeads {
+    /// Per head: `[padded keys, d_h]`, K_h/√d_h, zero rows past the real keys.
+    keys: Vec<PackedLinear>,
+    /// Per head: `[d_h, keys]`, V_hᵀ.
+    values: Vec<PackedLinear>,
+    keys_count: usize,
+    /// The keys rounded up to whole kernel panels (the score rows' width per head).
+    padded: usize,
+    width: usize,
 }
 
-/// For each query row and head: softmax over the keys of the scaled dot products, then the
-/// weighted sum of the value rows. `grouped_keys` comes from `keys_by_head`; `scores` is scratch.
-fn attend_rows(
-    queries: &[f32],
-    grouped_keys: &[f32],
-    values: &[f32],
-    width: usize,
-    heads: usize,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let dh = width / heads;
-    let n_keys = values.len() / width;
-    let padded = grouped_keys.len() / width;
-    vectorised(
-        #[inline(always)]
-        || {
-            // scores[(r·heads + h)·padded + k] = q[r, h]·key[k, h] / √d_h (0 for padding keys)
-            scores.clear();
-            scores.resize(queries.len() / width * heads * padded, 0.0);
-            for (q, row_scores) in queries
-                .chunks_exact(width)
-                .zip(scores.chunks_exact_mut(heads * padded))
-            {
-                for (e, (&qe, keys)) in q.iter().zip(grouped_keys.chunks_exact(padded)).enumerate()
-                {
-                    let h = e / dh;
-                    row_scores[h * padded..(h + 1) * padded]
-                        .iter_mut()
-                        .zip(keys)
-                        .for_each(|(s, k)| *s = qe.mul_add(*k, *s));
+impl KeyValueHeads {
+    fn new(keys: &[f32], values: &[f32], width: usize, heads: usize) -> Self {
+        let dh = width / heads;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let keys_count = keys.len() / width;
+        let padded = keys_count.div_ceil(PANEL) * PANEL;
+        let head = |h: usize| {
+            let mut key_rows = vec![0f32; padded * dh];
+            let mut value_columns = vec![0f32; dh * keys_count];
+            for k in 0..keys_count {
+                for e in 0..dh {
+                    key_rows[k * dh + e] = scale * keys[k * width + h * dh + e];
+                    value_columns[e * keys_count + k] = values[k * width + h * dh + e];
                 }
             }
-            // Softmax over each (row, head)'s real keys, the exps over the whole buffer at once.
-            for group in scores.chunks_exact_mut(padded) {
-                let max = group[..n_keys]
-                    .iter()
-                    .copied()
-                    .fold(f32::NEG_INFINITY, f32::max);
-                group.iter_mut().for_each(|s| *s -= max);
-            }
-            exp_in_place(scores);
-            for (o, row_scores) in out
-                .chunks_exact_mut(width)
-                .zip(scores.chunks_exact(heads * padded))
-            {
-                for (h, (oh, weights)) in o
-                    .chunks_exact_mut(dh)
-                    .zip(row_scores.chunks_exact(padded))
-                    .enumerate()
-                {
-                    let weights = &weights[..n_keys];
-                    let inv_sum = 1.0 / weights.iter().sum::<f32>();
-                    oh.fill(0.0);
-                    for (&a, v) in weights.iter().zip(values.chunks_exact(width)) {
-                        let a = a * inv_sum;
-                        oh.iter_mut()
-                            .zip(&v[h * dh..])
-                            .for_each(|(o, v)| *o = a.mul_add(*v, *o));
-                    }
+            (
+                PackedLinear::from_weight(&key_rows, &vec![0.0; padded]),
+                PackedLinear::from_weight(&value_columns, &vec![0.0; dh]),
+            )
+        };
+        let (keys, values) = (0..heads).map(head).unzip();
+        KeyValueHeads {
+            keys,
+            values,
+            keys_count,
+            padded,
+            width,
+        }
+    }
+
+    /// Multi-head attention of the rows of `queries` (heads concatenated) into `out`;
+    /// `scores` and `scratch` are reused buffers.
+    fn attend(
+        &self,
+        queries: &[f32],
+        scores: &mut Vec<f32>,
+        scratch: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let (width, padded, keys) = (self.width, self.padded, self.keys_count);
+        let (rows, heads) = (queries.len() / width, self.keys.len());
+        let dh = width / heads;
+        let row_scores = heads * padded;
+        scores.resize(rows * row_scores, 0.0);
+        for (h, key_map) in self.keys.iter().enumerate() {
+            let (q, s) = (&queries[h * dh..], &mut scores[h * padded..]);
+            key_map.apply_strided(q, width, rows, Epilogue::Store, s, row_scores, scratch);
+        }
+        // Softmax over each (row, head)'s real keys; the exps over the whole buffer at once.
+        vectorised(
+            #[inline(always)]
+            || {
+                for group in scores.chunks_exact_mut(padded) {
+                    let max = group[..keys]
+                        .iter()
+                        .copied()
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    group[..keys].iter_mut().for_each(|s| *s -= max);
                 }
-            }
-        },
-    )
+            },
+        );
+        exp_in_place(scores);
+        vectorised(
+            #[inline(always)]
+            || {
+                for group in scores.chunks_exact_mut(padded) {
+                    let inv_sum = 1.0 / group[..keys].iter().sum::<f32>();
+                    group[..keys].iter_mut().for_each(|s| *s *= inv_sum);
+                }
+            },
+        );
+        for (h, value_map) in self.values.iter().enumerate() {
+            let (a, o) = (&scores[h * padded..], &mut out[h * dh..]);
+            value_map.apply_strided(a, row_scores, rows, Epilogue::Store, o, width, scratch);
+        }
+    }
 }
 
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     let (nq, _, width) = shapes::attention(q, k, v, heads)?;
     let mut out = vec![0f32; nq * width];
-    attend_rows(
+    KeyValueHeads::new(k.data(), v.data(), width, heads).attend(
         q.data(),
-        &keys_by_head(k.data(), width, heads),
-        v.data(),
-        width,
-        heads,
+        &mut Vec::new(),
         &mut Vec::new(),
         &mut out,
     );
@@ -181,29 +189,22 @@ pub fn click_cross_attention(
         }
     }
 
+    let score_map = PackedLinear::from_weight(&folded, &offset);
     let partial = x
         .data()
         .par_chunks(TOKEN_BLOCK * width)
         .map_init(
-            || (Vec::new(), Vec::new()),
-            |(normed, scores), block| {
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(normed, scores, scratch), block| {
                 let rows = block.len() / width;
                 normed.resize(block.len(), 0.0);
                 layer_norm_rows(block, width, norm, normed);
                 // scores[r, col] = LN(x_r)·folded[col] + offset[col]
                 scores.resize(rows * columns, 0.0);
-                gemm(
-                    MatRef::new(normed, rows, width),
-                    MatRef::new(&folded, columns, width).t(),
-                    0.0,
-                    scores,
-                );
+                score_map.apply(normed, Epilogue::Store, scores, scratch);
                 let mut max = vec![f32::NEG_INFINITY; columns];
-                for row in scores.chunks_exact_mut(columns) {
-                    for (col, s) in row.iter_mut().enumerate() {
-                        *s += offset[col];
-                        max[col] = max[col].max(*s);
-                    }
+                for row in scores.chunks_exact(columns) {
+                    max.iter_mut().zip(row).for_each(|(m, s)| *m = m.max(*s));
                 }
                 for row in scores.chunks_exact_mut(columns) {
                     row.iter_mut().zip(&max).for_each(|(s, m)| *s -= m);
@@ -252,7 +253,7 @@ pub fn label_assignment(
     let (_, _, width, classes) =
         shapes::label_assignment(x, click_keys, click_values, probs, params)?;
     let alpha = params.alpha;
-    let grouped_keys = keys_by_head(click_keys.data(), width, params.heads);
+    let clicks = KeyValueHeads::new(click_keys.data(), click_values.data(), width, params.heads);
     let (q, out) = (PackedLinear::new(params.q), PackedLinear::new(params.out));
     let label_mlp = PackedMlp::new(params.label_mlp);
     x.data_mut()
@@ -269,15 +270,7 @@ pub fn label_assignment(
                 }
                 layer_norm_rows(block, width, params.norm_q, normed);
                 q.apply(normed, Epilogue::Store, queries, scratch);
-                attend_rows(
-                    queries,
-                    &grouped_keys,
-                    click_values.data(),
-                    width,
-                    params.heads,
-                    hidden,
-                    copied,
-                );
+                clicks.attend(queries, hidden, scratch, copied);
                 label_mlp.apply(block_probs, Epilogue::Store, auto, hidden, scratch);
                 // mixed = (1 − α)·U + α·Va, reusing `copied`
                 copied
@@ -288,4 +281,60 @@ pub fn label_assignment(
             },
         );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::random::Rng;
+
+    /// Multi-head attention by its definition, in f64.
+    fn attention_by_definition(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Vec<f64> {
+        let width = q.shape()[1];
+        let dh = width / heads;
+        let (q, k, v) = (q.data(), k.data(), v.data());
+        let keys = k.len() / width;
+        let mut out = vec![0f64; q.len()];
+        for (r, o) in out.chunks_exact_mut(width).enumerate() {
+            for h in 0..heads {
+                let dims = h * dh..(h + 1) * dh;
+                let scores: Vec<f64> = (0..keys)
+                    .map(|j| {
+                        dims.clone()
+                            .map(|e| q[r * width + e] as f64 * k[j * width + e] as f64)
+                            .sum::<f64>()
+                            / (dh as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = weights.iter().sum();
+                for e in dims {
+                    o[e] = (0..keys)
+                        .map(|j| weights[j] / sum * v[j * width + e] as f64)
+                        .sum();
+                }
+            }
+        }
+        out
+    }
+
+    /// One key, a partial panel of keys and more keys than one panel holds.
+    #[test]
+    fn attention_matches_the_definition() {
+        let mut rng = Rng::new(3);
+        for (queries, keys, width, heads) in [(1, 1, 16, 2), (5, 10, 32, 4), (13, 21, 64, 8)] {
+            let q = rng.tensor(&[queries, width], 2.0);
+            let k = rng.tensor(&[keys, width], 2.0);
+            let v = rng.tensor(&[keys, width], 1.0);
+            let got = attention(&q, &k, &v, heads).unwrap();
+            let want = attention_by_definition(&q, &k, &v, heads);
+            for (i, (g, w)) in got.data().iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{queries} queries, {keys} keys, {heads} heads: value {i} is {g}, want {w}"
+                );
+            }
+        }
+    }
 }

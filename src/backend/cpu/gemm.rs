@@ -62,12 +62,20 @@ impl<'a> MatRef<'a> {
 
 /// `c ← a·b + beta·c` with `c` row-major `a.rows × b.cols` (beta 0 ignores what c held).
 pub fn gemm(a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut [f32]) {
+    gemm_strided(a, b, beta, c, b.cols)
+}
+
+/// `gemm` into rows of `c` that start `c_row_stride` values apart.
+pub fn gemm_strided(a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut [f32], c_row_stride: usize) {
     assert_eq!(a.cols, b.rows, "inner dimensions of a GEMM differ");
-    assert!(c.len() >= a.rows * b.cols, "GEMM output too small");
+    assert!(
+        a.rows == 0 || (a.rows - 1) * c_row_stride + b.cols <= c.len(),
+        "GEMM output too small"
+    );
     // SAFETY: the views were bounds-checked against their slices at construction and `c` holds
-    // a.rows × b.cols values written row-major; the slices do not alias (`c` is exclusive).
+    // a.rows rows of b.cols values at the stride (checked above); `c` is exclusive.
     unsafe {
-        gemm_raw(a, b, beta, c.as_mut_ptr(), b.cols);
+        gemm_raw(a, b, beta, c.as_mut_ptr(), c_row_stride);
     }
 }
 
@@ -98,23 +106,4 @@ pub unsafe fn gemm_raw(a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: *mut f32, c_r
             1,
         );
     }
-}
-
-/// `c ← x·Wᵀ (+ c when accumulate)`: x is `rows × in`, W `out × in` (PyTorch's Linear layout).
-pub fn matmul_weight_t(
-    x: &[f32],
-    weight: &[f32],
-    rows: usize,
-    inp: usize,
-    out: usize,
-    accumulate: bool,
-    c: &mut [f32],
-) {
-    let beta = if accumulate { 1.0 } else { 0.0 };
-    gemm(
-        MatRef::new(x, rows, inp),
-        MatRef::new(weight, out, inp).t(),
-        beta,
-        c,
-    );
 }
