@@ -48,14 +48,23 @@ pub fn instance_norm_leaky_relu(x: &mut Tensor, norm: &InstanceNorm<Tensor>) -> 
         .par_chunks_mut(voxels)
         .enumerate()
         .for_each(|(c, channel)| {
-            let (mean, var) = moments(channel);
-            let inv_std = 1.0 / (var + norm.eps as f64).sqrt();
-            let scale = (inv_std * gamma[c] as f64) as f32;
-            let shift = (beta[c] as f64 - mean * inv_std * gamma[c] as f64) as f32;
-            for v in channel.iter_mut() {
-                let y = *v * scale + shift;
-                *v = if y < 0.0 { y * norm.negative_slope } else { y };
-            }
+            // The slope moved into the closure by value: read through a reference inside the
+            // loop, the compiler could not rule out that the stores change it, and the loop
+            // would not vectorise.
+            let slope = norm.negative_slope;
+            vectorised(
+                #[inline(always)]
+                move || {
+                    let (mean, var) = moments(channel);
+                    let inv_std = 1.0 / (var + norm.eps as f64).sqrt();
+                    let scale = (inv_std * gamma[c] as f64) as f32;
+                    let shift = (beta[c] as f64 - mean * inv_std * gamma[c] as f64) as f32;
+                    for v in channel.iter_mut() {
+                        let y = *v * scale + shift;
+                        *v = if y < 0.0 { y * slope } else { y };
+                    }
+                },
+            )
         });
     Ok(())
 }
