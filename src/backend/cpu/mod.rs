@@ -1,5 +1,9 @@
-//! The CPU backend: f32 throughout, multi-threaded with rayon, GEMMs on `matrixmultiply`, and a
-//! direct AVX2/AVX-512 kernel for stride-1 convolutions (conv_direct.rs).
+//! The CPU backend: f32 throughout, multi-threaded with rayon. Hand-written AVX2/AVX-512 kernels,
+//! chosen at run time (isa.rs), carry the arithmetic: a direct kernel for stride-1 convolutions
+//! (conv_direct.rs) and a packed-weight register-tile kernel for the head's dense layers and
+//! attention (packed_linear.rs); exp and GELU run as vector code (vector_math.rs); the other
+//! GEMMs (stride-2 and transposed convolutions) are on `matrixmultiply`, which is also the
+//! portable path where the CPU lacks AVX2.
 //! It is the oracle every other backend is tested against and the fallback on machines without
 //! a GPU. One file per op family; this file only routes the trait to them.
 
