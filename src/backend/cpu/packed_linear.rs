@@ -210,17 +210,22 @@ impl PackedLinear {
         match &self.layout {
             #[cfg(target_arch = "x86_64")]
             Layout::Panels { isa, panels, bias } => {
-                let kernel = Panels { panels, bias };
+                let job = Job {
+                    panels,
+                    bias,
+                    x,
+                    x_rows,
+                    epilogue,
+                    out,
+                    out_rows,
+                    scratch,
+                };
                 // SAFETY: `for_isa` checked that this CPU runs `isa`; the row extents were
                 // checked just above.
                 unsafe {
                     match isa {
-                        Isa::Avx512 => {
-                            self.tiles_avx512(&kernel, x, x_rows, epilogue, out, out_rows, scratch)
-                        }
-                        Isa::Avx2 => {
-                            self.tiles_avx2(&kernel, x, x_rows, epilogue, out, out_rows, scratch)
-                        }
+                        Isa::Avx512 => self.tiles_avx512(job),
+                        Isa::Avx2 => self.tiles_avx2(job),
                     }
                 }
             }
@@ -252,41 +257,21 @@ impl PackedLinear {
     }
 
     /// # Safety
-    /// The CPU must have AVX-512F and AVX-512VL; the row extents are checked.
+    /// The CPU must have AVX-512F and AVX-512VL; the job's row extents are checked.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tiles_avx512(
-        &self,
-        kernel: &Panels<'_>,
-        x: &[f32],
-        x_rows: Strided,
-        epilogue: Epilogue,
-        out: &mut [f32],
-        out_rows: Strided,
-        scratch: &mut Vec<f32>,
-    ) {
+    unsafe fn tiles_avx512(&self, job: Job<'_>) {
         // SAFETY: as the caller vouches.
-        unsafe { self.tiles::<ROWS_AVX512>(kernel, x, x_rows, epilogue, out, out_rows, scratch) }
+        unsafe { self.tiles::<ROWS_AVX512>(job) }
     }
 
     /// # Safety
-    /// The CPU must have AVX2 and FMA; the row extents are checked.
+    /// The CPU must have AVX2 and FMA; the job's row extents are checked.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tiles_avx2(
-        &self,
-        kernel: &Panels<'_>,
-        x: &[f32],
-        x_rows: Strided,
-        epilogue: Epilogue,
-        out: &mut [f32],
-        out_rows: Strided,
-        scratch: &mut Vec<f32>,
-    ) {
+    unsafe fn tiles_avx2(&self, job: Job<'_>) {
         // SAFETY: as the caller vouches.
-        unsafe { self.tiles::<ROWS_AVX2>(kernel, x, x_rows, epilogue, out, out_rows, scratch) }
+        unsafe { self.tiles::<ROWS_AVX2>(job) }
     }
 
     /// Every MR-row group of x against every panel, then the group's epilogue. Inlined into
@@ -296,17 +281,9 @@ impl PackedLinear {
     /// The CPU must have AVX2 and FMA; `x` and `out` hold their rows (`Strided::check`).
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tiles<const MR: usize>(
-        &self,
-        kernel: &Panels<'_>,
-        x: &[f32],
-        x_rows: Strided,
-        epilogue: Epilogue,
-        out: &mut [f32],
-        out_rows: Strided,
-        scratch: &mut Vec<f32>,
-    ) {
+    unsafe fn tiles<const MR: usize>(&self, job: Job<'_>) {
+        let Job { out, scratch, .. } = job;
+        let (x, x_rows, out_rows, epilogue) = (job.x, job.x_rows, job.out_rows, job.epilogue);
         let (inp, width) = (self.inp, self.out);
         for first_row in (0..x_rows.rows).step_by(MR) {
             let rows = MR.min(x_rows.rows - first_row);
@@ -322,12 +299,12 @@ impl PackedLinear {
                 (scratch.as_slice(), inp)
             };
             let dest = &mut out[first_row * out_rows.stride..];
-            for (panel, weights) in kernel.panels.chunks_exact(inp * PANEL).enumerate() {
+            for (panel, weights) in job.panels.chunks_exact(inp * PANEL).enumerate() {
                 let first = panel * PANEL;
                 let tile = Tile {
                     inp,
                     weights,
-                    bias: &kernel.bias[first..first + PANEL],
+                    bias: &job.bias[first..first + PANEL],
                     rows,
                     cols: PANEL.min(width - first),
                     accumulate: epilogue == Epilogue::Accumulate,
@@ -353,11 +330,17 @@ impl PackedLinear {
     }
 }
 
-/// The packed weights of `Layout::Panels`, borrowed for the kernel.
+/// One `apply_strided` call for the kernel: the packed weights of `Layout::Panels` and the rows.
 #[cfg(target_arch = "x86_64")]
-struct Panels<'a> {
+struct Job<'a> {
     panels: &'a [f32],
     bias: &'a [f32],
+    x: &'a [f32],
+    x_rows: Strided,
+    epilogue: Epilogue,
+    out: &'a mut [f32],
+    out_rows: Strided,
+    scratch: &'a mut Vec<f32>,
 }
 
 /// One register tile: MR rows of x against one 16-column panel, written to the output.
