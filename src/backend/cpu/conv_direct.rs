@@ -10,13 +10,17 @@
 //! runs on the FMA units rather than on loads and stores. That needs AVX-512VL's 32 ymm
 //! registers; with AVX2's 16 the tile is 4 × 16 x (8 accumulators), as a 4 × 24 tile spills.
 //!
-//! Memory layout. The work items are output rows. For its row a thread first copies the
-//! cin·kz·ky input rows the row reads into a window (its own buffer, reused from row to row),
-//! zero-padded in x to whole 32-wide blocks and zero where the kernel leaves the volume, so the
-//! kernel has no border cases; then it computes all channel blocks of the row from that window,
-//! which stays in its L2. Copying per row rather than padding the whole input once avoids
+//! Memory layout. The work items are runs of up to 4 consecutive output rows (one z, several y).
+//! For its run a thread first copies the input rows the run reads into a window (its own buffer,
+//! reused from run to run): for each input channel and kz, the ky rows of every output row of
+//! the run, which overlap, so 4 output rows of a 3³ kernel copy 6 rows per (ci, kz) instead of
+//! 12. The window is zero-padded in x to whole 32-wide blocks and zero where the kernel leaves
+//! the volume, so the kernel has no border cases; a run is only as long as keeps the window
+//! within 512 KiB, so that it stays in L2 while every channel block of every row of the run is
+//! computed from it. Copying per run rather than padding the whole input once avoids
 //! allocating, and faulting in, a padded copy of every activation (on the MSD Pancreas tile,
-//! 12.6 s against 14.8 to 17.0 s in runs of the padded-copy version on the same 2-core machine). The weights are packed once per call as
+//! 12.6 s against 14.8 to 17.0 s in runs of the padded-copy version on the same 2-core
+//! machine). The weights are packed once per call as
 //! `[channel block][ci][kz][ky][kx][4]`, zero for channels past `cout`.
 //!
 //! The summation order differs from the im2col path only in rounding (f32 throughout).
@@ -36,6 +40,10 @@ use crate::tensor::Tensor;
 
 /// Output channels per register tile.
 const CHANNEL_BLOCK: usize = 4;
+/// At most this many consecutive output rows share one input window…
+const MAX_ROWS_PER_WINDOW: usize = 4;
+/// …while the window stays within this many bytes (half of a 1 MiB L2).
+const WINDOW_BYTES: usize = 512 * 1024;
 /// f32 lanes of one ymm register.
 const LANES: usize = 8;
 /// ymm vectors of consecutive x per register tile: 4 where AVX-512VL gives 32 registers
@@ -76,8 +84,10 @@ pub fn conv3d_stride1(
         "inputs hold cin channels"
     );
     let x_block = x_block(isa);
-    let window_rows = cin * kernel[0] * kernel[1];
     let window_width = out_dims[2].div_ceil(x_block) * x_block + kernel[2] - 1;
+    let rows_per_window = rows_per_window(cin * kernel[0], kernel[1], window_width);
+    // Input rows per (ci, kz) in a window: the output rows' ky ranges overlap.
+    let group_rows = rows_per_window + kernel[1] - 1;
     let packed = packed_weights(conv.weight.data(), cin, cout, kernel);
     let bias: Vec<f32> = match &conv.bias {
         Some(b) => b.data().to_vec(),
@@ -88,41 +98,51 @@ pub fn conv3d_stride1(
     let mut out = vec![0f32; cout * out_vox];
     let shared = SharedOutput(out.as_mut_ptr());
     let shared = &shared;
-    (0..out_dims[0] * out_dims[1])
+    let windows_per_plane = out_dims[1].div_ceil(rows_per_window);
+    (0..out_dims[0] * windows_per_plane)
         .into_par_iter()
-        .for_each_init(Vec::new, |window, row| {
-            let (zo, yo) = (row / out_dims[1], row % out_dims[1]);
-            window.resize(window_rows * window_width, 0.0);
+        .for_each_init(Vec::new, |window, item| {
+            let (zo, y0) = (
+                item / windows_per_plane,
+                item % windows_per_plane * rows_per_window,
+            );
+            window.resize(cin * kernel[0] * group_rows * window_width, 0.0);
             fill_window(
                 inputs,
                 dims,
                 kernel,
                 conv.padding,
-                [zo, yo],
+                [zo, y0],
+                group_rows,
                 window_width,
                 window,
             );
-            for block in 0..cout.div_ceil(CHANNEL_BLOCK) {
-                let first = block * CHANNEL_BLOCK;
-                let channels = CHANNEL_BLOCK.min(cout - first);
-                let tile = Tile {
-                    window,
-                    window_width,
-                    kernel,
-                    weights: &packed[first * window_rows * kernel[2]..],
-                    bias: &bias[first..first + channels],
-                };
-                // SAFETY: the CPU runs `isa` (asserted above); this row of these channels is
-                // written by this task only (rows and blocks are disjoint), at offsets inside
-                // `out` (co < cout, zo < out_dims[0], yo < out_dims[1]); the window's rows
-                // hold whole x blocks.
-                unsafe {
-                    let dest = shared.0.add(
-                        (first * out_dims[0] + zo) * out_dims[1] * out_dims[2] + yo * out_dims[2],
-                    );
-                    match isa {
-                        Isa::Avx512 => tile.row_avx512(out_dims[2], dest, out_vox),
-                        Isa::Avx2 => tile.row_avx2(out_dims[2], dest, out_vox),
+            for (row, yo) in (y0..out_dims[1].min(y0 + rows_per_window)).enumerate() {
+                for block in 0..cout.div_ceil(CHANNEL_BLOCK) {
+                    let first = block * CHANNEL_BLOCK;
+                    let channels = CHANNEL_BLOCK.min(cout - first);
+                    let tile = Tile {
+                        window,
+                        window_width,
+                        group_rows,
+                        row,
+                        kernel,
+                        weights: &packed[first * cin * kernel.iter().product::<usize>()..],
+                        bias: &bias[first..first + channels],
+                    };
+                    // SAFETY: the CPU runs `isa` (asserted above); this row of these channels is
+                    // written by this task only (rows and blocks are disjoint), at offsets inside
+                    // `out` (co < cout, zo < out_dims[0], yo < out_dims[1]); the window's rows
+                    // hold whole x blocks.
+                    unsafe {
+                        let dest = shared.0.add(
+                            (first * out_dims[0] + zo) * out_dims[1] * out_dims[2]
+                                + yo * out_dims[2],
+                        );
+                        match isa {
+                            Isa::Avx512 => tile.row_avx512(out_dims[2], dest, out_vox),
+                            Isa::Avx2 => tile.row_avx2(out_dims[2], dest, out_vox),
+                        }
                     }
                 }
             }
@@ -130,15 +150,27 @@ pub fn conv3d_stride1(
     out
 }
 
-/// The input rows output row (zo, yo) reads, `[ci][kz][ky]` rows of `window_width` values:
-/// input row (zo + kz − pz, yo + ky − py) of channel ci (counted through `inputs` in order) at
-/// x offset px, zero outside the input.
+/// Output rows that share one input window: up to `MAX_ROWS_PER_WINDOW`, as many as keep the
+/// window within `WINDOW_BYTES` (so it stays in L2), at least one. `planes` = cin·kz.
+fn rows_per_window(planes: usize, ky: usize, window_width: usize) -> usize {
+    let row_bytes = planes * window_width * std::mem::size_of::<f32>();
+    (WINDOW_BYTES / row_bytes.max(1))
+        .saturating_sub(ky - 1)
+        .clamp(1, MAX_ROWS_PER_WINDOW)
+}
+
+/// The input rows that output rows (zo, y0), (zo, y0 + 1), … read: for each input channel ci
+/// (counted through `inputs` in order) and kz, `group_rows` consecutive rows starting at input
+/// row (zo + kz − pz, y0 − py), each of `window_width` values from x offset −px; zero outside
+/// the input.
+#[allow(clippy::too_many_arguments)]
 fn fill_window(
     inputs: &[&[f32]],
     dims: [usize; 3],
     kernel: [usize; 3],
     padding: [usize; 3],
-    [zo, yo]: [usize; 2],
+    [zo, y0]: [usize; 2],
+    group_rows: usize,
     window_width: usize,
     window: &mut [f32],
 ) {
@@ -149,10 +181,10 @@ fn fill_window(
         .flat_map(|input| input.chunks_exact(channel_len))
     {
         for kz in 0..kernel[0] {
-            for ky in 0..kernel[1] {
-                let dest = rows.next().expect("one window row per (ci, kz, ky)");
+            for j in 0..group_rows {
+                let dest = rows.next().expect("group_rows window rows per (ci, kz)");
                 let zi = (zo + kz).checked_sub(padding[0]).filter(|&z| z < dims[0]);
-                let yi = (yo + ky).checked_sub(padding[1]).filter(|&y| y < dims[1]);
+                let yi = (y0 + j).checked_sub(padding[1]).filter(|&y| y < dims[1]);
                 let (Some(zi), Some(yi)) = (zi, yi) else {
                     dest.fill(0.0);
                     continue;
@@ -182,11 +214,14 @@ fn packed_weights(weight: &[f32], cin: usize, cout: usize, kernel: [usize; 3]) -
     packed
 }
 
-/// One block of up to 4 output channels over one output row's input window.
+/// One block of up to 4 output channels over one output row of a shared input window.
 struct Tile<'a> {
-    /// The `[ci][kz][ky]` input rows of the output row, zero-padded (`fill_window`).
+    /// `[ci][kz][group_rows]` input rows, zero-padded (`fill_window`).
     window: &'a [f32],
     window_width: usize,
+    group_rows: usize,
+    /// Which of the window's output rows: it reads rows `row..row + ky` of each (ci, kz).
+    row: usize,
     kernel: [usize; 3],
     /// This block's packed weights, `[cin][kz][ky][kx][4]`.
     weights: &'a [f32],
@@ -236,23 +271,28 @@ impl Tile<'_> {
                 *tile = unsafe { [_mm256_set1_ps(self.bias[c]); XV] };
             }
             let mut w = self.weights.as_ptr();
-            for window_row in self.window.chunks_exact(self.window_width) {
-                // The row holds x0 + x_block + kx_n − 1 values.
-                let row = &window_row[x0..x0 + x_block + kx_n - 1];
-                for kx in 0..kx_n {
-                    // SAFETY: kx + x_block ≤ row.len(); `w` walks the block's cin·kz·ky·kx
-                    // groups of 4 weights, all inside `weights`.
-                    unsafe {
-                        let p = row.as_ptr().add(kx);
-                        let s: [__m256; XV] =
-                            std::array::from_fn(|v| _mm256_loadu_ps(p.add(v * LANES)));
-                        for (c, tile) in acc.iter_mut().enumerate() {
-                            let wc = _mm256_broadcast_ss(&*w.add(c));
-                            for v in 0..XV {
-                                tile[v] = _mm256_fmadd_ps(wc, s[v], tile[v]);
+            let (width_w, ky_n) = (self.window_width, self.kernel[1]);
+            for group in self.window.chunks_exact(self.group_rows * width_w) {
+                // This output row reads rows row..row + ky of each (ci, kz) group.
+                let rows = &group[self.row * width_w..(self.row + ky_n) * width_w];
+                for window_row in rows.chunks_exact(width_w) {
+                    // The row holds x0 + x_block + kx_n − 1 values.
+                    let row = &window_row[x0..x0 + x_block + kx_n - 1];
+                    for kx in 0..kx_n {
+                        // SAFETY: kx + x_block ≤ row.len(); `w` walks the block's
+                        // cin·kz·ky·kx groups of 4 weights, all inside `weights`.
+                        unsafe {
+                            let p = row.as_ptr().add(kx);
+                            let s: [__m256; XV] =
+                                std::array::from_fn(|v| _mm256_loadu_ps(p.add(v * LANES)));
+                            for (c, tile) in acc.iter_mut().enumerate() {
+                                let wc = _mm256_broadcast_ss(&*w.add(c));
+                                for v in 0..XV {
+                                    tile[v] = _mm256_fmadd_ps(wc, s[v], tile[v]);
+                                }
                             }
+                            w = w.add(CHANNEL_BLOCK);
                         }
-                        w = w.add(CHANNEL_BLOCK);
                     }
                 }
             }
@@ -268,6 +308,26 @@ impl Tile<'_> {
                     std::ptr::copy_nonoverlapping(spill[c].as_ptr().cast::<f32>(), to, valid);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small layers share a window among 4 output rows; wide ones fall back to one row.
+    #[test]
+    fn windows_stay_within_their_budget() {
+        assert_eq!(rows_per_window(16 * 3, 3, 128), MAX_ROWS_PER_WINDOW);
+        assert_eq!(rows_per_window(64 * 3, 3, 256), 1);
+        for (planes, ky, width) in [(48, 3, 128), (96, 3, 200), (192, 3, 256), (3, 1, 40)] {
+            let rows = rows_per_window(planes, ky, width);
+            let bytes = planes * (rows + ky - 1) * width * 4;
+            assert!(
+                rows == 1 || bytes <= WINDOW_BYTES,
+                "{planes} planes: {rows} rows, {bytes} B"
+            );
         }
     }
 }
