@@ -111,16 +111,22 @@ impl PackedLinear {
         Self::portable(weight, bias)
     }
 
-    /// The `matrixmultiply` path.
-    pub fn portable(weight: &[f32], bias: &[f32]) -> Self {
+    /// `(in, out)` of a `[out, in]` weight with an `[out]` bias.
+    fn widths(weight: &[f32], bias: &[f32]) -> (usize, usize) {
         let out = bias.len();
         assert_eq!(
             weight.len() % out.max(1),
             0,
             "weight holds whole rows of the bias's width"
         );
+        (weight.len() / out.max(1), out)
+    }
+
+    /// The `matrixmultiply` path.
+    pub fn portable(weight: &[f32], bias: &[f32]) -> Self {
+        let (inp, out) = Self::widths(weight, bias);
         PackedLinear {
-            inp: weight.len() / out.max(1),
+            inp,
             out,
             layout: Layout::Portable {
                 weight: weight.to_vec(),
@@ -139,13 +145,7 @@ impl PackedLinear {
             return Self::portable(weight, bias);
         };
         assert!(isa.supported(), "this CPU does not run the {isa:?} kernel");
-        let out = bias.len();
-        assert_eq!(
-            weight.len() % out.max(1),
-            0,
-            "weight holds whole rows of the bias's width"
-        );
-        let inp = weight.len() / out.max(1);
+        let (inp, out) = Self::widths(weight, bias);
         let padded = out.div_ceil(PANEL) * PANEL;
         let mut panels = vec![0f32; padded * inp];
         for (j, row) in weight.chunks_exact(inp.max(1)).enumerate() {

@@ -17,7 +17,7 @@
 //! On x86-64 the slice loops are compiled a second time for AVX2 + FMA and chosen at run time
 //! (`vectorised`, which other token loops of the CPU backend use too).
 
-/// |x| below which exp's input is clamped (2ⁿ stays a normal float).
+/// The range exp's input is clamped to (2ⁿ stays a normal float).
 const EXP_MIN: f32 = -87.0;
 const EXP_MAX: f32 = 88.0;
 /// ln 2 = LN2_HI + LN2_LO; LN2_HI has 9 significant bits, so n·LN2_HI is exact for |n| < 2¹⁵.
@@ -86,7 +86,7 @@ pub fn gelu(x: f32) -> f32 {
 #[inline(always)]
 pub fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    if super::isa::Isa::Avx2.supported() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
         return unsafe { with_avx2(f) };
     }
