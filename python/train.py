@@ -279,10 +279,8 @@ def directory_bytes(directory):
 
 N_ENCODER_CASES = 48
 N_HEAD_CASES = 48
-N_TEST_CASES = 12
+N_TEST_CASES = 36
 HEAD_ERROR_WEIGHT = 0.0
-CLICK_ROBOT = 0.5  # training clicks: the robot's rule, else a random error region,
-CLICK_TUMOUR = 0.25  # restricted to tumour errors this often
 HEAD_DICE_WEIGHT = 1.0
 HEAD_LR = 1e-3
 
@@ -424,7 +422,7 @@ def mean_dice_table(predictions, references):
 
 
 # ----------------------------------------------------------------------------------------------
-# Simulated clicks (the paper's robot user, §4.1, plus random variants for training)
+# Simulated clicks: the paper's robot user (§4.1), in training as in evaluation
 # ----------------------------------------------------------------------------------------------
 
 
@@ -461,41 +459,6 @@ def robot_click(labels, reference, rng, jitter=10):
     else:
         chosen = most_interior(member)
     return (*chosen, int(reference[chosen]))
-
-
-def random_region_click(labels, reference, rng, tumour_only, clicks=()):
-    """A click inside a random error region (size-weighted), at a random fairly interior voxel.
-
-    Regions that already hold a click are left out when others remain (a new error each time).
-    """
-    wrong = labels != reference
-    if tumour_only:
-        wrong &= (reference == TUMOUR) | (labels == TUMOUR)
-    regions, count = ndimage.label(wrong)
-    if count == 0:
-        return None
-    sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:].astype(np.float64)
-    clicked = {int(regions[c[:3]]) for c in clicks} - {0}
-    if clicked and len(clicked) < count:
-        sizes[[k - 1 for k in clicked]] = 0.0
-    k = int(rng.choice(count, p=sizes / sizes.sum())) + 1
-    objects = ndimage.find_objects(regions, max_label=k)[k - 1]
-    member = regions[objects] == k
-    depth = ndimage.distance_transform_cdt(np.pad(member, 1), metric="taxicab")[1:-1, 1:-1, 1:-1]
-    weights = depth.astype(np.float64).ravel() ** 2
-    pick = np.unravel_index(int(rng.choice(weights.size, p=weights / weights.sum())), member.shape)
-    chosen = tuple(int(p + s.start) for p, s in zip(pick, objects))
-    return (*chosen, int(reference[chosen]))
-
-
-def simulated_click(labels, reference, rng, clicks=()):
-    """Training clicks: the robot's, or on a random (new) tumour error, or on any new error."""
-    u = rng.random()
-    if u < CLICK_ROBOT:
-        return robot_click(labels, reference, rng)
-    tumour_only = u < CLICK_ROBOT + CLICK_TUMOUR
-    click = random_region_click(labels, reference, rng, tumour_only, clicks)
-    return click if click is not None else robot_click(labels, reference, rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,7 +537,7 @@ def train_head(head, encoded, references, steps, rng, log, base_lr=HEAD_LR, max_
         for _ in range(episode_clicks):
             if step >= steps:
                 break
-            click = simulated_click(labels, reference, rng, clicks)
+            click = robot_click(labels, reference, rng)
             if click is None:
                 break
             clicks.append(click)
@@ -740,6 +703,7 @@ def main():
     # 3. Head
     torch.manual_seed(args.seed + 1)
     head = TisHead.from_config(TIS_CONFIG, feature_channels=FEATURES[0], num_classes=len(CLASSES))
+    init_head_as_automatic(head, net)
     train_head(head, encoded, head_labels, head_steps, np.random.default_rng([args.seed, 2]), log)
     t = phase("head training", t)
 

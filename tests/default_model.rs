@@ -49,7 +49,7 @@ fn clicks_pay_off_for_the_hardest_class_on_held_out_cases() {
         String::from_utf8_lossy(&run.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
-    assert_eq!(report["cases"], 12);
+    assert_eq!(report["cases"], 36);
     let rows = report["summary"].as_array().unwrap();
     assert_eq!(rows.len(), CLICKS + 1);
     let mean = |row: &serde_json::Value, class: &str| row["dice"][class]["mean"].as_f64().unwrap();
