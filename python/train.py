@@ -237,7 +237,7 @@ def make_case(seed, shape=SHAPE):
 
 def case_seed(seed, split, index):
     """Seed of case `index` of a split: the splits never share a case."""
-    offsets = {"encoder": 10_000, "head": 20_000, "test": 30_000}
+    offsets = {"encoder": 10_000, "head": 20_000, "test": 30_000, "validation": 40_000}
     return seed * 1_000_000 + offsets[split] + index
 
 
@@ -280,6 +280,7 @@ def directory_bytes(directory):
 N_ENCODER_CASES = 48
 N_HEAD_CASES = 48
 N_TEST_CASES = 36
+N_VALIDATION_CASES = 48
 HEAD_ERROR_WEIGHT = 0.0
 HEAD_DICE_WEIGHT = 1.0
 HEAD_LR = 1e-3
@@ -641,6 +642,9 @@ def main():
                         help="the engine's binary, for the final evaluation")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", type=Path, default=REPO / "data" / "synthetic")
+    parser.add_argument("--validation", type=Path,
+                        help="development: write the validation phantoms here and evaluate on them "
+                             "instead of the held-out test set (rank variants on these)")
     parser.add_argument("--cache", type=Path, help="development: reuse/keep the trained encoder here")
     parser.add_argument("--skip-eval", action="store_true")
     args = parser.parse_args()
@@ -667,6 +671,8 @@ def main():
     head_images, head_labels = generate(args.seed, "head", N_HEAD_CASES)
     test_images, test_labels = generate(args.seed, "test", N_TEST_CASES)
     write_nifti_cases(args.data, test_images, test_labels, "synth")
+    if args.validation:
+        write_nifti_cases(args.validation, *generate(args.seed, "validation", N_VALIDATION_CASES), "val")
     properties = foreground_properties(enc_images, enc_labels)
     plans, dataset_json = make_plans_and_dataset(properties, N_ENCODER_CASES)
     log(f"data: {N_ENCODER_CASES} encoder + {N_HEAD_CASES} head training cases {SHAPE}, "
@@ -724,13 +730,15 @@ def main():
 
     # 5. Evaluation by the engine
     if not args.skip_eval:
-        summary, command = run_tis_eval(args.tis, args.data / "imagesTs", args.data / "labelsTs", args.out)
-        log(command)
-        print(format_eval(summary), flush=True)
-        hardest, before, after = hardest_class_gain(summary)
-        log(f"hardest class {hardest}: {before:.3f} automatic -> {after:.3f} after "
-            f"{summary['summary'][-1]['clicks']} clicks ({100 * (after - before):+.1f} points); "
-            f"median click {summary['median_click_ms']:.0f} ms")
+        # Development runs (--validation) never look at the held-out test set.
+        for split, directory in [("validation", args.validation)] if args.validation else [("test", args.data)]:
+            summary, command = run_tis_eval(args.tis, directory / "imagesTs", directory / "labelsTs", args.out)
+            log(command)
+            print(format_eval(summary), flush=True)
+            hardest, before, after = hardest_class_gain(summary)
+            log(f"{split}: hardest class {hardest}: {before:.3f} automatic -> {after:.3f} after "
+                f"{summary['summary'][-1]['clicks']} clicks ({100 * (after - before):+.1f} points); "
+                f"median click {summary['median_click_ms']:.0f} ms")
         t = phase("evaluation", t)
     log("phases: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items())
         + f"; total {(time.time() - t_start) / 60:.1f} min")
