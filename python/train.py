@@ -731,14 +731,14 @@ def main():
     # 5. Evaluation by the engine
     if not args.skip_eval:
         # Development runs (--validation) never look at the held-out test set.
-        for split, directory in [("validation", args.validation)] if args.validation else [("test", args.data)]:
-            summary, command = run_tis_eval(args.tis, directory / "imagesTs", directory / "labelsTs", args.out)
-            log(command)
-            print(format_eval(summary), flush=True)
-            hardest, before, after = hardest_class_gain(summary)
-            log(f"{split}: hardest class {hardest}: {before:.3f} automatic -> {after:.3f} after "
-                f"{summary['summary'][-1]['clicks']} clicks ({100 * (after - before):+.1f} points); "
-                f"median click {summary['median_click_ms']:.0f} ms")
+        split, directory = ("validation", args.validation) if args.validation else ("test", args.data)
+        summary, command = run_tis_eval(args.tis, directory / "imagesTs", directory / "labelsTs", args.out)
+        log(command)
+        print(format_eval(summary), flush=True)
+        hardest, before, after = hardest_class_gain(summary)
+        log(f"{split}: hardest class {hardest}: {before:.3f} automatic -> {after:.3f} after "
+            f"{summary['summary'][-1]['clicks']} clicks ({100 * (after - before):+.1f} points); "
+            f"median click {summary['median_click_ms']:.0f} ms")
         t = phase("evaluation", t)
     log("phases: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items())
         + f"; total {(time.time() - t_start) / 60:.1f} min")

@@ -88,7 +88,9 @@ pub fn conv3d_stride1(
     let rows_per_window = rows_per_window(cin * kernel[0], kernel[1], window_width);
     // Input rows per (ci, kz) in a window: the output rows' ky ranges overlap.
     let group_rows = rows_per_window + kernel[1] - 1;
-    let packed = packed_weights(conv.weight.data(), cin, cout, kernel);
+    // Weights per output channel: one per (ci, kz, ky, kx).
+    let taps = cin * kernel.iter().product::<usize>();
+    let packed = packed_weights(conv.weight.data(), taps, cout);
     let bias: Vec<f32> = match &conv.bias {
         Some(b) => b.data().to_vec(),
         None => vec![0.0; cout],
@@ -118,7 +120,7 @@ pub fn conv3d_stride1(
                 window,
             );
             for (row, yo) in (y0..out_dims[1].min(y0 + rows_per_window)).enumerate() {
-                for block in 0..cout.div_ceil(CHANNEL_BLOCK) {
+                for (block, weights) in packed.chunks_exact(taps * CHANNEL_BLOCK).enumerate() {
                     let first = block * CHANNEL_BLOCK;
                     let channels = CHANNEL_BLOCK.min(cout - first);
                     let tile = Tile {
@@ -127,7 +129,7 @@ pub fn conv3d_stride1(
                         group_rows,
                         row,
                         kernel,
-                        weights: &packed[first * cin * kernel.iter().product::<usize>()..],
+                        weights,
                         bias: &bias[first..first + channels],
                     };
                     // SAFETY: the CPU runs `isa` (asserted above); this row of these channels is
@@ -199,10 +201,10 @@ fn fill_window(
     }
 }
 
-/// PyTorch's `[cout, cin, kz, ky, kx]` weights as `[cout / 4][cin][kz][ky][kx][4]`, the four
-/// channels of a block side by side; channels past `cout` are zero.
-fn packed_weights(weight: &[f32], cin: usize, cout: usize, kernel: [usize; 3]) -> Vec<f32> {
-    let taps = cin * kernel.iter().product::<usize>();
+/// PyTorch's `[cout, cin, kz, ky, kx]` weights (`taps` = cin·kz·ky·kx per channel) as
+/// `[cout / 4][cin][kz][ky][kx][4]`, the four channels of a block side by side; channels past
+/// `cout` are zero.
+fn packed_weights(weight: &[f32], taps: usize, cout: usize) -> Vec<f32> {
     let blocks = cout.div_ceil(CHANNEL_BLOCK);
     let mut packed = vec![0f32; blocks * taps * CHANNEL_BLOCK];
     for co in 0..cout {
