@@ -16,7 +16,8 @@ One run, deterministic given its arguments (one torch thread):
 3. head      the TIS refinement head of shared/design/tis-model.md trained with the encoder
              frozen, on the encoder's sliding-window features and probabilities of separate
              volumes, with clicks simulated like the paper's robot user on the errors of the
-             current segmentation (several rounds, the head in the loop).
+             current segmentation (several rounds, the head in the loop); it starts as the
+             automatic segmentation, its label assignment as "copy the nearest click".
 4. export    the bundle (tis-bundle/1), read back strictly and checked against the reference.
 5. eval      `tis eval` (the engine, built beforehand) on data/synthetic, 10 clicks of the
              robot user.
@@ -284,6 +285,7 @@ N_VALIDATION_CASES = 48
 HEAD_ERROR_WEIGHT = 0.0
 HEAD_DICE_WEIGHT = 1.0
 HEAD_LR = 1e-3
+NEAREST_CLICK_SHARPNESS = 10.0
 
 PATCH = [32, 64, 64]
 FEATURES = [16, 16, 32, 64]
@@ -514,6 +516,45 @@ def init_head_as_automatic(head, net):
                 linear.bias.zero_()
 
 
+def init_assignment_as_nearest_click(head, features, sharpness=NEAREST_CLICK_SHARPNESS):
+    """Starts the first attention head of every label assignment as "copy the nearest click".
+
+    Called after init_head_as_automatic, whose pos_grid channels 2·C_f+2 … 2·C_f+5 hold the ROI's
+    coordinates p = (z, y, x) in [−1, 1] and r² = |p|² − const, and channel 2·C_f the constant 1.
+    Without a prior on distance the assignment learns to copy the label of the click whose
+    features a voxel resembles, and the voxels of a tumour the encoder missed resemble the liver:
+    a liver click after a tumour click turned them back to liver even beside the tumour click
+    (the dip at the second click in docs/interactive.md). Here head 0 of assign_q / assign_k
+    starts with queries s·(p, 1) and keys s·(p_c, −r²_c / 2), so its logits are
+    −s²·|p − p_c|² / (2·√d_h) plus terms the softmax over clicks cancels: each voxel attends to
+    its nearest click. LayerNorm divides a token by its spread across channels, so s is
+    `sharpness` times the median spread of input_proj(F) over the voxels of `features` (one
+    training case, C_f × Z × Y × X). The click branch's output projections start at zero, so a
+    click token is still its voxel's token, coordinates included, when the assignment reads it.
+    The coordinate channels stop reading the features. All of it stays trainable.
+    """
+    c_f, d_model = features.shape[0], head.pos_grid.shape[0]
+    constant, coordinates = 2 * c_f, 2 * c_f + 2
+    d_head = d_model // head.layers[0].n_heads
+    with torch.no_grad():
+        head.input_proj.weight[coordinates : coordinates + 4] = 0.0
+        head.input_proj.bias[coordinates : coordinates + 4] = 0.0
+        tokens = head.input_proj(features.reshape(c_f, -1).T[::97])
+        scale = sharpness * float(tokens.std(dim=1, unbiased=False).median())
+        for layer in head.layers:
+            for linear in (layer.click_cross.out_proj, layer.click_self.out_proj, layer.click_ffn[2]):
+                linear.weight.zero_()
+                linear.bias.zero_()
+            query, key = layer.assign_q, layer.assign_k
+            for linear in (query, key):
+                linear.weight[:d_head] = 0.0
+                linear.bias[:d_head] = 0.0
+                for axis in range(3):
+                    linear.weight[axis, coordinates + axis] = scale
+            query.weight[3, constant] = scale
+            key.weight[3, coordinates + 3] = -scale / 2
+
+
 def train_head(head, encoded, references, steps, rng, log, base_lr=HEAD_LR, max_clicks=10):
     """The head on episodes of simulated clicks, the head in the loop, encoder frozen.
 
@@ -710,6 +751,7 @@ def main():
     torch.manual_seed(args.seed + 1)
     head = TisHead.from_config(TIS_CONFIG, feature_channels=FEATURES[0], num_classes=len(CLASSES))
     init_head_as_automatic(head, net)
+    init_assignment_as_nearest_click(head, encoded[0][0])
     train_head(head, encoded, head_labels, head_steps, np.random.default_rng([args.seed, 2]), log)
     t = phase("head training", t)
 

@@ -1,7 +1,7 @@
 //! The embedded default model is the one python/train.py trained, and on its held-out synthetic
 //! cases (data/synthetic, never seen in training) the robot user's clicks pay off for the
-//! hardest class: a smaller version (half the gain) of the claim docs/interactive.md makes for
-//! 10 clicks.
+//! hardest class: the workflow issue's bar (+10 Dice points after 10 clicks; docs/interactive.md
+//! measures +15.4), and the clicks after the first still add to what the first one gave.
 
 use std::process::Command;
 
@@ -15,7 +15,7 @@ fn root() -> std::path::PathBuf {
 /// Clicks of the robot user per case, and the least gain (Dice points) they must bring.
 const CLICKS: usize = 10;
 const MIN_GAIN: f64 = MIN_GAIN_POINTS / 100.0;
-const MIN_GAIN_POINTS: f64 = 5.0;
+const MIN_GAIN_POINTS: f64 = 10.0;
 
 #[test]
 fn the_default_model_is_the_trained_one() {
@@ -58,11 +58,18 @@ fn clicks_pay_off_for_the_hardest_class_on_held_out_cases() {
         .map(|c| (c, mean(&rows[0], c)))
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .unwrap();
-    let after = mean(&rows[CLICKS], hardest);
-    println!("{hardest}: {auto:.3} automatic -> {after:.3} after {CLICKS} clicks");
+    let (first, after) = (mean(&rows[1], hardest), mean(&rows[CLICKS], hardest));
+    println!(
+        "{hardest}: {auto:.3} automatic -> {first:.3} after 1 click -> {after:.3} after {CLICKS}"
+    );
     assert!(
         after >= auto + MIN_GAIN,
         "{hardest}: {auto:.3} automatic, {after:.3} after {CLICKS} clicks: less than \
          {MIN_GAIN_POINTS} points gained\n{report}"
+    );
+    assert!(
+        after > first,
+        "{hardest}: {first:.3} after the first click, {after:.3} after {CLICKS}: the later clicks \
+         took back what the first one gave\n{report}"
     );
 }
