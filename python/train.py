@@ -469,6 +469,18 @@ def robot_click(labels, reference, rng, jitter=10):
 # ----------------------------------------------------------------------------------------------
 
 
+def start_channels(c_f):
+    """Token channels that init_head_as_automatic fills beyond [F, −F]: the constant +1 (−1
+    beside it), and the first of the four ROI-coordinate channels z, y, x, r²."""
+    return 2 * c_f, 2 * c_f + 2
+
+
+def zero_linears(*linears):
+    for linear in linears:
+        linear.weight.zero_()
+        linear.bias.zero_()
+
+
 def init_head_as_automatic(head, net):
     """Starts the head as the automatic segmentation: refined argmax = auto argmax, any clicks.
 
@@ -487,33 +499,30 @@ def init_head_as_automatic(head, net):
     weight = seg.weight.detach().reshape(seg.out_channels, seg.in_channels)
     bias = seg.bias.detach()
     c_f, d_model = seg.in_channels, head.pos_grid.shape[0]
-    assert 2 * c_f + 6 <= d_model, "d_model too small for the automatic-segmentation start"
+    constant, coordinates = start_channels(c_f)
+    assert coordinates + 4 <= d_model, "d_model too small for the automatic-segmentation start"
     eye = torch.eye(c_f)
     _, gz, gy, gx = head.pos_grid.shape
     z, y, x = torch.meshgrid(*(torch.linspace(-1.0, 1.0, n) for n in (gz, gy, gx)), indexing="ij")
     r2 = z**2 + y**2 + x**2
     with torch.no_grad():
         proj = head.input_proj
-        proj.weight[: 2 * c_f + 2].zero_()
+        proj.weight[:coordinates].zero_()
         proj.weight[:c_f] = eye
-        proj.weight[c_f : 2 * c_f] = -eye
-        proj.bias[: 2 * c_f + 2] = 0.0
-        proj.bias[2 * c_f], proj.bias[2 * c_f + 1] = 1.0, -1.0
-        head.pos_grid[: 2 * c_f + 6] = 0.0
-        pe = 2 * c_f + 2
-        head.pos_grid[pe], head.pos_grid[pe + 1], head.pos_grid[pe + 2] = z, y, x
-        head.pos_grid[pe + 3] = r2 - r2.mean()
+        proj.weight[c_f:constant] = -eye
+        proj.bias[:coordinates] = 0.0
+        proj.bias[constant], proj.bias[constant + 1] = 1.0, -1.0
+        head.pos_grid[: coordinates + 4] = 0.0
+        for channel, values in enumerate((z, y, x, r2 - r2.mean())):
+            head.pos_grid[coordinates + channel] = values
         out = head.out_proj
-        out.weight.zero_()
-        out.bias.zero_()
+        zero_linears(out)
         out.weight[:, :c_f] = weight / 2
-        out.weight[:, c_f : 2 * c_f] = -weight / 2
-        out.weight[:, 2 * c_f] = bias / 2
-        out.weight[:, 2 * c_f + 1] = -bias / 2
+        out.weight[:, c_f:constant] = -weight / 2
+        out.weight[:, constant] = bias / 2
+        out.weight[:, constant + 1] = -bias / 2
         for layer in head.layers:
-            for linear in (layer.assign_out, layer.assign_ffn[2]):
-                linear.weight.zero_()
-                linear.bias.zero_()
+            zero_linears(layer.assign_out, layer.assign_ffn[2])
 
 
 def init_assignment_as_nearest_click(head, features, sharpness=NEAREST_CLICK_SHARPNESS):
@@ -528,13 +537,14 @@ def init_assignment_as_nearest_click(head, features, sharpness=NEAREST_CLICK_SHA
     starts with queries s·(p, 1) and keys s·(p_c, −r²_c / 2), so its logits are
     −s²·|p − p_c|² / (2·√d_h) plus terms the softmax over clicks cancels: each voxel attends to
     its nearest click. LayerNorm divides a token by its spread across channels, so s is
-    `sharpness` times the median spread of input_proj(F) over the voxels of `features` (one
-    training case, C_f × Z × Y × X). The click branch's output projections start at zero, so a
-    click token is still its voxel's token, coordinates included, when the assignment reads it.
+    `sharpness` times the median spread of input_proj(F) over every 97th voxel of `features`
+    (one training case, C_f × Z × Y × X; a sample is enough for a median). The click branch's
+    output projections start at zero, so a click token is still its voxel's token, coordinates
+    included, when the assignment reads it.
     The coordinate channels stop reading the features. All of it stays trainable.
     """
     c_f, d_model = features.shape[0], head.pos_grid.shape[0]
-    constant, coordinates = 2 * c_f, 2 * c_f + 2
+    constant, coordinates = start_channels(c_f)
     d_head = d_model // head.layers[0].n_heads
     with torch.no_grad():
         head.input_proj.weight[coordinates : coordinates + 4] = 0.0
@@ -542,9 +552,7 @@ def init_assignment_as_nearest_click(head, features, sharpness=NEAREST_CLICK_SHA
         tokens = head.input_proj(features.reshape(c_f, -1).T[::97])
         scale = sharpness * float(tokens.std(dim=1, unbiased=False).median())
         for layer in head.layers:
-            for linear in (layer.click_cross.out_proj, layer.click_self.out_proj, layer.click_ffn[2]):
-                linear.weight.zero_()
-                linear.bias.zero_()
+            zero_linears(layer.click_cross.out_proj, layer.click_self.out_proj, layer.click_ffn[2])
             query, key = layer.assign_q, layer.assign_k
             for linear in (query, key):
                 linear.weight[:d_head] = 0.0
