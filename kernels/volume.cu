@@ -42,22 +42,23 @@ __device__ void scale(T* x, int64_t n, float factor) {
 }
 
 // acc[c, start + p] += tile[c, p] · weights[p] over the tile's box (tiles of one launch never
-// overlap, so no atomics).
+// overlap, so no atomics). The sums are f32 whatever the storage type: the Gaussian's corner
+// weights are f16 subnormals, and products with them would lose most of their bits in f16.
 template <typename T>
-__device__ void accumulate_weighted(T* acc, const T* tile, const T* weights, int64_t channels, Dims3 dims,
+__device__ void accumulate_weighted(float* acc, const T* tile, const T* weights, int64_t channels, Dims3 dims,
                                     Dims3 start, Dims3 box) {
     GRID_LOOP(i, channels * box.count()) {
         int64_t p = i % box.count(), c = i / box.count();
         int64_t px = p % box.x, py = (p / box.x) % box.y, pz = p / (box.x * box.y);
-        int64_t a = ((c * dims.z + start.z + pz) * dims.y + start.y + py) * dims.x + start.x + px;
-        acc[a] = from_f32<T>(to_f32(acc[a]) + to_f32(tile[i]) * to_f32(weights[p]));
+        acc[((c * dims.z + start.z + pz) * dims.y + start.y + py) * dims.x + start.x + px] +=
+            to_f32(tile[i]) * to_f32(weights[p]);
     }
 }
 
-// x[c, v] /= weight_sum[v]
+// y[c, v] = acc[c, v] / weight_sum[v], from the f32 sums to storage.
 template <typename T>
-__device__ void divide_by_weights(T* x, const T* weight_sum, int64_t channels, int64_t voxels) {
-    GRID_LOOP(i, channels * voxels) x[i] = from_f32<T>(to_f32(x[i]) / to_f32(weight_sum[i % voxels]));
+__device__ void divide_by_weights(const float* acc, const float* weight_sum, T* y, int64_t channels, int64_t voxels) {
+    GRID_LOOP(i, channels * voxels) y[i] = from_f32<T>(acc[i] / weight_sum[i % voxels]);
 }
 
 template <typename T>
@@ -149,12 +150,12 @@ __device__ void add_positional_encoding(T* x, const T* grid, int64_t width, Dims
     }                                                                                                                \
     extern "C" __global__ void add_assign_##S(T* acc, const T* x, int64_t n) { add_assign<T>(acc, x, n); }          \
     extern "C" __global__ void scale_##S(T* x, int64_t n, float f) { scale<T>(x, n, f); }                           \
-    extern "C" __global__ void accumulate_weighted_##S(T* acc, const T* tile, const T* w, int64_t c, Dims3 d,       \
+    extern "C" __global__ void accumulate_weighted_##S(float* acc, const T* tile, const T* w, int64_t c, Dims3 d,   \
                                                        Dims3 s, Dims3 b) {                                           \
         accumulate_weighted<T>(acc, tile, w, c, d, s, b);                                                            \
     }                                                                                                                \
-    extern "C" __global__ void divide_by_weights_##S(T* x, const T* w, int64_t c, int64_t v) {                      \
-        divide_by_weights<T>(x, w, c, v);                                                                            \
+    extern "C" __global__ void divide_by_weights_##S(const float* acc, const float* w, T* y, int64_t c, int64_t v) { \
+        divide_by_weights<T>(acc, w, y, c, v);                                                                       \
     }                                                                                                                \
     extern "C" __global__ void softmax_channels_##S(const T* x, T* y, int64_t c, int64_t v) {                       \
         softmax_channels<T>(x, y, c, v);                                                                             \

@@ -47,3 +47,13 @@ impl Error {
         }
     }
 }
+
+/// A byte count for messages: "3.2 GiB", "120.5 MiB".
+pub fn bytes_in_words(bytes: u64) -> String {
+    const MIB: f64 = (1u64 << 20) as f64;
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / (MIB * 1024.0))
+    } else {
+        format!("{:.1} MiB", bytes as f64 / MIB)
+    }
+}

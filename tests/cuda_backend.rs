@@ -6,6 +6,8 @@
 //! Tests that need a GPU are ignored by default, with the reason shown by `cargo test`; run them
 //! with `cargo test --release --test cuda_backend -- --ignored` (scripts/gpu-check.sh does).
 //! On a machine without a GPU, asking for them fails: they never pass without running.
+//! scripts/cuda-emulator.sh runs them on the CPU against the CUDA emulator (tests/cuda-emulator/),
+//! whose device names itself as an emulator (each test prints the device it ran on).
 
 mod common;
 
@@ -20,7 +22,8 @@ use tis::backend::{
 };
 use tis::model::Bundle;
 use tis::model::bundle::TensorFile;
-use tis::pipeline::session::refine_region;
+use tis::pipeline::session::{encoding_memory, refine_region};
+use tis::pipeline::sliding_window::gaussian_weights;
 use tis::random::Rng;
 use tis::{CpuBackend, Model, Region, Session, SessionOptions, Tensor};
 
@@ -44,9 +47,11 @@ fn unavailable_cuda_is_an_error_not_a_panic() {
 }
 
 fn gpu<E: Element>() -> CudaBackend<E> {
-    CudaBackend::<E>::new(0)
+    let backend = CudaBackend::<E>::new(0)
         .unwrap_or_else(|e| panic!("this test needs a GPU: {e}"))
-        .poison_outputs()
+        .poison_outputs();
+    println!("device: {}", backend.device());
+    backend
 }
 
 /// A generator with a fresh seed, printed so that a failure can be replayed.
@@ -235,41 +240,44 @@ fn volume_case(n: &mut Rng) -> VolumeCase {
     VolumeCase {
         a: n.tensor(&[3, 11, 17, 14], 1.0),
         b: n.tensor(&[3, 11, 17, 14], 1.0),
-        weights: {
-            let mut w = n.tensor(&[1, 6, 9, 10], 1.0);
-            w.data_mut().iter_mut().for_each(|v| *v = v.abs() + 0.5);
-            w
-        },
+        // nnU-Net's Gaussian: its corner weights are f16 subnormals, which the f32 sums keep.
+        weights: gaussian_weights(region.size),
         region,
     }
 }
 
 fn volume_ops_on<B: Backend>(b: &B, c: &VolumeCase) -> Tensor {
-    // crop, flip, concat, add, scale, accumulate, divide, softmax: one chain, every op checked
-    // through its effect on the result.
+    // crop, flip, accumulate, divide, add, scale, softmax, concat: one chain, every op checked
+    // through its effect on the result. The weight sum is the tile's own weights inside the
+    // tile (the mean there is the tile itself, down to the subnormal corners) and 1 outside.
     let a = up(b, &c.a);
     let cropped = b.crop(&a, &c.region).unwrap();
     let flipped = b.flip(&cropped, &[0, 2]).unwrap();
-    let mut acc = b.zeros(c.a.shape()).unwrap();
+    let mut acc = b.accumulator(c.a.shape()).unwrap();
     b.accumulate_weighted(&mut acc, &flipped, &up(b, &c.weights), &c.region)
         .unwrap();
-    b.add_assign(&mut acc, &up(b, &c.b)).unwrap();
-    b.scale(&mut acc, 0.75).unwrap();
-    let mut weight_sum = Tensor::zeros(&[1, 11, 17, 14]);
-    weight_sum
-        .data_mut()
-        .iter_mut()
-        .enumerate()
-        .for_each(|(i, v)| *v = 1.0 + (i % 7) as f32);
-    b.divide_by_weights(&mut acc, &up(b, &weight_sum)).unwrap();
-    let probs = b.softmax_channels(&acc).unwrap();
-    down(b, &b.concat_channels(&acc, &probs).unwrap())
+    let mut weight_sum = Tensor::new(vec![1, 11, 17, 14], vec![1.0; 11 * 17 * 14]).unwrap();
+    let r = c.region;
+    for (i, &w) in c.weights.data().iter().enumerate() {
+        let (z, y, x) = (
+            i / (r.size[1] * r.size[2]),
+            i / r.size[2] % r.size[1],
+            i % r.size[2],
+        );
+        let v = ((z + r.start[0]) * 17 + y + r.start[1]) * 14 + x + r.start[2];
+        weight_sum.data_mut()[v] = w;
+    }
+    let mut mean = b.divide_by_weights(acc, &weight_sum).unwrap();
+    b.add_assign(&mut mean, &up(b, &c.b)).unwrap();
+    b.scale(&mut mean, 0.75).unwrap();
+    let probs = b.softmax_channels(&mean).unwrap();
+    down(b, &b.concat_channels(&mean, &probs).unwrap())
 }
 
 fn sliding_window_ops<E: Element>(tolerance: f64) {
     let case = volume_case(&mut fresh("volume ops"));
     check::<E, _>(
-        "crop/flip/accumulate/add/scale/divide/softmax/concat",
+        "crop/flip/accumulate/divide/add/scale/softmax/concat",
         tolerance,
         &case,
         volume_ops_on,
@@ -571,6 +579,56 @@ fn head_matches_cpu_f16() {
     head_matches_cpu::<f16>(F16_TOLERANCE);
 }
 
+/// One network forward over a patch-sized tile of the fixture volume: logits and the features
+/// the session keeps, before any sliding-window aggregation.
+fn tile_forward_matches_cpu<E: Element>(tolerance: f64) {
+    let golden_bytes = read_fixture("iso/golden.safetensors");
+    let volume = TensorFile::parse(&golden_bytes, "iso")
+        .unwrap()
+        .f32("window0.input")
+        .unwrap();
+    let cpu = fixture_model("iso", CpuBackend);
+    let gpu_model = fixture_model("iso", gpu::<E>());
+    let g = &gpu_model.backend;
+    let patch = cpu.info.configuration.patch_size;
+    let tile = CpuBackend
+        .crop(
+            &volume,
+            &Region {
+                start: [0; 3],
+                size: patch,
+            },
+        )
+        .unwrap();
+    let want = cpu.network.forward(&CpuBackend, &tile).unwrap();
+    let got = gpu_model.network.forward(g, &up(g, &tile)).unwrap();
+    let what = format!("tile forward ({})", E::SUFFIX);
+    assert_close(
+        &format!("{what} features"),
+        &down(g, &got.features),
+        &want.features,
+        tolerance,
+    );
+    assert_close(
+        &format!("{what} logits"),
+        &down(g, &got.logits),
+        &want.logits,
+        tolerance,
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn tile_forward_matches_cpu_f32() {
+    tile_forward_matches_cpu::<f32>(F32_TOLERANCE);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn tile_forward_matches_cpu_f16() {
+    tile_forward_matches_cpu::<f16>(F16_TOLERANCE);
+}
+
 fn session_matches_cpu<E: Element>(tolerance: f64) {
     let golden_bytes = read_fixture("iso/golden.safetensors");
     let volume = TensorFile::parse(&golden_bytes, "iso")
@@ -602,6 +660,52 @@ fn session_matches_cpu<E: Element>(tolerance: f64) {
     let agree = agreement(&refined_gpu, &refined_cpu);
     println!("{what}: refined agreement {agree}");
     assert!(agree >= 0.995, "{what}: refined agreement {agree}");
+}
+
+/// Out of device memory: an allocation past the GPU's memory is an error; a session that would
+/// not fit in what is left is refused with the numbers before it allocates; the backend works
+/// on after both.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn out_of_memory_is_an_error_not_a_panic() {
+    let g = gpu::<f16>();
+    let err = g.zeros(&[1 << 40]).err().expect("2 TiB of f16 fit no GPU");
+    println!("a 2 TiB tensor: {err}");
+    assert!(err.to_string().contains("OUT_OF_MEMORY"), "{err}");
+
+    let golden_bytes = read_fixture("iso/golden.safetensors");
+    let volume = TensorFile::parse(&golden_bytes, "iso")
+        .unwrap()
+        .f32("window0.input")
+        .unwrap();
+    let s = volume.shape();
+    let model = fixture_model("iso", g.clone());
+    let needed = encoding_memory(&model, [s[1], s[2], s[3]]);
+    let free = || {
+        g.available_memory()
+            .expect("the driver reports its free memory")
+    };
+    // Ballast, so that less than the session needs is left.
+    let mut ballast = vec![
+        g.zeros(&[(free().saturating_sub(needed / 2) / 2) as usize])
+            .unwrap(),
+    ];
+    while free() >= needed {
+        ballast.push(g.zeros(&[1 << 19]).unwrap());
+    }
+    let options = SessionOptions::default();
+    let err = Session::new(&model, &volume, &options, &mut |_, _| {})
+        .err()
+        .expect("the session cannot fit");
+    println!("a session on a full GPU: {err}");
+    let message = err.to_string();
+    assert!(
+        message.starts_with("backend cuda: ") && message.contains("needs about"),
+        "{message}"
+    );
+    drop(ballast);
+    let session = Session::new(&model, &volume, &options, &mut |_, _| {}).unwrap();
+    assert_eq!(session.auto_labels().len(), s[1] * s[2] * s[3]);
 }
 
 #[test]

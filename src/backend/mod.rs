@@ -83,6 +83,10 @@ pub struct LabelAssignment<'a, T> {
 
 pub trait Backend: Send + Sync {
     type Tensor: BackendTensor;
+    /// A sliding-window sum (C × Z × Y × X), f32 whatever the storage type. nnU-Net keeps these
+    /// sums in f16, where the Gaussian's corner weights are subnormal and quantise the sums at
+    /// the grid's borders (nnunet-inference.md §3.3); an f16 backend here does not.
+    type Accumulator: BackendTensor;
 
     /// A short name for messages ("cpu", "cuda").
     fn name(&self) -> &'static str;
@@ -139,17 +143,23 @@ pub trait Backend: Send + Sync {
     fn add_assign(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
     /// `x *= factor`.
     fn scale(&self, x: &mut Self::Tensor, factor: f32) -> Result<()>;
+    /// A zeroed sliding-window sum of `shape` (C × Z × Y × X).
+    fn accumulator(&self, shape: &[usize]) -> Result<Self::Accumulator>;
     /// `acc[:, region] += tile · weights` with `weights` one channel of the tile's size and
     /// `region` the tile's place in `acc`.
     fn accumulate_weighted(
         &self,
-        acc: &mut Self::Tensor,
+        acc: &mut Self::Accumulator,
         tile: &Self::Tensor,
         weights: &Self::Tensor,
         region: &Region,
     ) -> Result<()>;
-    /// `x[c, v] /= weight_sum[0, v]` for every channel.
-    fn divide_by_weights(&self, x: &mut Self::Tensor, weight_sum: &Self::Tensor) -> Result<()>;
+    /// The weighted mean `acc[c, v] / weight_sum[0, v]` for every channel, as a stored tensor.
+    fn divide_by_weights(
+        &self,
+        acc: Self::Accumulator,
+        weight_sum: &Tensor,
+    ) -> Result<Self::Tensor>;
     /// Softmax over the channel axis of a volume.
     fn softmax_channels(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// Index of the largest channel per voxel, ties to the lower index.

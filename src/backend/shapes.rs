@@ -167,8 +167,8 @@ pub fn flip_axes(axes: &[usize]) -> Result<[bool; 3]> {
 }
 
 /// `(channels, dims)` of the accumulator a weighted tile is added to.
-pub fn accumulate<T: BackendTensor>(
-    acc: &T,
+pub fn accumulate<A: BackendTensor, T: BackendTensor>(
+    acc: &A,
     tile: &T,
     weights: &T,
     region: &Region,
@@ -188,7 +188,10 @@ pub fn accumulate<T: BackendTensor>(
 }
 
 /// `(channels, voxels)` of a volume divided by per-voxel weights.
-pub fn weight_sum<T: BackendTensor>(x: &T, weight_sum: &T) -> Result<(usize, usize)> {
+pub fn weight_sum(
+    x: &impl BackendTensor,
+    weight_sum: &impl BackendTensor,
+) -> Result<(usize, usize)> {
     let (channels, dims) = volume(x, "divide_by_weights")?;
     if weight_sum.shape() != [1, dims[0], dims[1], dims[2]] {
         return Err(shape_err(format!(

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, bytes_in_words};
 use crate::geometry::{Label, Region};
 use crate::model::ModelInfo;
 use crate::pipeline::resample::{Resampling, new_shape};
@@ -262,9 +262,9 @@ fn check_resampling_memory(from: [usize; 3], to: [usize; 3], channels: usize) ->
             .max(voxels([to[0], from[1], from[2]]));
     match CpuBackend.available_memory() {
         Some(free) if free < needed => Err(Error::Shape(format!(
-            "resampling {from:?} to the model's grid {to:?} needs about {:.1} GiB, {:.1} GiB are free",
-            needed as f64 / (1u64 << 30) as f64,
-            free as f64 / (1u64 << 30) as f64
+            "resampling {from:?} to the model's grid {to:?} needs about {}, {} are free",
+            bytes_in_words(needed),
+            bytes_in_words(free)
         ))),
         _ => Ok(()),
     }

@@ -7,7 +7,7 @@
 //! repaint only the regions that change.
 
 use crate::backend::{Backend, BackendTensor};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, bytes_in_words};
 use crate::geometry::{Click, Label, Region};
 use crate::model::Model;
 use crate::model::tis_head::TisHead;
@@ -35,9 +35,10 @@ impl Default for SessionOptions {
 }
 
 /// An estimate of the bytes the backend holds while encoding a grid and keeping its session:
-/// the padded input, the logit, feature and weight accumulators, the probabilities and
-/// features the session keeps, and one tile's activations (every stage's output at the widest
-/// point of the U, counted twice for the skip and the next stage, plus a mirrored copy).
+/// the padded input, the logit, feature and weight sums (f32 on every backend) and their
+/// quotients, the probabilities and features the session keeps, and one tile's activations
+/// (every stage's output at the widest point of the U, counted twice for the skip and the next
+/// stage, plus a mirrored copy).
 pub fn encoding_memory<B: Backend>(model: &Model<B>, grid: [usize; 3]) -> u64 {
     let net = &model.info.configuration.network;
     let patch = model.info.configuration.patch_size;
@@ -47,15 +48,16 @@ pub fn encoding_memory<B: Backend>(model: &Model<B>, grid: [usize; 3]) -> u64 {
         net.in_channels as u64,
         net.feature_channels() as u64,
     );
-    let volumes =
-        padded * (c_in + k + c_f + 1) + grid.iter().map(|&g| g as u64).product::<u64>() * (k + c_f);
+    let stored =
+        padded * (c_in + k + c_f) + grid.iter().map(|&g| g as u64).product::<u64>() * (k + c_f);
+    let sums = padded * (k + c_f + 1);
     let mut tile = 0u64;
     let mut voxels: u64 = patch.iter().map(|&p| p as u64).product();
     for (s, &features) in net.features.iter().enumerate() {
         voxels /= net.strides[s].iter().map(|&v| v as u64).product::<u64>();
         tile += 4 * features as u64 * voxels;
     }
-    model.backend.bytes_per_value() * (volumes + 2 * tile)
+    model.backend.bytes_per_value() * (stored + 2 * tile) + 4 * sums
 }
 
 /// The model's logits and penultimate features over a whole preprocessed volume (C × grid):
@@ -73,9 +75,9 @@ pub fn encode<B: Backend>(
             return Err(Error::Backend {
                 backend: model.backend.name(),
                 message: format!(
-                    "a {z} × {y} × {x} grid needs about {:.1} GiB to encode, {:.1} GiB are free",
-                    needed as f64 / (1u64 << 30) as f64,
-                    available as f64 / (1u64 << 30) as f64
+                    "a {z} × {y} × {x} grid needs about {} to encode, {} are free",
+                    bytes_in_words(needed),
+                    bytes_in_words(available)
                 ),
             });
         }

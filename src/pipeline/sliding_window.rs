@@ -5,7 +5,8 @@
 //! start at `round_half_even(i·(L − P)/(n − 1))` with n = ceil((L − P)/(P·step)) + 1. Each tile
 //! is predicted plainly and under every combination of the mirror axes, the predictions
 //! averaged, weighted by nnU-Net's Gaussian (σ = P/8, peak 10, quantised to f16 as nnU-Net does)
-//! and accumulated in f32; the sums are divided by the summed weights at the end.
+//! and accumulated in f32 on every backend (nnU-Net's GPU path sums in f16); the sums are
+//! divided by the summed weights at the end.
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -170,18 +171,18 @@ pub fn predict_sliding_window<B: Backend>(
 
     let input = backend.upload(&padded)?;
     let weights = backend.upload(&gaussian)?;
-    let mut logits = backend.zeros(&[plan.classes, dims[0], dims[1], dims[2]])?;
-    let mut features = backend.zeros(&[plan.feature_channels(), dims[0], dims[1], dims[2]])?;
+    let mut logits_sum = backend.accumulator(&[plan.classes, dims[0], dims[1], dims[2]])?;
+    let mut features_sum =
+        backend.accumulator(&[plan.feature_channels(), dims[0], dims[1], dims[2]])?;
     for (done, tile) in tiles.iter().enumerate() {
         let out =
             predict_tile_mirrored(backend, network, &backend.crop(&input, tile)?, mirror_axes)?;
-        backend.accumulate_weighted(&mut logits, &out.logits, &weights, tile)?;
-        backend.accumulate_weighted(&mut features, &out.features, &weights, tile)?;
+        backend.accumulate_weighted(&mut logits_sum, &out.logits, &weights, tile)?;
+        backend.accumulate_weighted(&mut features_sum, &out.features, &weights, tile)?;
         progress(done + 1, tiles.len());
     }
-    let weight_sum = backend.upload(&weight_sum)?;
-    backend.divide_by_weights(&mut logits, &weight_sum)?;
-    backend.divide_by_weights(&mut features, &weight_sum)?;
+    let mut logits = backend.divide_by_weights(logits_sum, &weight_sum)?;
+    let mut features = backend.divide_by_weights(features_sum, &weight_sum)?;
     if inner.size != dims {
         logits = backend.crop(&logits, &inner)?;
         features = backend.crop(&features, &inner)?;

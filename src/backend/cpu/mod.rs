@@ -40,6 +40,7 @@ impl BackendTensor for Tensor {
 
 impl Backend for CpuBackend {
     type Tensor = Tensor;
+    type Accumulator = Tensor;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -106,6 +107,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn accumulator(&self, shape: &[usize]) -> Result<Tensor> {
+        self.zeros(shape)
+    }
+
     fn accumulate_weighted(
         &self,
         acc: &mut Tensor,
@@ -116,8 +121,9 @@ impl Backend for CpuBackend {
         volume::accumulate_weighted(acc, tile, weights, region)
     }
 
-    fn divide_by_weights(&self, x: &mut Tensor, weight_sum: &Tensor) -> Result<()> {
-        volume::divide_by_weights(x, weight_sum)
+    fn divide_by_weights(&self, mut acc: Tensor, weight_sum: &Tensor) -> Result<Tensor> {
+        volume::divide_by_weights(&mut acc, weight_sum)?;
+        Ok(acc)
     }
 
     fn softmax_channels(&self, x: &Tensor) -> Result<Tensor> {

@@ -103,10 +103,15 @@ impl From<[usize; 3]> for Dims3 {
     }
 }
 
+/// A driver error in words, with its code: "out of memory (CUDA_ERROR_OUT_OF_MEMORY)".
 fn driver(e: DriverError) -> Error {
+    let words = e
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown driver error".into());
     Error::Backend {
         backend: "cuda",
-        message: format!("{e:?}"),
+        message: format!("{words} ({:?})", e.0),
     }
 }
 
@@ -227,6 +232,14 @@ impl<E: Element> CudaBackend<E> {
         Ok(CudaTensor { shape, data })
     }
 
+    /// A zeroed tensor of any element type (the storage type, or the f32 of sums).
+    fn zeroed<T: Element>(&self, shape: &[usize]) -> Result<CudaTensor<T>> {
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            data: self.scratch(shape.iter().product())?,
+        })
+    }
+
     fn scratch<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros::<T>(len.max(1)).map_err(driver)
     }
@@ -268,6 +281,7 @@ impl<E: Element> CudaBackend<E> {
 
 impl<E: Element> Backend for CudaBackend<E> {
     type Tensor = CudaTensor<E>;
+    type Accumulator = CudaTensor<f32>;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -315,10 +329,7 @@ impl<E: Element> Backend for CudaBackend<E> {
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<CudaTensor<E>> {
-        Ok(CudaTensor {
-            shape: shape.to_vec(),
-            data: self.scratch(shape.iter().product())?,
-        })
+        self.zeroed(shape)
     }
 
     fn conv3d(&self, x: &CudaTensor<E>, conv: &Conv3d<CudaTensor<E>>) -> Result<CudaTensor<E>> {
@@ -361,9 +372,13 @@ impl<E: Element> Backend for CudaBackend<E> {
         volume::scale(self, x, factor)
     }
 
+    fn accumulator(&self, shape: &[usize]) -> Result<CudaTensor<f32>> {
+        self.zeroed(shape)
+    }
+
     fn accumulate_weighted(
         &self,
-        acc: &mut CudaTensor<E>,
+        acc: &mut CudaTensor<f32>,
         tile: &CudaTensor<E>,
         weights: &CudaTensor<E>,
         region: &Region,
@@ -371,8 +386,12 @@ impl<E: Element> Backend for CudaBackend<E> {
         volume::accumulate_weighted(self, acc, tile, weights, region)
     }
 
-    fn divide_by_weights(&self, x: &mut CudaTensor<E>, weight_sum: &CudaTensor<E>) -> Result<()> {
-        volume::divide_by_weights(self, x, weight_sum)
+    fn divide_by_weights(
+        &self,
+        acc: CudaTensor<f32>,
+        weight_sum: &Tensor,
+    ) -> Result<CudaTensor<E>> {
+        volume::divide_by_weights(self, acc, weight_sum)
     }
 
     fn softmax_channels(&self, x: &CudaTensor<E>) -> Result<CudaTensor<E>> {

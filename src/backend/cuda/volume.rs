@@ -7,6 +7,7 @@ use super::{CudaBackend, CudaTensor, Dims3, Element, driver};
 use crate::backend::shapes;
 use crate::error::Result;
 use crate::geometry::{Label, Region};
+use crate::tensor::Tensor;
 
 const MODULE: &str = "volume";
 
@@ -117,7 +118,7 @@ pub fn scale<E: Element>(b: &CudaBackend<E>, x: &mut CudaTensor<E>, factor: f32)
 
 pub fn accumulate_weighted<E: Element>(
     b: &CudaBackend<E>,
-    acc: &mut CudaTensor<E>,
+    acc: &mut CudaTensor<f32>,
     tile: &CudaTensor<E>,
     weights: &CudaTensor<E>,
     region: &Region,
@@ -146,21 +147,25 @@ pub fn accumulate_weighted<E: Element>(
 
 pub fn divide_by_weights<E: Element>(
     b: &CudaBackend<E>,
-    x: &mut CudaTensor<E>,
-    weight_sum: &CudaTensor<E>,
-) -> Result<()> {
-    let (channels, voxels) = shapes::weight_sum(x, weight_sum)?;
+    acc: CudaTensor<f32>,
+    weight_sum: &Tensor,
+) -> Result<CudaTensor<E>> {
+    let (channels, voxels) = shapes::weight_sum(&acc, weight_sum)?;
+    let weight_sum = b.stream.clone_htod(weight_sum.data()).map_err(driver)?;
+    let mut y = b.output(acc.shape.clone())?;
     let f = b.kernel(MODULE, "divide_by_weights")?;
     let (c, v) = (channels as i64, voxels as i64);
     let mut launch = b.stream.launch_builder(&f);
     launch
-        .arg(&mut x.data)
-        .arg(&weight_sum.data)
+        .arg(&acc.data)
+        .arg(&weight_sum)
+        .arg(&mut y.data)
         .arg(&c)
         .arg(&v);
-    // SAFETY: matches `divide_by_weights_*`.
+    // SAFETY: matches `divide_by_weights_*`; acc and y hold channels × voxels values, weight_sum
+    // voxels.
     unsafe { launch.launch(b.elementwise(channels * voxels)) }.map_err(driver)?;
-    Ok(())
+    Ok(y)
 }
 
 pub fn softmax_channels<E: Element>(

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs the CUDA backend's tests (tests/cuda_backend.rs, the ones marked "needs a CUDA GPU") on
+# the CPU, against the CUDA emulator of tests/cuda-emulator/: kernels/*.cu compiled as host C++
+# behind a stand-in libcuda.so that cudarc loads instead of NVIDIA's driver. It checks the
+# backend's launches and the kernels' arithmetic; it is not a GPU run (see emulator.cpp for what
+# it does not check). Extra arguments go to the test binary (a test name filter, --nocapture).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+src=tests/cuda-emulator
+build=target/cuda-emulator
+rm -rf "$build" && mkdir -p "$build/kernels"
+
+# CUDA's `extern __shared__ T name[];` (the launch's dynamic shared memory) has no host C++
+# spelling: it becomes a pointer to the emulated block's buffer.
+for file in kernels/*.cu kernels/*.cuh; do
+    sed -E 's/extern __shared__ ([A-Za-z_0-9]+) ([A-Za-z_0-9]+)\[\];/\1* \2 = (\1*)emu::dynamic_shared();/' \
+        "$file" > "$build/kernels/$(basename "$file")"
+done
+
+flags=(-std=c++17 -O2 -g -fPIC -mf16c -Wall -Wno-sign-compare -Wno-unknown-pragmas -Wno-unused-function -I "$src/include" -I "$build/kernels")
+objects=()
+for file in "$build"/kernels/*.cu; do
+    stem=$(basename "$file" .cu)
+    unit="$build/register_$stem.cpp"
+    {
+        echo "#include <cuda_emulation.h>"
+        echo "#include \"$stem.cu\""
+        echo "#include \"$PWD/$src/kernel_registry.h\""
+        echo "static const emu::Registration registered[] = {"
+        g++ "${flags[@]}" -x c++ -include cuda_emulation.h -E -P "$file" \
+            | grep -oE 'extern "C" +void +[A-Za-z_0-9]+' | awk '{print "    {\"" $NF "\", &" $NF "},"}'
+        echo "};"
+    } > "$unit"
+    g++ "${flags[@]}" -c "$unit" -o "$build/$stem.o"
+    objects+=("$build/$stem.o")
+done
+g++ "${flags[@]}" -shared -o "$build/libcuda.so" "$src/emulator.cpp" "${objects[@]}" -lpthread
+echo "CUDA emulator: $build/libcuda.so ($(grep -c '&' "$build"/register_*.cpp | awk -F: '{n += $2} END {print n}') kernels)"
+
+NVCC="$(scripts/install-cuda-toolchain.sh)"
+export NVCC TIS_REQUIRE_KERNELS=1
+# One test at a time, as on the GPU: the out-of-memory test fills the device.
+LD_LIBRARY_PATH="$PWD/$build" cargo test --release --test cuda_backend -- --ignored --test-threads 1 "$@"

@@ -1,0 +1,692 @@
+// A CUDA driver that runs tis's kernels on the CPU, for checking the CUDA backend on machines
+// without a GPU. Built by scripts/cuda-emulator.sh as a `libcuda.so` that cudarc loads in place
+// of NVIDIA's driver; the kernels are kernels/*.cu compiled as host C++ (include/ supplies the
+// device surface they use), registered by name in kernel_registry.h.
+//
+// What it checks: the backend's orchestration (launch shapes, argument order and types, buffer
+// sizes, shared-memory requests, the order of launches) and each kernel's arithmetic, block by
+// block and thread by thread, with barriers and warp shuffles honoured. What it does not: the
+// hardware's memory model, races, timing, the tensor cores' exact accumulation order, and
+// anything about speed. A result from here is an emulator result, never a GPU result.
+//
+// Execution: a launch runs its blocks on a few host threads (TIS_CUDA_EMULATOR_THREADS, default
+// 2), one block at a time per host thread; each CUDA thread of a block is a fiber with its own
+// stack (switched by `switch_stack` below: ucontext's swapcontext makes a system call per
+// switch, which made the emulator several times slower). Fibers run in turn until they reach a barrier (__syncthreads, or the
+// warp-level one inside a shuffle); a barrier opens when every live thread of its block (warp)
+// has arrived. A round in which no fiber arrives, leaves or opens a barrier is a deadlock: the
+// launch fails with CUDA_ERROR_LAUNCH_FAILED and says where.
+//
+// Memory: every device allocation ends at a page boundary followed by an inaccessible page, so
+// a kernel reading or writing past the end of a buffer faults at once (the handler names the
+// kernel, block, thread and buffer); fresh allocations and dynamic shared memory are filled with
+// 0xFF bytes (NaN in f32 and f16), so a value read before it was written shows. Copies and
+// memsets are bounds-checked against the allocation they touch. The device has
+// TIS_CUDA_EMULATOR_MEMORY bytes (default 2 GiB, a small GPU, so that filling it stays cheap):
+// an allocation past it fails with CUDA_ERROR_OUT_OF_MEMORY, as on a full GPU.
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "include/cuda_emulation.h"
+#include "kernel_registry.h"
+
+// ---- Driver API types, as in cuda.h (only what the entry points below need).
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef struct Context* CUcontext;
+typedef struct Module* CUmodule;
+typedef struct FunctionState* CUfunction;
+typedef struct Stream* CUstream;
+typedef struct Event* CUevent;
+
+enum : CUresult {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_LAUNCH_FAILED = 719,
+};
+
+constexpr int ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK = 8;
+constexpr int ATTRIBUTE_MULTIPROCESSOR_COUNT = 16;
+constexpr int ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
+constexpr int ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
+constexpr int ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97;
+constexpr int FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
+
+// The device it poses as: an sm_90 part with H100's shared-memory limits and few
+// multiprocessors, so that grid-stride launches stay small.
+constexpr int MULTIPROCESSORS = 4;
+constexpr unsigned DEFAULT_SHARED_BYTES = 48 * 1024;
+constexpr unsigned OPTIN_SHARED_BYTES = 227 * 1024;
+constexpr unsigned MAX_THREADS_PER_BLOCK = 1024;
+constexpr const char* DEVICE_NAME = "tis CUDA emulator on the CPU (not a GPU)";
+
+struct Context {};
+struct Module {};
+struct Stream {};
+struct Event {
+    std::chrono::steady_clock::time_point at;
+};
+struct FunctionState {
+    emu::Kernel kernel;
+    unsigned max_dynamic_shared = DEFAULT_SHARED_BYTES;
+};
+
+namespace {
+
+size_t env_size(const char* name, size_t fallback) {
+    const char* value = getenv(name);
+    return value && *value ? strtoull(value, nullptr, 10) : fallback;
+}
+
+// ---- Kernels by name.
+
+std::unordered_map<std::string, FunctionState>& kernels() {
+    static std::unordered_map<std::string, FunctionState> table;
+    return table;
+}
+
+// ---- Device memory.
+
+struct Allocation {
+    char* base;   // the mapping: data, then one inaccessible page
+    size_t span;  // bytes mapped
+    size_t size;  // bytes asked for; the data ends where the guard page begins
+};
+
+std::mutex memory_lock;
+std::map<uintptr_t, Allocation> allocations;  // by data start
+size_t allocated = 0;
+const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+
+size_t device_memory() { return env_size("TIS_CUDA_EMULATOR_MEMORY", (size_t)2 << 30); }
+
+// The allocation holding [ptr, ptr + bytes), if one does.
+const Allocation* find_allocation(uintptr_t ptr, size_t bytes) {
+    auto it = allocations.upper_bound(ptr);
+    if (it == allocations.begin()) return nullptr;
+    --it;
+    return ptr + bytes <= it->first + it->second.size ? &it->second : nullptr;
+}
+
+bool in_device_memory(CUdeviceptr ptr, size_t bytes) {
+    std::lock_guard<std::mutex> lock(memory_lock);
+    return find_allocation(ptr, bytes) != nullptr;
+}
+
+// ---- Fibers and barriers.
+
+// switch_stack(&saved, next): saves the callee-saved registers and the floating-point control
+// words on the current stack, stores the stack pointer in `saved`, and resumes the stack
+// `next` saved the same way (System V x86-64).
+extern "C" void switch_stack(void** saved, void* next);
+asm(R"(
+    .text
+    .globl switch_stack
+    .type switch_stack, @function
+switch_stack:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size switch_stack, .-switch_stack
+)");
+
+// A stack on which switch_stack will start `entry` (which must never return): control
+// words, six zeroed registers, then `entry` as the return address, 16-byte aligned as at a call.
+void* new_stack(char* stack, size_t size, void (*entry)()) {
+    uintptr_t top = ((uintptr_t)stack + size) & ~(uintptr_t)15;
+    void** sp = (void**)top;
+    *--sp = nullptr;  // alignment: `entry` starts with rsp ≡ 8 (mod 16), as after a call
+    *--sp = (void*)entry;
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;
+    uint32_t control[2];
+    asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(control[0]), "=m"(control[1]));
+    *--sp = nullptr;
+    memcpy(sp, control, sizeof control);
+    return sp;
+}
+
+constexpr size_t FIBER_STACK = 256 * 1024;
+
+struct Fiber {
+    void* stack;
+    uint3 thread;
+    unsigned warp, lane;
+    bool done;
+};
+
+// One host thread's current block.
+struct BlockRun {
+    const FunctionState* function;
+    void** params;
+    uint3 block;
+    std::vector<Fiber> fibers;
+    Fiber* current = nullptr;
+    void* scheduler;
+    unsigned alive = 0, arrived = 0;
+    uint64_t generation = 0, progress = 0;
+    std::vector<unsigned> warp_alive, warp_lanes, warp_arrived;
+    std::vector<uint64_t> warp_generation;
+    std::vector<float> warp_slots;
+    std::vector<unsigned char> shared;
+    std::string failure;
+};
+
+thread_local BlockRun* run = nullptr;
+
+// Stacks of MAX_THREADS_PER_BLOCK fibers, each above an inaccessible page; one per host thread,
+// reused across launches.
+struct StackArena {
+    char* base;
+    static constexpr size_t slot = FIBER_STACK + 4096;
+    StackArena() {
+        base = (char*)mmap(nullptr, slot * MAX_THREADS_PER_BLOCK, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (base == MAP_FAILED) abort();
+        for (unsigned i = 0; i < MAX_THREADS_PER_BLOCK; ++i) mprotect(base + i * slot, 4096, PROT_NONE);
+    }
+    char* stack(unsigned i) const { return base + i * slot + 4096; }
+};
+
+std::mutex arena_lock;
+std::vector<StackArena*> arenas;
+
+StackArena* take_arena() {
+    std::lock_guard<std::mutex> lock(arena_lock);
+    if (arenas.empty()) return new StackArena();
+    StackArena* a = arenas.back();
+    arenas.pop_back();
+    return a;
+}
+
+void return_arena(StackArena* a) {
+    std::lock_guard<std::mutex> lock(arena_lock);
+    arenas.push_back(a);
+}
+
+void yield() { switch_stack(&run->current->stack, run->scheduler); }
+
+// Stops the block: the scheduler sees the failure and abandons its fibers.
+[[noreturn]] void fail(const std::string& why) {
+    if (run->failure.empty()) run->failure = why;
+    for (;;) yield();
+}
+
+void open_barriers_after_exit(unsigned warp) {
+    BlockRun& b = *run;
+    if (b.arrived > 0 && b.arrived == b.alive) {
+        b.arrived = 0;
+        ++b.generation;
+    }
+    if (b.warp_arrived[warp] > 0 && b.warp_arrived[warp] == b.warp_alive[warp]) {
+        b.warp_arrived[warp] = 0;
+        ++b.warp_generation[warp];
+    }
+}
+
+void fiber_main() {
+    BlockRun& b = *run;
+    b.function->kernel.invoke(b.function->kernel.function, b.params);
+    Fiber& f = *b.current;
+    f.done = true;
+    --b.alive;
+    --b.warp_alive[f.warp];
+    ++b.progress;
+    open_barriers_after_exit(f.warp);
+    switch_stack(&f.stack, b.scheduler);  // never resumed
+    abort();
+}
+
+void warp_barrier() {
+    BlockRun& b = *run;
+    unsigned w = b.current->warp;
+    uint64_t generation = b.warp_generation[w];
+    ++b.progress;
+    if (++b.warp_arrived[w] == b.warp_alive[w]) {
+        b.warp_arrived[w] = 0;
+        ++b.warp_generation[w];
+        return;
+    }
+    while (b.warp_generation[w] == generation) yield();
+}
+
+// Runs one block to completion; false (with run->failure set) if it failed.
+bool run_block(BlockRun& b, StackArena& arena, uint3 block_dim) {
+    unsigned threads = block_dim.x * block_dim.y * block_dim.z;
+    unsigned warps = (threads + 31) / 32;
+    b.fibers.assign(threads, Fiber{});
+    b.alive = threads;
+    b.arrived = 0;
+    b.warp_alive.assign(warps, 32);
+    if (threads % 32) b.warp_alive[warps - 1] = threads % 32;
+    b.warp_lanes = b.warp_alive;
+    b.warp_arrived.assign(warps, 0);
+    b.warp_generation.assign(warps, 0);
+    b.warp_slots.assign(warps * 32, 0.f);
+    memset(b.shared.data(), 0xFF, b.shared.size());
+    for (unsigned t = 0; t < threads; ++t) {
+        Fiber& f = b.fibers[t];
+        f.thread = uint3{t % block_dim.x, (t / block_dim.x) % block_dim.y, t / (block_dim.x * block_dim.y)};
+        f.warp = t / 32;
+        f.lane = t % 32;
+        f.stack = new_stack(arena.stack(t), FIBER_STACK, fiber_main);
+    }
+    emu::block_idx = b.block;
+    while (b.alive > 0) {
+        uint64_t before = b.progress;
+        for (Fiber& f : b.fibers) {
+            if (f.done) continue;
+            b.current = &f;
+            emu::thread_idx = f.thread;
+            switch_stack(&b.scheduler, f.stack);
+            if (!b.failure.empty()) return false;
+        }
+        if (b.progress == before && b.alive > 0) {
+            b.failure = "deadlock: every live thread waits at a barrier that cannot open (" +
+                        std::to_string(b.alive) + " of " + std::to_string(threads) +
+                        " threads live, " + std::to_string(b.arrived) + " at __syncthreads)";
+            return false;
+        }
+    }
+    return true;
+}
+
+// ---- Out-of-bounds accesses.
+
+thread_local const char* faulting_kernel = nullptr;
+
+void on_fault(int signal, siginfo_t* info, void*) {
+    uintptr_t address = (uintptr_t)info->si_addr;
+    char message[512];
+    int n = snprintf(message, sizeof message, "\nCUDA emulator: invalid memory access at %#lx", (unsigned long)address);
+    if (faulting_kernel && run && run->current) {
+        n += snprintf(message + n, sizeof message - n, " by kernel %s, block (%u, %u, %u), thread (%u, %u, %u)",
+                      faulting_kernel, run->block.x, run->block.y, run->block.z, run->current->thread.x,
+                      run->current->thread.y, run->current->thread.z);
+    }
+    for (auto& [start, a] : allocations) {
+        uintptr_t end = start + a.size;
+        if (address >= end && address < end + page) {
+            n += snprintf(message + n, sizeof message - n, ": %lu bytes past the end of a %lu-byte buffer at %#lx",
+                          (unsigned long)(address - end), (unsigned long)a.size, (unsigned long)start);
+            break;
+        }
+    }
+    snprintf(message + n, sizeof message - n, "\n");
+    (void)!write(2, message, strlen(message));
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigaction(signal, &dfl, nullptr);
+    raise(signal);
+}
+
+void install_fault_handler() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction action {};
+        action.sa_sigaction = on_fault;
+        action.sa_flags = SA_SIGINFO;
+        sigaction(SIGSEGV, &action, nullptr);
+        sigaction(SIGBUS, &action, nullptr);
+    });
+}
+
+CUresult launch(FunctionState& function, uint3 grid, uint3 block, unsigned shared_bytes, void** params) {
+    unsigned threads = block.x * block.y * block.z;
+    if (!grid.x || !grid.y || !grid.z || !threads || threads > MAX_THREADS_PER_BLOCK || block.z > 64 ||
+        grid.y > 65535 || grid.z > 65535 || shared_bytes > function.max_dynamic_shared) {
+        fprintf(stderr,
+                "CUDA emulator: launch of %s refused: grid (%u, %u, %u), block (%u, %u, %u), %u bytes of dynamic "
+                "shared memory (allowed %u)\n",
+                function.kernel.name, grid.x, grid.y, grid.z, block.x, block.y, block.z, shared_bytes,
+                function.max_dynamic_shared);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    install_fault_handler();
+    uint64_t blocks = (uint64_t)grid.x * grid.y * grid.z;
+    unsigned workers = (unsigned)std::min<uint64_t>(env_size("TIS_CUDA_EMULATOR_THREADS", 2), blocks);
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> failed{false};
+    std::string failure;
+    std::mutex failure_lock;
+    auto work = [&] {
+        StackArena* arena = take_arena();
+        BlockRun b;
+        b.function = &function;
+        b.params = params;
+        b.shared.resize(shared_bytes);
+        run = &b;
+        faulting_kernel = function.kernel.name;
+        emu::block_dim = block;
+        emu::grid_dim = grid;
+        for (uint64_t i; !failed && (i = next++) < blocks;) {
+            b.block = uint3{(unsigned)(i % grid.x), (unsigned)(i / grid.x % grid.y), (unsigned)(i / grid.x / grid.y)};
+            if (!run_block(b, *arena, block)) {
+                std::lock_guard<std::mutex> lock(failure_lock);
+                if (!failed.exchange(true))
+                    failure = b.failure + " in block (" + std::to_string(b.block.x) + ", " +
+                              std::to_string(b.block.y) + ", " + std::to_string(b.block.z) + ")";
+            }
+        }
+        run = nullptr;
+        faulting_kernel = nullptr;
+        return_arena(arena);
+    };
+    std::vector<std::thread> pool;
+    for (unsigned w = 1; w < workers; ++w) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+    if (failed) {
+        fprintf(stderr, "CUDA emulator: kernel %s failed: %s\n", function.kernel.name, failure.c_str());
+        return CUDA_ERROR_LAUNCH_FAILED;
+    }
+    return CUDA_SUCCESS;
+}
+
+Context the_context;
+Module the_module;
+
+}  // namespace
+
+// ---- The device surface of include/cuda_emulation.h.
+
+namespace emu {
+
+thread_local uint3 thread_idx, block_idx, block_dim, grid_dim;
+
+void register_kernel(Kernel kernel) { kernels()[kernel.name] = FunctionState{kernel}; }
+
+void sync_threads() {
+    BlockRun& b = *run;
+    uint64_t generation = b.generation;
+    ++b.progress;
+    if (++b.arrived == b.alive) {
+        b.arrived = 0;
+        ++b.generation;
+        return;
+    }
+    while (b.generation == generation) yield();
+}
+
+float shuffle_xor(float value, int lane_mask) {
+    BlockRun& b = *run;
+    Fiber& f = *b.current;
+    if (b.warp_alive[f.warp] != 32)
+        fail("__shfl_xor_sync with all 32 lanes named, in a warp of " + std::to_string(b.warp_alive[f.warp]) +
+             " live threads");
+    float* slots = &b.warp_slots[f.warp * 32];
+    slots[f.lane] = value;
+    warp_barrier();
+    float result = slots[f.lane ^ ((unsigned)lane_mask & 31)];
+    warp_barrier();
+    return result;
+}
+
+void* dynamic_shared() { return run->shared.data(); }
+
+}  // namespace emu
+
+// ---- Driver entry points (the subset cudarc calls for tis).
+
+extern "C" {
+
+CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
+
+CUresult cuDriverGetVersion(int* version) {
+    *version = 13000;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetCount(int* count) {
+    *count = 1;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGet(CUdevice* device, int ordinal) {
+    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *device = 0;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetName(char* name, int length, CUdevice) {
+    if (length <= 0) return CUDA_ERROR_INVALID_VALUE;
+    snprintf(name, (size_t)length, "%s", DEVICE_NAME);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
+    *bytes = device_memory();
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
+    switch (attribute) {
+    case ATTRIBUTE_MULTIPROCESSOR_COUNT: *value = MULTIPROCESSORS; break;
+    case ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = 9; break;
+    case ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *value = 0; break;
+    case ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *value = DEFAULT_SHARED_BYTES; break;
+    case ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *value = OPTIN_SHARED_BYTES; break;
+    default: *value = 0;  // features it does not have (memory pools, ...)
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(CUcontext* context, CUdevice) {
+    *context = &the_context;
+    return CUDA_SUCCESS;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return CUDA_SUCCESS; }
+CUresult cuCtxSetCurrent(CUcontext) { return CUDA_SUCCESS; }
+CUresult cuCtxGetCurrent(CUcontext* context) {
+    *context = &the_context;
+    return CUDA_SUCCESS;
+}
+CUresult cuCtxGetDevice(CUdevice* device) {
+    *device = 0;
+    return CUDA_SUCCESS;
+}
+CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+
+// Work runs when submitted, so streams and events only keep time.
+CUresult cuStreamCreate(CUstream* stream, unsigned) {
+    *stream = new Stream;
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamCreateWithPriority(CUstream* stream, unsigned flags, int) { return cuStreamCreate(stream, flags); }
+CUresult cuStreamDestroy_v2(CUstream stream) {
+    delete stream;
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
+CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
+CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
+CUresult cuEventCreate(CUevent* event, unsigned) {
+    *event = new Event{std::chrono::steady_clock::now()};
+    return CUDA_SUCCESS;
+}
+CUresult cuEventDestroy_v2(CUevent event) {
+    delete event;
+    return CUDA_SUCCESS;
+}
+CUresult cuEventRecord(CUevent event, CUstream) {
+    event->at = std::chrono::steady_clock::now();
+    return CUDA_SUCCESS;
+}
+CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
+CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
+CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
+    *ms = std::chrono::duration<float, std::milli>(end->at - start->at).count();
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
+    std::lock_guard<std::mutex> lock(memory_lock);
+    *total = device_memory();
+    *free = *total > allocated ? *total - allocated : 0;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
+    if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lock(memory_lock);
+    if (bytes > device_memory() - std::min(allocated, device_memory())) return CUDA_ERROR_OUT_OF_MEMORY;
+    size_t span = (bytes + page - 1) / page * page + page;
+    char* base = (char*)mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    mprotect(base + span - page, page, PROT_NONE);
+    char* data = base + span - page - bytes;
+    memset(data, 0xFF, bytes);
+    allocations[(uintptr_t)data] = Allocation{base, span, bytes};
+    allocated += bytes;
+    *ptr = (CUdeviceptr)data;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemFree_v2(CUdeviceptr ptr) {
+    std::lock_guard<std::mutex> lock(memory_lock);
+    auto it = allocations.find(ptr);
+    if (it == allocations.end()) return CUDA_ERROR_INVALID_VALUE;
+    munmap(it->second.base, it->second.span);
+    allocated -= it->second.size;
+    allocations.erase(it);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
+    if (!in_device_memory(dst, bytes)) return CUDA_ERROR_INVALID_VALUE;
+    memcpy((void*)dst, src, bytes);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream) {
+    return cuMemcpyHtoD_v2(dst, src, bytes);
+}
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
+    if (!in_device_memory(src, bytes)) return CUDA_ERROR_INVALID_VALUE;
+    memcpy(dst, (const void*)src, bytes);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream) {
+    return cuMemcpyDtoH_v2(dst, src, bytes);
+}
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
+    if (!in_device_memory(dst, bytes) || !in_device_memory(src, bytes)) return CUDA_ERROR_INVALID_VALUE;
+    memmove((void*)dst, (const void*)src, bytes);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream) {
+    return cuMemcpyDtoD_v2(dst, src, bytes);
+}
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t count) {
+    if (!in_device_memory(dst, count)) return CUDA_ERROR_INVALID_VALUE;
+    memset((void*)dst, value, count);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t count, CUstream) {
+    return cuMemsetD8_v2(dst, value, count);
+}
+
+CUresult cuModuleLoadData(CUmodule* module, const void*) {
+    *module = &the_module;
+    return CUDA_SUCCESS;
+}
+CUresult cuModuleUnload(CUmodule) { return CUDA_SUCCESS; }
+CUresult cuModuleGetFunction(CUfunction* function, CUmodule, const char* name) {
+    auto it = kernels().find(name);
+    if (it == kernels().end()) return CUDA_ERROR_NOT_FOUND;
+    *function = &it->second;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuFuncSetAttribute(CUfunction function, int attribute, int value) {
+    if (attribute == FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) {
+        if (value < 0 || (unsigned)value > OPTIN_SHARED_BYTES) return CUDA_ERROR_INVALID_VALUE;
+        function->max_dynamic_shared = (unsigned)value;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuFuncGetAttribute(int* value, int attribute, CUfunction function) {
+    *value = attribute == FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES ? (int)function->max_dynamic_shared : 0;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned shared_bytes, CUstream, void** params, void** extra) {
+    if (!function) return CUDA_ERROR_INVALID_HANDLE;
+    if (extra) return CUDA_ERROR_INVALID_VALUE;  // tis passes arguments through `params` only
+    return launch(*function, uint3{gx, gy, gz}, uint3{bx, by, bz}, shared_bytes, params);
+}
+
+// The driver's own names and descriptions of the errors the emulator returns.
+struct ErrorText {
+    CUresult code;
+    const char* name;
+    const char* text;
+};
+const ErrorText error_texts[] = {
+    {CUDA_SUCCESS, "CUDA_SUCCESS", "no error"},
+    {CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {CUDA_ERROR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {CUDA_ERROR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {CUDA_ERROR_INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+    {CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+    {CUDA_ERROR_LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure"},
+};
+
+const ErrorText* error_text(CUresult error) {
+    for (const ErrorText& e : error_texts)
+        if (e.code == error) return &e;
+    return nullptr;
+}
+
+CUresult cuGetErrorName(CUresult error, const char** name) {
+    const ErrorText* e = error_text(error);
+    if (!e) return CUDA_ERROR_INVALID_VALUE;
+    *name = e->name;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGetErrorString(CUresult error, const char** text) {
+    const ErrorText* e = error_text(error);
+    if (!e) return CUDA_ERROR_INVALID_VALUE;
+    *text = e->text;
+    return CUDA_SUCCESS;
+}
+
+}  // extern "C"

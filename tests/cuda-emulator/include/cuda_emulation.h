@@ -1,0 +1,49 @@
+// The CUDA C++ device surface that kernels/*.cu use, for compiling them as host C++ in the CUDA
+// emulator (force-included before each kernel file; see emulator.cpp for how a launch runs).
+//
+// Each CUDA thread of a block is a fiber on one host thread; `threadIdx` and friends are that
+// host thread's current values, switched with the fiber. `__shared__` variables are
+// thread_local statics: one copy per host thread, which runs one block at a time, so every
+// fiber of a block sees the same copy. __syncthreads and warp shuffles suspend the fiber until
+// the block's (or warp's) other threads arrive.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include <cuda_fp16.h>
+
+struct uint3 {
+    unsigned x, y, z;
+};
+
+namespace emu {
+extern thread_local uint3 thread_idx, block_idx, block_dim, grid_dim;
+void sync_threads();
+float shuffle_xor(float value, int lane_mask);
+void* dynamic_shared();
+}  // namespace emu
+
+#define threadIdx (emu::thread_idx)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ thread_local
+#define __align__(n) __attribute__((aligned(n)))
+#define __syncthreads() emu::sync_threads()
+
+inline float __shfl_xor_sync(unsigned, float value, int lane_mask) { return emu::shuffle_xor(value, lane_mask); }
+inline float __expf(float x) { return expf(x); }
+inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+
+// CUDA's integer min/max take mixed argument types, as built-in arithmetic would.
+template <typename A, typename B> inline std::common_type_t<A, B> min(A a, B b) { return b < a ? b : a; }
+template <typename A, typename B> inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
