@@ -13,8 +13,9 @@
 //
 // Label assignment (`assign_mix`): one thread per (voxel, head) scores the voxel's query against
 // the click keys, softmaxes over the clicks, copies the clicks' label embeddings A·Vc and mixes
-// them with the automatic segmentation's embedding: (1 − α)·U + α·Va. The head width is a
-// template parameter so the running sum stays in registers.
+// them with the automatic segmentation's embedding: (1 − α)·U + α·Va. A bound on the head width
+// is a template parameter (8, 16, 32, 64; the width itself, e.g. 12, is an argument), so the
+// query and the running sum stay in registers.
 //
 // `attention_small`: plain attention among the clicks, one block per (query, head).
 #include "common.cuh"
@@ -68,14 +69,7 @@ __device__ void cross_partial(const T* x, const T* gamma, const T* beta, const f
                 for (int64_t f = lane; f < width; f += 32) dest[f] = 0.f;
                 continue;
             }
-            const T* row = x + token * width;
-            float sum = 0.f;
-            for (int64_t f = lane; f < width; f += 32) sum += to_f32(row[f]);
-            float mean = warp_sum(sum) / width, squares = 0.f;
-            for (int64_t f = lane; f < width; f += 32) { float d = to_f32(row[f]) - mean; squares += d * d; }
-            float inv_std = rsqrtf(warp_sum(squares) / width + 1e-5f);
-            for (int64_t f = lane; f < width; f += 32)
-                dest[f] = (to_f32(row[f]) - mean) * inv_std * to_f32(gamma[f]) + to_f32(beta[f]);
+            warp_layer_norm(x + token * width, gamma, beta, width, lane, [&](int64_t f, float v) { dest[f] = v; });
         }
         __syncthreads();
         for (int64_t i = threadIdx.x; i < ROWS * cols; i += blockDim.x) {
@@ -153,36 +147,43 @@ __device__ void cross_project(const float* mean, const T* wv, const T* bv, T* ou
     }
 }
 
-template <typename T, int DH>
+template <typename T, int MAX_DH>
 __device__ void assign_mix(const T* q, const T* keys, const T* values, const T* auto_embedding, T* mixed, int64_t n,
-                           int64_t clicks, int64_t heads, float alpha) {
-    int64_t width = heads * DH;
-    float scale = rsqrtf((float)DH);
+                           int64_t clicks, int64_t heads, int dh, float alpha) {
+    int64_t width = heads * dh;
+    float scale = rsqrtf((float)dh);
     GRID_LOOP(i, n * heads) {
         int64_t token = i / heads, h = i % heads;
-        float query[DH], acc[DH];
+        float query[MAX_DH], acc[MAX_DH];
 #pragma unroll
-        for (int e = 0; e < DH; ++e) { query[e] = to_f32(q[token * width + h * DH + e]); acc[e] = 0.f; }
+        for (int e = 0; e < MAX_DH; ++e) {
+            query[e] = e < dh ? to_f32(q[token * width + h * dh + e]) : 0.f;
+            acc[e] = 0.f;
+        }
         float max = -INFINITY;
         for (int64_t c = 0; c < clicks; ++c) {
             float s = 0.f;
 #pragma unroll
-            for (int e = 0; e < DH; ++e) s += query[e] * to_f32(keys[c * width + h * DH + e]);
+            for (int e = 0; e < MAX_DH; ++e)
+                if (e < dh) s += query[e] * to_f32(keys[c * width + h * dh + e]);
             max = fmaxf(max, s * scale);
         }
         float sum = 0.f;
         for (int64_t c = 0; c < clicks; ++c) {
             float s = 0.f;
 #pragma unroll
-            for (int e = 0; e < DH; ++e) s += query[e] * to_f32(keys[c * width + h * DH + e]);
+            for (int e = 0; e < MAX_DH; ++e)
+                if (e < dh) s += query[e] * to_f32(keys[c * width + h * dh + e]);
             float p = __expf(s * scale - max);
             sum += p;
 #pragma unroll
-            for (int e = 0; e < DH; ++e) acc[e] += p * to_f32(values[c * width + h * DH + e]);
+            for (int e = 0; e < MAX_DH; ++e)
+                if (e < dh) acc[e] += p * to_f32(values[c * width + h * dh + e]);
         }
 #pragma unroll
-        for (int e = 0; e < DH; ++e) {
-            int64_t o = token * width + h * DH + e;
+        for (int e = 0; e < MAX_DH; ++e) {
+            if (e >= dh) break;
+            int64_t o = token * width + h * dh + e;
             mixed[o] = from_f32<T>((1.f - alpha) * acc[e] / sum + alpha * to_f32(auto_embedding[o]));
         }
     }
@@ -250,8 +251,8 @@ __device__ void attention_small(const T* q, const T* k, const T* v, T* out, int6
 
 #define ASSIGN_MIX(T, S, DH)                                                                                         \
     extern "C" __global__ void assign_mix_##S##_##DH(const T* q, const T* k, const T* v, const T* va, T* mixed,     \
-                                                     int64_t n, int64_t clicks, int64_t heads, float alpha) {        \
-        assign_mix<T, DH>(q, k, v, va, mixed, n, clicks, heads, alpha);                                              \
+                                                     int64_t n, int64_t clicks, int64_t heads, int dh, float alpha) { \
+        assign_mix<T, DH>(q, k, v, va, mixed, n, clicks, heads, dh, alpha);                                          \
     }
 
 FOR_EACH_STORAGE(ATTENTION_KERNELS)

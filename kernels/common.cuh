@@ -33,6 +33,24 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// LayerNorm of one row of `width` values by the 32 lanes of a warp (eps 1e-5, biased variance,
+// as torch.nn.LayerNorm): two passes over the row (mean, then variance), then
+// `store(f, normalised value)` for each of the lane's columns f.
+template <typename T, typename Store>
+__device__ __forceinline__ void warp_layer_norm(const T* row, const T* gamma, const T* beta, int64_t width, int lane,
+                                                Store store) {
+    float sum = 0.f;
+    for (int64_t f = lane; f < width; f += 32) sum += to_f32(row[f]);
+    float mean = warp_sum(sum) / width, squares = 0.f;
+    for (int64_t f = lane; f < width; f += 32) {
+        float d = to_f32(row[f]) - mean;
+        squares += d * d;
+    }
+    float inv_std = rsqrtf(warp_sum(squares) / width + 1e-5f);
+    for (int64_t f = lane; f < width; f += 32)
+        store(f, (to_f32(row[f]) - mean) * inv_std * to_f32(gamma[f]) + to_f32(beta[f]));
+}
+
 // Exact GELU, 0.5·x·(1 + erf(x/√2)), as torch.nn.GELU().
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752440f)); }
 

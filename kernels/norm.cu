@@ -6,8 +6,9 @@
 // channel into an f32 scale and shift (γ/σ, β − μγ/σ); `instance_norm_apply` applies them with
 // LeakyReLU in one memory-bound pass.
 //
-// LayerNorm: one warp per row, two passes over the row (mean, then biased variance) from L1;
-// rows are d_model wide (≤ a few hundred values), so the second pass hits cache.
+// LayerNorm: one warp per row (warp_layer_norm in common.cuh), two passes over the row (mean,
+// then biased variance) from L1; rows are d_model wide (≤ a few hundred values), so the second
+// pass hits cache.
 #include "common.cuh"
 
 constexpr int NORM_THREADS = 256;
@@ -75,18 +76,8 @@ __device__ void layer_norm(const T* x, T* y, const T* gamma, const T* beta, int6
     int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
     int lane = threadIdx.x % 32;
     for (int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
-        const T* row = x + r * width;
-        float sum = 0.f;
-        for (int64_t i = lane; i < width; i += 32) sum += to_f32(row[i]);
-        float mean = warp_sum(sum) / width;
-        float squares = 0.f;
-        for (int64_t i = lane; i < width; i += 32) {
-            float d = to_f32(row[i]) - mean;
-            squares += d * d;
-        }
-        float inv_std = rsqrtf(warp_sum(squares) / width + 1e-5f);
-        for (int64_t i = lane; i < width; i += 32)
-            y[r * width + i] = from_f32<T>((to_f32(row[i]) - mean) * inv_std * to_f32(gamma[i]) + to_f32(beta[i]));
+        T* out = y + r * width;
+        warp_layer_norm(x + r * width, gamma, beta, width, lane, [&](int64_t f, float v) { out[f] = from_f32<T>(v); });
     }
 }
 

@@ -369,19 +369,22 @@ fn dense_ops_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
         down: linear_on(b, &c.down),
     };
     let hidden = b.mlp(&normed, &mlp).unwrap();
-    let mut residual = up(b, &c.x);
-    b.feed_forward(
-        &mut residual,
-        &FeedForward {
-            norm: norm_on(b, &c.norm),
-            mlp,
-        },
-    )
-    .unwrap();
     let mut all = down(b, &projected).into_data();
     all.extend(down(b, &hidden).into_data());
-    all.extend(down(b, &residual).into_data());
     Tensor::new(vec![all.len()], all).unwrap()
+}
+
+fn feed_forward_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
+    let mut x = up(b, &c.x);
+    let ffn = FeedForward {
+        norm: norm_on(b, &c.norm),
+        mlp: Mlp {
+            up: linear_on(b, &c.up),
+            down: linear_on(b, &c.down),
+        },
+    };
+    b.feed_forward(&mut x, &ffn).unwrap();
+    down(b, &x)
 }
 
 fn attention_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
@@ -431,8 +434,9 @@ fn label_assignment_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
 }
 
 fn token_ops<E: Element>(tolerance: f64) {
-    // TIS-B widths (d 128, 8 heads of 16) with odd token counts, and a narrow head of width 8.
-    for (tokens, width, heads, clicks) in [(5003, 128, 8, 10), (777, 24, 3, 4)] {
+    // TIS-B widths (d 128, 8 heads of 16) with odd token counts, the default model's (d 48, 4
+    // heads of 12), and a narrow head of width 8.
+    for (tokens, width, heads, clicks) in [(5003, 128, 8, 10), (1111, 48, 4, 6), (777, 24, 3, 4)] {
         let case = token_case(&mut fresh("token ops"), tokens, width, heads, clicks);
         let tag = format!("N {tokens} d {width} h {heads} clicks {clicks}");
         check::<E, _>(
@@ -443,11 +447,18 @@ fn token_ops<E: Element>(tolerance: f64) {
             region_tokens_on,
         );
         check::<E, _>(
-            &format!("linear/layer norm/mlp/feed-forward, {tag}"),
+            &format!("linear/layer norm/mlp, {tag}"),
             tolerance,
             &case,
             dense_ops_on,
             dense_ops_on,
+        );
+        check::<E, _>(
+            &format!("feed-forward, {tag}"),
+            tolerance,
+            &case,
+            feed_forward_on,
+            feed_forward_on,
         );
         check::<E, _>(
             &format!("attention, {tag}"),

@@ -20,7 +20,10 @@
 // Memory: every device allocation ends at a page boundary followed by an inaccessible page, so
 // a kernel reading or writing past the end of a buffer faults at once (the handler names the
 // kernel, block, thread and buffer); fresh allocations and dynamic shared memory are filled with
-// 0xFF bytes (NaN in f32 and f16), so a value read before it was written shows. Copies and
+// 0xFF bytes (NaN in f32 and f16), so a value read before it was written shows; a block's
+// dynamic shared memory starts 128-byte aligned and is followed by a canary, checked when the
+// block ends, so a write past the launch's size fails the launch. WMMA loads and stores check
+// their alignment. Copies and
 // memsets are bounds-checked against the allocation they touch. The device has
 // TIS_CUDA_EMULATOR_MEMORY bytes (default 2 GiB, a small GPU, so that filling it stays cheap):
 // an allocation past it fails with CUDA_ERROR_OUT_OF_MEMORY, as on a full GPU.
@@ -204,7 +207,9 @@ struct BlockRun {
     std::vector<unsigned> warp_alive, warp_lanes, warp_arrived;
     std::vector<uint64_t> warp_generation;
     std::vector<float> warp_slots;
-    std::vector<unsigned char> shared;
+    std::vector<unsigned char> shared_buffer;  // the dynamic shared memory, then the canary
+    unsigned char* shared = nullptr;
+    size_t shared_bytes = 0;
     std::string failure;
 };
 
@@ -286,6 +291,9 @@ void warp_barrier() {
     while (b.warp_generation[w] == generation) yield();
 }
 
+constexpr size_t SHARED_ALIGNMENT = 128, SHARED_CANARY_BYTES = 256;
+constexpr unsigned char CANARY = 0xA5;
+
 // Runs one block to completion; false (with run->failure set) if it failed.
 bool run_block(BlockRun& b, StackArena& arena, uint3 block_dim) {
     unsigned threads = block_dim.x * block_dim.y * block_dim.z;
@@ -299,7 +307,8 @@ bool run_block(BlockRun& b, StackArena& arena, uint3 block_dim) {
     b.warp_arrived.assign(warps, 0);
     b.warp_generation.assign(warps, 0);
     b.warp_slots.assign(warps * 32, 0.f);
-    memset(b.shared.data(), 0xFF, b.shared.size());
+    memset(b.shared, 0xFF, b.shared_bytes);
+    memset(b.shared + b.shared_bytes, CANARY, SHARED_CANARY_BYTES);
     for (unsigned t = 0; t < threads; ++t) {
         Fiber& f = b.fibers[t];
         f.thread = uint3{t % block_dim.x, (t / block_dim.x) % block_dim.y, t / (block_dim.x * block_dim.y)};
@@ -324,6 +333,11 @@ bool run_block(BlockRun& b, StackArena& arena, uint3 block_dim) {
             return false;
         }
     }
+    for (size_t i = 0; i < SHARED_CANARY_BYTES; ++i)
+        if (b.shared[b.shared_bytes + i] != CANARY) {
+            b.failure = "wrote past its " + std::to_string(b.shared_bytes) + " bytes of dynamic shared memory";
+            return false;
+        }
     return true;
 }
 
@@ -390,7 +404,10 @@ CUresult launch(FunctionState& function, uint3 grid, uint3 block, unsigned share
         BlockRun b;
         b.function = &function;
         b.params = params;
-        b.shared.resize(shared_bytes);
+        b.shared_buffer.resize(shared_bytes + SHARED_CANARY_BYTES + SHARED_ALIGNMENT);
+        uintptr_t start = (uintptr_t)b.shared_buffer.data();
+        b.shared = (unsigned char*)((start + SHARED_ALIGNMENT - 1) / SHARED_ALIGNMENT * SHARED_ALIGNMENT);
+        b.shared_bytes = shared_bytes;
         run = &b;
         faulting_kernel = function.kernel.name;
         emu::block_dim = block;
@@ -458,7 +475,13 @@ float shuffle_xor(float value, int lane_mask) {
     return result;
 }
 
-void* dynamic_shared() { return run->shared.data(); }
+void* dynamic_shared() { return run->shared; }
+
+void check_fragment_memory(const void* pointer, unsigned ldm, unsigned element_bytes) {
+    if ((uintptr_t)pointer % 32 || ldm * element_bytes % 16)
+        fail("WMMA load or store at " + std::to_string((uintptr_t)pointer) + " with ldm " + std::to_string(ldm) +
+             ": the pointer must be 32-byte aligned and ldm a multiple of 16 bytes");
+}
 
 }  // namespace emu
 

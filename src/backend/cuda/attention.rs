@@ -14,7 +14,8 @@ const ROWS: usize = 32;
 const CROSS_THREADS: u32 = 256;
 /// Dynamic shared memory `cross_partial` may use; columns are split over blockIdx.y to fit.
 const CROSS_SHARED_BYTES: usize = 96 * 1024;
-/// Head widths `assign_mix` is instantiated for.
+/// Bounds on the head width that `assign_mix` is instantiated for (it takes any width up to
+/// the bound; the smallest bound that fits keeps the fewest registers).
 const ASSIGN_HEAD_WIDTHS: [usize; 4] = [8, 16, 32, 64];
 
 pub fn attention<E: Element>(
@@ -181,11 +182,12 @@ pub fn label_assignment<E: Element>(
     let (n, clicks, width, _) =
         shapes::label_assignment(x, click_keys, click_values, probs, params)?;
     let dh = width / params.heads;
-    if !ASSIGN_HEAD_WIDTHS.contains(&dh) {
+    let Some(&max_dh) = ASSIGN_HEAD_WIDTHS.iter().find(|&&bound| dh <= bound) else {
         return Err(Error::Shape(format!(
-            "head width {dh} is not supported by the CUDA label assignment (one of {ASSIGN_HEAD_WIDTHS:?})"
+            "head width {dh} is wider than the CUDA label assignment takes ({})",
+            ASSIGN_HEAD_WIDTHS[ASSIGN_HEAD_WIDTHS.len() - 1]
         )));
-    }
+    };
     let normed = norm::layer_norm(b, x, params.norm_q)?;
     let mut queries = b.output(vec![n, width])?;
     gemm(b, &normed, params.q, &mut queries, Epilogue::Plain)?;
@@ -200,8 +202,9 @@ pub fn label_assignment<E: Element>(
         Epilogue::Plain,
     )?;
     let mut mixed = hidden; // reuse
-    let f = b.function(MODULE, &format!("assign_mix_{}_{dh}", E::SUFFIX))?;
+    let f = b.function(MODULE, &format!("assign_mix_{}_{max_dh}", E::SUFFIX))?;
     let (tokens, nc, h, alpha) = (n as i64, clicks as i64, params.heads as i64, params.alpha);
+    let dh = dh as i32;
     let mut launch = b.stream.launch_builder(&f);
     launch
         .arg(&queries.data)
@@ -213,8 +216,9 @@ pub fn label_assignment<E: Element>(
         .arg(&tokens)
         .arg(&nc)
         .arg(&h)
+        .arg(&dh)
         .arg(&alpha);
-    // SAFETY: matches `assign_mix_*_{dh}`; every buffer holds n × width (clicks × width) values.
+    // SAFETY: matches `assign_mix_*_{max_dh}`; every buffer holds n × width (clicks × width) values.
     unsafe { launch.launch(b.elementwise(n * params.heads)) }.map_err(driver)?;
     gemm(b, &mixed, params.out, x, Epilogue::Residual)
 }

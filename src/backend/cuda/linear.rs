@@ -39,11 +39,7 @@ pub(super) fn gemm<E: Element>(
         .arg(&linear.bias.data)
         .arg(&mut y.data);
     launch.arg(&m).arg(&n).arg(&k).arg(&e);
-    let threads = if E::LINEAR_KERNEL.starts_with("linear_mma") {
-        128
-    } else {
-        256
-    };
+    let threads = if E::TENSOR_CORES { 128 } else { 256 };
     let grid = LaunchConfig {
         grid_dim: (out.div_ceil(TILE) as u32, rows.div_ceil(TILE) as u32, 1),
         block_dim: (threads, 1, 1),
@@ -84,13 +80,68 @@ pub fn mlp<E: Element>(
     linear_into_new(b, &hidden, &mlp.down, Epilogue::Plain)
 }
 
+/// Rows per block of `feed_forward_mma_f16_*` (FFN_ROWS) and its hidden units per chunk
+/// (FFN_CHUNK), for the launch and its shared memory.
+const FFN_ROWS: usize = 64;
+const FFN_CHUNK: usize = 64;
+
+/// Bytes of dynamic shared memory `feed_forward_mma_f16_{width}` lays out (`FfnShared` in
+/// kernels/linear.cu): LN(x), a chunk of W1, GELU(H), a chunk of W2 (halves, rows padded by 8),
+/// and the f32 accumulator staging (rows padded by 4).
+fn fused_feed_forward_shared_bytes(width: usize) -> usize {
+    let (ld, lh, ls) = (width + 8, FFN_CHUNK + 8, width.max(FFN_CHUNK) + 4);
+    2 * (FFN_ROWS * ld + FFN_CHUNK * ld + FFN_ROWS * lh + width * lh) + 4 * FFN_ROWS * ls
+}
+
 pub fn feed_forward<E: Element>(
     b: &CudaBackend<E>,
     x: &mut CudaTensor<E>,
     ffn: &FeedForward<CudaTensor<E>>,
 ) -> Result<()> {
-    shapes::feed_forward(x, ffn)?;
+    let (rows, width, hidden) = shapes::feed_forward(x, ffn)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    if E::TENSOR_CORES && width.is_multiple_of(16) && width <= 128 {
+        return fused_feed_forward(b, x, ffn, [rows, width, hidden]);
+    }
     let normed = norm::layer_norm(b, x, &ffn.norm)?;
     let hidden = linear_into_new(b, &normed, &ffn.mlp.up, Epilogue::Gelu)?;
     gemm(b, &hidden, &ffn.mlp.down, x, Epilogue::Residual)
+}
+
+/// The whole sub-layer in one launch (`feed_forward_mma_f16_{width}`): widths that are multiples
+/// of 16 up to 128, on tensor cores.
+fn fused_feed_forward<E: Element>(
+    b: &CudaBackend<E>,
+    x: &mut CudaTensor<E>,
+    ffn: &FeedForward<CudaTensor<E>>,
+    [rows, width, hidden]: [usize; 3],
+) -> Result<()> {
+    let shared = fused_feed_forward_shared_bytes(width);
+    let f = b.function(MODULE, &format!("feed_forward_mma_f16_{width}"))?;
+    b.allow_shared_memory(&f, shared)?;
+    let (n, h) = (rows as i64, hidden as i64);
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&mut x.data)
+        .arg(&ffn.norm.weight.data)
+        .arg(&ffn.norm.bias.data);
+    launch
+        .arg(&ffn.mlp.up.weight.data)
+        .arg(&ffn.mlp.up.bias.data)
+        .arg(&ffn.mlp.down.weight.data)
+        .arg(&ffn.mlp.down.bias.data)
+        .arg(&n)
+        .arg(&h);
+    let grid = LaunchConfig {
+        grid_dim: (rows.div_ceil(FFN_ROWS) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    // SAFETY: matches `feed_forward_mma_f16_*` (x, gamma, beta, w1, b1, w2, b2, n, hidden); the
+    // storage is f16 (TENSOR_CORES), x holds rows × width values and the weights were checked
+    // against width and hidden; the shared memory is the kernel's FfnShared<width>::bytes.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
+    Ok(())
 }

@@ -43,6 +43,8 @@ pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + '
     const SUFFIX: &'static str;
     /// The dense-layer kernel for this type.
     const LINEAR_KERNEL: &'static str;
+    /// Whether this type's GEMMs run on tensor cores (WMMA), with the fused kernels built on them.
+    const TENSOR_CORES: bool;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
 }
@@ -50,6 +52,7 @@ pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + '
 impl Element for f32 {
     const SUFFIX: &'static str = "f32";
     const LINEAR_KERNEL: &'static str = "linear_simt_f32";
+    const TENSOR_CORES: bool = false;
     fn from_f32(v: f32) -> Self {
         v
     }
@@ -61,6 +64,7 @@ impl Element for f32 {
 impl Element for f16 {
     const SUFFIX: &'static str = "f16";
     const LINEAR_KERNEL: &'static str = "linear_mma_f16";
+    const TENSOR_CORES: bool = true;
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
     }

@@ -9,6 +9,12 @@
 
 #include <cuda_fp16.h>
 
+namespace emu {
+// Fails the launch unless `pointer` is 256-bit aligned and `ldm` a multiple of 16 bytes, as
+// the WMMA loads and stores require.
+void check_fragment_memory(const void* pointer, unsigned ldm, unsigned element_bytes);
+}  // namespace emu
+
 namespace nvcuda {
 namespace wmma {
 
@@ -39,6 +45,7 @@ template <typename F, typename V> inline void fill_fragment(F& f, V value) {
 }
 
 template <typename F, typename P> inline void load_tile(F& f, const P* p, unsigned ldm, bool col_major) {
+    emu::check_fragment_memory(p, ldm, sizeof(P));
     for (int r = 0; r < F::rows; ++r)
         for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = widen(col_major ? p[c * ldm + r] : p[r * ldm + c]);
 }
@@ -58,6 +65,7 @@ inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const P* p, u
 
 template <int M, int N, int K, typename T>
 inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+    emu::check_fragment_memory(p, ldm, sizeof(T));
     for (int r = 0; r < M; ++r)
         for (int c = 0; c < N; ++c) (layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * N + c];
 }
