@@ -17,8 +17,18 @@
 // is a template parameter (8, 16, 32, 64; the width itself, e.g. 12, is an argument), so the
 // query and the running sum stay in registers.
 //
+// `assign_fused_f16_{D}` is the whole label-assignment sub-layer in one kernel, for f16 widths
+// D that are multiples of 16 up to 128: per block of 64 tokens, LN_q(x) and Q = LN_q(x)·Wqᵀ + bq
+// (tensor cores, mma.cuh), the label MLP on the automatic probabilities (its K-wide first layer
+// on the CUDA cores, its D × D second layer on tensor cores), then per (token, head) the
+// softmax over the clicks, the copy of their label embeddings and the α mix, written as f16
+// into the operand of the output projection, whose result is added to x. x is read twice (LN,
+// residual) and written once; nothing N × D goes through global memory. One weight matrix at a
+// time is staged in shared memory (Wq, then the MLP's second layer, then W_out). Dynamic shared
+// memory, laid out as `AssignShared` says.
+//
 // `attention_small`: plain attention among the clicks, one block per (query, head).
-#include "common.cuh"
+#include "mma.cuh"
 
 constexpr int ROWS = 32;          // voxels per tile of cross_partial
 constexpr int CROSS_THREADS = 256;
@@ -261,3 +271,117 @@ extern "C" __global__ void cross_merge(const float* pm, const float* ps, const f
                                        int64_t columns, int64_t width) {
     merge_partials(pm, ps, pw, mean, blocks, columns, width);
 }
+
+template <int D> struct AssignShared {
+    static constexpr int LD = D + MMA_PAD, LS = D + 4;
+    static constexpr int operand = 0;                          // LN(x), then MLP hidden, then the mix: FUSED_ROWS × LD halves
+    static constexpr int weights = FUSED_ROWS * LD * 2;        // one staged D × D matrix: D × LD halves
+    static constexpr int q = weights + D * LD * 2;             // Q, later the output projection: FUSED_ROWS × LS floats
+    static constexpr int label = q + FUSED_ROWS * LS * 4;      // label_mlp(probs): FUSED_ROWS × LS floats
+    static constexpr int bytes = label + FUSED_ROWS * LS * 4;
+};
+
+// The heads are at most this wide (the Rust side checks).
+constexpr int ASSIGN_MAX_DH = 64;
+
+// The calling warp's 16 rows of operand · Wᵀ, W (D × D) staged in shared memory, into its rows of
+// an f32 staging area.
+template <int D>
+__device__ __forceinline__ void warp_rows_project(const __half* operand, const __half* w, float* stage) {
+    using L = AssignShared<D>;
+    int r0 = 16 * (threadIdx.x / 32);
+    Accumulator acc[D / 16];
+    zero_accumulators<D>(acc);
+    warp_rows_mma<D, D>(acc, operand + r0 * L::LD, L::LD, w, L::LD);
+    store_accumulators<D>(acc, stage + r0 * L::LS, L::LS);
+}
+
+template <int D>
+__device__ void assign_fused(__half* x, const __half* gamma, const __half* beta, const __half* wq, const __half* bq,
+                             const __half* keys, const __half* values, const __half* probs, const __half* w_up,
+                             const __half* b_up, const __half* w_down, const __half* b_down, const __half* w_out,
+                             const __half* b_out, int64_t n, int64_t clicks, int64_t classes, int heads, float alpha) {
+    using L = AssignShared<D>;
+    extern __shared__ float assign_shared[];
+    unsigned char* base = (unsigned char*)assign_shared;
+    __half* operand = (__half*)(base + L::operand);
+    __half* w = (__half*)(base + L::weights);
+    float* q = (float*)(base + L::q);
+    float* label = (float*)(base + L::label);
+    int64_t row0 = (int64_t)blockIdx.x * FUSED_ROWS;
+
+    // Q = LN_q(x)·Wqᵀ (bias added where it is read).
+    layer_norm_rows(operand, L::LD, x, gamma, beta, n, D, row0);
+    stage_weights(w, L::LD, wq, D, D, 0, 0, D, D);
+    __syncthreads();
+    warp_rows_project<D>(operand, w, q);
+    __syncthreads();
+
+    // label_mlp(probs) = GELU(P·W_upᵀ + b_up)·W_downᵀ (+ b_down where it is read).
+    for (int l = threadIdx.x; l < FUSED_ROWS * D; l += blockDim.x) {
+        int r = l / D, c = l % D;
+        float v = 0.f;
+        if (row0 + r < n) {
+            v = __half2float(b_up[c]);
+            for (int64_t k = 0; k < classes; ++k)
+                v += __half2float(probs[(row0 + r) * classes + k]) * __half2float(w_up[c * classes + k]);
+            v = gelu(v);
+        }
+        operand[r * L::LD + c] = __float2half_rn(v);
+    }
+    stage_weights(w, L::LD, w_down, D, D, 0, 0, D, D);
+    __syncthreads();
+    warp_rows_project<D>(operand, w, label);
+    __syncthreads();
+
+    // Per (token, head): softmax over the clicks, their label embeddings copied, mixed by α.
+    int dh = D / heads;
+    float scale = rsqrtf((float)dh);
+    for (int p = threadIdx.x; p < FUSED_ROWS * heads; p += blockDim.x) {
+        int r = p / heads, h = p % heads;
+        const float* query = q + r * L::LS + h * dh;
+        const __half* bias = bq + h * dh;
+        float max = -INFINITY;
+        for (int64_t c = 0; c < clicks; ++c) {
+            float s = 0.f;
+            for (int e = 0; e < dh; ++e) s += (query[e] + __half2float(bias[e])) * __half2float(keys[c * D + h * dh + e]);
+            max = fmaxf(max, s * scale);
+        }
+        float acc[ASSIGN_MAX_DH] = {}, sum = 0.f;
+        for (int64_t c = 0; c < clicks; ++c) {
+            float s = 0.f;
+            for (int e = 0; e < dh; ++e) s += (query[e] + __half2float(bias[e])) * __half2float(keys[c * D + h * dh + e]);
+            float weight = __expf(s * scale - max);
+            sum += weight;
+#pragma unroll
+            for (int e = 0; e < ASSIGN_MAX_DH; ++e)
+                if (e < dh) acc[e] += weight * __half2float(values[c * D + h * dh + e]);
+        }
+#pragma unroll
+        for (int e = 0; e < ASSIGN_MAX_DH; ++e) {
+            if (e >= dh) break;
+            int f = h * dh + e;
+            float auto_embedding = label[r * L::LS + f] + __half2float(b_down[f]);
+            float mixed = row0 + r < n ? (1.f - alpha) * acc[e] / sum + alpha * auto_embedding : 0.f;
+            operand[r * L::LD + f] = __float2half_rn(mixed);
+        }
+    }
+    stage_weights(w, L::LD, w_out, D, D, 0, 0, D, D);
+    __syncthreads();
+
+    // x += mix·W_outᵀ + b_out.
+    warp_rows_project<D>(operand, w, q);
+    __syncthreads();
+    add_residual_rows(x, q, L::LS, b_out, n, D, row0);
+}
+
+#define ASSIGN_FUSED(D)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) assign_fused_f16_##D(                                          \
+        __half* x, const __half* g, const __half* b, const __half* wq, const __half* bq, const __half* keys,         \
+        const __half* values, const __half* probs, const __half* w_up, const __half* b_up, const __half* w_down,     \
+        const __half* b_down, const __half* w_out, const __half* b_out, int64_t n, int64_t clicks, int64_t classes,  \
+        int heads, float alpha) {                                                                                    \
+        assign_fused<D>(x, g, b, wq, bq, keys, values, probs, w_up, b_up, w_down, b_down, w_out, b_out, n, clicks,   \
+                        classes, heads, alpha);                                                                      \
+    }
+FOR_EACH_FUSED_WIDTH(ASSIGN_FUSED)

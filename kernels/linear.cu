@@ -10,9 +10,7 @@
 //   Shared rows are padded by 8 halves so that fragment loads avoid bank conflicts. The f32
 //   accumulators go through shared memory for the epilogue.
 // Loads are bounds-checked and zero-filled, so any M, N, K work (the click side has M = 10).
-#include <mma.h>
-
-#include "common.cuh"
+#include "mma.cuh"
 
 enum Epilogue { PLAIN = 0, GELU = 1, RESIDUAL = 2 };
 
@@ -75,7 +73,6 @@ __device__ void linear_simt(const T* x, const T* w, const T* bias, T* y, int64_t
 FOR_EACH_STORAGE(LINEAR_SIMT)
 
 constexpr int MMA_K = 32;
-constexpr int MMA_PAD = 8;
 
 extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x, const __half* w,
                                                                    const __half* bias, __half* y, int64_t m,
@@ -121,33 +118,32 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
     }
 }
 
+
 // The feed-forward sub-layer in one kernel: x ← x + W2·GELU(W1·LN(x) + b1) + b2, per block of
-// FFN_ROWS tokens, f16 on tensor cores. LN(x) is computed into shared memory (one warp per
-// row); the hidden layer is produced FFN_CHUNK units at a time (H = GELU(LN(x)·W1ᵀ + b1) for
-// one chunk, 64 × 64) and consumed at once by the second GEMM (Y += H·W2ᵀ over that chunk), so
-// the N × hidden activations never leave shared memory; x is read twice (LN, residual) and
-// written once. Warp w owns rows 16w..16w+15 of both GEMMs, so the width D (a multiple of 16,
-// ≤ 128; a template parameter, so Y's D/16 accumulator fragments stay in registers) is not
-// split between warps. Each chunk of W1 (64 × D) and W2 (D × 64) is staged in shared memory
-// for the block's four warps; the weights are re-read from L2 by every block, which is what a
-// larger FFN_ROWS would amortise. Dynamic shared memory, laid out as `FfnShared` says.
-constexpr int FFN_ROWS = 64;
+// FUSED_ROWS tokens, f16 on tensor cores (mma.cuh). LN(x) is computed into shared memory (one
+// warp per row); the hidden layer is produced FFN_CHUNK units at a time (H = GELU(LN(x)·W1ᵀ + b1)
+// for one chunk) and consumed at once by the second GEMM (Y += H·W2ᵀ over that chunk), so the
+// N × hidden activations never leave shared memory; x is read twice (LN, residual) and written
+// once. Warp w owns rows 16w..16w+15 of both GEMMs, so the width D (a multiple of 16, ≤ 128; a
+// template parameter, so Y's D/16 accumulator fragments stay in registers) is not split between
+// warps. Each chunk of W1 (64 × D) and W2 (D × 64) is staged in shared memory for the block's
+// four warps; every block re-reads the weights from L2, which a larger FUSED_ROWS would
+// amortise. Dynamic shared memory, laid out as `FfnShared` says.
 constexpr int FFN_CHUNK = 64;
 
 template <int D> struct FfnShared {
     static constexpr int LD = D + MMA_PAD, LH = FFN_CHUNK + MMA_PAD, LS = (D > FFN_CHUNK ? D : FFN_CHUNK) + 4;
-    static constexpr int normed = 0;                           // LN(x): FFN_ROWS × LD halves
-    static constexpr int w1 = normed + FFN_ROWS * LD * 2;      // W1 chunk: FFN_CHUNK × LD halves
-    static constexpr int hidden = w1 + FFN_CHUNK * LD * 2;     // GELU(H): FFN_ROWS × LH halves
-    static constexpr int w2 = hidden + FFN_ROWS * LH * 2;      // W2 chunk: D × LH halves
-    static constexpr int stage = w2 + D * LH * 2;              // accumulators: FFN_ROWS × LS floats
-    static constexpr int bytes = stage + FFN_ROWS * LS * 4;
+    static constexpr int normed = 0;                         // LN(x): FUSED_ROWS × LD halves
+    static constexpr int w1 = normed + FUSED_ROWS * LD * 2;  // W1 chunk: FFN_CHUNK × LD halves
+    static constexpr int hidden = w1 + FFN_CHUNK * LD * 2;   // GELU(H): FUSED_ROWS × LH halves
+    static constexpr int w2 = hidden + FUSED_ROWS * LH * 2;  // W2 chunk: D × LH halves
+    static constexpr int stage = w2 + D * LH * 2;            // accumulators: FUSED_ROWS × LS floats
+    static constexpr int bytes = stage + FUSED_ROWS * LS * 4;
 };
 
 template <int D>
 __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* beta, const __half* w1,
                                  const __half* b1, const __half* w2, const __half* b2, int64_t n, int64_t hidden) {
-    using namespace nvcuda;
     using L = FfnShared<D>;
     extern __shared__ float ffn_shared[];
     unsigned char* base = (unsigned char*)ffn_shared;
@@ -156,75 +152,33 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
     __half* hs = (__half*)(base + L::hidden);
     __half* w2s = (__half*)(base + L::w2);
     float* stage = (float*)(base + L::stage);
-    const __half zero = __float2half(0.f);
-    int64_t row0 = (int64_t)blockIdx.x * FFN_ROWS;
+    int64_t row0 = (int64_t)blockIdx.x * FUSED_ROWS;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = 16 * warp;
+    layer_norm_rows(normed, L::LD, x, gamma, beta, n, D, row0);
 
-    for (int r = warp; r < FFN_ROWS; r += blockDim.x / 32) {
-        __half* dest = normed + r * L::LD;
-        if (row0 + r < n)
-            warp_layer_norm(x + (row0 + r) * D, gamma, beta, D, lane,
-                            [&](int64_t f, float v) { dest[f] = __float2half_rn(v); });
-        else
-            for (int f = lane; f < D; f += 32) dest[f] = zero;
-    }
-
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> y[D / 16];
-    for (int j = 0; j < D / 16; ++j) wmma::fill_fragment(y[j], 0.f);
+    Accumulator y[D / 16];
+    zero_accumulators<D>(y);
     for (int64_t c0 = 0; c0 < hidden; c0 += FFN_CHUNK) {
-        // Stage this chunk of W1 (its rows) and W2 (its columns); units past `hidden` are zero.
-        for (int l = threadIdx.x; l < FFN_CHUNK * D; l += blockDim.x) {
-            int r = l / D, f = l % D;
-            w1s[r * L::LD + f] = c0 + r < hidden ? w1[(c0 + r) * D + f] : zero;
-        }
-        for (int l = threadIdx.x; l < D * FFN_CHUNK; l += blockDim.x) {
-            int r = l / FFN_CHUNK, u = l % FFN_CHUNK;
-            w2s[r * L::LH + u] = c0 + u < hidden ? w2[r * hidden + c0 + u] : zero;
-        }
+        stage_weights(w1s, L::LD, w1, hidden, D, c0, 0, FFN_CHUNK, D);
+        stage_weights(w2s, L::LH, w2, D, hidden, 0, c0, D, FFN_CHUNK);
         __syncthreads();
-        // H = LN(x)·W1ᵀ for the warp's 16 rows × the chunk's 64 units.
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> h[FFN_CHUNK / 16];
-        for (int j = 0; j < FFN_CHUNK / 16; ++j) wmma::fill_fragment(h[j], 0.f);
-        for (int k = 0; k < D; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-            wmma::load_matrix_sync(a, normed + r0 * L::LD + k, L::LD);
-            for (int j = 0; j < FFN_CHUNK / 16; ++j) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
-                wmma::load_matrix_sync(b, w1s + 16 * j * L::LD + k, L::LD);
-                wmma::mma_sync(h[j], a, b, h[j]);
-            }
-        }
-        for (int j = 0; j < FFN_CHUNK / 16; ++j)
-            wmma::store_matrix_sync(stage + r0 * L::LS + 16 * j, h[j], L::LS, wmma::mem_row_major);
+        Accumulator h[FFN_CHUNK / 16];
+        zero_accumulators<FFN_CHUNK>(h);
+        warp_rows_mma<FFN_CHUNK, D>(h, normed + r0 * L::LD, L::LD, w1s, L::LD);
+        store_accumulators<FFN_CHUNK>(h, stage + r0 * L::LS, L::LS);
         __syncthreads();
         for (int l = lane; l < 16 * FFN_CHUNK; l += 32) {
             int r = r0 + l / FFN_CHUNK, u = l % FFN_CHUNK;
-            float bias = c0 + u < hidden ? __half2float(b1[c0 + u]) : 0.f;
+            float bias = c0 + u < hidden ? __half2float(b1[c0 + u]) : 0.f;  // GELU(0) = 0 past `hidden`
             hs[r * L::LH + u] = __float2half_rn(gelu(stage[r * L::LS + u] + bias));
         }
         __syncthreads();
-        // Y += GELU(H)·W2ᵀ over this chunk, for the warp's rows × all D outputs.
-        for (int k = 0; k < FFN_CHUNK; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-            wmma::load_matrix_sync(a, hs + r0 * L::LH + k, L::LH);
-            for (int j = 0; j < D / 16; ++j) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
-                wmma::load_matrix_sync(b, w2s + 16 * j * L::LH + k, L::LH);
-                wmma::mma_sync(y[j], a, b, y[j]);
-            }
-        }
+        warp_rows_mma<D, FFN_CHUNK>(y, hs + r0 * L::LH, L::LH, w2s, L::LH);
         __syncthreads();  // before the next chunk overwrites w1s, w2s and stage
     }
-    for (int j = 0; j < D / 16; ++j)
-        wmma::store_matrix_sync(stage + r0 * L::LS + 16 * j, y[j], L::LS, wmma::mem_row_major);
+    store_accumulators<D>(y, stage + r0 * L::LS, L::LS);
     __syncthreads();
-    for (int l = lane; l < 16 * D; l += 32) {
-        int r = r0 + l / D, f = l % D;
-        if (row0 + r < n) {
-            __half* out = x + (row0 + r) * D + f;
-            *out = __float2half_rn(__half2float(*out) + stage[r * L::LS + f] + __half2float(b2[f]));
-        }
-    }
+    add_residual_rows(x, stage, L::LS, b2, n, D, row0);
 }
 
 #define FEED_FORWARD_MMA(D)                                                                                  \
@@ -233,11 +187,4 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
         const __half* b2, int64_t n, int64_t hidden) {                                                       \
         feed_forward_mma<D>(x, g, b, w1, b1, w2, b2, n, hidden);                                             \
     }
-FEED_FORWARD_MMA(16)
-FEED_FORWARD_MMA(32)
-FEED_FORWARD_MMA(48)
-FEED_FORWARD_MMA(64)
-FEED_FORWARD_MMA(80)
-FEED_FORWARD_MMA(96)
-FEED_FORWARD_MMA(112)
-FEED_FORWARD_MMA(128)
+FOR_EACH_FUSED_WIDTH(FEED_FORWARD_MMA)

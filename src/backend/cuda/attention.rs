@@ -179,7 +179,7 @@ pub fn label_assignment<E: Element>(
     probs: &CudaTensor<E>,
     params: &LabelAssignment<'_, CudaTensor<E>>,
 ) -> Result<()> {
-    let (n, clicks, width, _) =
+    let (n, clicks, width, classes) =
         shapes::label_assignment(x, click_keys, click_values, probs, params)?;
     let dh = width / params.heads;
     let Some(&max_dh) = ASSIGN_HEAD_WIDTHS.iter().find(|&&bound| dh <= bound) else {
@@ -188,6 +188,13 @@ pub fn label_assignment<E: Element>(
             ASSIGN_HEAD_WIDTHS[ASSIGN_HEAD_WIDTHS.len() - 1]
         )));
     };
+    if n == 0 {
+        return Ok(());
+    }
+    if E::TENSOR_CORES && width.is_multiple_of(16) && width <= 128 {
+        let inputs = [click_keys, click_values, probs];
+        return fused_label_assignment(b, x, inputs, params, [n, clicks, width, classes]);
+    }
     let normed = norm::layer_norm(b, x, params.norm_q)?;
     let mut queries = b.output(vec![n, width])?;
     gemm(b, &normed, params.q, &mut queries, Epilogue::Plain)?;
@@ -221,4 +228,58 @@ pub fn label_assignment<E: Element>(
     // SAFETY: matches `assign_mix_*_{max_dh}`; every buffer holds n × width (clicks × width) values.
     unsafe { launch.launch(b.elementwise(n * params.heads)) }.map_err(driver)?;
     gemm(b, &mixed, params.out, x, Epilogue::Residual)
+}
+
+/// Token rows per block of the fused kernels (FUSED_ROWS in kernels/mma.cuh).
+const FUSED_ROWS: usize = 64;
+
+/// The whole sub-layer in one launch (`assign_fused_f16_{width}`): widths that are multiples of
+/// 16 up to 128, on tensor cores. Its dynamic shared memory is `AssignShared` in
+/// kernels/attention.cu: the f16 operand rows and one staged D × D weight matrix (rows padded by
+/// 8 halves), and two f32 staging areas (rows padded by 4).
+fn fused_label_assignment<E: Element>(
+    b: &CudaBackend<E>,
+    x: &mut CudaTensor<E>,
+    [keys, values, probs]: [&CudaTensor<E>; 3],
+    params: &LabelAssignment<'_, CudaTensor<E>>,
+    [n, clicks, width, classes]: [usize; 4],
+) -> Result<()> {
+    let (ld, ls) = (width + 8, width + 4);
+    let shared = 2 * (FUSED_ROWS * ld + width * ld) + 4 * 2 * FUSED_ROWS * ls;
+    let f = b.function(MODULE, &format!("assign_fused_f16_{width}"))?;
+    b.allow_shared_memory(&f, shared)?;
+    let (tokens, nc, nk) = (n as i64, clicks as i64, classes as i64);
+    let (heads, alpha) = (params.heads as i32, params.alpha);
+    let mlp = params.label_mlp;
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&mut x.data)
+        .arg(&params.norm_q.weight.data)
+        .arg(&params.norm_q.bias.data)
+        .arg(&params.q.weight.data)
+        .arg(&params.q.bias.data);
+    launch.arg(&keys.data).arg(&values.data).arg(&probs.data);
+    launch
+        .arg(&mlp.up.weight.data)
+        .arg(&mlp.up.bias.data)
+        .arg(&mlp.down.weight.data)
+        .arg(&mlp.down.bias.data)
+        .arg(&params.out.weight.data)
+        .arg(&params.out.bias.data);
+    launch
+        .arg(&tokens)
+        .arg(&nc)
+        .arg(&nk)
+        .arg(&heads)
+        .arg(&alpha);
+    let grid = LaunchConfig {
+        grid_dim: (n.div_ceil(FUSED_ROWS) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    // SAFETY: matches `assign_fused_f16_*`'s arguments in order; the storage is f16
+    // (TENSOR_CORES); every tensor's shape was checked by shapes::label_assignment, the head
+    // width is at most 64 (ASSIGN_MAX_DH), and the shared memory is AssignShared<width>::bytes.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
+    Ok(())
 }

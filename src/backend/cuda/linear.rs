@@ -80,9 +80,9 @@ pub fn mlp<E: Element>(
     linear_into_new(b, &hidden, &mlp.down, Epilogue::Plain)
 }
 
-/// Rows per block of `feed_forward_mma_f16_*` (FFN_ROWS) and its hidden units per chunk
+/// Rows per block of `feed_forward_mma_f16_*` (FUSED_ROWS) and its hidden units per chunk
 /// (FFN_CHUNK), for the launch and its shared memory.
-const FFN_ROWS: usize = 64;
+const FUSED_ROWS: usize = 64;
 const FFN_CHUNK: usize = 64;
 
 /// Bytes of dynamic shared memory `feed_forward_mma_f16_{width}` lays out (`FfnShared` in
@@ -90,7 +90,7 @@ const FFN_CHUNK: usize = 64;
 /// and the f32 accumulator staging (rows padded by 4).
 fn fused_feed_forward_shared_bytes(width: usize) -> usize {
     let (ld, lh, ls) = (width + 8, FFN_CHUNK + 8, width.max(FFN_CHUNK) + 4);
-    2 * (FFN_ROWS * ld + FFN_CHUNK * ld + FFN_ROWS * lh + width * lh) + 4 * FFN_ROWS * ls
+    2 * (FUSED_ROWS * ld + FFN_CHUNK * ld + FUSED_ROWS * lh + width * lh) + 4 * FUSED_ROWS * ls
 }
 
 pub fn feed_forward<E: Element>(
@@ -135,7 +135,7 @@ fn fused_feed_forward<E: Element>(
         .arg(&n)
         .arg(&h);
     let grid = LaunchConfig {
-        grid_dim: (rows.div_ceil(FFN_ROWS) as u32, 1, 1),
+        grid_dim: (rows.div_ceil(FUSED_ROWS) as u32, 1, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: shared as u32,
     };

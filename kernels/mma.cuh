@@ -1,0 +1,88 @@
+// Tensor-core building blocks of the fused head kernels (WMMA, f16 operands, f32 accumulators).
+//
+// The fused kernels give each warp 16 token rows of a 64-row block; `warp_rows_mma` multiplies
+// the warp's rows of an f16 operand in shared memory by a weight matrix staged in shared memory
+// (stored [out][in] as PyTorch, so it is read column-major as Wᵀ) into the warp's accumulator
+// fragments, and `stage_weights` copies a weight block from global memory into such a staging
+// area, zero-filling what lies outside the matrix. Shared rows are padded by MMA_PAD halves so
+// that fragment loads avoid bank conflicts; every fragment pointer is 32-byte aligned, which the
+// paddings and the callers' layouts keep.
+#pragma once
+
+#include <mma.h>
+
+#include "common.cuh"
+
+constexpr int MMA_PAD = 8;
+// Token rows per block of the fused kernels: four warps of 16 rows.
+constexpr int FUSED_ROWS = 64;
+
+using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// acc[j] += A[rows, 0:K] · W[16j : 16j + 16, 0:K]ᵀ for j < N / 16: A is the warp's 16 rows (row
+// stride lda halves), W the staged weights (row stride ldw halves).
+template <int N, int K>
+__device__ __forceinline__ void warp_rows_mma(Accumulator (&acc)[N / 16], const __half* a, int lda, const __half* w,
+                                              int ldw) {
+    using namespace nvcuda;
+    for (int k = 0; k < K; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, a + k, lda);
+        for (int j = 0; j < N / 16; ++j) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+            wmma::load_matrix_sync(fb, w + 16 * j * ldw + k, ldw);
+            wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+    }
+}
+
+template <int N> __device__ __forceinline__ void zero_accumulators(Accumulator (&acc)[N / 16]) {
+    for (int j = 0; j < N / 16; ++j) nvcuda::wmma::fill_fragment(acc[j], 0.f);
+}
+
+// The warp's 16 rows of accumulators into an f32 staging area (row stride lds floats).
+template <int N> __device__ __forceinline__ void store_accumulators(const Accumulator (&acc)[N / 16], float* stage, int lds) {
+    for (int j = 0; j < N / 16; ++j) nvcuda::wmma::store_matrix_sync(stage + 16 * j, acc[j], lds, nvcuda::wmma::mem_row_major);
+}
+
+// dest[r][c] = w[row0 + r][col0 + c] for r < rows, c < cols (row stride ldd halves in dest,
+// `width` in w), zero outside w's `height` × `width`. All threads of the block take part.
+__device__ __forceinline__ void stage_weights(__half* dest, int ldd, const __half* w, int64_t height, int64_t width,
+                                              int64_t row0, int64_t col0, int rows, int cols) {
+    for (int l = threadIdx.x; l < rows * cols; l += blockDim.x) {
+        int r = l / cols, c = l % cols;
+        bool inside = row0 + r < height && col0 + c < width;
+        dest[r * ldd + c] = inside ? w[(row0 + r) * width + col0 + c] : __float2half(0.f);
+    }
+}
+
+// The fused kernels' widths: multiples of 16 up to 128 (one instantiation each).
+#define FOR_EACH_FUSED_WIDTH(X) X(16) X(32) X(48) X(64) X(80) X(96) X(112) X(128)
+
+// LayerNorm of a block's FUSED_ROWS rows of x (N × width) into f16 shared rows (stride ld
+// halves), one warp per row; rows past n are zero.
+__device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __half* x, const __half* gamma,
+                                                const __half* beta, int64_t n, int width, int64_t row0) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int r = warp; r < FUSED_ROWS; r += blockDim.x / 32) {
+        __half* row = dest + r * ld;
+        if (row0 + r < n)
+            warp_layer_norm(x + (row0 + r) * width, gamma, beta, width, lane,
+                            [&](int64_t f, float v) { row[f] = __float2half_rn(v); });
+        else
+            for (int f = lane; f < width; f += 32) row[f] = __float2half(0.f);
+    }
+}
+
+// x[row0 + r][f] += stage[r][f] + bias[f] for the calling warp's 16 rows (r = 16·warp + …).
+__device__ __forceinline__ void add_residual_rows(__half* x, const float* stage, int lds, const __half* bias,
+                                                  int64_t n, int width, int64_t row0) {
+    int r0 = 16 * (threadIdx.x / 32), lane = threadIdx.x % 32;
+    for (int l = lane; l < 16 * width; l += 32) {
+        int r = r0 + l / width, f = l % width;
+        if (row0 + r < n) {
+            __half* out = x + (row0 + r) * width + f;
+            *out = __float2half_rn(__half2float(*out) + stage[r * lds + f] + __half2float(bias[f]));
+        }
+    }
+}
