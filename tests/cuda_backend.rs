@@ -527,6 +527,15 @@ fn fixture_model<B: Backend>(config: &str, backend: B) -> Model<B> {
     Model::from_bundle(Bundle::from_bytes(&bytes, config).unwrap(), backend).unwrap()
 }
 
+/// The iso fixture's whole preprocessed volume (1 × 21 × 37 × 27).
+fn iso_volume() -> Tensor {
+    let golden_bytes = read_fixture("iso/golden.safetensors");
+    TensorFile::parse(&golden_bytes, "iso")
+        .unwrap()
+        .f32("window0.input")
+        .unwrap()
+}
+
 fn head_matches_cpu<E: Element>(tolerance: f64) {
     for config in ["iso", "aniso"] {
         let cpu = fixture_model(config, CpuBackend);
@@ -593,11 +602,7 @@ fn head_matches_cpu_f16() {
 /// One network forward over a patch-sized tile of the fixture volume: logits and the features
 /// the session keeps, before any sliding-window aggregation.
 fn tile_forward_matches_cpu<E: Element>(tolerance: f64) {
-    let golden_bytes = read_fixture("iso/golden.safetensors");
-    let volume = TensorFile::parse(&golden_bytes, "iso")
-        .unwrap()
-        .f32("window0.input")
-        .unwrap();
+    let volume = iso_volume();
     let cpu = fixture_model("iso", CpuBackend);
     let gpu_model = fixture_model("iso", gpu::<E>());
     let g = &gpu_model.backend;
@@ -641,11 +646,7 @@ fn tile_forward_matches_cpu_f16() {
 }
 
 fn session_matches_cpu<E: Element>(tolerance: f64) {
-    let golden_bytes = read_fixture("iso/golden.safetensors");
-    let volume = TensorFile::parse(&golden_bytes, "iso")
-        .unwrap()
-        .f32("window0.input")
-        .unwrap();
+    let volume = iso_volume();
     let cpu = fixture_model("iso", CpuBackend);
     let gpu_model = fixture_model("iso", gpu::<E>());
     let options = SessionOptions::default();
@@ -684,11 +685,7 @@ fn out_of_memory_is_an_error_not_a_panic() {
     println!("a 2 TiB tensor: {err}");
     assert!(err.to_string().contains("OUT_OF_MEMORY"), "{err}");
 
-    let golden_bytes = read_fixture("iso/golden.safetensors");
-    let volume = TensorFile::parse(&golden_bytes, "iso")
-        .unwrap()
-        .f32("window0.input")
-        .unwrap();
+    let volume = iso_volume();
     let s = volume.shape();
     let model = fixture_model("iso", g.clone());
     let needed = encoding_memory(&model, [s[1], s[2], s[3]]);

@@ -4,7 +4,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::linear::{Epilogue, gemm};
-use super::{CudaBackend, CudaTensor, Element, driver, norm};
+use super::{CudaBackend, CudaTensor, Element, FUSED_ROWS, driver, norm};
 use crate::backend::{LabelAssignment, LayerNorm, Linear, shapes};
 use crate::error::{Error, Result};
 
@@ -191,7 +191,7 @@ pub fn label_assignment<E: Element>(
     if n == 0 {
         return Ok(());
     }
-    if E::TENSOR_CORES && width.is_multiple_of(16) && width <= 128 {
+    if CudaBackend::<E>::fused_head_width(width) {
         let inputs = [click_keys, click_values, probs];
         return fused_label_assignment(b, x, inputs, params, [n, clicks, width, classes]);
     }
@@ -230,9 +230,6 @@ pub fn label_assignment<E: Element>(
     gemm(b, &mixed, params.out, x, Epilogue::Residual)
 }
 
-/// Token rows per block of the fused kernels (FUSED_ROWS in kernels/mma.cuh).
-const FUSED_ROWS: usize = 64;
-
 /// The whole sub-layer in one launch (`assign_fused_f16_{width}`): widths that are multiples of
 /// 16 up to 128, on tensor cores. Its dynamic shared memory is `AssignShared` in
 /// kernels/attention.cu: the f16 operand rows and one staged D × D weight matrix (rows padded by
@@ -247,7 +244,7 @@ fn fused_label_assignment<E: Element>(
     let (ld, ls) = (width + 8, width + 4);
     let shared = 2 * (FUSED_ROWS * ld + width * ld) + 4 * 2 * FUSED_ROWS * ls;
     let f = b.function(MODULE, &format!("assign_fused_f16_{width}"))?;
-    b.allow_shared_memory(&f, shared)?;
+    let grid = b.fused_launch(&f, n, shared)?;
     let (tokens, nc, nk) = (n as i64, clicks as i64, classes as i64);
     let (heads, alpha) = (params.heads as i32, params.alpha);
     let mlp = params.label_mlp;
@@ -272,11 +269,6 @@ fn fused_label_assignment<E: Element>(
         .arg(&nk)
         .arg(&heads)
         .arg(&alpha);
-    let grid = LaunchConfig {
-        grid_dim: (n.div_ceil(FUSED_ROWS) as u32, 1, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
     // SAFETY: matches `assign_fused_f16_*`'s arguments in order; the storage is f16
     // (TENSOR_CORES); every tensor's shape was checked by shapes::label_assignment, the head
     // width is at most 64 (ASSIGN_MAX_DH), and the shared memory is AssignShared<width>::bytes.

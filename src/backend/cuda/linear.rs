@@ -3,7 +3,7 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{CudaBackend, CudaTensor, Element, driver, norm};
+use super::{CudaBackend, CudaTensor, Element, FUSED_ROWS, driver, norm};
 use crate::backend::{FeedForward, Linear, Mlp, shapes};
 use crate::error::Result;
 
@@ -80,9 +80,7 @@ pub fn mlp<E: Element>(
     linear_into_new(b, &hidden, &mlp.down, Epilogue::Plain)
 }
 
-/// Rows per block of `feed_forward_mma_f16_*` (FUSED_ROWS) and its hidden units per chunk
-/// (FFN_CHUNK), for the launch and its shared memory.
-const FUSED_ROWS: usize = 64;
+/// Hidden units per chunk of `feed_forward_mma_f16_*` (FFN_CHUNK in the kernel).
 const FFN_CHUNK: usize = 64;
 
 /// Bytes of dynamic shared memory `feed_forward_mma_f16_{width}` lays out (`FfnShared` in
@@ -102,7 +100,7 @@ pub fn feed_forward<E: Element>(
     if rows == 0 {
         return Ok(());
     }
-    if E::TENSOR_CORES && width.is_multiple_of(16) && width <= 128 {
+    if CudaBackend::<E>::fused_head_width(width) {
         return fused_feed_forward(b, x, ffn, [rows, width, hidden]);
     }
     let normed = norm::layer_norm(b, x, &ffn.norm)?;
@@ -120,7 +118,7 @@ fn fused_feed_forward<E: Element>(
 ) -> Result<()> {
     let shared = fused_feed_forward_shared_bytes(width);
     let f = b.function(MODULE, &format!("feed_forward_mma_f16_{width}"))?;
-    b.allow_shared_memory(&f, shared)?;
+    let grid = b.fused_launch(&f, rows, shared)?;
     let (n, h) = (rows as i64, hidden as i64);
     let mut launch = b.stream.launch_builder(&f);
     launch
@@ -134,11 +132,6 @@ fn fused_feed_forward<E: Element>(
         .arg(&ffn.mlp.down.bias.data)
         .arg(&n)
         .arg(&h);
-    let grid = LaunchConfig {
-        grid_dim: (rows.div_ceil(FUSED_ROWS) as u32, 1, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
     // SAFETY: matches `feed_forward_mma_f16_*` (x, gamma, beta, w1, b1, w2, b2, n, hidden); the
     // storage is f16 (TENSOR_CORES), x holds rows × width values and the weights were checked
     // against width and hidden; the shared memory is the kernel's FfnShared<width>::bytes.

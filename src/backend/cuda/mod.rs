@@ -37,6 +37,9 @@ mod compiled {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
+/// Token rows per block of the fused head kernels (FUSED_ROWS in kernels/mma.cuh).
+const FUSED_ROWS: usize = 64;
+
 /// A storage type of the CUDA backend.
 pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + 'static {
     /// Suffix of the kernels instantiated for this type (`crop_f16`).
@@ -266,6 +269,28 @@ impl<E: Element> CudaBackend<E> {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }
+    }
+
+    /// Whether the fused tensor-core head kernels (`assign_fused_f16_*`, `feed_forward_mma_f16_*`)
+    /// take tokens of this width: f16 storage, a multiple of 16 up to 128.
+    fn fused_head_width(width: usize) -> bool {
+        E::TENSOR_CORES && width.is_multiple_of(16) && width <= 128
+    }
+
+    /// The launch of a fused head kernel over `rows` tokens (blocks of FUSED_ROWS in
+    /// kernels/mma.cuh, four warps) with `shared` bytes of dynamic shared memory, allowed first.
+    fn fused_launch(
+        &self,
+        function: &CudaFunction,
+        rows: usize,
+        shared: usize,
+    ) -> Result<LaunchConfig> {
+        self.allow_shared_memory(function, shared)?;
+        Ok(LaunchConfig {
+            grid_dim: (rows.div_ceil(FUSED_ROWS) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: shared as u32,
+        })
     }
 
     /// Allows `function` up to `bytes` of dynamic shared memory.
