@@ -674,6 +674,56 @@ fn session_matches_cpu<E: Element>(tolerance: f64) {
     assert!(agree >= 0.995, "{what}: refined agreement {agree}");
 }
 
+/// The command line end to end on the GPU: `tis eval --device cuda` (f16) with the embedded
+/// default model on a held-out phantom, three simulated clicks, against the same run on the
+/// CPU. The robot clicks where each engine's segmentation is wrong, so the runs agree only if
+/// the segmentations do: Dice within 0.02 per class after every click.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn default_model_eval_matches_cpu() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/synthetic");
+    let eval = |device: &str| -> serde_json::Value {
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_tis"))
+            .args([
+                "eval",
+                "--device",
+                device,
+                "--no-mirror",
+                "--clicks",
+                "3",
+                "--json",
+            ])
+            .arg(data.join("imagesTs/synth_000_0000.nii.gz"))
+            .arg(data.join("labelsTs/synth_000.nii.gz"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "tis eval --device {device}: {stderr}");
+        serde_json::from_slice(&run.stdout).unwrap()
+    };
+    let (gpu, cpu) = (eval("cuda"), eval("cpu"));
+    assert_eq!(
+        (gpu["backend"].as_str(), cpu["backend"].as_str()),
+        (Some("cuda"), Some("cpu"))
+    );
+    let (gpu_rows, cpu_rows) = (
+        gpu["summary"].as_array().unwrap(),
+        cpu["summary"].as_array().unwrap(),
+    );
+    assert_eq!(gpu_rows.len(), 4);
+    for (clicks, (g, c)) in gpu_rows.iter().zip(cpu_rows).enumerate() {
+        for class in ["liver", "spleen", "tumour"] {
+            let dice = |row: &serde_json::Value| row["dice"][class]["mean"].as_f64().unwrap();
+            let (g, c) = (dice(g), dice(c));
+            println!("{class} after {clicks} clicks: cuda {g:.3}, cpu {c:.3}");
+            assert!(
+                (g - c).abs() <= 0.02,
+                "{class} after {clicks} clicks: cuda {g}, cpu {c}"
+            );
+        }
+    }
+}
+
 /// Out of device memory: an allocation past the GPU's memory is an error; a session that would
 /// not fit in what is left is refused with the numbers before it allocates; the backend works
 /// on after both.

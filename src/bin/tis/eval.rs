@@ -194,7 +194,12 @@ fn run<B: Backend + Clone>(backend: B, args: &EvalArgs) -> tis::Result<()> {
             .collect();
         println!(
             "{}",
-            json!({"cases": curves.len(), "summary": rows, "median_click_ms": median_latency})
+            json!({
+                "cases": curves.len(),
+                "summary": rows,
+                "median_click_ms": median_latency,
+                "backend": model.backend.name(),
+            })
         );
         return Ok(());
     }
