@@ -43,6 +43,8 @@ pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + '
     const SUFFIX: &'static str;
     /// The dense-layer kernel for this type.
     const LINEAR_KERNEL: &'static str;
+    /// The 3D convolution kernel for this type.
+    const CONV_KERNEL: &'static str;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
 }
@@ -50,6 +52,7 @@ pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + '
 impl Element for f32 {
     const SUFFIX: &'static str = "f32";
     const LINEAR_KERNEL: &'static str = "linear_simt_f32";
+    const CONV_KERNEL: &'static str = "conv3d_f32";
     fn from_f32(v: f32) -> Self {
         v
     }
@@ -61,6 +64,7 @@ impl Element for f32 {
 impl Element for f16 {
     const SUFFIX: &'static str = "f16";
     const LINEAR_KERNEL: &'static str = "linear_mma_f16";
+    const CONV_KERNEL: &'static str = "conv3d_igemm_f16";
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
     }
