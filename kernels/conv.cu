@@ -1,14 +1,30 @@
-// The nnU-Net network's convolutions, direct form: one thread per output value.
+// The nnU-Net network's convolutions.
 //
-// conv3d: out[co, o] = b[co] + Σ_ci Σ_k x[ci, o·stride + k − pad] · w[co, ci, k], zero outside
-// the input. Threads of a warp share `co` and neighbouring x positions, so weight loads are
-// warp-uniform broadcasts and input loads coalesce along x. This is the correctness baseline
-// for every shape nnU-Net plans use (kernels 3³, 1×3×3, 1³; strides 1, 2, 1×2×2); the
-// tensor-core implicit GEMM replaces it on the fast path.
+// conv3d: y[co, o] = b[co] + Σ_ci Σ_t x[ci, o·stride + t − pad] · w[co, ci, t], zero outside the
+// input, for every shape nnU-Net plans use (kernels 3³, 1×3×3, 1³; strides 1, 2, 1×2×2; pad k/2).
+// Activations are channels-first (C × Z × Y × X, x fastest), weights PyTorch's [cout, cin, taps].
+// Two kernels:
+// - `conv3d_*` (direct): any storage; one thread per output value. Threads of a warp share `co`
+//   and neighbouring x positions, so weight loads are warp-uniform broadcasts and input loads
+//   coalesce along x. The f32 mode's path and the correctness baseline.
+// - `conv3d_igemm_f16`: the same sum as an implicit GEMM on tensor cores, y[co, m] = b[co] +
+//   Σ_k A[m, k]·B[k, co] with M = output voxels, N = cout, K = cin·taps (k = ci·taps + tap):
+//   A[m, k] is the input value under tap `tap` of channel `ci` in voxel m's window, gathered
+//   straight from x while staging (im2col without the copy), and B[k, co] = w[co][k], read
+//   column-major from W's rows as linear_mma_f16 reads Wᵀ. Tiled like linear_mma_f16: a 64 × 64
+//   output block (voxels × channels) per 4 warps, each warp 32 × 32 (2 × 2 WMMA 16×16×16 f16
+//   fragments, f32 accumulators), K in steps of 32, shared rows padded by 8 halves. Voxels are
+//   the contiguous axis of channels-first data, so the A slab is staged k-major (xs[k][m], read
+//   as a col_major fragment): consecutive threads gather consecutive voxels. Each thread's voxel
+//   is decoded once, and each step's 32 columns once per block into a shared table (channel
+//   offset, tap), so the gather does no division. Padding and the ragged ends of M, N and K
+//   (the first layer has K = 27 or 9) are zero-fill loads. The epilogue stages the accumulators
+//   in shared memory channel-major and writes y[co, m] + b[co] with consecutive threads on
+//   consecutive voxels. Voxel blocks are on blockIdx.x (a volume can have more than 65535).
 //
 // conv_transpose3d with kernel = stride (no overlap): out[co, i·s + a] = b[co] +
 // Σ_ci x[ci, i] · w[ci, co, a], one thread per output value.
-#include "common.cuh"
+#include "mma.cuh"
 
 template <typename T>
 __device__ void conv3d(const T* x, const T* w, const T* bias, T* y, int64_t cin, Dims3 in, int64_t cout, Dims3 out,
@@ -36,6 +52,98 @@ __device__ void conv3d(const T* x, const T* w, const T* bias, T* y, int64_t cin,
             }
         }
         y[i] = from_f32<T>(acc);
+    }
+}
+
+constexpr int TILE = 64;
+constexpr int MMA_THREADS = 128;
+
+// Column k = ci·taps + tap of the implicit A: the tap's offsets in the window and where its value
+// sits relative to the window's origin in x.
+struct Column {
+    int64_t offset;   // ci·in.count() + (tz·in.y + ty)·in.x + tx
+    int64_t z, y, x;  // tz, ty, tx
+};
+
+// Decodes the K step starting at column k0 (none past the last step) into `columns`.
+__device__ __forceinline__ void decode_columns(Column* columns, int64_t k0, int64_t k, Dims3 in, Dims3 kernel) {
+    if (threadIdx.x >= MMA_K || k0 >= k) return;
+    int64_t col = k0 + threadIdx.x, taps = kernel.count(), tap = col % taps;
+    Column c;
+    c.z = tap / (kernel.y * kernel.x);
+    c.y = tap / kernel.x % kernel.y;
+    c.x = tap % kernel.x;
+    c.offset = col / taps * in.count() + (c.z * in.y + c.y) * in.x + c.x;
+    columns[threadIdx.x] = c;
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const __half* x, const __half* w,
+                                                                           const __half* bias, __half* y,
+                                                                           int64_t cin, Dims3 in, int64_t cout,
+                                                                           Dims3 out, Dims3 kernel, Dims3 stride,
+                                                                           Dims3 pad) {
+    using namespace nvcuda;
+    __shared__ __align__(32) __half xs[MMA_K][TILE + MMA_PAD];
+    __shared__ __align__(32) __half ws[TILE][MMA_K + MMA_PAD];
+    __shared__ __align__(32) float staged[TILE][TILE + 4];
+    __shared__ Column columns[MMA_K];
+    const int64_t m = out.count(), n = cout, k = cin * kernel.count();
+    int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * TILE;
+    int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
+
+    // The voxel whose row of A this thread gathers (the same at every step, MMA_THREADS being a
+    // multiple of TILE), and its window's origin in x.
+    int row = threadIdx.x % TILE;
+    int64_t v = row0 + row;
+    bool in_m = v < m;
+    int64_t z0 = v / (out.y * out.x) * stride.z - pad.z;
+    int64_t y0 = v / out.x % out.y * stride.y - pad.y;
+    int64_t x0 = v % out.x * stride.x - pad.x;
+    int64_t origin = (z0 * in.y + y0) * in.x + x0;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    const __half zero = __float2half(0.f);
+    decode_columns(columns, 0, k, in, kernel);
+    __syncthreads();
+    for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
+        for (int kk = threadIdx.x / TILE; kk < MMA_K; kk += MMA_THREADS / TILE) {
+            const Column& c = columns[kk];
+            int64_t iz = z0 + c.z, iy = y0 + c.y, ix = x0 + c.x;
+            bool inside = in_m && k0 + kk < k && iz >= 0 && iz < in.z && iy >= 0 && iy < in.y && ix >= 0 &&
+                          ix < in.x;
+            xs[kk][row] = inside ? x[origin + c.offset] : zero;
+        }
+        for (int l = threadIdx.x; l < TILE * MMA_K; l += MMA_THREADS) {
+            int c = l / MMA_K, kk = l % MMA_K;
+            ws[c][kk] = (k0 + kk < k && col0 + c < n) ? w[(col0 + c) * k + k0 + kk] : zero;
+        }
+        __syncthreads();
+        // This step's table has been read (barrier above); the next step's is published by the
+        // barrier below.
+        decode_columns(columns, k0 + MMA_K, k, in, kernel);
+#pragma unroll
+        for (int kk = 0; kk < MMA_K; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::col_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b[2];
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &xs[kk][wr + 16 * i], TILE + MMA_PAD);
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &ws[wc + 16 * j][kk], MMA_K + MMA_PAD);
+            for (int i = 0; i < 2; ++i)
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+    // staged[c][r]: channel-major, so that the channels-first stores below read consecutive
+    // voxels from consecutive banks.
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j)
+            wmma::store_matrix_sync(&staged[wc + 16 * j][wr + 16 * i], acc[i][j], TILE + 4, wmma::mem_col_major);
+    __syncthreads();
+    for (int l = threadIdx.x; l < TILE * TILE; l += MMA_THREADS) {
+        int c = l / TILE, r = l % TILE;
+        if (row0 + r < m && col0 + c < n)
+            y[(col0 + c) * m + row0 + r] = from_f32<__half>(staged[c][r] + (bias ? __half2float(bias[col0 + c]) : 0.f));
     }
 }
 

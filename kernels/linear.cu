@@ -72,7 +72,6 @@ __device__ void linear_simt(const T* x, const T* w, const T* bias, T* y, int64_t
     }
 FOR_EACH_STORAGE(LINEAR_SIMT)
 
-constexpr int MMA_K = 32;
 
 extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x, const __half* w,
                                                                    const __half* bias, __half* y, int64_t m,

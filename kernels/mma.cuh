@@ -14,6 +14,8 @@
 #include "common.cuh"
 
 constexpr int MMA_PAD = 8;
+// K step of the 64 × 64-tile GEMMs (linear_mma_f16, conv3d_igemm_f16).
+constexpr int MMA_K = 32;
 // Token rows per block of the fused kernels: four warps of 16 rows.
 constexpr int FUSED_ROWS = 64;
 

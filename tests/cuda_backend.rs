@@ -134,7 +134,7 @@ fn random_norm(n: &mut Rng, width: usize) -> (Tensor, Tensor) {
 struct ConvCase {
     x: Tensor,
     w: Tensor,
-    bias: Tensor,
+    bias: Option<Tensor>,
     stride: [usize; 3],
     padding: [usize; 3],
 }
@@ -142,7 +142,7 @@ struct ConvCase {
 fn conv3d_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
     let conv = Conv3d {
         weight: up(b, &c.w),
-        bias: Some(up(b, &c.bias)),
+        bias: c.bias.as_ref().map(|bias| up(b, bias)),
         stride: c.stride,
         padding: c.padding,
     };
@@ -152,7 +152,7 @@ fn conv3d_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
 fn conv_transpose3d_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
     let conv = ConvTranspose3d {
         weight: up(b, &c.w),
-        bias: Some(up(b, &c.bias)),
+        bias: c.bias.as_ref().map(|bias| up(b, bias)),
         stride: c.stride,
     };
     down(b, &b.conv_transpose3d(&up(b, &c.x), &conv).unwrap())
@@ -172,21 +172,35 @@ fn instance_norm_on<B: Backend>(b: &B, (x, w, bias): &(Tensor, Tensor, Tensor)) 
 
 fn network_ops<E: Element>(tolerance: f64) {
     let mut n = fresh("network ops");
-    for (cin, cout, dims, kernel, stride) in [
-        (3, 8, [9, 17, 15], [3, 3, 3], [1, 1, 1]),
-        (4, 6, [6, 20, 19], [1, 3, 3], [1, 2, 2]),
-        (5, 7, [11, 10, 13], [3, 3, 3], [2, 2, 2]),
-        (8, 3, [7, 9, 11], [1, 1, 1], [1, 1, 1]),
+    // Every plan's kernel and stride; with f16 storage the implicit GEMM's edges: one input
+    // channel (K = 27 or 9 of a 32-wide step), channel counts off the 16/64 grid, voxel counts
+    // leaving partial 64-row blocks, many K steps (40 · 27 = 1080), no bias.
+    for (cin, cout, dims, kernel, stride, bias) in [
+        (3, 8, [9, 17, 15], [3, 3, 3], [1, 1, 1], true),
+        (4, 6, [6, 20, 19], [1, 3, 3], [1, 2, 2], true),
+        (5, 7, [11, 10, 13], [3, 3, 3], [2, 2, 2], true),
+        (8, 3, [7, 9, 11], [1, 1, 1], [1, 1, 1], true),
+        (1, 16, [9, 19, 23], [3, 3, 3], [1, 1, 1], true),
+        (1, 13, [5, 21, 18], [1, 3, 3], [1, 1, 1], true),
+        (5, 13, [9, 14, 11], [3, 3, 3], [1, 1, 1], false),
+        (24, 40, [8, 13, 11], [3, 3, 3], [1, 2, 2], true),
+        (40, 70, [7, 11, 13], [3, 3, 3], [2, 2, 2], true),
+        (40, 24, [7, 11, 13], [3, 3, 3], [1, 1, 1], false),
     ] {
+        let fan_in = (cin * kernel.iter().product::<usize>()) as f32;
         let case = ConvCase {
             x: n.tensor(&[cin, dims[0], dims[1], dims[2]], 1.0),
-            w: n.tensor(&[cout, cin, kernel[0], kernel[1], kernel[2]], 0.3),
-            bias: n.tensor(&[cout], 0.1),
+            // Outputs of unit scale, so that the bias weighs in the error.
+            w: n.tensor(
+                &[cout, cin, kernel[0], kernel[1], kernel[2]],
+                fan_in.sqrt().recip(),
+            ),
+            bias: bias.then(|| n.tensor(&[cout], 0.5)),
             stride,
             padding: kernel.map(|k| (k - 1) / 2),
         };
         check::<E, _>(
-            &format!("conv3d k{kernel:?} s{stride:?}"),
+            &format!("conv3d {cin}→{cout} {dims:?} k{kernel:?} s{stride:?} bias {bias}"),
             tolerance,
             &case,
             conv3d_on,
@@ -197,7 +211,7 @@ fn network_ops<E: Element>(tolerance: f64) {
         let case = ConvCase {
             x: n.tensor(&[6, 5, 7, 6], 1.0),
             w: n.tensor(&[6, 4, stride[0], stride[1], stride[2]], 0.3),
-            bias: n.tensor(&[4], 0.1),
+            bias: Some(n.tensor(&[4], 0.1)),
             stride,
             padding: [0; 3],
         };

@@ -1,13 +1,15 @@
-//! Launches of kernels/conv.cu: direct 3D convolution and the kernel = stride transposed
-//! convolution.
+//! Launches of kernels/conv.cu: 3D convolution (direct with f32 storage, the tensor-core
+//! implicit GEMM with f16) and the kernel = stride transposed convolution.
 
-use cudarc::driver::{LaunchArgs, PushKernelArg};
+use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaTensor, Dims3, Element, driver};
 use crate::backend::{Conv3d, ConvTranspose3d, shapes};
 use crate::error::Result;
 
 const MODULE: &str = "conv";
+/// Output block of the implicit GEMM (TILE in the kernel): voxels × output channels.
+const TILE: usize = 64;
 
 /// A null device pointer, for kernels whose bias is optional.
 const NO_BIAS: u64 = 0;
@@ -19,11 +21,11 @@ fn push_bias<'a, E: Element>(launch: &mut LaunchArgs<'a>, bias: &'a Option<CudaT
     };
 }
 
-/// Runs `kernel` (conv3d or conv_transpose3d; `extra` the extents after `cout`) into a new
-/// output of the checked shape.
+/// Runs the kernel `name` (`conv3d_*`, `conv3d_igemm_f16` or `conv_transpose3d_*`; `extra` the
+/// extents after `cout`) into a new output of the checked shape.
 fn launch_conv<E: Element>(
     b: &CudaBackend<E>,
-    kernel: &str,
+    name: &str,
     x: &CudaTensor<E>,
     weight: &CudaTensor<E>,
     bias: &Option<CudaTensor<E>>,
@@ -32,7 +34,7 @@ fn launch_conv<E: Element>(
 ) -> Result<CudaTensor<E>> {
     let o = conv.out_dims;
     let mut y = b.output(vec![conv.cout, o[0], o[1], o[2]])?;
-    let f = b.kernel(MODULE, kernel)?;
+    let f = b.function(MODULE, name)?;
     let (cin, cout) = (conv.cin as i64, conv.cout as i64);
     let input = Dims3::from(conv.dims);
     let mut launch = b.stream.launch_builder(&f);
@@ -42,10 +44,25 @@ fn launch_conv<E: Element>(
     for d in extra {
         launch.arg(d);
     }
-    // SAFETY: argument order matches `conv3d_*` (x, w, b, y, cin, in, cout, out, kernel,
-    // stride, pad) and `conv_transpose3d_*` (x, w, b, y, cin, in, cout, stride); shapes checked.
-    unsafe { launch.launch(b.elementwise(conv.cout * o.iter().product::<usize>())) }
-        .map_err(driver)?;
+    let voxels = o.iter().product::<usize>();
+    let grid = if name.starts_with("conv3d_igemm") {
+        // Voxel blocks on x, whose limit is 2³¹ − 1 blocks (y's is 65535).
+        LaunchConfig {
+            grid_dim: (
+                voxels.div_ceil(TILE) as u32,
+                conv.cout.div_ceil(TILE) as u32,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        b.elementwise(conv.cout * voxels)
+    };
+    // SAFETY: argument order matches `conv3d_*` and `conv3d_igemm_f16` (x, w, b, y, cin, in,
+    // cout, out, kernel, stride, pad) and `conv_transpose3d_*` (x, w, b, y, cin, in, cout,
+    // stride); shapes checked.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(y)
 }
 
@@ -56,7 +73,15 @@ pub fn conv3d<E: Element>(
 ) -> Result<CudaTensor<E>> {
     let shape = shapes::conv3d(x, conv)?;
     let extra = [shape.out_dims, shape.kernel, conv.stride, conv.padding].map(Dims3::from);
-    launch_conv(b, "conv3d", x, &conv.weight, &conv.bias, &extra, &shape)
+    launch_conv(
+        b,
+        E::CONV_KERNEL,
+        x,
+        &conv.weight,
+        &conv.bias,
+        &extra,
+        &shape,
+    )
 }
 
 pub fn conv_transpose3d<E: Element>(
@@ -68,7 +93,7 @@ pub fn conv_transpose3d<E: Element>(
     let extra = [Dims3::from(conv.stride)];
     launch_conv(
         b,
-        "conv_transpose3d",
+        &format!("conv_transpose3d_{}", E::SUFFIX),
         x,
         &conv.weight,
         &conv.bias,
