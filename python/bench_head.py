@@ -14,15 +14,11 @@ Usage (from the repository root):
 """
 
 import argparse
-import importlib.abc
-import importlib.util
 import json
 import math
-import platform
 import resource
 import sys
 import time
-import types
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -53,42 +49,11 @@ STAGE_CHECK_MAX_ERROR = 1e-6
 # use; the GPU machine's python3 has only torch and numpy.
 UNUSED_PACKAGES = ("dynamic_network_architectures", "safetensors")
 
-
-class _Missing(types.ModuleType):
-    """Stands in for a missing package: every name in it is a function that raises."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def unavailable(*args, **kwargs):
-            raise ImportError(f"{self.__name__}.{name} is not installed (bench_head.py stand-in)")
-
-        return unavailable
-
-
-class _MissingFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Last on sys.meta_path: answers only for UNUSED_PACKAGES that no real finder found."""
-
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in UNUSED_PACKAGES:
-            return importlib.util.spec_from_loader(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        return _Missing(spec.name)
-
-    def exec_module(self, module):
-        pass
-
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-_missing_finder = _MissingFinder()
-sys.meta_path.append(_missing_finder)
-try:
+from bench_support import Clock, device_name, stand_ins, time_calls  # noqa: E402
+
+with stand_ins(*UNUSED_PACKAGES):  # only tis_reference's own imports are stood in for
     from tis_reference import TisHead, relative_l2_error
-finally:
-    sys.meta_path.remove(_missing_finder)  # only tis_reference's own imports are stood in for
 
 # ----------------------------------------------------------------------------------------------
 # Model, inputs and FLOP count
@@ -161,40 +126,6 @@ def flops_per_click(roi, n_clicks):
 # ----------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------
-
-
-class Clock:
-    """Timestamps on the device's timeline: CUDA events on cuda, time.perf_counter on cpu."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def elapsed_ms(self, start, end):
-        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
-
-    def synchronize(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-
-def time_clicks(run, clock, n):
-    """Times (ms) of n clicks, each started on an idle device, and the last click's output."""
-    times = []
-    for _ in range(n):
-        clock.synchronize()
-        start = clock.mark()
-        output = run()
-        end = clock.mark()
-        clock.synchronize()
-        times.append(clock.elapsed_ms(start, end))
-    return times, output
 
 
 @contextmanager
@@ -285,7 +216,7 @@ def bench_mode(mode, head, inputs, device, clock, args, reference, total_flops):
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(args.warmup):
             run()
-        times, logits = time_clicks(run, clock, args.iters)
+        times, logits = time_calls(run, clock, args.iters)
         result["peak_memory_bytes"] = peak_memory_bytes(device)
         if mode.startswith("eager"):
             result["stages_ms"], result["instrumented_median_ms"] = time_stages(
@@ -335,17 +266,6 @@ def parse_args():
     if args.iters < 1 or args.clicks < 1:
         parser.error("--iters and --clicks must be at least 1")
     return args
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def print_report(results, device):

@@ -1,48 +1,129 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, run on the GPU machine from the repository root with the binaries
-# of scripts/build-gpu-bin.sh in gpu-bin/ (carried there). In one call, well inside 10 minutes:
+# and wheels of scripts/build-gpu-bin.sh in gpu-bin/ (carried there: `carry: ["gpu-bin"]`). In
+# one call, inside GPU_CHECK_BUDGET_S seconds (default 420; a device call may run 600):
 #   1. the CUDA backend against the CPU oracle (every op, f32 and f16; the head; a session);
 #   2. compute-sanitizer memcheck over the f16 tests, racecheck over the op tests (the kernels
 #      with shared memory);
 #   3. the per-click benchmark (tis f16 and f32) beside PyTorch eager and torch.compile;
-# then a short table. Full logs go to $OUT (or out/gpu-check).
+#   4. issue 7: one nnU-Net tile forward (MSD Pancreas 40×224×224, generic 128³), `tis bench
+#      --tile --device cuda --precision f16` against PyTorch (cuDNN, f16/bf16 autocast, ±
+#      channels_last_3d, torch.compile bf16) — python/bench_tile.py;
+#   5. issue 7: whole-volume segmentation of a synthetic 96×512×512 CT (Pancreas plan), `tis
+#      segment --device cuda` against nnUNetPredictor on the GPU, end to end, no test-time
+#      mirroring for either (the bench model allows none) — python/bench_predictor.py;
+# then the tables. Full logs and JSON go to $OUT (or out/gpu-check); where OUT is set (the device
+# machine, which brings back at most 8 files from it) the logs end up in $OUT/logs.tar.gz. The
+# exit status is 1 when parity, memcheck or racecheck fails (the benchmarks' exits are reported,
+# as before).
+#
+# Time: every step runs under `timeout`, its cap below, cut shorter where needed so that the
+# steps after it keep their minimum (RESERVE_*) and the script ends by the deadline; a step with
+# under 10 s left is skipped. A step that fails or times out does not stop the ones after it.
+#   caps: parity 240, memcheck 240, racecheck 120, tis head f16 60 + f32 60, PyTorch head 300,
+#         tile 180 (tis: 60 a plan), predictor 180 (tis segment: the step's time less 75 s)
+#   kept for issue 7 until it starts: tile 60 + predictor 110 + summary 10 = 180 s, so steps
+#   1-3 share at most 240 s of the default budget before they are cut; installing the wheels
+#   (seconds; at most 60) comes out of the tile step's time.
+# Where the session can afford it, GPU_CHECK_BUDGET_S=540 gives the last steps more room.
+# The tis sides run bounded work (tis's CUDA convolution is the direct kernel, not yet the
+# tensor-core one): 1 warm-up + 3 timed tile forwards, one `tis segment`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out/gpu-check}"
 mkdir -p "$out"
 export CARGO_MANIFEST_DIR="$PWD" LD_LIBRARY_PATH="/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}" PYTHONUNBUFFERED=1
 status=0
-step() { echo; echo "== $1"; }
+budget="${GPU_CHECK_BUDGET_S:-420}"
+deadline=$((SECONDS + budget))
+RESERVE_TILE=60 RESERVE_PREDICTOR=110 RESERVE_SUMMARY=10
+exec 3>&1 # the terminal, for messages from steps whose output goes to a log
+step() { echo; echo "== $1 (at ${SECONDS} s of ${budget})"; }
+# within CAP RESERVE: CAP seconds, or fewer (down to 0) so that RESERVE seconds are left before
+# the deadline.
+within() {
+    local left=$((deadline - SECONDS - $2))
+    left=$((left < 0 ? 0 : left))
+    echo $((left < $1 ? left : $1))
+}
+# bounded SECONDS COMMAND...: COMMAND under timeout (and its children, killed 10 s after), or
+# skipped with exit 124 when fewer than 10 s are left.
+bounded() {
+    local limit=$1
+    shift
+    if [ "$limit" -lt 10 ]; then
+        echo "skipped: ${limit} s left of the ${budget} s budget" >&3
+        return 124
+    fi
+    echo "(timeout ${limit} s)" >&3
+    timeout -k 10 "$limit" "$@"
+}
+issue7=$((RESERVE_TILE + RESERVE_PREDICTOR + RESERVE_SUMMARY))
 
 step "GPU"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 
 step "parity: CUDA backend against the CPU engine"
-timeout 240 gpu-bin/cuda_backend --ignored --test-threads 1 --nocapture > "$out/parity.log" 2>&1
+bounded "$(within 240 $issue7)" gpu-bin/cuda_backend --ignored --test-threads 1 --nocapture > "$out/parity.log" 2>&1
 parity=$?
 grep -E "^test |relative L2|agreement|test result" "$out/parity.log" | tail -60
 [ $parity -eq 0 ] || status=1
 
 step "compute-sanitizer memcheck (f16 tests)"
-timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 gpu-bin/cuda_backend --ignored --test-threads 1 \
+bounded "$(within 240 $issue7)" compute-sanitizer --tool memcheck --error-exitcode 3 gpu-bin/cuda_backend --ignored --test-threads 1 \
     _f16 > "$out/memcheck.log" 2>&1
 memcheck=$?
 tail -5 "$out/memcheck.log"
 [ $memcheck -eq 0 ] || status=1
 
 step "compute-sanitizer racecheck (f16 op tests)"
-timeout 120 compute-sanitizer --tool racecheck --error-exitcode 3 gpu-bin/cuda_backend --ignored --test-threads 1 \
+bounded "$(within 120 $issue7)" compute-sanitizer --tool racecheck --error-exitcode 3 gpu-bin/cuda_backend --ignored --test-threads 1 \
     token_ops_match_cpu_f16 network_ops_match_cpu_f16 > "$out/racecheck.log" 2>&1
 racecheck=$?
 tail -5 "$out/racecheck.log"
 [ $racecheck -eq 0 ] || status=1
 
 step "benchmark"
-gpu-bin/tis bench --device cuda --precision f16 --json "$out/tis-f16.json" | tee "$out/bench.log"
-gpu-bin/tis bench --device cuda --precision f32 --iters 20 --json "$out/tis-f32.json" | tee -a "$out/bench.log"
-timeout 300 python3 python/bench_head.py --device cuda --json "$out/torch.json" 2>&1 | tee -a "$out/bench.log"
+bounded "$(within 60 $issue7)" gpu-bin/tis bench --device cuda --precision f16 --json "$out/tis-f16.json" | tee "$out/bench.log"
+bounded "$(within 60 $issue7)" gpu-bin/tis bench --device cuda --precision f32 --iters 20 --json "$out/tis-f32.json" | tee -a "$out/bench.log"
+bounded "$(within 300 $issue7)" python3 python/bench_head.py --device cuda --json "$out/torch.json" 2>&1 | tee -a "$out/bench.log"
+
+step "issue 7: Python packages for PyTorch's nnU-Net network and nnUNetPredictor"
+# gpu-bin/wheels: dynamic-network-architectures, nnunetv2 and the pure-Python packages it
+# imports on this path (scripts/build-gpu-bin.sh); nnunetv2's binary imports (SimpleITK,
+# blosc2, imagecodecs, cc3d) get stand-ins in bench_predictor.py.
+site=/tmp/site
+if ls gpu-bin/wheels/*.whl > /dev/null 2>&1 &&
+    timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" gpu-bin/wheels/*.whl > "$out/wheels.log" 2>&1; then
+    echo "installed to $site: $(cd gpu-bin/wheels && ls *.whl | tr '\n' ' ')"
+else
+    echo "no wheels installed (gpu-bin/wheels missing or pip failed, see wheels.log): the PyTorch tile and nnU-Net sides will say what is missing"
+fi
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+
+step "issue 7: one nnU-Net tile forward, tis f16 against PyTorch (cuDNN)"
+bounded "$(within 180 $((RESERVE_PREDICTOR + RESERVE_SUMMARY)))" python3 python/bench_tile.py --device cuda \
+    --plans pancreas generic128 --tis gpu-bin/tis --iters 20 --warmup 3 --tis-iters 3 --tis-warmup 1 \
+    --tis-timeout 60 --json "$out/tile.json" 2>&1 | tee "$out/tile.log"
+tile=$?
+
+step "issue 7: whole-volume segmentation 96×512×512, tis segment against nnUNetPredictor (GPU)"
+limit=$(within 180 $RESERVE_SUMMARY)
+bounded "$limit" python3 python/bench_predictor.py --device cuda --synthetic 96 512 512 --plan pancreas \
+    --make-bundle /tmp/bench-pancreas.safetensors --tis gpu-bin/tis --repeats 2 \
+    --tis-timeout $((limit > 105 ? limit - 75 : 30)) --json "$out/predictor.json" 2>&1 | tee "$out/predictor.log"
+predictor=$?
 
 step "summary"
-echo "parity exit $parity, memcheck exit $memcheck, racecheck exit $racecheck"
-python3 scripts/bench_table.py "$out/tis-f16.json" "$out/tis-f32.json" "$out/torch.json"
+echo "parity exit $parity, memcheck exit $memcheck, racecheck exit $racecheck, tile exit $tile, predictor exit $predictor (124: timed out or skipped)"
+timeout 30 python3 scripts/bench_table.py "$out/tis-f16.json" "$out/tis-f32.json" "$out/torch.json" \
+    --tile "$out/tile.json" --predictor "$out/predictor.json"
+if [ -n "${OUT:-}" ]; then
+    # The device tool brings back at most 8 files from $OUT: the JSON results stay as they are,
+    # the logs travel as one archive.
+    (cd "$out" && tar -czf logs.tar.gz -- *.log gpu.txt && rm -f -- *.log gpu.txt)
+    echo "logs: logs.tar.gz; results: $(cd "$out" && ls *.json 2>/dev/null | tr '\n' ' ')"
+fi
+echo "done at ${SECONDS} s of ${budget}"
 exit $status
