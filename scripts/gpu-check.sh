@@ -32,7 +32,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out/gpu-check}"
 mkdir -p "$out"
-export CARGO_MANIFEST_DIR="$PWD" LD_LIBRARY_PATH="/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}" PYTHONUNBUFFERED=1
+# The tests find the fixtures, the data and the tis binary through these at run time.
+export CARGO_MANIFEST_DIR="$PWD" TIS_BIN="$PWD/gpu-bin/tis" LD_LIBRARY_PATH="/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}" PYTHONUNBUFFERED=1
 status=0
 budget="${GPU_CHECK_BUDGET_S:-420}"
 deadline=$((SECONDS + budget))

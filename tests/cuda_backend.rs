@@ -695,9 +695,9 @@ fn session_matches_cpu<E: Element>(tolerance: f64) {
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
 fn default_model_eval_matches_cpu() {
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/synthetic");
+    let data = common::root().join("data/synthetic");
     let eval = |device: &str| -> serde_json::Value {
-        let run = std::process::Command::new(env!("CARGO_BIN_EXE_tis"))
+        let run = std::process::Command::new(common::tis_binary())
             .args([
                 "eval",
                 "--device",

@@ -11,10 +11,24 @@ use tis::{Click, Tensor};
 /// Parity bound of the contract for f32 against the PyTorch reference.
 pub const PARITY_TOLERANCE: f64 = 1e-5;
 
+/// The repository's root: CARGO_MANIFEST_DIR at run time (cargo sets it; scripts/gpu-check.sh
+/// sets it where the test binary runs in another checkout), else where the tests were built.
+pub fn root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// The `tis` binary: TIS_BIN at run time (scripts/gpu-check.sh points it at gpu-bin/tis), else
+/// the one cargo built with the tests.
+pub fn tis_binary() -> PathBuf {
+    std::env::var_os("TIS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tis")))
+}
+
 pub fn fixture(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
+    root().join("tests/fixtures").join(path)
 }
 
 pub fn read_fixture(path: &str) -> Vec<u8> {
