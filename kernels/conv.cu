@@ -101,7 +101,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
     int64_t x0 = v % out.x * stride.x - pad.x;
     int64_t origin = (z0 * in.y + y0) * in.x + x0;
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    Accumulator acc[2][2];
     for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
     const __half zero = __float2half(0.f);
@@ -123,15 +123,8 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
         // This step's table has been read (barrier above); the next step's is published by the
         // barrier below.
         decode_columns(columns, k0 + MMA_K, k, in, kernel);
-#pragma unroll
-        for (int kk = 0; kk < MMA_K; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::col_major> a[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b[2];
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &xs[kk][wr + 16 * i], TILE + MMA_PAD);
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &ws[wc + 16 * j][kk], MMA_K + MMA_PAD);
-            for (int i = 0; i < 2; ++i)
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-        }
+        warp_quarter_mma<wmma::col_major>(acc, &xs[0][wr], 1, TILE + MMA_PAD, TILE + MMA_PAD, &ws[wc][0],
+                                          MMA_K + MMA_PAD);
         __syncthreads();
     }
     // staged[c][r]: channel-major, so that the channels-first stores below read consecutive

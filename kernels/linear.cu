@@ -82,7 +82,7 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
     __shared__ __align__(32) float out[TILE][TILE + 4];
     int64_t row0 = (int64_t)blockIdx.y * TILE, col0 = (int64_t)blockIdx.x * TILE;
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    Accumulator acc[2][2];
     for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
     const __half zero = __float2half(0.f);
@@ -94,16 +94,8 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
             ws[r][kk] = (in_k && col0 + r < n) ? w[(col0 + r) * k + k0 + kk] : zero;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < MMA_K; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b[2];
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &xs[wr + 16 * i][kk], MMA_K + MMA_PAD);
-            // B = Wᵀ (K × N) read column-major from W's rows.
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &ws[wc + 16 * j][kk], MMA_K + MMA_PAD);
-            for (int i = 0; i < 2; ++i)
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-        }
+        warp_quarter_mma<wmma::row_major>(acc, &xs[wr][0], MMA_K + MMA_PAD, 1, MMA_K + MMA_PAD, &ws[wc][0],
+                                          MMA_K + MMA_PAD);
         __syncthreads();
     }
     for (int i = 0; i < 2; ++i)
