@@ -10,12 +10,13 @@
 // anything about speed. A result from here is an emulator result, never a GPU result.
 //
 // Execution: a launch runs its blocks on a few host threads (TIS_CUDA_EMULATOR_THREADS, default
-// 2), one block at a time per host thread; each CUDA thread of a block is a fiber with its own
-// stack (switched by `switch_stack` below: ucontext's swapcontext makes a system call per
-// switch, which made the emulator several times slower). Fibers run in turn until they reach a barrier (__syncthreads, or the
-// warp-level one inside a shuffle); a barrier opens when every live thread of its block (warp)
-// has arrived. A round in which no fiber arrives, leaves or opens a barrier is a deadlock: the
-// launch fails with CUDA_ERROR_LAUNCH_FAILED and says where.
+// 2), one block at a time per host thread. Each CUDA thread of a block is a fiber with its own
+// stack, switched by `switch_stack` below (ucontext's swapcontext makes a system call per
+// switch, which made the emulator several times slower). Fibers run in turn, every other block's
+// last to first, until they reach a barrier (__syncthreads, or the warp-level one inside a
+// shuffle); a barrier opens when every live thread of its block (warp) has arrived. A round in
+// which no fiber arrives, leaves or opens a barrier is a deadlock: the launch fails with
+// CUDA_ERROR_LAUNCH_FAILED and says where.
 //
 // Memory: every device allocation ends at a page boundary followed by an inaccessible page, so
 // a kernel reading or writing past the end of a buffer faults at once (the handler names the
@@ -317,9 +318,13 @@ bool run_block(BlockRun& b, StackArena& arena, uint3 block_dim) {
         f.stack = new_stack(arena.stack(t), FIBER_STACK, fiber_main);
     }
     emu::block_idx = b.block;
+    // Half the blocks run their threads last to first, so that a missing barrier shows whether
+    // its reader comes before or after its writer.
+    bool reverse = (b.block.x + b.block.y + b.block.z) % 2 == 1;
     while (b.alive > 0) {
         uint64_t before = b.progress;
-        for (Fiber& f : b.fibers) {
+        for (unsigned n = 0; n < threads; ++n) {
+            Fiber& f = b.fibers[reverse ? threads - 1 - n : n];
             if (f.done) continue;
             b.current = &f;
             emu::thread_idx = f.thread;
