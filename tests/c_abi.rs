@@ -2,13 +2,13 @@
 //! with the system compiler against libtis and runs (also under valgrind, with no errors and no
 //! leaks); the Python ctypes example runs; misuse returns errors.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use common::root;
 
 /// Where cargo put the libtis.so built with this test: target/<profile>/deps, beside the test
 /// executable (a plain `cargo build` also copies it up to target/<profile>).

@@ -3,14 +3,14 @@
 //! hardest class: the workflow issue's bar (+10 Dice points after 10 clicks; docs/interactive.md
 //! measures +15.4), and the clicks after the first still add to what the first one gave.
 
+mod common;
+
 use std::process::Command;
+
+use common::root;
 
 use tis::Model;
 use tis::backend::cpu::CpuBackend;
-
-fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Clicks of the robot user per case, and the least gain (Dice points) they must bring.
 const CLICKS: usize = 10;

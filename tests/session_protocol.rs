@@ -1,14 +1,14 @@
 //! Replays docs/session-example.jsonl against `tis session` on a synthetic CT with the embedded
 //! default model: the documented protocol is what the binary speaks.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
-use serde_json::Value;
+use common::root;
 
-fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use serde_json::Value;
 
 /// Whether `actual` matches `expected`, where "<number>", "<box>" and "<any>" are wildcards.
 fn matches(expected: &Value, actual: &Value) -> bool {
