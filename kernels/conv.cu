@@ -22,8 +22,14 @@
 //   in shared memory channel-major and writes y[co, m] + b[co] with consecutive threads on
 //   consecutive voxels. Voxel blocks are on blockIdx.x (a volume can have more than 65535).
 //
-// conv_transpose3d with kernel = stride (no overlap): out[co, i·s + a] = b[co] +
-// Σ_ci x[ci, i] · w[ci, co, a], one thread per output value.
+// conv_transpose3d with kernel = stride (no overlap): y[co, i·s + a] = b[co] +
+// Σ_ci x[ci, i] · w[ci, co, a]. Two kernels:
+// - `conv_transpose3d_*`: any storage, one thread per output value.
+// - `conv_transpose3d_mma_f16`: one GEMM on tensor cores, P[i, n] = Σ_ci x[ci, i]·w[ci, n] with
+//   M = input voxels, N = cout·taps (n = co·taps + a), K = cin, tiled exactly as
+//   conv3d_igemm_f16 (A is x itself, staged k-major; W, stored [cin][cout·taps], staged
+//   transposed so that B is read column-major the same way); the epilogue scatters P[i, n] +
+//   b[co] to y[co, i·s + a].
 #include "mma.cuh"
 
 template <typename T>
@@ -57,6 +63,16 @@ __device__ void conv3d(const T* x, const T* w, const T* bias, T* y, int64_t cin,
 
 constexpr int TILE = 64;
 constexpr int MMA_THREADS = 128;
+
+// The warp's 32 × 32 quarter of the accumulators into staged[c][r], channel-major, so that the
+// epilogues' channels-first stores read consecutive voxels from consecutive banks.
+__device__ __forceinline__ void stage_quarter(float (&staged)[TILE][TILE + 4], Accumulator (&acc)[2][2], int wr,
+                                              int wc) {
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j)
+            nvcuda::wmma::store_matrix_sync(&staged[wc + 16 * j][wr + 16 * i], acc[i][j], TILE + 4,
+                                            nvcuda::wmma::mem_col_major);
+}
 
 // Column k = ci·taps + tap of the implicit A: the tap's offsets in the window and where its value
 // sits relative to the window's origin in x.
@@ -127,11 +143,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
                                           MMA_K + MMA_PAD);
         __syncthreads();
     }
-    // staged[c][r]: channel-major, so that the channels-first stores below read consecutive
-    // voxels from consecutive banks.
-    for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(&staged[wc + 16 * j][wr + 16 * i], acc[i][j], TILE + 4, wmma::mem_col_major);
+    stage_quarter(staged, acc, wr, wc);
     __syncthreads();
     for (int l = threadIdx.x; l < TILE * TILE; l += MMA_THREADS) {
         int c = l / TILE, r = l % TILE;
@@ -154,6 +166,50 @@ __device__ void conv_transpose3d(const T* x, const T* w, const T* bias, T* y, in
         for (int64_t ci = 0; ci < cin; ++ci)
             acc += to_f32(x[ci * in.count() + v]) * to_f32(w[(ci * cout + co) * taps + tap]);
         y[i] = from_f32<T>(acc);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv_transpose3d_mma_f16(const __half* x, const __half* w,
+                                                                                   const __half* bias, __half* y,
+                                                                                   int64_t cin, Dims3 in,
+                                                                                   int64_t cout, Dims3 stride) {
+    using namespace nvcuda;
+    __shared__ __align__(32) __half xs[MMA_K][TILE + MMA_PAD];
+    __shared__ __align__(32) __half ws[TILE][MMA_K + MMA_PAD];
+    __shared__ __align__(32) float staged[TILE][TILE + 4];
+    const int64_t taps = stride.count(), m = in.count(), n = cout * taps, k = cin;
+    int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * TILE;
+    int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
+    Accumulator acc[2][2];
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    const __half zero = __float2half(0.f);
+    for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
+        // Both slabs with consecutive threads on consecutive addresses: voxels of x, columns of w.
+        for (int l = threadIdx.x; l < MMA_K * TILE; l += MMA_THREADS) {
+            int kk = l / TILE, i = l % TILE;
+            bool in_k = k0 + kk < k;
+            xs[kk][i] = in_k && row0 + i < m ? x[(k0 + kk) * m + row0 + i] : zero;
+            ws[i][kk] = in_k && col0 + i < n ? w[(k0 + kk) * n + col0 + i] : zero;
+        }
+        __syncthreads();
+        warp_quarter_mma<wmma::col_major>(acc, &xs[0][wr], 1, TILE + MMA_PAD, TILE + MMA_PAD, &ws[wc][0],
+                                          MMA_K + MMA_PAD);
+        __syncthreads();
+    }
+    stage_quarter(staged, acc, wr, wc);
+    __syncthreads();
+    Dims3 out{in.z * stride.z, in.y * stride.y, in.x * stride.x};
+    for (int l = threadIdx.x; l < TILE * TILE; l += MMA_THREADS) {
+        int c = l / TILE, r = l % TILE;
+        int64_t v = row0 + r, col = col0 + c;
+        if (v >= m || col >= n) continue;
+        int64_t co = col / taps, tap = col % taps;
+        int64_t oz = v / (in.y * in.x) * stride.z + tap / (stride.y * stride.x);
+        int64_t oy = v / in.x % in.y * stride.y + tap / stride.x % stride.y;
+        int64_t ox = v % in.x * stride.x + tap % stride.x;
+        y[((co * out.z + oz) * out.y + oy) * out.x + ox] =
+            from_f32<__half>(staged[c][r] + (bias ? __half2float(bias[co]) : 0.f));
     }
 }
 

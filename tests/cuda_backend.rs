@@ -207,16 +207,26 @@ fn network_ops<E: Element>(tolerance: f64) {
             conv3d_on,
         );
     }
-    for stride in [[2, 2, 2], [1, 2, 2]] {
+    // The transposed convolution; with f16, K = cin (several 32-wide steps for 70) and
+    // N = cout·taps off the 64 grid.
+    for (cin, cout, dims, stride, bias) in [
+        (6, 4, [5, 7, 6], [2, 2, 2], true),
+        (6, 4, [5, 7, 6], [1, 2, 2], true),
+        (70, 40, [3, 5, 7], [2, 2, 2], false),
+        (1, 3, [9, 6, 5], [1, 2, 2], true),
+    ] {
         let case = ConvCase {
-            x: n.tensor(&[6, 5, 7, 6], 1.0),
-            w: n.tensor(&[6, 4, stride[0], stride[1], stride[2]], 0.3),
-            bias: Some(n.tensor(&[4], 0.1)),
+            x: n.tensor(&[cin, dims[0], dims[1], dims[2]], 1.0),
+            w: n.tensor(
+                &[cin, cout, stride[0], stride[1], stride[2]],
+                (cin as f32).sqrt().recip(),
+            ),
+            bias: bias.then(|| n.tensor(&[cout], 0.5)),
             stride,
             padding: [0; 3],
         };
         check::<E, _>(
-            &format!("conv_transpose3d s{stride:?}"),
+            &format!("conv_transpose3d {cin}→{cout} {dims:?} s{stride:?} bias {bias}"),
             tolerance,
             &case,
             conv_transpose3d_on,

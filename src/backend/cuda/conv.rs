@@ -1,5 +1,5 @@
-//! Launches of kernels/conv.cu: 3D convolution (direct with f32 storage, the tensor-core
-//! implicit GEMM with f16) and the kernel = stride transposed convolution.
+//! Launches of kernels/conv.cu: the 3D convolution and the kernel = stride transposed
+//! convolution, each one thread per output with f32 storage and a tensor-core GEMM with f16.
 
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
@@ -21,11 +21,15 @@ fn push_bias<'a, E: Element>(launch: &mut LaunchArgs<'a>, bias: &'a Option<CudaT
     };
 }
 
-/// Runs the kernel `name` (`conv3d_*`, `conv3d_igemm_f16` or `conv_transpose3d_*`; `extra` the
-/// extents after `cout`) into a new output of the checked shape.
+/// Runs the kernel `name` (`conv3d_*`, `conv3d_igemm_f16`, `conv_transpose3d_*` or
+/// `conv_transpose3d_mma_f16`; `extra` the extents after `cout`) into a new output of the
+/// checked shape: one thread per output value, or for a tensor-core kernel one block per
+/// 64 × 64 tile of its `gemm` (M × N).
+#[allow(clippy::too_many_arguments)]
 fn launch_conv<E: Element>(
     b: &CudaBackend<E>,
     name: &str,
+    gemm: Option<[usize; 2]>,
     x: &CudaTensor<E>,
     weight: &CudaTensor<E>,
     bias: &Option<CudaTensor<E>>,
@@ -44,24 +48,18 @@ fn launch_conv<E: Element>(
     for d in extra {
         launch.arg(d);
     }
-    let voxels = o.iter().product::<usize>();
-    let grid = if name.starts_with("conv3d_igemm") {
-        // Voxel blocks on x, whose limit is 2³¹ − 1 blocks (y's is 65535).
-        LaunchConfig {
-            grid_dim: (
-                voxels.div_ceil(TILE) as u32,
-                conv.cout.div_ceil(TILE) as u32,
-                1,
-            ),
+    let grid = match gemm {
+        // M (voxel) blocks on x, whose limit is 2³¹ − 1 blocks (y's is 65535).
+        Some([m, n]) => LaunchConfig {
+            grid_dim: (m.div_ceil(TILE) as u32, n.div_ceil(TILE) as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
-        }
-    } else {
-        b.elementwise(conv.cout * voxels)
+        },
+        None => b.elementwise(conv.cout * o.iter().product::<usize>()),
     };
     // SAFETY: argument order matches `conv3d_*` and `conv3d_igemm_f16` (x, w, b, y, cin, in,
-    // cout, out, kernel, stride, pad) and `conv_transpose3d_*` (x, w, b, y, cin, in, cout,
-    // stride); shapes checked.
+    // cout, out, kernel, stride, pad) and `conv_transpose3d_*` / `conv_transpose3d_mma_f16` (x,
+    // w, b, y, cin, in, cout, stride); shapes checked.
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(y)
 }
@@ -73,9 +71,11 @@ pub fn conv3d<E: Element>(
 ) -> Result<CudaTensor<E>> {
     let shape = shapes::conv3d(x, conv)?;
     let extra = [shape.out_dims, shape.kernel, conv.stride, conv.padding].map(Dims3::from);
+    let voxels = shape.out_dims.iter().product();
     launch_conv(
         b,
         E::CONV_KERNEL,
+        E::TENSOR_CORES.then_some([voxels, shape.cout]),
         x,
         &conv.weight,
         &conv.bias,
@@ -91,13 +91,17 @@ pub fn conv_transpose3d<E: Element>(
 ) -> Result<CudaTensor<E>> {
     let shape = shapes::conv_transpose3d(x, conv)?;
     let extra = [Dims3::from(conv.stride)];
-    launch_conv(
-        b,
-        &format!("conv_transpose3d_{}", E::SUFFIX),
-        x,
-        &conv.weight,
-        &conv.bias,
-        &extra,
-        &shape,
-    )
+    let (name, gemm) = if E::TENSOR_CORES {
+        let (voxels, taps) = (
+            shape.dims.iter().product(),
+            conv.stride.iter().product::<usize>(),
+        );
+        (
+            "conv_transpose3d_mma_f16".to_string(),
+            Some([voxels, shape.cout * taps]),
+        )
+    } else {
+        (format!("conv_transpose3d_{}", E::SUFFIX), None)
+    };
+    launch_conv(b, &name, gemm, x, &conv.weight, &conv.bias, &extra, &shape)
 }
