@@ -21,6 +21,8 @@
 //   (the first layer has K = 27 or 9) are zero-fill loads. The epilogue stages the accumulators
 //   in shared memory channel-major and writes y[co, m] + b[co] with consecutive threads on
 //   consecutive voxels. Voxel blocks are on blockIdx.x (a volume can have more than 65535).
+//   The input may be two volumes read as their channel concatenation (`second`,
+//   `first_channels`), which spares the decoder's convolutions the concatenated copy.
 //
 // conv_transpose3d with kernel = stride (no overlap): y[co, i·s + a] = b[co] +
 // Σ_ci x[ci, i] · w[ci, co, a]. Two kernels:
@@ -74,22 +76,27 @@ __device__ __forceinline__ void stage_quarter(float (&staged)[TILE][TILE + 4], A
                                             nvcuda::wmma::mem_col_major);
 }
 
-// Column k = ci·taps + tap of the implicit A: the tap's offsets in the window and where its value
-// sits relative to the window's origin in x.
+// Column k = ci·taps + tap of the implicit A: which input holds channel ci (the decoder's
+// convolutions read the channel concatenation [first; second] in place: channels below
+// `first_channels` are the first input's), the tap's offsets in the window, and where its value
+// sits in that input relative to the window's origin.
 struct Column {
-    int64_t offset;   // ci·in.count() + (tz·in.y + ty)·in.x + tx
+    int64_t offset;   // (ci or ci − first_channels)·in.count() + (tz·in.y + ty)·in.x + tx
     int64_t z, y, x;  // tz, ty, tx
+    bool second;      // ci ≥ first_channels
 };
 
 // Decodes the K step starting at column k0 (none past the last step) into `columns`.
-__device__ __forceinline__ void decode_columns(Column* columns, int64_t k0, int64_t k, Dims3 in, Dims3 kernel) {
+__device__ __forceinline__ void decode_columns(Column* columns, int64_t k0, int64_t k, Dims3 in, Dims3 kernel,
+                                               int64_t first_channels) {
     if (threadIdx.x >= MMA_K || k0 >= k) return;
-    int64_t col = k0 + threadIdx.x, taps = kernel.count(), tap = col % taps;
+    int64_t col = k0 + threadIdx.x, taps = kernel.count(), tap = col % taps, ci = col / taps;
     Column c;
     c.z = tap / (kernel.y * kernel.x);
     c.y = tap / kernel.x % kernel.y;
     c.x = tap % kernel.x;
-    c.offset = col / taps * in.count() + (c.z * in.y + c.y) * in.x + c.x;
+    c.second = ci >= first_channels;
+    c.offset = (c.second ? ci - first_channels : ci) * in.count() + (c.z * in.y + c.y) * in.x + c.x;
     columns[threadIdx.x] = c;
 }
 
@@ -97,7 +104,8 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
                                                                            const __half* bias, __half* y,
                                                                            int64_t cin, Dims3 in, int64_t cout,
                                                                            Dims3 out, Dims3 kernel, Dims3 stride,
-                                                                           Dims3 pad) {
+                                                                           Dims3 pad, const __half* second,
+                                                                           int64_t first_channels) {
     using namespace nvcuda;
     __shared__ __align__(32) __half xs[MMA_K][TILE + MMA_PAD];
     __shared__ __align__(32) __half ws[TILE][MMA_K + MMA_PAD];
@@ -121,7 +129,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
     for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
     const __half zero = __float2half(0.f);
-    decode_columns(columns, 0, k, in, kernel);
+    decode_columns(columns, 0, k, in, kernel, first_channels);
     __syncthreads();
     for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
         for (int kk = threadIdx.x / TILE; kk < MMA_K; kk += MMA_THREADS / TILE) {
@@ -129,7 +137,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
             int64_t iz = z0 + c.z, iy = y0 + c.y, ix = x0 + c.x;
             bool inside = in_m && k0 + kk < k && iz >= 0 && iz < in.z && iy >= 0 && iy < in.y && ix >= 0 &&
                           ix < in.x;
-            xs[kk][row] = inside ? x[origin + c.offset] : zero;
+            xs[kk][row] = inside ? (c.second ? second : x)[origin + c.offset] : zero;
         }
         for (int l = threadIdx.x; l < TILE * MMA_K; l += MMA_THREADS) {
             int c = l / MMA_K, kk = l % MMA_K;
@@ -138,7 +146,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
         __syncthreads();
         // This step's table has been read (barrier above); the next step's is published by the
         // barrier below.
-        decode_columns(columns, k0 + MMA_K, k, in, kernel);
+        decode_columns(columns, k0 + MMA_K, k, in, kernel, first_channels);
         warp_quarter_mma<wmma::col_major>(acc, &xs[0][wr], 1, TILE + MMA_PAD, TILE + MMA_PAD, &ws[wc][0],
                                           MMA_K + MMA_PAD);
         __syncthreads();

@@ -149,6 +149,28 @@ fn conv3d_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
     down(b, &b.conv3d(&up(b, &c.x), &conv).unwrap())
 }
 
+/// The same convolution of the case's input given as two volumes, its first third of the
+/// channels and the rest (a decoder's [upsampled; skip]).
+fn conv3d_on_concat_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
+    let s = c.x.shape();
+    let (first, voxels) = ((s[0] / 3).max(1), s[1] * s[2] * s[3]);
+    let (a, rest) = c.x.data().split_at(first * voxels);
+    let part = |channels: usize, data: &[f32]| {
+        up(
+            b,
+            &Tensor::new(vec![channels, s[1], s[2], s[3]], data.to_vec()).unwrap(),
+        )
+    };
+    let conv = Conv3d {
+        weight: up(b, &c.w),
+        bias: c.bias.as_ref().map(|bias| up(b, bias)),
+        stride: c.stride,
+        padding: c.padding,
+    };
+    let y = b.conv3d_on_concat(&part(first, a), &part(s[0] - first, rest), &conv);
+    down(b, &y.unwrap())
+}
+
 fn conv_transpose3d_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
     let conv = ConvTranspose3d {
         weight: up(b, &c.w),
@@ -206,6 +228,15 @@ fn network_ops<E: Element>(tolerance: f64) {
             conv3d_on,
             conv3d_on,
         );
+        if cin >= 2 {
+            check::<E, _>(
+                &format!("conv3d of a concatenation {cin}→{cout} {dims:?} k{kernel:?}"),
+                tolerance,
+                &case,
+                conv3d_on_concat_on,
+                conv3d_on_concat_on,
+            );
+        }
     }
     // The transposed convolution; with f16, K = cin (several 32-wide steps for 70) and
     // N = cout·taps off the 64 grid.
@@ -684,10 +715,12 @@ fn session_matches_cpu<E: Element>(tolerance: f64) {
         want.features(),
         tolerance,
     );
+    // The encoder issue's bar for the automatic segmentation end to end (99.9 %); the head's
+    // (99.5 %) for the refinement below.
     let agree = agreement(got.auto_labels(), want.auto_labels());
     println!("{what}: automatic segmentation agreement {agree}");
     assert!(
-        agree >= 0.995,
+        agree >= 0.999,
         "{what}: automatic segmentation agreement {agree}"
     );
     let clicks = [tis::Click::new(10, 18, 13, 1), tis::Click::new(4, 30, 5, 0)];

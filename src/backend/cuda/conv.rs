@@ -21,47 +21,82 @@ fn push_bias<'a, E: Element>(launch: &mut LaunchArgs<'a>, bias: &'a Option<CudaT
     };
 }
 
-/// Runs the kernel `name` (`conv3d_*`, `conv3d_igemm_f16`, `conv_transpose3d_*` or
-/// `conv_transpose3d_mma_f16`; `extra` the extents after `cout`) into a new output of the
-/// checked shape: one thread per output value, or for a tensor-core kernel one block per
-/// 64 × 64 tile of its `gemm` (M × N).
-#[allow(clippy::too_many_arguments)]
+/// What a launch of kernels/conv.cu computes: its kernel, the input (and for the implicit GEMM
+/// the second input of a channel concatenation, with the first's channel count), the weights,
+/// and the extents after `cout`.
+struct ConvLaunch<'a, E: Element> {
+    name: &'a str,
+    x: &'a CudaTensor<E>,
+    concat: Option<(&'a CudaTensor<E>, i64)>,
+    weight: &'a CudaTensor<E>,
+    bias: &'a Option<CudaTensor<E>>,
+    extra: &'a [Dims3],
+    /// M × N of a tensor-core kernel's GEMM (one block per 64 × 64 tile); None for the
+    /// one-thread-per-output kernels.
+    gemm: Option<[usize; 2]>,
+}
+
+/// Runs `conv` (`conv3d_*`, `conv3d_igemm_f16`, `conv_transpose3d_*` or
+/// `conv_transpose3d_mma_f16`) into a new output of the checked shape.
 fn launch_conv<E: Element>(
     b: &CudaBackend<E>,
-    name: &str,
-    gemm: Option<[usize; 2]>,
-    x: &CudaTensor<E>,
-    weight: &CudaTensor<E>,
-    bias: &Option<CudaTensor<E>>,
-    extra: &[Dims3],
-    conv: &shapes::ConvShape,
+    conv: &ConvLaunch<'_, E>,
+    shape: &shapes::ConvShape,
 ) -> Result<CudaTensor<E>> {
-    let o = conv.out_dims;
-    let mut y = b.output(vec![conv.cout, o[0], o[1], o[2]])?;
-    let f = b.function(MODULE, name)?;
-    let (cin, cout) = (conv.cin as i64, conv.cout as i64);
-    let input = Dims3::from(conv.dims);
+    let o = shape.out_dims;
+    let mut y = b.output(vec![shape.cout, o[0], o[1], o[2]])?;
+    let f = b.function(MODULE, conv.name)?;
+    let (cin, cout) = (shape.cin as i64, shape.cout as i64);
+    let input = Dims3::from(shape.dims);
     let mut launch = b.stream.launch_builder(&f);
-    launch.arg(&x.data).arg(&weight.data);
-    push_bias(&mut launch, bias);
+    launch.arg(&conv.x.data).arg(&conv.weight.data);
+    push_bias(&mut launch, conv.bias);
     launch.arg(&mut y.data).arg(&cin).arg(&input).arg(&cout);
-    for d in extra {
+    for d in conv.extra {
         launch.arg(d);
     }
-    let grid = match gemm {
+    if let Some((second, first_channels)) = &conv.concat {
+        launch.arg(&second.data).arg(first_channels);
+    }
+    let grid = match conv.gemm {
         // M (voxel) blocks on x, whose limit is 2³¹ − 1 blocks (y's is 65535).
         Some([m, n]) => LaunchConfig {
             grid_dim: (m.div_ceil(TILE) as u32, n.div_ceil(TILE) as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         },
-        None => b.elementwise(conv.cout * o.iter().product::<usize>()),
+        None => b.elementwise(shape.cout * o.iter().product::<usize>()),
     };
-    // SAFETY: argument order matches `conv3d_*` and `conv3d_igemm_f16` (x, w, b, y, cin, in,
-    // cout, out, kernel, stride, pad) and `conv_transpose3d_*` / `conv_transpose3d_mma_f16` (x,
-    // w, b, y, cin, in, cout, stride); shapes checked.
+    // SAFETY: argument order matches `conv3d_*` (x, w, b, y, cin, in, cout, out, kernel, stride,
+    // pad), `conv3d_igemm_f16` (the same, then second, first_channels) and
+    // `conv_transpose3d_*` / `conv_transpose3d_mma_f16` (x, w, b, y, cin, in, cout, stride);
+    // shapes checked, and a concatenation's inputs share their spatial extent.
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(y)
+}
+
+/// conv3d of `x`, or of the channel concatenation [x; second] read in place (the tensor-core
+/// kernel only: the others get the concatenation).
+fn conv3d_of<E: Element>(
+    b: &CudaBackend<E>,
+    x: &CudaTensor<E>,
+    second: Option<&CudaTensor<E>>,
+    conv: &Conv3d<CudaTensor<E>>,
+    shape: &shapes::ConvShape,
+) -> Result<CudaTensor<E>> {
+    let extra = [shape.out_dims, shape.kernel, conv.stride, conv.padding].map(Dims3::from);
+    let voxels = shape.out_dims.iter().product();
+    let first_channels = x.shape[0] as i64;
+    let launch = ConvLaunch {
+        name: E::CONV_KERNEL,
+        x,
+        concat: E::TENSOR_CORES.then(|| (second.unwrap_or(x), first_channels)),
+        weight: &conv.weight,
+        bias: &conv.bias,
+        extra: &extra,
+        gemm: E::TENSOR_CORES.then_some([voxels, shape.cout]),
+    };
+    launch_conv(b, &launch, shape)
 }
 
 pub fn conv3d<E: Element>(
@@ -69,19 +104,22 @@ pub fn conv3d<E: Element>(
     x: &CudaTensor<E>,
     conv: &Conv3d<CudaTensor<E>>,
 ) -> Result<CudaTensor<E>> {
-    let shape = shapes::conv3d(x, conv)?;
-    let extra = [shape.out_dims, shape.kernel, conv.stride, conv.padding].map(Dims3::from);
-    let voxels = shape.out_dims.iter().product();
-    launch_conv(
-        b,
-        E::CONV_KERNEL,
-        E::TENSOR_CORES.then_some([voxels, shape.cout]),
-        x,
-        &conv.weight,
-        &conv.bias,
-        &extra,
-        &shape,
-    )
+    conv3d_of(b, x, None, conv, &shapes::conv3d(x, conv)?)
+}
+
+pub fn conv3d_on_concat<E: Element>(
+    b: &CudaBackend<E>,
+    first: &CudaTensor<E>,
+    second: &CudaTensor<E>,
+    conv: &Conv3d<CudaTensor<E>>,
+) -> Result<CudaTensor<E>> {
+    let shape = shapes::conv3d_on_concat(first, second, conv)?;
+    if E::TENSOR_CORES {
+        conv3d_of(b, first, Some(second), conv, &shape)
+    } else {
+        let joined = super::volume::concat_channels(b, first, second)?;
+        conv3d_of(b, &joined, None, conv, &shape)
+    }
 }
 
 pub fn conv_transpose3d<E: Element>(
@@ -103,5 +141,14 @@ pub fn conv_transpose3d<E: Element>(
     } else {
         (format!("conv_transpose3d_{}", E::SUFFIX), None)
     };
-    launch_conv(b, &name, gemm, x, &conv.weight, &conv.bias, &extra, &shape)
+    let launch = ConvLaunch {
+        name: &name,
+        x,
+        concat: None,
+        weight: &conv.weight,
+        bias: &conv.bias,
+        extra: &extra,
+        gemm,
+    };
+    launch_conv(b, &launch, &shape)
 }

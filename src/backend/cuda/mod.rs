@@ -389,6 +389,15 @@ impl<E: Element> Backend for CudaBackend<E> {
         volume::concat_channels(self, a, b)
     }
 
+    fn conv3d_on_concat(
+        &self,
+        a: &CudaTensor<E>,
+        b: &CudaTensor<E>,
+        conv: &Conv3d<CudaTensor<E>>,
+    ) -> Result<CudaTensor<E>> {
+        conv::conv3d_on_concat(self, a, b, conv)
+    }
+
     fn crop(&self, x: &CudaTensor<E>, region: &Region) -> Result<CudaTensor<E>> {
         volume::crop(self, x, region)
     }
