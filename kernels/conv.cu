@@ -126,8 +126,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
     int64_t origin = (z0 * in.y + y0) * in.x + x0;
 
     Accumulator acc[2][2];
-    for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    zero_quarter(acc);
     const __half zero = __float2half(0.f);
     decode_columns(columns, 0, k, in, kernel, first_channels);
     __syncthreads();
@@ -189,8 +188,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv_transpose3d_mma_f
     int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * TILE;
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
     Accumulator acc[2][2];
-    for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    zero_quarter(acc);
     const __half zero = __float2half(0.f);
     for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
         // Both slabs with consecutive threads on consecutive addresses: voxels of x, columns of w.

@@ -83,8 +83,7 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
     int64_t row0 = (int64_t)blockIdx.y * TILE, col0 = (int64_t)blockIdx.x * TILE;
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
     Accumulator acc[2][2];
-    for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    zero_quarter(acc);
     const __half zero = __float2half(0.f);
     for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
         for (int l = threadIdx.x; l < TILE * MMA_K; l += blockDim.x) {

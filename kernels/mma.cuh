@@ -58,6 +58,11 @@ __device__ __forceinline__ void warp_quarter_mma(Accumulator (&acc)[2][2], const
     }
 }
 
+__device__ __forceinline__ void zero_quarter(Accumulator (&acc)[2][2]) {
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+}
+
 template <int N> __device__ __forceinline__ void zero_accumulators(Accumulator (&acc)[N / 16]) {
     for (int j = 0; j < N / 16; ++j) nvcuda::wmma::fill_fragment(acc[j], 0.f);
 }
