@@ -205,7 +205,7 @@ struct BlockRun {
     void* scheduler;
     unsigned alive = 0, arrived = 0;
     uint64_t generation = 0, progress = 0;
-    std::vector<unsigned> warp_alive, warp_lanes, warp_arrived;
+    std::vector<unsigned> warp_alive, warp_arrived;
     std::vector<uint64_t> warp_generation;
     std::vector<float> warp_slots;
     std::vector<unsigned char> shared_buffer;  // the dynamic shared memory, then the canary
@@ -304,7 +304,6 @@ bool run_block(BlockRun& b, StackArena& arena, uint3 block_dim) {
     b.arrived = 0;
     b.warp_alive.assign(warps, 32);
     if (threads % 32) b.warp_alive[warps - 1] = threads % 32;
-    b.warp_lanes = b.warp_alive;
     b.warp_arrived.assign(warps, 0);
     b.warp_generation.assign(warps, 0);
     b.warp_slots.assign(warps * 32, 0.f);
