@@ -303,27 +303,24 @@ fn volume_case(n: &mut Rng) -> VolumeCase {
 
 fn volume_ops_on<B: Backend>(b: &B, c: &VolumeCase) -> Tensor {
     // crop, flip, accumulate, divide, add, scale, softmax, concat: one chain, every op checked
-    // through its effect on the result. The weight sum is the tile's own weights inside the
-    // tile (the mean there is the tile itself, down to the subnormal corners) and 1 outside.
+    // through its effect on the result. The weight sum is the tile's own weights, summed as the
+    // sliding window sums them (a tile of ones), so that the mean is the tile itself, down to
+    // the subnormal corners; outside the tile it is 0 / 0, so the chain goes on from the tile.
     let a = up(b, &c.a);
     let cropped = b.crop(&a, &c.region).unwrap();
     let flipped = b.flip(&cropped, &[0, 2]).unwrap();
+    let weights = up(b, &c.weights);
     let mut acc = b.accumulator(c.a.shape()).unwrap();
-    b.accumulate_weighted(&mut acc, &flipped, &up(b, &c.weights), &c.region)
+    b.accumulate_weighted(&mut acc, &flipped, &weights, &c.region)
         .unwrap();
-    let mut weight_sum = Tensor::new(vec![1, 11, 17, 14], vec![1.0; 11 * 17 * 14]).unwrap();
-    let r = c.region;
-    for (i, &w) in c.weights.data().iter().enumerate() {
-        let (z, y, x) = (
-            i / (r.size[1] * r.size[2]),
-            i / r.size[2] % r.size[1],
-            i % r.size[2],
-        );
-        let v = ((z + r.start[0]) * 17 + y + r.start[1]) * 14 + x + r.start[2];
-        weight_sum.data_mut()[v] = w;
-    }
-    let mut mean = b.divide_by_weights(acc, &weight_sum).unwrap();
-    b.add_assign(&mut mean, &up(b, &c.b)).unwrap();
+    let ones = Tensor::new(c.weights.shape().to_vec(), vec![1.0; c.weights.len()]).unwrap();
+    let mut weight_sum = b.accumulator(&[1, 11, 17, 14]).unwrap();
+    b.accumulate_weighted(&mut weight_sum, &up(b, &ones), &weights, &c.region)
+        .unwrap();
+    let mean = b.divide_by_weights(acc, &weight_sum).unwrap();
+    let mut mean = b.crop(&mean, &c.region).unwrap();
+    b.add_assign(&mut mean, &b.crop(&up(b, &c.b), &c.region).unwrap())
+        .unwrap();
     b.scale(&mut mean, 0.75).unwrap();
     let probs = b.softmax_channels(&mean).unwrap();
     down(b, &b.concat_channels(&mean, &probs).unwrap())

@@ -158,7 +158,7 @@ pub trait Backend: Send + Sync {
     fn divide_by_weights(
         &self,
         acc: Self::Accumulator,
-        weight_sum: &Tensor,
+        weight_sum: &Self::Accumulator,
     ) -> Result<Self::Tensor>;
     /// Softmax over the channel axis of a volume.
     fn softmax_channels(&self, x: &Self::Tensor) -> Result<Self::Tensor>;

@@ -153,24 +153,27 @@ pub fn predict_sliding_window<B: Backend>(
     let (padded, inner) = pad_to_patch(volume, patch);
     let dims = [1, 2, 3].map(|a| padded.shape()[a]);
     let starts = [0, 1, 2].map(|a| tile_starts(dims[a], patch[a], step));
-    let gaussian = gaussian_weights(patch);
-    let mut weight_sum = Tensor::zeros(&[1, dims[0], dims[1], dims[2]]);
     let mut tiles = Vec::new();
     for &z in &starts[0] {
         for &y in &starts[1] {
             for &x in &starts[2] {
-                let tile = Region {
+                tiles.push(Region {
                     start: [z, y, x],
                     size: patch,
-                };
-                accumulate_host(&mut weight_sum, &gaussian, &tile);
-                tiles.push(tile);
+                });
             }
         }
     }
 
     let input = backend.upload(&padded)?;
+    let gaussian = gaussian_weights(patch);
     let weights = backend.upload(&gaussian)?;
+    // The summed weights are a sum like the others, of a tile of ones.
+    let ones = backend.upload(&Tensor::new(
+        gaussian.shape().to_vec(),
+        vec![1.0; gaussian.len()],
+    )?)?;
+    let mut weight_sum = backend.accumulator(&[1, dims[0], dims[1], dims[2]])?;
     let mut logits_sum = backend.accumulator(&[plan.classes, dims[0], dims[1], dims[2]])?;
     let mut features_sum =
         backend.accumulator(&[plan.feature_channels(), dims[0], dims[1], dims[2]])?;
@@ -179,6 +182,7 @@ pub fn predict_sliding_window<B: Backend>(
             predict_tile_mirrored(backend, network, &backend.crop(&input, tile)?, mirror_axes)?;
         backend.accumulate_weighted(&mut logits_sum, &out.logits, &weights, tile)?;
         backend.accumulate_weighted(&mut features_sum, &out.features, &weights, tile)?;
+        backend.accumulate_weighted(&mut weight_sum, &ones, &weights, tile)?;
         progress(done + 1, tiles.len());
     }
     let mut logits = backend.divide_by_weights(logits_sum, &weight_sum)?;
@@ -188,25 +192,6 @@ pub fn predict_sliding_window<B: Backend>(
         features = backend.crop(&features, &inner)?;
     }
     Ok(TileOutput { logits, features })
-}
-
-/// `acc[0, tile] += weights` on the host (the summed Gaussian of all tiles).
-fn accumulate_host(acc: &mut Tensor, weights: &Tensor, tile: &Region) {
-    let dims = [acc.shape()[1], acc.shape()[2], acc.shape()[3]];
-    let (w, a) = (weights.data(), acc.data_mut());
-    let mut i = 0;
-    for z in tile.start[0]..tile.stop()[0] {
-        for y in tile.start[1]..tile.stop()[1] {
-            let row = (z * dims[1] + y) * dims[2] + tile.start[2];
-            for (dst, src) in a[row..row + tile.size[2]]
-                .iter_mut()
-                .zip(&w[i..i + tile.size[2]])
-            {
-                *dst += src;
-            }
-            i += tile.size[2];
-        }
-    }
 }
 
 #[cfg(test)]

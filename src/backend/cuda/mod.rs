@@ -431,7 +431,7 @@ impl<E: Element> Backend for CudaBackend<E> {
     fn divide_by_weights(
         &self,
         acc: CudaTensor<f32>,
-        weight_sum: &Tensor,
+        weight_sum: &CudaTensor<f32>,
     ) -> Result<CudaTensor<E>> {
         volume::divide_by_weights(self, acc, weight_sum)
     }

@@ -7,7 +7,6 @@ use super::{CudaBackend, CudaTensor, Dims3, Element, driver};
 use crate::backend::shapes;
 use crate::error::Result;
 use crate::geometry::{Label, Region};
-use crate::tensor::Tensor;
 
 const MODULE: &str = "volume";
 
@@ -148,17 +147,16 @@ pub fn accumulate_weighted<E: Element>(
 pub fn divide_by_weights<E: Element>(
     b: &CudaBackend<E>,
     acc: CudaTensor<f32>,
-    weight_sum: &Tensor,
+    weight_sum: &CudaTensor<f32>,
 ) -> Result<CudaTensor<E>> {
     let (channels, voxels) = shapes::weight_sum(&acc, weight_sum)?;
-    let weight_sum = b.stream.clone_htod(weight_sum.data()).map_err(driver)?;
     let mut y = b.output(acc.shape.clone())?;
     let f = b.kernel(MODULE, "divide_by_weights")?;
     let (c, v) = (channels as i64, voxels as i64);
     let mut launch = b.stream.launch_builder(&f);
     launch
         .arg(&acc.data)
-        .arg(&weight_sum)
+        .arg(&weight_sum.data)
         .arg(&mut y.data)
         .arg(&c)
         .arg(&v);
