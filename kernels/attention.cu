@@ -157,44 +157,54 @@ __device__ void cross_project(const float* mean, const T* wv, const T* bv, T* ou
     }
 }
 
+// query · key over the dh values of a head, the loop running to the bound MAX_DH (unrolled, the
+// width tested inside) so that a query held in a register array stays in registers.
+template <int MAX_DH, typename Q, typename T>
+__device__ __forceinline__ float head_dot(const Q* query, const T* key, int dh) {
+    float s = 0.f;
+#pragma unroll
+    for (int e = 0; e < MAX_DH; ++e)
+        if (e < dh) s += to_f32(query[e]) * to_f32(key[e]);
+    return s;
+}
+
+// The label copy of one (token, head): out = Σ_c softmax_c(query·key_c/√dh)·value_c over the
+// clicks, where key_c and value_c are the head's dh values in click c's row (`keys` and
+// `values` point at the head's first value of click 0; rows are `width` apart). Two passes over
+// the clicks (their maximum score, then the exponentials), out in registers.
+template <int MAX_DH, typename Q, typename T>
+__device__ __forceinline__ void copy_click_labels(const Q* query, const T* keys, const T* values, int64_t clicks,
+                                                  int64_t width, int dh, float (&out)[MAX_DH]) {
+    float scale = rsqrtf((float)dh), max = -INFINITY, sum = 0.f;
+    for (int64_t c = 0; c < clicks; ++c) max = fmaxf(max, head_dot<MAX_DH>(query, keys + c * width, dh) * scale);
+#pragma unroll
+    for (int e = 0; e < MAX_DH; ++e) out[e] = 0.f;
+    for (int64_t c = 0; c < clicks; ++c) {
+        float p = __expf(head_dot<MAX_DH>(query, keys + c * width, dh) * scale - max);
+        sum += p;
+#pragma unroll
+        for (int e = 0; e < MAX_DH; ++e)
+            if (e < dh) out[e] += p * to_f32(values[c * width + e]);
+    }
+#pragma unroll
+    for (int e = 0; e < MAX_DH; ++e) out[e] /= sum;
+}
+
 template <typename T, int MAX_DH>
 __device__ void assign_mix(const T* q, const T* keys, const T* values, const T* auto_embedding, T* mixed, int64_t n,
                            int64_t clicks, int64_t heads, int dh, float alpha) {
     int64_t width = heads * dh;
-    float scale = rsqrtf((float)dh);
     GRID_LOOP(i, n * heads) {
         int64_t token = i / heads, h = i % heads;
-        float query[MAX_DH], acc[MAX_DH];
+        float query[MAX_DH], copied[MAX_DH];
 #pragma unroll
-        for (int e = 0; e < MAX_DH; ++e) {
-            query[e] = e < dh ? to_f32(q[token * width + h * dh + e]) : 0.f;
-            acc[e] = 0.f;
-        }
-        float max = -INFINITY;
-        for (int64_t c = 0; c < clicks; ++c) {
-            float s = 0.f;
-#pragma unroll
-            for (int e = 0; e < MAX_DH; ++e)
-                if (e < dh) s += query[e] * to_f32(keys[c * width + h * dh + e]);
-            max = fmaxf(max, s * scale);
-        }
-        float sum = 0.f;
-        for (int64_t c = 0; c < clicks; ++c) {
-            float s = 0.f;
-#pragma unroll
-            for (int e = 0; e < MAX_DH; ++e)
-                if (e < dh) s += query[e] * to_f32(keys[c * width + h * dh + e]);
-            float p = __expf(s * scale - max);
-            sum += p;
-#pragma unroll
-            for (int e = 0; e < MAX_DH; ++e)
-                if (e < dh) acc[e] += p * to_f32(values[c * width + h * dh + e]);
-        }
+        for (int e = 0; e < MAX_DH; ++e) query[e] = e < dh ? to_f32(q[token * width + h * dh + e]) : 0.f;
+        copy_click_labels<MAX_DH>(query, keys + h * dh, values + h * dh, clicks, width, dh, copied);
 #pragma unroll
         for (int e = 0; e < MAX_DH; ++e) {
             if (e >= dh) break;
             int64_t o = token * width + h * dh + e;
-            mixed[o] = from_f32<T>((1.f - alpha) * acc[e] / sum + alpha * to_f32(auto_embedding[o]));
+            mixed[o] = from_f32<T>((1.f - alpha) * copied[e] + alpha * to_f32(auto_embedding[o]));
         }
     }
 }
@@ -310,12 +320,13 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     float* label = (float*)(base + L::label);
     int64_t row0 = (int64_t)blockIdx.x * FUSED_ROWS;
 
-    // Q = LN_q(x)·Wqᵀ (bias added where it is read).
+    // Q = LN_q(x)·Wqᵀ + bq.
     layer_norm_rows(operand, L::LD, x, gamma, beta, n, D, row0);
     stage_weights(w, L::LD, wq, D, D, 0, 0, D, D);
     __syncthreads();
     warp_rows_project<D>(operand, w, q);
     __syncthreads();
+    for (int l = threadIdx.x; l < FUSED_ROWS * D; l += blockDim.x) q[l / D * L::LS + l % D] += __half2float(bq[l % D]);
 
     // label_mlp(probs) = GELU(P·W_upᵀ + b_up)·W_downᵀ (+ b_down where it is read).
     for (int l = threadIdx.x; l < FUSED_ROWS * D; l += blockDim.x) {
@@ -336,33 +347,17 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
 
     // Per (token, head): softmax over the clicks, their label embeddings copied, mixed by α.
     int dh = D / heads;
-    float scale = rsqrtf((float)dh);
     for (int p = threadIdx.x; p < FUSED_ROWS * heads; p += blockDim.x) {
         int r = p / heads, h = p % heads;
-        const float* query = q + r * L::LS + h * dh;
-        const __half* bias = bq + h * dh;
-        float max = -INFINITY;
-        for (int64_t c = 0; c < clicks; ++c) {
-            float s = 0.f;
-            for (int e = 0; e < dh; ++e) s += (query[e] + __half2float(bias[e])) * __half2float(keys[c * D + h * dh + e]);
-            max = fmaxf(max, s * scale);
-        }
-        float acc[ASSIGN_MAX_DH] = {}, sum = 0.f;
-        for (int64_t c = 0; c < clicks; ++c) {
-            float s = 0.f;
-            for (int e = 0; e < dh; ++e) s += (query[e] + __half2float(bias[e])) * __half2float(keys[c * D + h * dh + e]);
-            float weight = __expf(s * scale - max);
-            sum += weight;
-#pragma unroll
-            for (int e = 0; e < ASSIGN_MAX_DH; ++e)
-                if (e < dh) acc[e] += weight * __half2float(values[c * D + h * dh + e]);
-        }
+        float copied[ASSIGN_MAX_DH];
+        copy_click_labels<ASSIGN_MAX_DH>(q + r * L::LS + h * dh, keys + h * dh, values + h * dh, clicks, D, dh,
+                                         copied);
 #pragma unroll
         for (int e = 0; e < ASSIGN_MAX_DH; ++e) {
             if (e >= dh) break;
             int f = h * dh + e;
             float auto_embedding = label[r * L::LS + f] + __half2float(b_down[f]);
-            float mixed = row0 + r < n ? (1.f - alpha) * acc[e] / sum + alpha * auto_embedding : 0.f;
+            float mixed = row0 + r < n ? (1.f - alpha) * copied[e] + alpha * auto_embedding : 0.f;
             operand[r * L::LD + f] = __float2half_rn(mixed);
         }
     }

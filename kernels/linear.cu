@@ -72,7 +72,6 @@ __device__ void linear_simt(const T* x, const T* w, const T* bias, T* y, int64_t
     }
 FOR_EACH_STORAGE(LINEAR_SIMT)
 
-
 extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x, const __half* w,
                                                                    const __half* bias, __half* y, int64_t m,
                                                                    int64_t n, int64_t k, int epilogue) {
@@ -107,7 +106,6 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
             store_output(y, (row0 + r) * n + col0 + c, out[r][c], bias ? __half2float(bias[col0 + c]) : 0.f, epilogue);
     }
 }
-
 
 // The feed-forward sub-layer in one kernel: x ← x + W2·GELU(W1·LN(x) + b1) + b2, per block of
 // FUSED_ROWS tokens, f16 on tensor cores (mma.cuh). LN(x) is computed into shared memory (one
