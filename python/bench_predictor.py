@@ -26,11 +26,9 @@ missing, and nnU-Net then reads and writes images with its NibabelIO.
 """
 
 import argparse
-import gzip
 import importlib.util
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -216,43 +214,29 @@ def peak_rss_mb():
 
 
 # ----------------------------------------------------------------------------------------------
-# NIfTI without SimpleITK or nibabel (the synthetic image, the header of any image)
+# NIfTI through nibabel (nnU-Net's own dependency, carried to the GPU machine as a wheel)
 # ----------------------------------------------------------------------------------------------
-
-NIFTI_TYPES = {np.dtype(np.uint8): (2, 8), np.dtype(np.int16): (4, 16), np.dtype(np.float32): (16, 32)}
 
 
 def write_nifti(path, volume, spacing):
-    """A single-file NIfTI-1 image (.nii, or gzip'd .nii.gz) of volume [Z, Y, X] (uint8, int16 or
-    float32) with voxel spacing [z, y, x] mm and a diagonal affine (qform and sform)."""
-    code, bitpix = NIFTI_TYPES[volume.dtype]
-    z, y, x = volume.shape
-    sz, sy, sx = (float(v) for v in spacing)
-    header = bytearray(352)  # the 348-byte header, then 4 bytes: no extensions
-    struct.pack_into("<i", header, 0, 348)
-    struct.pack_into("<8h", header, 40, 3, x, y, z, 1, 1, 1, 1)  # dim
-    struct.pack_into("<2h", header, 70, code, bitpix)  # datatype, bitpix
-    struct.pack_into("<8f", header, 76, 1.0, sx, sy, sz, 1.0, 1.0, 1.0, 1.0)  # pixdim (qfac 1)
-    struct.pack_into("<2f", header, 108, 352.0, 1.0)  # vox_offset, scl_slope (scl_inter 0)
-    header[123] = 2 | 8  # xyzt_units: mm, s
-    struct.pack_into("<2h", header, 252, 1, 1)  # qform_code, sform_code: scanner
-    struct.pack_into("<12f", header, 280, sx, 0, 0, 0, 0, sy, 0, 0, 0, 0, sz, 0)  # srow_x, _y, _z
-    header[344:348] = b"n+1\0"
-    data = bytes(header) + np.ascontiguousarray(volume, dtype=volume.dtype.newbyteorder("<")).tobytes()
-    if str(path).endswith(".gz"):
-        data = gzip.compress(data, compresslevel=1)
-    Path(path).write_bytes(data)
+    """A NIfTI image of volume [Z, Y, X] with voxel spacing [z, y, x] mm and a diagonal affine
+    (qform and sform, code 1: scanner)."""
+    import nibabel
+
+    affine = np.diag([float(v) for v in reversed(spacing)] + [1.0])
+    image = nibabel.Nifti1Image(np.ascontiguousarray(volume.transpose(2, 1, 0)), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    nibabel.save(image, str(path))
 
 
 def nifti_geometry(path):
-    """(shape [Z, Y, X], spacing [z, y, x]) from a NIfTI-1 file's header."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        header = f.read(348)
-    endian = "<" if struct.unpack_from("<i", header, 0)[0] == 348 else ">"
-    dim = struct.unpack_from(f"{endian}8h", header, 40)
-    pixdim = struct.unpack_from(f"{endian}8f", header, 76)
-    return [dim[3], dim[2], dim[1]], [abs(pixdim[3]), abs(pixdim[2]), abs(pixdim[1])]
+    """(shape [Z, Y, X], spacing [z, y, x]) from a NIfTI file's header."""
+    import nibabel
+
+    image = nibabel.load(str(path))
+    return list(image.shape[:3])[::-1], [float(v) for v in image.header.get_zooms()[:3]][::-1]
 
 
 def synthetic_ct(shape, seed=0):
@@ -275,17 +259,9 @@ def synthetic_ct(shape, seed=0):
 
 
 def read_labels(path):
-    """A segmentation's labels [Z, Y, X] read with SimpleITK or nibabel, or None without both."""
-    try:
-        import SimpleITK as sitk
-    except ImportError:
-        pass
-    else:
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    try:
-        import nibabel
-    except ImportError:
-        return None
+    """A segmentation's labels [Z, Y, X]."""
+    import nibabel
+
     return np.asarray(nibabel.load(str(path)).dataobj).transpose(2, 1, 0)
 
 
@@ -352,10 +328,9 @@ def print_report(report):
     if report.get("stood_in_for"):
         print(f"nnunetv2's unused imports stood in for: {', '.join(report['stood_in_for'])}")
     if tis and nnunet:
-        agreement = report.get("agreement")
-        agreement = "not measured (no SimpleITK or nibabel)" if agreement is None else f"{agreement:.5f}"
         last = " (last run)" if len(report["nnunet_runs"]) > 1 else ""
-        print(f"ratio nnU-Net{last} / tis: {nnunet['total'] / tis['total']:.2f}; voxel agreement {agreement}")
+        print(f"ratio nnU-Net{last} / tis: {nnunet['total'] / tis['total']:.2f}; "
+              f"voxel agreement {report['agreement']:.5f}")
 
 
 def main():
@@ -430,8 +405,7 @@ def main():
         for run in (time_tis, time_nnunet) if device.type == "cpu" else (time_nnunet, time_tis):
             run()
         if "tis_seconds" in report and "nnunet_seconds" in report:
-            a, b = read_labels(tis_out), read_labels(nnunet_out)
-            report["agreement"] = None if a is None or b is None else float(np.mean(a == b))
+            report["agreement"] = float(np.mean(read_labels(tis_out) == read_labels(nnunet_out)))
 
     report["python_peak_rss_mb"] = peak_rss_mb()
     print_report(report)
