@@ -23,6 +23,12 @@
 //   consecutive voxels. Voxel blocks are on blockIdx.x (a volume can have more than 65535).
 //   The input may be two volumes read as their channel concatenation (`second`,
 //   `first_channels`), which spares the decoder's convolutions the concatenated copy.
+//   Given `stats`, the epilogue also leaves InstanceNorm's partial sums of the block's 64
+//   voxels per channel (Σy, Σy² of the stored f16 values, as instance_norm_partials would
+//   compute them; f32 over 64 values, f64 in memory) at stats[(co·gridDim.x + blockIdx.x)·2],
+//   the [channel][split] layout instance_norm_finalize reduces: the conv block's normalisation
+//   then reads its input once (apply) instead of twice (partials, apply). Two threads per
+//   channel add up 32 staged values each, conflict-free, and meet in shared memory.
 //
 // conv_transpose3d with kernel = stride (no overlap): y[co, i·s + a] = b[co] +
 // Σ_ci x[ci, i] · w[ci, co, a]. Two kernels:
@@ -105,7 +111,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
                                                                            int64_t cin, Dims3 in, int64_t cout,
                                                                            Dims3 out, Dims3 kernel, Dims3 stride,
                                                                            Dims3 pad, const __half* second,
-                                                                           int64_t first_channels) {
+                                                                           int64_t first_channels, double* stats) {
     using namespace nvcuda;
     __shared__ __align__(32) __half xs[MMA_K][TILE + MMA_PAD];
     __shared__ __align__(32) __half ws[TILE][MMA_K + MMA_PAD];
@@ -156,6 +162,31 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
         int c = l / TILE, r = l % TILE;
         if (row0 + r < m && col0 + c < n)
             y[(col0 + c) * m + row0 + r] = from_f32<__half>(staged[c][r] + (bias ? __half2float(bias[col0 + c]) : 0.f));
+    }
+    if (!stats) return;
+    // InstanceNorm's partial sums of the stored values: thread t adds up half of the block's
+    // voxels (t / TILE) of channel t % TILE, from a row rotated by the channel, so that the
+    // warp's 32 lanes read 32 different banks ((68c + (i + c) mod 32) mod 32 = (5c + i) mod 32).
+    static_assert(MMA_THREADS == 2 * TILE, "two threads per channel");
+    __shared__ float halves[2][TILE][2];  // [voxels 0–31, 32–63][channel][Σy, Σy²]
+    int c = threadIdx.x % TILE, half = threadIdx.x / TILE;
+    float b = bias && col0 + c < n ? __half2float(bias[col0 + c]) : 0.f, sum = 0.f, squares = 0.f;
+#pragma unroll 4  // fully unrolled, ptxas spills on sm_80
+    for (int i = 0; i < TILE / 2; ++i) {
+        int r = half * (TILE / 2) + (i + c) % (TILE / 2);
+        if (row0 + r < m) {
+            float stored = __half2float(from_f32<__half>(staged[c][r] + b));
+            sum += stored;
+            squares += stored * stored;
+        }
+    }
+    halves[half][c][0] = sum;
+    halves[half][c][1] = squares;
+    __syncthreads();
+    if (half == 0 && col0 + c < n) {
+        double* partial = stats + ((col0 + c) * gridDim.x + blockIdx.x) * 2;
+        partial[0] = (double)halves[0][c][0] + halves[1][c][0];
+        partial[1] = (double)halves[0][c][1] + halves[1][c][1];
     }
 }
 

@@ -2,9 +2,11 @@
 //
 // InstanceNorm runs in three launches: `instance_norm_partials` gives each (channel, split)
 // block a contiguous slice of the channel and reduces Σx and Σx² in f64 (no cancellation in the
-// variance even over millions of voxels); `instance_norm_finalize` turns the partials of each
-// channel into an f32 scale and shift (γ/σ, β − μγ/σ); `instance_norm_apply` applies them with
-// LeakyReLU in one memory-bound pass.
+// variance even over millions of voxels); `instance_norm_finalize`, one block per channel, adds
+// up the channel's partials and turns them into an f32 scale and shift (γ/σ, β − μγ/σ);
+// `instance_norm_apply` applies them with LeakyReLU in one memory-bound pass. A conv block on
+// tensor cores skips the first launch: conv3d_igemm_f16's epilogue leaves the partials, one split
+// per 64 voxels (tens of thousands of splits, hence a block per channel in finalize).
 //
 // LayerNorm: one warp per row (warp_layer_norm in common.cuh), two passes over the row (mean,
 // then biased variance) from L1; rows are d_model wide (≤ a few hundred values), so the second
@@ -12,6 +14,23 @@
 #include "common.cuh"
 
 constexpr int NORM_THREADS = 256;
+
+// Σ over the block of each thread's (a, b), left in thread 0's; blockDim.x = NORM_THREADS.
+__device__ __forceinline__ void block_sum_pair(double& a, double& b) {
+    __shared__ double shared[2][NORM_THREADS];
+    shared[0][threadIdx.x] = a;
+    shared[1][threadIdx.x] = b;
+    __syncthreads();
+    for (int stride = NORM_THREADS / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            shared[0][threadIdx.x] += shared[0][threadIdx.x + stride];
+            shared[1][threadIdx.x] += shared[1][threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+    a = shared[0][0];
+    b = shared[1][0];
+}
 
 template <typename T>
 __device__ void instance_norm_partials(const T* x, double* partials, int64_t voxels, int splits) {
@@ -25,40 +44,31 @@ __device__ void instance_norm_partials(const T* x, double* partials, int64_t vox
         sum += value;
         squares += value * value;
     }
-    __shared__ double shared[2][NORM_THREADS];
-    shared[0][threadIdx.x] = sum;
-    shared[1][threadIdx.x] = squares;
-    __syncthreads();
-    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if (threadIdx.x < stride) {
-            shared[0][threadIdx.x] += shared[0][threadIdx.x + stride];
-            shared[1][threadIdx.x] += shared[1][threadIdx.x + stride];
-        }
-        __syncthreads();
-    }
+    block_sum_pair(sum, squares);
     if (threadIdx.x == 0) {
-        partials[(c * splits + s) * 2] = shared[0][0];
-        partials[(c * splits + s) * 2 + 1] = shared[1][0];
+        partials[(c * splits + s) * 2] = sum;
+        partials[(c * splits + s) * 2 + 1] = squares;
     }
 }
 
-// One thread per channel: scale_shift[c] = (γ/σ, β − μ·γ/σ).
+// Block c: scale_shift[c] = (γ/σ, β − μ·γ/σ) from the channel's `splits` partial sums.
 template <typename T>
 __device__ void instance_norm_finalize(const double* partials, const T* gamma, const T* beta, float* scale_shift,
-                                       int64_t channels, int64_t voxels, int splits, float eps) {
-    GRID_LOOP(c, channels) {
-        double sum = 0.0, squares = 0.0;
-        for (int s = 0; s < splits; ++s) {
-            sum += partials[(c * splits + s) * 2];
-            squares += partials[(c * splits + s) * 2 + 1];
-        }
-        double mean = sum / voxels;
-        double var = fmax(squares / voxels - mean * mean, 0.0);
-        double inv_std = 1.0 / sqrt(var + eps);
-        double g = to_f32(gamma[c]);
-        scale_shift[2 * c] = (float)(g * inv_std);
-        scale_shift[2 * c + 1] = (float)(to_f32(beta[c]) - mean * g * inv_std);
+                                       int64_t voxels, int splits, float eps) {
+    int64_t c = blockIdx.x;
+    double sum = 0.0, squares = 0.0;
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+        sum += partials[(c * splits + s) * 2];
+        squares += partials[(c * splits + s) * 2 + 1];
     }
+    block_sum_pair(sum, squares);
+    if (threadIdx.x != 0) return;
+    double mean = sum / voxels;
+    double var = fmax(squares / voxels - mean * mean, 0.0);
+    double inv_std = 1.0 / sqrt(var + eps);
+    double g = to_f32(gamma[c]);
+    scale_shift[2 * c] = (float)(g * inv_std);
+    scale_shift[2 * c + 1] = (float)(to_f32(beta[c]) - mean * g * inv_std);
 }
 
 template <typename T>
@@ -86,9 +96,10 @@ __device__ void layer_norm(const T* x, T* y, const T* gamma, const T* beta, int6
         instance_norm_partials_##S(const T* x, double* p, int64_t v, int splits) {                                  \
         instance_norm_partials<T>(x, p, v, splits);                                                                 \
     }                                                                                                               \
-    extern "C" __global__ void instance_norm_finalize_##S(const double* p, const T* g, const T* b, float* ss,      \
-                                                          int64_t c, int64_t v, int splits, float eps) {            \
-        instance_norm_finalize<T>(p, g, b, ss, c, v, splits, eps);                                                  \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                                      \
+        instance_norm_finalize_##S(const double* p, const T* g, const T* b, float* ss, int64_t v, int splits,       \
+                                   float eps) {                                                                     \
+        instance_norm_finalize<T>(p, g, b, ss, v, splits, eps);                                                     \
     }                                                                                                               \
     extern "C" __global__ void instance_norm_apply_##S(T* x, const float* ss, int64_t c, int64_t v, float slope) { \
         instance_norm_apply<T>(x, ss, c, v, slope);                                                                 \

@@ -26,8 +26,8 @@
 #   1-3 share at most 240 s of the default budget before they are cut; installing the wheels
 #   (seconds; at most 60) comes out of the tile step's time.
 # Where the session can afford it, GPU_CHECK_BUDGET_S=540 gives the last steps more room.
-# The tis sides run bounded work (tis's CUDA convolution is the direct kernel, not yet the
-# tensor-core one): 1 warm-up + 3 timed tile forwards, one `tis segment`.
+# The tis sides run bounded work (their speed on a card is unmeasured so far): 1 warm-up + 3
+# timed tile forwards, one `tis segment`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out/gpu-check}"

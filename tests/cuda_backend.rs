@@ -137,21 +137,31 @@ struct ConvCase {
     bias: Option<Tensor>,
     stride: [usize; 3],
     padding: [usize; 3],
+    /// γ and β of an InstanceNorm after the convolution (a conv block).
+    norm: (Tensor, Tensor),
 }
 
-fn conv3d_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
-    let conv = Conv3d {
+fn conv_of<B: Backend>(b: &B, c: &ConvCase) -> Conv3d<B::Tensor> {
+    Conv3d {
         weight: up(b, &c.w),
         bias: c.bias.as_ref().map(|bias| up(b, bias)),
         stride: c.stride,
         padding: c.padding,
-    };
-    down(b, &b.conv3d(&up(b, &c.x), &conv).unwrap())
+    }
 }
 
-/// The same convolution of the case's input given as two volumes, its first third of the
-/// channels and the rest (a decoder's [upsampled; skip]).
-fn conv3d_on_concat_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
+fn instance_norm_of<B: Backend>(b: &B, (w, bias): &(Tensor, Tensor)) -> InstanceNorm<B::Tensor> {
+    InstanceNorm {
+        weight: up(b, w),
+        bias: up(b, bias),
+        eps: 1e-5,
+        negative_slope: 0.01,
+    }
+}
+
+/// The case's input as two volumes, its first third of the channels and the rest (a decoder's
+/// [upsampled; skip]).
+fn split_input<B: Backend>(b: &B, c: &ConvCase) -> (B::Tensor, B::Tensor) {
     let s = c.x.shape();
     let (first, voxels) = ((s[0] / 3).max(1), s[1] * s[2] * s[3]);
     let (a, rest) = c.x.data().split_at(first * voxels);
@@ -161,13 +171,37 @@ fn conv3d_on_concat_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
             &Tensor::new(vec![channels, s[1], s[2], s[3]], data.to_vec()).unwrap(),
         )
     };
-    let conv = Conv3d {
-        weight: up(b, &c.w),
-        bias: c.bias.as_ref().map(|bias| up(b, bias)),
-        stride: c.stride,
-        padding: c.padding,
-    };
-    let y = b.conv3d_on_concat(&part(first, a), &part(s[0] - first, rest), &conv);
+    (part(first, a), part(s[0] - first, rest))
+}
+
+fn conv3d_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
+    down(b, &b.conv3d(&up(b, &c.x), &conv_of(b, c)).unwrap())
+}
+
+/// The same convolution of the input given as two volumes.
+fn conv3d_on_concat_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
+    let (first, second) = split_input(b, c);
+    down(
+        b,
+        &b.conv3d_on_concat(&first, &second, &conv_of(b, c)).unwrap(),
+    )
+}
+
+/// The conv block: convolution, InstanceNorm, LeakyReLU.
+fn conv_block_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
+    let (conv, norm) = (conv_of(b, c), instance_norm_of(b, &c.norm));
+    down(
+        b,
+        &b.conv_norm_leaky_relu(&up(b, &c.x), None, &conv, &norm)
+            .unwrap(),
+    )
+}
+
+/// The decoder's first conv block, over the input given as two volumes.
+fn conv_block_on_concat_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
+    let (first, second) = split_input(b, c);
+    let (conv, norm) = (conv_of(b, c), instance_norm_of(b, &c.norm));
+    let y = b.conv_norm_leaky_relu(&first, Some(&second), &conv, &norm);
     down(b, &y.unwrap())
 }
 
@@ -180,15 +214,10 @@ fn conv_transpose3d_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
     down(b, &b.conv_transpose3d(&up(b, &c.x), &conv).unwrap())
 }
 
-fn instance_norm_on<B: Backend>(b: &B, (x, w, bias): &(Tensor, Tensor, Tensor)) -> Tensor {
-    let norm = InstanceNorm {
-        weight: up(b, w),
-        bias: up(b, bias),
-        eps: 1e-5,
-        negative_slope: 0.01,
-    };
+fn instance_norm_on<B: Backend>(b: &B, (x, norm): &(Tensor, (Tensor, Tensor))) -> Tensor {
     let mut x = up(b, x);
-    b.instance_norm_leaky_relu(&mut x, &norm).unwrap();
+    b.instance_norm_leaky_relu(&mut x, &instance_norm_of(b, norm))
+        .unwrap();
     down(b, &x)
 }
 
@@ -220,6 +249,7 @@ fn network_ops<E: Element>(tolerance: f64) {
             bias: bias.then(|| n.tensor(&[cout], 0.5)),
             stride,
             padding: kernel.map(|k| (k - 1) / 2),
+            norm: random_norm(&mut n, cout),
         };
         check::<E, _>(
             &format!("conv3d {cin}→{cout} {dims:?} k{kernel:?} s{stride:?} bias {bias}"),
@@ -228,6 +258,13 @@ fn network_ops<E: Element>(tolerance: f64) {
             conv3d_on,
             conv3d_on,
         );
+        check::<E, _>(
+            &format!("conv block {cin}→{cout} {dims:?} k{kernel:?} s{stride:?}"),
+            tolerance,
+            &case,
+            conv_block_on,
+            conv_block_on,
+        );
         if cin >= 2 {
             check::<E, _>(
                 &format!("conv3d of a concatenation {cin}→{cout} {dims:?} k{kernel:?}"),
@@ -235,6 +272,13 @@ fn network_ops<E: Element>(tolerance: f64) {
                 &case,
                 conv3d_on_concat_on,
                 conv3d_on_concat_on,
+            );
+            check::<E, _>(
+                &format!("conv block of a concatenation {cin}→{cout} {dims:?} k{kernel:?}"),
+                tolerance,
+                &case,
+                conv_block_on_concat_on,
+                conv_block_on_concat_on,
             );
         }
     }
@@ -255,6 +299,7 @@ fn network_ops<E: Element>(tolerance: f64) {
             bias: bias.then(|| n.tensor(&[cout], 0.5)),
             stride,
             padding: [0; 3],
+            norm: random_norm(&mut n, cout),
         };
         check::<E, _>(
             &format!("conv_transpose3d {cin}→{cout} {dims:?} s{stride:?} bias {bias}"),
@@ -266,8 +311,7 @@ fn network_ops<E: Element>(tolerance: f64) {
     }
     let norm_case = (
         n.tensor(&[5, 13, 31, 29], 2.0),
-        n.tensor(&[5], 1.0),
-        n.tensor(&[5], 0.5),
+        (n.tensor(&[5], 1.0), n.tensor(&[5], 0.5)),
     );
     check::<E, _>(
         "instance norm + LeakyReLU",

@@ -132,6 +132,23 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor> {
         self.conv3d(&self.concat_channels(a, b)?, conv)
     }
+    /// One conv block of the network: `conv3d` of `x` (or of `[x; second]`, the decoder's first
+    /// block after a skip connection), then `instance_norm_leaky_relu`. A backend may gather the
+    /// normalisation's statistics while the convolution writes its output.
+    fn conv_norm_leaky_relu(
+        &self,
+        x: &Self::Tensor,
+        second: Option<&Self::Tensor>,
+        conv: &Conv3d<Self::Tensor>,
+        norm: &InstanceNorm<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        let mut y = match second {
+            Some(second) => self.conv3d_on_concat(x, second, conv)?,
+            None => self.conv3d(x, conv)?,
+        };
+        self.instance_norm_leaky_relu(&mut y, norm)?;
+        Ok(y)
+    }
 
     // ---- sliding window over volumes ------------------------------------------------------
 

@@ -172,13 +172,11 @@ impl<B: Backend> UNet<B> {
     ) -> Result<B::Tensor> {
         let mut x: Option<B::Tensor> = None;
         for block in blocks {
-            let mut y = match (&x, skip) {
-                (Some(x), _) => backend.conv3d(x, &block.conv)?,
-                (None, Some(skip)) => backend.conv3d_on_concat(input, skip, &block.conv)?,
-                (None, None) => backend.conv3d(input, &block.conv)?,
+            let (first, second) = match &x {
+                Some(x) => (x, None),
+                None => (input, skip),
             };
-            backend.instance_norm_leaky_relu(&mut y, &block.norm)?;
-            x = Some(y);
+            x = Some(backend.conv_norm_leaky_relu(first, second, &block.conv, &block.norm)?);
         }
         Ok(x.expect("every stage has at least one conv"))
     }

@@ -1,46 +1,53 @@
 //! Launches of kernels/conv.cu: the 3D convolution and the kernel = stride transposed
 //! convolution, each one thread per output with f32 storage and a tensor-core GEMM with f16.
 
-use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::{CudaBackend, CudaTensor, Dims3, Element, driver};
-use crate::backend::{Conv3d, ConvTranspose3d, shapes};
+use super::{CudaBackend, CudaTensor, Dims3, Element, driver, norm};
+use crate::backend::{Conv3d, ConvTranspose3d, InstanceNorm, shapes};
 use crate::error::Result;
 
 const MODULE: &str = "conv";
 /// Output block of the implicit GEMM (TILE in the kernel): voxels × output channels.
 const TILE: usize = 64;
 
-/// A null device pointer, for kernels whose bias is optional.
-const NO_BIAS: u64 = 0;
+/// A null device pointer, for a kernel's optional arguments.
+const NULL: u64 = 0;
 
 fn push_bias<'a, E: Element>(launch: &mut LaunchArgs<'a>, bias: &'a Option<CudaTensor<E>>) {
     match bias {
         Some(b) => launch.arg(&b.data),
-        None => launch.arg(&NO_BIAS),
+        None => launch.arg(&NULL),
     };
 }
 
-/// What a launch of kernels/conv.cu computes: its kernel, the input (and for the implicit GEMM
-/// the second input of a channel concatenation, with the first's channel count), the weights,
-/// and the extents after `cout`.
+/// The implicit-GEMM convolution's last arguments: the second volume of a channel concatenation
+/// read in place (the input itself when there is none) with the first's channel count, and where
+/// the epilogue leaves InstanceNorm's partial sums of the output (none: a null pointer).
+struct IgemmInputs<'a, E: Element> {
+    second: &'a CudaTensor<E>,
+    first_channels: i64,
+    norm_partials: Option<&'a mut CudaSlice<f64>>,
+}
+
+/// What a launch of kernels/conv.cu computes: its kernel, the input, the weights, the extents
+/// after `cout`, and for the tensor-core kernels the GEMM's M × N (one block per 64 × 64 tile;
+/// None for the one-thread-per-output kernels) and the implicit GEMM's last arguments.
 struct ConvLaunch<'a, E: Element> {
     name: &'a str,
     x: &'a CudaTensor<E>,
-    concat: Option<(&'a CudaTensor<E>, i64)>,
     weight: &'a CudaTensor<E>,
     bias: &'a Option<CudaTensor<E>>,
     extra: &'a [Dims3],
-    /// M × N of a tensor-core kernel's GEMM (one block per 64 × 64 tile); None for the
-    /// one-thread-per-output kernels.
     gemm: Option<[usize; 2]>,
+    igemm: Option<IgemmInputs<'a, E>>,
 }
 
 /// Runs `conv` (`conv3d_*`, `conv3d_igemm_f16`, `conv_transpose3d_*` or
 /// `conv_transpose3d_mma_f16`) into a new output of the checked shape.
 fn launch_conv<E: Element>(
     b: &CudaBackend<E>,
-    conv: &ConvLaunch<'_, E>,
+    conv: ConvLaunch<'_, E>,
     shape: &shapes::ConvShape,
 ) -> Result<CudaTensor<E>> {
     let o = shape.out_dims;
@@ -55,8 +62,13 @@ fn launch_conv<E: Element>(
     for d in conv.extra {
         launch.arg(d);
     }
-    if let Some((second, first_channels)) = &conv.concat {
-        launch.arg(&second.data).arg(first_channels);
+    let mut igemm = conv.igemm;
+    if let Some(igemm) = &mut igemm {
+        launch.arg(&igemm.second.data).arg(&igemm.first_channels);
+        match &mut igemm.norm_partials {
+            Some(partials) => launch.arg(&mut **partials),
+            None => launch.arg(&NULL),
+        };
     }
     let grid = match conv.gemm {
         // M (voxel) blocks on x, whose limit is 2³¹ − 1 blocks (y's is 65535).
@@ -68,35 +80,41 @@ fn launch_conv<E: Element>(
         None => b.elementwise(shape.cout * o.iter().product::<usize>()),
     };
     // SAFETY: argument order matches `conv3d_*` (x, w, b, y, cin, in, cout, out, kernel, stride,
-    // pad), `conv3d_igemm_f16` (the same, then second, first_channels) and
+    // pad), `conv3d_igemm_f16` (the same, then second, first_channels, stats) and
     // `conv_transpose3d_*` / `conv_transpose3d_mma_f16` (x, w, b, y, cin, in, cout, stride);
-    // shapes checked, and a concatenation's inputs share their spatial extent.
+    // shapes checked, a concatenation's inputs share their spatial extent, and the partials hold
+    // cout × (M / 64 blocks) × 2 values (conv_norm_leaky_relu).
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(y)
 }
 
 /// conv3d of `x`, or of the channel concatenation [x; second] read in place (the tensor-core
-/// kernel only: the others get the concatenation).
+/// kernel only: the others get the concatenation), leaving InstanceNorm's partial sums of the
+/// output in `norm_partials` if given (the tensor-core kernel only).
 fn conv3d_of<E: Element>(
     b: &CudaBackend<E>,
     x: &CudaTensor<E>,
     second: Option<&CudaTensor<E>>,
     conv: &Conv3d<CudaTensor<E>>,
     shape: &shapes::ConvShape,
+    norm_partials: Option<&mut CudaSlice<f64>>,
 ) -> Result<CudaTensor<E>> {
     let extra = [shape.out_dims, shape.kernel, conv.stride, conv.padding].map(Dims3::from);
     let voxels = shape.out_dims.iter().product();
-    let first_channels = x.shape[0] as i64;
     let launch = ConvLaunch {
         name: E::CONV_KERNEL,
         x,
-        concat: E::TENSOR_CORES.then(|| (second.unwrap_or(x), first_channels)),
         weight: &conv.weight,
         bias: &conv.bias,
         extra: &extra,
         gemm: E::TENSOR_CORES.then_some([voxels, shape.cout]),
+        igemm: E::TENSOR_CORES.then(|| IgemmInputs {
+            second: second.unwrap_or(x),
+            first_channels: x.shape[0] as i64,
+            norm_partials,
+        }),
     };
-    launch_conv(b, &launch, shape)
+    launch_conv(b, launch, shape)
 }
 
 pub fn conv3d<E: Element>(
@@ -104,7 +122,7 @@ pub fn conv3d<E: Element>(
     x: &CudaTensor<E>,
     conv: &Conv3d<CudaTensor<E>>,
 ) -> Result<CudaTensor<E>> {
-    conv3d_of(b, x, None, conv, &shapes::conv3d(x, conv)?)
+    conv3d_of(b, x, None, conv, &shapes::conv3d(x, conv)?, None)
 }
 
 pub fn conv3d_on_concat<E: Element>(
@@ -115,11 +133,41 @@ pub fn conv3d_on_concat<E: Element>(
 ) -> Result<CudaTensor<E>> {
     let shape = shapes::conv3d_on_concat(first, second, conv)?;
     if E::TENSOR_CORES {
-        conv3d_of(b, first, Some(second), conv, &shape)
+        conv3d_of(b, first, Some(second), conv, &shape, None)
     } else {
         let joined = super::volume::concat_channels(b, first, second)?;
-        conv3d_of(b, &joined, None, conv, &shape)
+        conv3d_of(b, &joined, None, conv, &shape, None)
     }
+}
+
+/// One conv block of the network: InstanceNorm + LeakyReLU of conv3d(x), or of [x; second].
+/// On tensor cores the convolution's epilogue gathers the normalisation's statistics, so the
+/// output is read once more (to normalise it) instead of twice.
+pub fn conv_norm_leaky_relu<E: Element>(
+    b: &CudaBackend<E>,
+    x: &CudaTensor<E>,
+    second: Option<&CudaTensor<E>>,
+    conv: &Conv3d<CudaTensor<E>>,
+    norm: &InstanceNorm<CudaTensor<E>>,
+) -> Result<CudaTensor<E>> {
+    if !E::TENSOR_CORES {
+        // The direct kernel has no epilogue to gather the statistics in.
+        let mut y = match second {
+            Some(second) => conv3d_on_concat(b, x, second, conv)?,
+            None => conv3d(b, x, conv)?,
+        };
+        norm::instance_norm_leaky_relu(b, &mut y, norm)?;
+        return Ok(y);
+    }
+    let shape = match second {
+        Some(second) => shapes::conv3d_on_concat(x, second, conv)?,
+        None => shapes::conv3d(x, conv)?,
+    };
+    let blocks = shape.out_dims.iter().product::<usize>().div_ceil(TILE);
+    let mut partials = b.scratch::<f64>(shape.cout * blocks * 2)?;
+    let mut y = conv3d_of(b, x, second, conv, &shape, Some(&mut partials))?;
+    norm::normalize_from_partials(b, &mut y, norm, &partials, blocks)?;
+    Ok(y)
 }
 
 pub fn conv_transpose3d<E: Element>(
@@ -144,11 +192,11 @@ pub fn conv_transpose3d<E: Element>(
     let launch = ConvLaunch {
         name: &name,
         x,
-        concat: None,
         weight: &conv.weight,
         bias: &conv.bias,
         extra: &extra,
         gemm,
+        igemm: None,
     };
-    launch_conv(b, &launch, &shape)
+    launch_conv(b, launch, &shape)
 }

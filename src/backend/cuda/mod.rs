@@ -398,6 +398,16 @@ impl<E: Element> Backend for CudaBackend<E> {
         conv::conv3d_on_concat(self, a, b, conv)
     }
 
+    fn conv_norm_leaky_relu(
+        &self,
+        x: &CudaTensor<E>,
+        second: Option<&CudaTensor<E>>,
+        conv: &Conv3d<CudaTensor<E>>,
+        norm: &InstanceNorm<CudaTensor<E>>,
+    ) -> Result<CudaTensor<E>> {
+        conv::conv_norm_leaky_relu(self, x, second, conv, norm)
+    }
+
     fn crop(&self, x: &CudaTensor<E>, region: &Region) -> Result<CudaTensor<E>> {
         volume::crop(self, x, region)
     }

@@ -1,14 +1,15 @@
 //! Launches of kernels/norm.cu: InstanceNorm + LeakyReLU (partials, finalize, apply) and
 //! LayerNorm over rows.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaTensor, Element, driver};
 use crate::backend::{InstanceNorm, LayerNorm, shapes};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 const MODULE: &str = "norm";
-/// Threads per block of `instance_norm_partials` (NORM_THREADS in the kernel).
+/// Threads per block of `instance_norm_partials` and `instance_norm_finalize` (NORM_THREADS in
+/// the kernel).
 const NORM_THREADS: u32 = 256;
 
 pub fn instance_norm_leaky_relu<E: Element>(
@@ -22,15 +23,7 @@ pub fn instance_norm_leaky_relu<E: Element>(
         .div_ceil(channels)
         .clamp(1, voxels.div_ceil(1024).max(1));
     let mut partials = b.scratch::<f64>(channels * splits * 2)?;
-    let mut scale_shift = b.scratch::<f32>(channels * 2)?;
-    let (c, v, s, eps, slope) = (
-        channels as i64,
-        voxels as i64,
-        splits as i32,
-        norm.eps,
-        norm.negative_slope,
-    );
-
+    let (v, s) = (voxels as i64, splits as i32);
     let f = b.kernel(MODULE, "instance_norm_partials")?;
     let mut launch = b.stream.launch_builder(&f);
     launch.arg(&x.data).arg(&mut partials).arg(&v).arg(&s);
@@ -41,17 +34,49 @@ pub fn instance_norm_leaky_relu<E: Element>(
     };
     // SAFETY: matches `instance_norm_partials_*`; partials holds channels × splits × 2 values.
     unsafe { launch.launch(grid) }.map_err(driver)?;
+    normalize_from_partials(b, x, norm, &partials, splits)
+}
 
+/// InstanceNorm + LeakyReLU of `x` in place from its per-channel partial sums: `partials` holds
+/// (Σx, Σx²) of `splits` disjoint parts of each channel, [channel][split], as
+/// `instance_norm_partials` or the tensor-core convolution's epilogue leave them.
+pub fn normalize_from_partials<E: Element>(
+    b: &CudaBackend<E>,
+    x: &mut CudaTensor<E>,
+    norm: &InstanceNorm<CudaTensor<E>>,
+    partials: &CudaSlice<f64>,
+    splits: usize,
+) -> Result<()> {
+    let (channels, voxels) = shapes::instance_norm(x, norm)?;
+    if partials.len() < channels * splits * 2 {
+        return Err(Error::Shape(format!(
+            "instance norm partials: {} values for {channels} channels × {splits} splits",
+            partials.len()
+        )));
+    }
+    let mut scale_shift = b.scratch::<f32>(channels * 2)?;
+    let (c, v, s, eps, slope) = (
+        channels as i64,
+        voxels as i64,
+        splits as i32,
+        norm.eps,
+        norm.negative_slope,
+    );
     let f = b.kernel(MODULE, "instance_norm_finalize")?;
     let mut launch = b.stream.launch_builder(&f);
     launch
-        .arg(&partials)
+        .arg(partials)
         .arg(&norm.weight.data)
         .arg(&norm.bias.data)
         .arg(&mut scale_shift);
-    launch.arg(&c).arg(&v).arg(&s).arg(&eps);
-    // SAFETY: matches `instance_norm_finalize_*`.
-    unsafe { launch.launch(b.elementwise(channels)) }.map_err(driver)?;
+    launch.arg(&v).arg(&s).arg(&eps);
+    let grid = LaunchConfig {
+        grid_dim: (channels as u32, 1, 1),
+        block_dim: (NORM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `instance_norm_finalize_*`; one block per channel, partials checked above.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
 
     let f = b.kernel(MODULE, "instance_norm_apply")?;
     let mut launch = b.stream.launch_builder(&f);
