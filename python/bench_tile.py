@@ -25,6 +25,9 @@ The tis side is `tis bench --tile --device cuda --precision f16` (its own --tis-
 modes; the compiled mode of every plan comes last, and --json is rewritten after each result, so
 a run stopped early keeps what finished. A mode or a tis run that fails is reported and the rest
 go on. FLOPs: tis's count when it ran, else the same count taken from the forward's shapes.
+The profile: each eager mode and tis run up to STEP_FORWARDS more forwards with the GPU
+synchronised after each step (encoder stage, transposed convolution, decoder stage, seg layer),
+and report each step's median (scripts/bench_table.py --tile sets them side by side).
 
     python python/bench_tile.py --threads 2 --json out/bench_tile.json
     python python/bench_tile.py --plans small --iters 10 --warmup 2
@@ -67,6 +70,8 @@ CUDA_MODES = {
     "eager-bf16-cl": (torch.bfloat16, True, False),
     "compile-bf16": (torch.bfloat16, False, True),
 }
+# Most eager forwards run again for a per-step profile (as `tis bench --tile`'s STEP_FORWARDS).
+STEP_FORWARDS = 5
 # What --json holds for a run in progress: what a run stopped from outside leaves behind.
 UNFINISHED = {"error": "started, did not finish (stopped by the caller's timeout?)"}
 
@@ -212,6 +217,39 @@ def conv_gflop(net, patch):
     return 2 * macs / 1e9
 
 
+def step_times(model, tile, clock, forwards):
+    """Per-step medians (ms) over `forwards` eager forwards, the device synchronised after each
+    step, the steps and their names as `tis bench --tile` reports them: encoder stages, each
+    decoder stage's transposed convolution and conv blocks (the concatenation included), the
+    seg layer."""
+    steps = [(f"encoder {s}", stage) for s, stage in enumerate(model.encoder.stages)]
+    for j, (up, stage) in enumerate(zip(model.decoder.transpconvs, model.decoder.stages)):
+        steps += [(f"upsample {j}", up), (f"decoder {j}", stage)]
+    steps.append(("seg layer", model.decoder.seg_layers[-1]))
+    times = {name: [] for name, _ in steps}
+    last = 0.0
+
+    def finished(name):
+        def hook(module, inputs, output):
+            nonlocal last
+            clock.synchronize()
+            now = time.perf_counter()
+            times[name].append(now - last)
+            last = now
+        return hook
+
+    handles = [module.register_forward_hook(finished(name)) for name, module in steps]
+    try:
+        for _ in range(forwards):
+            clock.synchronize()
+            last = time.perf_counter()
+            model(tile)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [{"step": name, "median_ms": float(np.median(t)) * 1e3} for name, t in times.items()]
+
+
 def time_torch_cuda(net, patch, mode, args, gflop, device=torch.device("cuda")):
     """One PyTorch mode on the GPU: its times, GFLOP/s and peak memory, or {"error": ...}. (On
     device cpu it runs the same code without the memory figure: a check of this function.)"""
@@ -235,6 +273,8 @@ def time_torch_cuda(net, patch, mode, args, gflop, device=torch.device("cuda")):
             for _ in range(args.warmup):
                 model(tile)
             times, output = time_calls(lambda: model(tile), clock, args.iters)
+            if not compiled:
+                result["steps"] = step_times(model, tile, clock, min(args.iters, STEP_FORWARDS))
         if cuda:
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         result["output_dtype"] = str(output.dtype).removeprefix("torch.")
@@ -267,7 +307,7 @@ def time_tis_cuda(bundle, args, tmp):
     return {"precision": tis["precision"], "device": tis["device"], "median_ms": tis["median_s"] * 1e3,
             "p10_ms": tis["p10_s"] * 1e3, "p90_ms": tis["p90_s"] * 1e3, "gflop_per_tile": tis["gflop_per_tile"],
             "gflop_per_s": tis["gflop_per_tile"] / tis["median_s"], "peak_rss_mb": tis["peak_rss_mb"],
-            "iters": tis["iters"]}
+            "iters": tis["iters"], "steps": tis["steps"]}
 
 
 def print_cuda_report(report):

@@ -3,7 +3,7 @@
   - per click (issue 3): `tis bench --json` results beside python/bench_head.py's PyTorch modes,
     with ratios and the compute floor;
   - one nnU-Net tile forward (issue 7, --tile): python/bench_tile.py --device cuda, tis f16 and
-    each PyTorch mode, ratio PyTorch / tis;
+    each PyTorch mode, ratio PyTorch / tis, and per step tis beside the first eager mode;
   - whole-volume segmentation (issue 7, --predictor): python/bench_predictor.py --device cuda,
     seconds per phase of both engines and the ratio nnU-Net / tis.
 A file that is missing or unreadable (its step failed or timed out) is named, and the rest print.
@@ -92,6 +92,27 @@ def tile_table(path):
         missing = [m for m in modes if m not in plan["pytorch"]]
         if missing:
             print(f"  not run (step stopped first?): {', '.join(missing)}")
+        step_table(plan)
+
+
+def step_table(plan):
+    """tis's per-step profile of a tile forward beside the first eager PyTorch mode's."""
+    steps = plan.get("tis", {}).get("steps")
+    if not steps:
+        return
+    mode, torch_steps = next(((m, r["steps"]) for m, r in plan["pytorch"].items() if "steps" in r), (None, []))
+    torch_ms = {step["step"]: step["median_ms"] for step in torch_steps}
+    print("  per step, synchronised after each (medians)")
+    print(f"    {'step':<12}{'GFLOP':>8}{'tis ms':>9}{'TFLOP/s':>9}"
+          + (f"{mode + ' ms':>18}{'PyTorch/tis':>13}" if mode else ""))
+    for step in steps:
+        name, ms = step["step"], step["median_ms"]
+        other = torch_ms.get(name)
+        cells = f"{other:>18.2f}{other / ms:>12.2f}×" if other else ""
+        print(f"    {name:<12}{step['gflop']:>8.1f}{ms:>9.2f}{step['gflop'] / ms:>9.1f}{cells}")
+    total = sum(step["median_ms"] for step in steps)
+    other = sum(torch_ms.values())
+    print(f"    {'sum':<12}{'':>8}{total:>9.2f}{'':>9}" + (f"{other:>18.2f}{other / total:>12.2f}×" if other else ""))
 
 
 def predictor_table(path):

@@ -310,6 +310,15 @@ fn bench_reports_a_median() {
     assert_eq!(report["patch"], serde_json::json!([32, 64, 64]));
     assert!((report["gflop_per_tile"].as_f64().unwrap() - 6.04).abs() < 0.01);
     assert!(report["peak_rss_mb"].as_f64().unwrap() > 1.0);
+    // The per-step profile: 4 encoder stages, 3 × (upsampling, decoder stage), the seg layer,
+    // each timed, their FLOPs adding up to the tile's.
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 11);
+    assert_eq!(steps[0]["step"], "encoder 0");
+    assert_eq!(steps[10]["step"], "seg layer");
+    assert!(steps.iter().all(|s| s["median_ms"].as_f64().unwrap() > 0.0));
+    let gflop: f64 = steps.iter().map(|s| s["gflop"].as_f64().unwrap()).sum();
+    assert!((gflop - report["gflop_per_tile"].as_f64().unwrap()).abs() < 1e-9);
     let run = tis(&["bench", "--device", "cuda"]);
     if !run.status.success() {
         let err = String::from_utf8_lossy(&run.stderr);

@@ -6,6 +6,30 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+/// A step of the network's forward pass (for per-step timings and FLOP counts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkStep {
+    /// The conv blocks of encoder stage s (0: full resolution).
+    Encoder(usize),
+    /// The transposed convolution into decoder stage j (0: the coarsest).
+    Upsample(usize),
+    /// The conv blocks of decoder stage j, over [upsampled; skip].
+    Decoder(usize),
+    /// The 1×1×1 convolution to the class logits.
+    SegLayer,
+}
+
+impl std::fmt::Display for NetworkStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetworkStep::Encoder(s) => write!(f, "encoder {s}"),
+            NetworkStep::Upsample(j) => write!(f, "upsample {j}"),
+            NetworkStep::Decoder(j) => write!(f, "decoder {j}"),
+            NetworkStep::SegLayer => write!(f, "seg layer"),
+        }
+    }
+}
+
 /// The PlainConvUNet of a configuration, as `dynamic_network_architectures` builds it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NetworkPlan {
@@ -342,6 +366,11 @@ impl NetworkPlan {
     /// counted as nnunet-inference.md §5.2 does: a convolution costs out_voxels·Cout·Cin·∏k, a
     /// transposed convolution out_voxels·Cin·Cout; norms and activations are not counted.
     pub fn macs(&self, patch: [usize; 3]) -> u64 {
+        self.step_macs(patch).iter().map(|(_, macs)| macs).sum()
+    }
+
+    /// `macs` per step of the forward pass, in the order the network runs them.
+    pub fn step_macs(&self, patch: [usize; 3]) -> Vec<(NetworkStep, u64)> {
         let mut extent = patch;
         let mut extents = Vec::with_capacity(self.stages());
         for stride in &self.strides {
@@ -350,12 +379,13 @@ impl NetworkPlan {
         }
         let (f, k) = (&self.features, &self.kernel_sizes);
         let taps = |s: usize| k[s].iter().product::<usize>() as u64;
-        let mut macs = 0u64;
+        let mut steps = Vec::with_capacity(3 * self.stages());
         let mut cin = self.in_channels as u64;
         for s in 0..self.stages() {
             let cout = f[s] as u64;
-            macs +=
-                extents[s] * cout * taps(s) * (cin + cout * (self.convs_per_stage[s] as u64 - 1));
+            let convs = self.convs_per_stage[s] as u64;
+            let macs = extents[s] * cout * taps(s) * (cin + cout * (convs - 1));
+            steps.push((NetworkStep::Encoder(s), macs));
             cin = cout;
         }
         // Decoder stage j brings stage s = stages − 1 − j up to stage s − 1's resolution.
@@ -363,10 +393,15 @@ impl NetworkPlan {
             let s = self.stages() - 1 - j;
             let (below, here) = (f[s] as u64, f[s - 1] as u64);
             let voxels = extents[s - 1];
-            macs += voxels * below * here;
-            macs += voxels * here * taps(s - 1) * (2 * here + here * (convs as u64 - 1));
+            steps.push((NetworkStep::Upsample(j), voxels * below * here));
+            let macs = voxels * here * taps(s - 1) * (2 * here + here * (convs as u64 - 1));
+            steps.push((NetworkStep::Decoder(j), macs));
         }
-        macs + extents[0] * f[0] as u64 * self.classes as u64
+        steps.push((
+            NetworkStep::SegLayer,
+            extents[0] * f[0] as u64 * self.classes as u64,
+        ));
+        steps
     }
 
     /// Every tensor of the network's state dict (aliases dropped) with its shape, as PyTorch

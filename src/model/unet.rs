@@ -5,7 +5,7 @@
 //! the stage below, concatenated with the skip (upsampled first), convs. The seg layer (1×1×1)
 //! maps the last decoder stage's output, the penultimate features, to the class logits.
 
-use super::plans::NetworkPlan;
+use super::plans::{NetworkPlan, NetworkStep};
 use crate::backend::{Backend, BackendTensor, Conv3d, ConvTranspose3d, InstanceNorm};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -183,6 +183,18 @@ impl<B: Backend> UNet<B> {
 
     /// One forward pass over a tile (`in_channels × Z × Y × X`), no mirroring.
     pub fn forward(&self, backend: &B, tile: &B::Tensor) -> Result<TileOutput<B::Tensor>> {
+        self.forward_observed(backend, tile, &mut |_| Ok(()))
+    }
+
+    /// `forward`, calling `step_done` with each [`NetworkStep`] as its work has been issued, in
+    /// the order of [`NetworkPlan::step_macs`] (for per-step timings; it may synchronise the
+    /// backend).
+    pub fn forward_observed(
+        &self,
+        backend: &B,
+        tile: &B::Tensor,
+        step_done: &mut dyn FnMut(NetworkStep) -> Result<()>,
+    ) -> Result<TileOutput<B::Tensor>> {
         if tile.shape().len() != 4 || tile.shape()[0] != self.plan.in_channels {
             return Err(Error::Shape(format!(
                 "the network takes {} input channel(s) as C × Z × Y × X, got a tile of shape {:?}",
@@ -192,19 +204,50 @@ impl<B: Backend> UNet<B> {
         }
         let mut skips = Vec::with_capacity(self.encoder.len() - 1);
         let mut x = Self::stage(backend, tile, None, &self.encoder[0])?;
-        for blocks in &self.encoder[1..] {
+        step_done(NetworkStep::Encoder(0))?;
+        for (s, blocks) in self.encoder.iter().enumerate().skip(1) {
             let below = Self::stage(backend, &x, None, blocks)?;
+            step_done(NetworkStep::Encoder(s))?;
             skips.push(std::mem::replace(&mut x, below));
         }
-        for (up, blocks) in self.upsampling.iter().zip(&self.decoder) {
+        for (j, (up, blocks)) in self.upsampling.iter().zip(&self.decoder).enumerate() {
             let skip = skips.pop().expect("one skip per decoder stage");
             let upsampled = backend.conv_transpose3d(&x, up)?;
+            step_done(NetworkStep::Upsample(j))?;
             x = Self::stage(backend, &upsampled, Some(&skip), blocks)?;
+            step_done(NetworkStep::Decoder(j))?;
         }
         let logits = backend.conv3d(&x, &self.seg_layer)?;
+        step_done(NetworkStep::SegLayer)?;
         Ok(TileOutput {
             logits,
             features: x,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::random::Rng;
+    use crate::{CpuBackend, Model};
+
+    #[test]
+    fn observed_forward_reports_the_planned_steps_in_order() {
+        let model = Model::default_model(CpuBackend).unwrap();
+        let configuration = &model.info.configuration;
+        let (plan, patch) = (&configuration.network, configuration.patch_size);
+        let tile = Rng::new(3).tensor(&[plan.in_channels, patch[0], patch[1], patch[2]], 1.0);
+        let mut seen = Vec::new();
+        let observed = model
+            .network
+            .forward_observed(&model.backend, &tile, &mut |step| {
+                seen.push(step);
+                Ok(())
+            })
+            .unwrap();
+        let planned: Vec<_> = plan.step_macs(patch).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seen, planned);
+        let plain = model.network.forward(&model.backend, &tile).unwrap();
+        assert_eq!(observed.logits.data(), plain.logits.data());
     }
 }

@@ -58,6 +58,9 @@ pub struct BenchArgs {
     model: Option<PathBuf>,
 }
 
+/// Most forwards `--tile` runs again for its per-step profile.
+const STEP_FORWARDS: usize = 5;
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -186,6 +189,33 @@ fn run_tile<B: Backend>(
     seconds.sort_by(f64::total_cmp);
     let median = percentile(&seconds, 0.5);
     let gflop = 2.0 * plan.macs(patch) as f64 / 1e9;
+
+    // The profile: as many forwards again (at most STEP_FORWARDS), the backend synchronised
+    // after each step, which the timed forwards above are not.
+    let steps = plan.step_macs(patch);
+    let mut step_seconds = vec![Vec::new(); steps.len()];
+    for _ in 0..args.iters.min(STEP_FORWARDS) {
+        model.backend.synchronize()?;
+        let (mut done, mut last) = (0, std::time::Instant::now());
+        model
+            .network
+            .forward_observed(&model.backend, &tile, &mut |_| {
+                model.backend.synchronize()?;
+                step_seconds[done].push(last.elapsed().as_secs_f64());
+                (done, last) = (done + 1, std::time::Instant::now());
+                Ok(())
+            })?;
+    }
+    // (step, median ms, GFLOP)
+    let step_medians: Vec<(String, f64, f64)> = steps
+        .iter()
+        .zip(&mut step_seconds)
+        .map(|((step, macs), times)| {
+            times.sort_by(f64::total_cmp);
+            let gflop = 2.0 * *macs as f64 / 1e9;
+            (step.to_string(), percentile(times, 0.5) * 1e3, gflop)
+        })
+        .collect();
     let peak = peak_rss_mb();
     println!(
         "nnU-Net tile forward on {device} ({precision}), {}, features {:?}, patch {}×{}×{}",
@@ -199,6 +229,18 @@ fn run_tile<B: Backend>(
         gflop / median,
         peak.map_or("unknown".into(), |mb| format!("{mb:.0} MB")),
     );
+    let steps_total: f64 = step_medians.iter().map(|(_, ms, _)| ms).sum();
+    println!(
+        "per step     medians of {} forwards synchronised after each step (sum {steps_total:.1} ms)",
+        args.iters.min(STEP_FORWARDS)
+    );
+    for (step, ms, gflop) in &step_medians {
+        println!(
+            "  {step:<12} {ms:>9.2} ms {:>5.1} %  {gflop:>7.1} GFLOP  {:>7.0} GFLOP/s",
+            100.0 * ms / steps_total,
+            gflop / ms * 1e3,
+        );
+    }
     write_report(
         args,
         device,
@@ -211,6 +253,7 @@ fn run_tile<B: Backend>(
             "p10_s": percentile(&seconds, 0.1),
             "p90_s": percentile(&seconds, 0.9),
             "gflop_per_tile": gflop,
+            "steps": step_medians.iter().map(|(step, ms, gflop)| json!({"step": step, "median_ms": ms, "gflop": gflop})).collect::<Vec<_>>(),
         }),
     )
 }
