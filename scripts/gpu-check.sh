@@ -12,6 +12,8 @@
 #   5. issue 7: whole-volume segmentation of a synthetic 96×512×512 CT (Pancreas plan), `tis
 #      segment --device cuda` against nnUNetPredictor on the GPU, end to end, no test-time
 #      mirroring for either (the bench model allows none) — python/bench_predictor.py;
+#   6. with the time left, Nsight Compute over the network's and the click's kernels
+#      (scripts/ncu_summary.py prints a line per kernel);
 # then the tables. Full logs and JSON go to $OUT (or out/gpu-check); where OUT is set (the device
 # machine, which brings back at most 8 files from it) the logs end up in $OUT/logs.tar.gz. The
 # exit status is 1 when parity, memcheck or racecheck fails (the benchmarks' exits are reported,
@@ -115,6 +117,25 @@ bounded "$limit" python3 python/bench_predictor.py --device cuda --synthetic 96 
     --make-bundle /tmp/bench-pancreas.safetensors --tis gpu-bin/tis --repeats 2 \
     --tis-timeout $((limit > 105 ? limit - 75 : 30)) --json "$out/predictor.json" 2>&1 | tee "$out/predictor.log"
 predictor=$?
+
+step "profile: Nsight Compute on the Pancreas plan's network kernels and the per-click kernels"
+# Whatever time is left (at most 60 + 40 s): where the kernels stand against the card's peaks.
+# The Pancreas bundle is the one step 5 wrote; the full reports stay in the logs.
+sections=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats)
+if [ -f /tmp/bench-pancreas.safetensors ]; then
+    bounded "$(within 60 $((RESERVE_SUMMARY + 40)))" ncu "${sections[@]}" --launch-count 28 \
+        --kernel-name regex:'conv3d_igemm|conv_transpose3d_mma' \
+        gpu-bin/tis bench --tile --device cuda --precision f16 -m /tmp/bench-pancreas.safetensors --iters 1 \
+        --warmup 0 > "$out/ncu-tile.log" 2>&1
+    echo "ncu (tile) exit $?"
+else
+    echo "no Pancreas bundle (step 5 did not get to write it): no tile profile"
+fi
+bounded "$(within 40 $RESERVE_SUMMARY)" ncu "${sections[@]}" --launch-count 12 \
+    --kernel-name regex:'cross_partial|cross_merge|assign_fused|feed_forward_mma|linear_mma' \
+    gpu-bin/tis bench --device cuda --precision f16 --iters 1 --warmup 0 > "$out/ncu-click.log" 2>&1
+echo "ncu (click) exit $?"
+timeout 10 python3 scripts/ncu_summary.py "$out"/ncu-*.log
 
 step "summary"
 echo "parity exit $parity, memcheck exit $memcheck, racecheck exit $racecheck, tile exit $tile, predictor exit $predictor (124: timed out or skipped)"
