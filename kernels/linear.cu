@@ -96,9 +96,7 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
                                           MMA_K + MMA_PAD);
         __syncthreads();
     }
-    for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(&out[wr + 16 * i][wc + 16 * j], acc[i][j], TILE + 4, wmma::mem_row_major);
+    store_quarter(&out[0][0], TILE + 4, acc, wr, wc);
     __syncthreads();
     for (int l = threadIdx.x; l < TILE * TILE; l += blockDim.x) {
         int r = l / TILE, c = l % TILE;

@@ -58,6 +58,16 @@ __device__ __forceinline__ void warp_quarter_mma(Accumulator (&acc)[2][2], const
     }
 }
 
+// The warp's 32 × 32 quarter of a 64 × 64 tile's accumulators into an f32 staging area,
+// row-major (row stride lds floats), for the epilogues.
+__device__ __forceinline__ void store_quarter(float* staged, int lds, const Accumulator (&acc)[2][2], int wr,
+                                              int wc) {
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j)
+            nvcuda::wmma::store_matrix_sync(staged + (wr + 16 * i) * lds + wc + 16 * j, acc[i][j], lds,
+                                            nvcuda::wmma::mem_row_major);
+}
+
 __device__ __forceinline__ void zero_quarter(Accumulator (&acc)[2][2]) {
     for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);

@@ -1,12 +1,13 @@
 // Normalisations: InstanceNorm + LeakyReLU over volumes, LayerNorm over token rows.
 //
 // InstanceNorm runs in three launches: `instance_norm_partials` gives each (channel, split)
-// block a contiguous slice of the channel and reduces Σx and Σx² in f64 (no cancellation in the
-// variance even over millions of voxels); `instance_norm_finalize`, one block per channel, adds
-// up the channel's partials and turns them into an f32 scale and shift (γ/σ, β − μγ/σ);
-// `instance_norm_apply` applies them with LeakyReLU in one memory-bound pass. A conv block on
-// tensor cores skips the first launch: conv3d_igemm_f16's epilogue leaves the partials, one split
-// per 64 voxels (tens of thousands of splits, hence a block per channel in finalize).
+// block a contiguous slice of a channels-first channel and reduces Σx and Σx² in f64 (no
+// cancellation in the variance even over millions of voxels); `instance_norm_finalize`, one
+// block per channel, adds up the channel's partials and turns them into an f32 scale and shift
+// (γ/σ, β − μγ/σ); `instance_norm_apply` applies them with LeakyReLU in one memory-bound pass,
+// over channels-first or channels-last values. A conv block on tensor cores skips the first
+// launch: conv3d_igemm_f16's epilogue leaves the partials, one split per 64 voxels (tens of
+// thousands of splits, hence a block per channel in finalize).
 //
 // LayerNorm: one warp per row (warp_layer_norm in common.cuh), two passes over the row (mean,
 // then biased variance) from L1; rows are d_model wide (≤ a few hundred values), so the second
@@ -71,10 +72,12 @@ __device__ void instance_norm_finalize(const double* partials, const T* gamma, c
     scale_shift[2 * c + 1] = (float)(to_f32(beta[c]) - mean * g * inv_std);
 }
 
+// x channels-first, or channels-last (the f16 network's activations) where `channels_last`.
 template <typename T>
-__device__ void instance_norm_apply(T* x, const float* scale_shift, int64_t channels, int64_t voxels, float slope) {
+__device__ void instance_norm_apply(T* x, const float* scale_shift, int64_t channels, int64_t voxels, float slope,
+                                    int channels_last) {
     GRID_LOOP(i, channels * voxels) {
-        int64_t c = i / voxels;
+        int64_t c = channels_last ? i % channels : i / voxels;
         float y = to_f32(x[i]) * scale_shift[2 * c] + scale_shift[2 * c + 1];
         x[i] = from_f32<T>(y < 0.f ? y * slope : y);
     }
@@ -101,8 +104,9 @@ __device__ void layer_norm(const T* x, T* y, const T* gamma, const T* beta, int6
                                    float eps) {                                                                     \
         instance_norm_finalize<T>(p, g, b, ss, v, splits, eps);                                                     \
     }                                                                                                               \
-    extern "C" __global__ void instance_norm_apply_##S(T* x, const float* ss, int64_t c, int64_t v, float slope) { \
-        instance_norm_apply<T>(x, ss, c, v, slope);                                                                 \
+    extern "C" __global__ void instance_norm_apply_##S(T* x, const float* ss, int64_t c, int64_t v, float slope,    \
+                                                       int last) {                                                  \
+        instance_norm_apply<T>(x, ss, c, v, slope, last);                                                           \
     }                                                                                                               \
     extern "C" __global__ void layer_norm_##S(const T* x, T* y, const T* g, const T* b, int64_t r, int64_t w) {    \
         layer_norm<T>(x, y, g, b, r, w);                                                                            \

@@ -5,7 +5,8 @@
 // All are memory-bound one-pass kernels: one thread per output element in a grid-stride loop,
 // the innermost (x) index fastest so that neighbouring threads touch neighbouring addresses of
 // the larger side (for `region_tokens` the write side, whose channel index runs fastest).
-// Volumes are channels first (C × Z × Y × X); token matrices row-major (N × width).
+// Volumes are channels first (C × Z × Y × X); token matrices row-major (N × width). The f16
+// network's channels-last volumes (kernels/conv.cu) come here through `swap_inner_axes`.
 #include "common.cuh"
 
 // y[c, p] = x[c, start + p] for p in a box of `box` voxels.
@@ -141,7 +142,22 @@ __device__ void add_positional_encoding(T* x, const T* grid, int64_t width, Dims
     }
 }
 
+// y[a][t][b] = x[a][b][t] for a < outer, b < middle, t < inner: with a = 1, a volume from
+// channels-first to channels-last (b = channels, t = voxels) or back (b = voxels, t =
+// channels); a convolution's weights [cout][cin][taps] packed as [cout][tap][cin], a transposed
+// convolution's [cin][cout][taps] as [cin][tap][cout] (kernels/conv.cu reads both).
+template <typename T>
+__device__ void swap_inner_axes(const T* x, T* y, int64_t outer, int64_t middle, int64_t inner) {
+    GRID_LOOP(i, outer * middle * inner) {
+        int64_t b = i % middle, t = i / middle % inner, a = i / (middle * inner);
+        y[i] = x[(a * middle + b) * inner + t];
+    }
+}
+
 #define VOLUME_KERNELS(T, S)                                                                                         \
+    extern "C" __global__ void swap_inner_axes_##S(const T* x, T* y, int64_t o, int64_t m, int64_t i) {             \
+        swap_inner_axes<T>(x, y, o, m, i);                                                                           \
+    }                                                                                                                \
     extern "C" __global__ void crop_##S(const T* x, T* y, int64_t c, Dims3 d, Dims3 s, Dims3 b) {                   \
         crop<T>(x, y, c, d, s, b);                                                                                   \
     }                                                                                                                \

@@ -17,7 +17,9 @@ for file in kernels/*.cu kernels/*.cuh; do
         "$file" > "$build/kernels/$(basename "$file")"
 done
 
-flags=(-std=c++17 -O3 -march=x86-64-v3 -g -fPIC -Wall -Wno-sign-compare -Wno-unknown-pragmas -Wno-unused-function -I "$src/include" -I "$build/kernels")
+# -fno-strict-aliasing: kernels move 8 halves as one uint4, which CUDA allows and host C++ does
+# not without it.
+flags=(-std=c++17 -O3 -fno-strict-aliasing -march=x86-64-v3 -g -fPIC -Wall -Wno-sign-compare -Wno-unknown-pragmas -Wno-unused-function -I "$src/include" -I "$build/kernels")
 objects=()
 for file in "$build"/kernels/*.cu; do
     stem=$(basename "$file" .cu)

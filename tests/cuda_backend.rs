@@ -225,7 +225,8 @@ fn network_ops<E: Element>(tolerance: f64) {
     let mut n = fresh("network ops");
     // Every plan's kernel and stride; with f16 storage the implicit GEMM's edges: one input
     // channel (K = 27 or 9 of a 32-wide step), channel counts off the 16/64 grid, voxel counts
-    // leaving partial 64-row blocks, many K steps (40 · 27 = 1080), no bias.
+    // leaving partial 64-row blocks, many K steps (40 · 27 = 1080), no bias; channel counts
+    // that are multiples of 8 (16-byte loads: 24, 40, and 24 split 8 + 16) and not.
     for (cin, cout, dims, kernel, stride, bias) in [
         (3, 8, [9, 17, 15], [3, 3, 3], [1, 1, 1], true),
         (4, 6, [6, 20, 19], [1, 3, 3], [1, 2, 2], true),
@@ -282,12 +283,13 @@ fn network_ops<E: Element>(tolerance: f64) {
             );
         }
     }
-    // The transposed convolution; with f16, K = cin (several 32-wide steps for 70) and
-    // N = cout·taps off the 64 grid.
+    // The transposed convolution; with f16, K = cin (several 32-wide steps for 70 and 40; 40
+    // channels load 8 at a time) and N = cout·taps off the 64 grid.
     for (cin, cout, dims, stride, bias) in [
         (6, 4, [5, 7, 6], [2, 2, 2], true),
         (6, 4, [5, 7, 6], [1, 2, 2], true),
         (70, 40, [3, 5, 7], [2, 2, 2], false),
+        (40, 24, [5, 6, 7], [1, 2, 2], true),
         (1, 3, [9, 6, 5], [1, 2, 2], true),
     ] {
         let case = ConvCase {

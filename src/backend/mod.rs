@@ -103,6 +103,12 @@ pub trait Backend: Send + Sync {
     fn bytes_per_value(&self) -> u64;
 
     fn upload(&self, host: &Tensor) -> Result<Self::Tensor>;
+    /// A convolution's or transposed convolution's weights (PyTorch's [a, b, k…]) for the
+    /// network, as this backend's kernels read them best; the ops take plain uploads too. The
+    /// default uploads them as they are.
+    fn upload_conv_weight(&self, host: &Tensor) -> Result<Self::Tensor> {
+        self.upload(host)
+    }
     fn download(&self, tensor: &Self::Tensor) -> Result<Tensor>;
     fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
 

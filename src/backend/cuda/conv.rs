@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::{CudaBackend, CudaTensor, Dims3, Element, driver, norm};
+use super::{CudaBackend, CudaTensor, Dims3, Element, Layout, driver, layout, norm};
 use crate::backend::{Conv3d, ConvTranspose3d, InstanceNorm, shapes};
 use crate::error::Result;
 
@@ -52,11 +52,23 @@ fn launch_conv<E: Element>(
 ) -> Result<CudaTensor<E>> {
     let o = shape.out_dims;
     let mut y = b.output(vec![shape.cout, o[0], o[1], o[2]])?;
+    // The tensor-core kernels read and write channels-last volumes and packed weights, the
+    // others channels-first volumes and PyTorch's weights.
+    let (mut x_slot, mut second_slot, mut w_slot) = (None, None, None);
+    let (x, weight) = if conv.gemm.is_some() {
+        y.layout = Layout::ChannelsLast;
+        (
+            layout::channels_last(b, conv.x, &mut x_slot)?,
+            layout::packed_weights(b, conv.weight, &mut w_slot)?,
+        )
+    } else {
+        (layout::channels_first(b, conv.x, &mut x_slot)?, conv.weight)
+    };
     let f = b.function(MODULE, conv.name)?;
     let (cin, cout) = (shape.cin as i64, shape.cout as i64);
     let input = Dims3::from(shape.dims);
     let mut launch = b.stream.launch_builder(&f);
-    launch.arg(&conv.x.data).arg(&conv.weight.data);
+    launch.arg(&x.data).arg(&weight.data);
     push_bias(&mut launch, conv.bias);
     launch.arg(&mut y.data).arg(&cin).arg(&input).arg(&cout);
     for d in conv.extra {
@@ -64,7 +76,8 @@ fn launch_conv<E: Element>(
     }
     let mut igemm = conv.igemm;
     if let Some(igemm) = &mut igemm {
-        launch.arg(&igemm.second.data).arg(&igemm.first_channels);
+        let second = layout::channels_last(b, igemm.second, &mut second_slot)?;
+        launch.arg(&second.data).arg(&igemm.first_channels);
         match &mut igemm.norm_partials {
             Some(partials) => launch.arg(&mut **partials),
             None => launch.arg(&NULL),

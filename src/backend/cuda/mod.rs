@@ -9,6 +9,7 @@
 
 mod attention;
 mod conv;
+mod layout;
 mod linear;
 mod norm;
 mod volume;
@@ -32,6 +33,7 @@ use crate::backend::{
 use crate::error::{Error, Result};
 use crate::geometry::{Label, Region};
 use crate::tensor::Tensor;
+use layout::Layout;
 
 mod compiled {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -80,10 +82,11 @@ impl Element for f16 {
     }
 }
 
-/// A tensor in device memory.
+/// A tensor in device memory: its logical shape, and how its values are laid out there.
 pub struct CudaTensor<E> {
     shape: Vec<usize>,
     data: CudaSlice<E>,
+    layout: Layout,
 }
 
 impl<E: Element> BackendTensor for CudaTensor<E> {
@@ -240,7 +243,11 @@ impl<E: Element> CudaBackend<E> {
         if self.poison {
             self.fill_bytes(&mut data, 0xFF)?;
         }
-        Ok(CudaTensor { shape, data })
+        Ok(CudaTensor {
+            shape,
+            data,
+            layout: Layout::Standard,
+        })
     }
 
     /// A zeroed tensor of any element type (the storage type, or the f32 of sums).
@@ -248,6 +255,7 @@ impl<E: Element> CudaBackend<E> {
         Ok(CudaTensor {
             shape: shape.to_vec(),
             data: self.scratch(shape.iter().product())?,
+            layout: Layout::Standard,
         })
     }
 
@@ -346,10 +354,26 @@ impl<E: Element> Backend for CudaBackend<E> {
         Ok(CudaTensor {
             shape: host.shape().to_vec(),
             data,
+            layout: Layout::Standard,
         })
     }
 
+    fn upload_conv_weight(&self, host: &Tensor) -> Result<CudaTensor<E>> {
+        layout::pack_weights(self, self.upload(host)?)
+    }
+
     fn download(&self, tensor: &CudaTensor<E>) -> Result<Tensor> {
+        if tensor.layout == Layout::PackedWeights {
+            return Err(Error::Shape(format!(
+                "packed convolution weights {:?} are not downloaded",
+                tensor.shape
+            )));
+        }
+        let mut slot = None;
+        let tensor = match tensor.layout {
+            Layout::ChannelsLast => layout::channels_first(self, tensor, &mut slot)?,
+            _ => tensor,
+        };
         let len = tensor.shape.iter().product::<usize>();
         let values = self
             .stream

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{CudaBackend, CudaTensor, Element, driver};
+use super::{CudaBackend, CudaTensor, Element, Layout, driver, layout};
 use crate::backend::{InstanceNorm, LayerNorm, shapes};
 use crate::error::{Error, Result};
 
@@ -17,6 +17,7 @@ pub fn instance_norm_leaky_relu<E: Element>(
     x: &mut CudaTensor<E>,
     norm: &InstanceNorm<CudaTensor<E>>,
 ) -> Result<()> {
+    layout::make_channels_first(b, x)?;
     let (channels, voxels) = shapes::instance_norm(x, norm)?;
     // Enough blocks to fill the GPU about four times over, each with at least 1024 voxels.
     let splits = (4 * b.multiprocessors)
@@ -37,7 +38,8 @@ pub fn instance_norm_leaky_relu<E: Element>(
     normalize_from_partials(b, x, norm, &partials, splits)
 }
 
-/// InstanceNorm + LeakyReLU of `x` in place from its per-channel partial sums: `partials` holds
+/// InstanceNorm + LeakyReLU of `x` (channels-first or channels-last) in place from its
+/// per-channel partial sums: `partials` holds
 /// (Σx, Σx²) of `splits` disjoint parts of each channel, [channel][split], as
 /// `instance_norm_partials` or the tensor-core convolution's epilogue leave them.
 pub fn normalize_from_partials<E: Element>(
@@ -80,12 +82,14 @@ pub fn normalize_from_partials<E: Element>(
 
     let f = b.kernel(MODULE, "instance_norm_apply")?;
     let mut launch = b.stream.launch_builder(&f);
+    let channels_last = i32::from(x.layout == Layout::ChannelsLast);
     launch
         .arg(&mut x.data)
         .arg(&scale_shift)
         .arg(&c)
         .arg(&v)
-        .arg(&slope);
+        .arg(&slope)
+        .arg(&channels_last);
     // SAFETY: matches `instance_norm_apply_*`.
     unsafe { launch.launch(b.elementwise(channels * voxels)) }.map_err(driver)?;
     Ok(())

@@ -1,9 +1,10 @@
 //! Launches of kernels/volume.cu: crops, flips, the sliding window's accumulation, softmax and
-//! argmax over channels, region tokens, the positional encoding, row gathers.
+//! argmax over channels, region tokens, the positional encoding, row gathers. Volumes are read
+//! channels-first (the f16 network's channels-last outputs are converted on the way in).
 
 use cudarc::driver::PushKernelArg;
 
-use super::{CudaBackend, CudaTensor, Dims3, Element, driver};
+use super::{CudaBackend, CudaTensor, Dims3, Element, driver, layout};
 use crate::backend::shapes;
 use crate::error::Result;
 use crate::geometry::{Label, Region};
@@ -19,6 +20,8 @@ fn launch_over_region<E: Element>(
     region: &Region,
     mut out: CudaTensor<E>,
 ) -> Result<CudaTensor<E>> {
+    let mut slot = None;
+    let volume = layout::channels_first(b, volume, &mut slot)?;
     let (channels, dims) = shapes::crop(volume, region)?;
     let f = b.kernel(MODULE, kernel)?;
     let c = channels as i64;
@@ -54,6 +57,8 @@ pub fn flip<E: Element>(
     x: &CudaTensor<E>,
     axes: &[usize],
 ) -> Result<CudaTensor<E>> {
+    let mut slot = None;
+    let x = layout::channels_first(b, x, &mut slot)?;
     let (channels, dims) = shapes::volume(x, "flip")?;
     let flipped = shapes::flip_axes(axes)?.map(i32::from);
     let mut y = b.output(x.shape.clone())?;
@@ -78,6 +83,9 @@ pub fn concat_channels<E: Element>(
     a: &CudaTensor<E>,
     c: &CudaTensor<E>,
 ) -> Result<CudaTensor<E>> {
+    let (mut slot_a, mut slot_c) = (None, None);
+    let a = layout::channels_first(b, a, &mut slot_a)?;
+    let c = layout::channels_first(b, c, &mut slot_c)?;
     let shape = shapes::concat(a, c)?;
     let (na, nc) = (shapes::numel(a), shapes::numel(c));
     let mut y = b.output(shape.to_vec())?;
@@ -95,6 +103,9 @@ pub fn add_assign<E: Element>(
     acc: &mut CudaTensor<E>,
     x: &CudaTensor<E>,
 ) -> Result<()> {
+    layout::make_channels_first(b, acc)?;
+    let mut slot = None;
+    let x = layout::channels_first(b, x, &mut slot)?;
     shapes::same(acc, x, "add")?;
     let n = shapes::numel(x) as i64;
     let f = b.kernel(MODULE, "add_assign")?;
@@ -122,6 +133,8 @@ pub fn accumulate_weighted<E: Element>(
     weights: &CudaTensor<E>,
     region: &Region,
 ) -> Result<()> {
+    let mut slot = None;
+    let tile = layout::channels_first(b, tile, &mut slot)?;
     let (channels, dims) = shapes::accumulate(acc, tile, weights, region)?;
     let f = b.kernel(MODULE, "accumulate_weighted")?;
     let (c, d, start, size) = (
@@ -170,6 +183,8 @@ pub fn softmax_channels<E: Element>(
     b: &CudaBackend<E>,
     x: &CudaTensor<E>,
 ) -> Result<CudaTensor<E>> {
+    let mut slot = None;
+    let x = layout::channels_first(b, x, &mut slot)?;
     let (channels, dims) = shapes::volume(x, "softmax_channels")?;
     let voxels: usize = dims.iter().product();
     let mut y = b.output(x.shape.clone())?;
@@ -204,6 +219,8 @@ fn labels<E: Element>(
 }
 
 pub fn argmax_channels<E: Element>(b: &CudaBackend<E>, x: &CudaTensor<E>) -> Result<Vec<Label>> {
+    let mut slot = None;
+    let x = layout::channels_first(b, x, &mut slot)?;
     let (channels, dims) = shapes::volume(x, "argmax_channels")?;
     labels(b, x, "argmax_channels", dims.iter().product(), channels)
 }

@@ -18,6 +18,11 @@
 struct uint3 {
     unsigned x, y, z;
 };
+// CUDA's 16-byte vector: its alignment makes the host compiler use aligned vector moves, which
+// fault on a misaligned address as the GPU's 16-byte loads do.
+struct __attribute__((aligned(16))) uint4 {
+    unsigned x, y, z, w;
+};
 
 namespace emu {
 extern thread_local uint3 thread_idx, block_idx, block_dim, grid_dim;

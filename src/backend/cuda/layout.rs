@@ -1,0 +1,136 @@
+//! How a CUDA tensor's values lie in memory. The f16 network runs on channels-last volumes and
+//! packed weights (kernels/conv.cu); every other op reads channels-first volumes. A tensor's
+//! shape is always the logical one (C × Z × Y × X, PyTorch's weight shapes), its `Layout` says
+//! how it is stored, and each op asks for the layout it reads: `channels_last`, `channels_first`
+//! and `packed_weights` lend the tensor as it is when it already fits, or a converted copy
+//! (`swap_inner_axes` in kernels/volume.cu).
+
+use cudarc::driver::PushKernelArg;
+
+use super::{CudaBackend, CudaTensor, Element, driver};
+use crate::error::{Error, Result};
+
+const MODULE: &str = "volume";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Row-major in the order of the shape: volumes are channels-first.
+    Standard,
+    /// A volume C × Z × Y × X stored Z × Y × X × C.
+    ChannelsLast,
+    /// Convolution weights [a, b, k…] stored [a][tap][b] (a convolution's [cout, cin, k…], a
+    /// transposed convolution's [cin, cout, s…]).
+    PackedWeights,
+}
+
+/// y[a][t][b] = x[a][b][t] into a new tensor of the same shape and layout `layout`.
+fn swap_inner_axes<E: Element>(
+    b: &CudaBackend<E>,
+    x: &CudaTensor<E>,
+    [outer, middle, inner]: [usize; 3],
+    layout: Layout,
+) -> Result<CudaTensor<E>> {
+    let mut y = b.output(x.shape.clone())?;
+    y.layout = layout;
+    let f = b.kernel(MODULE, "swap_inner_axes")?;
+    let (o, m, i) = (outer as i64, middle as i64, inner as i64);
+    let mut launch = b.stream.launch_builder(&f);
+    launch.arg(&x.data).arg(&mut y.data).arg(&o).arg(&m).arg(&i);
+    // SAFETY: matches `swap_inner_axes_*`; x and y hold outer × middle × inner values.
+    unsafe { launch.launch(b.elementwise(outer * middle * inner)) }.map_err(driver)?;
+    Ok(y)
+}
+
+/// Channels and voxels of a volume, for the conversions.
+fn volume_extent<E>(x: &CudaTensor<E>, layout: Layout) -> Result<(usize, usize)> {
+    match (x.shape.split_first(), x.layout) {
+        (Some((&channels, dims)), Layout::Standard | Layout::ChannelsLast) if dims.len() == 3 => {
+            Ok((channels, dims.iter().product()))
+        }
+        _ => Err(Error::Shape(format!(
+            "a {layout:?} volume is C × Z × Y × X, got shape {:?} stored {:?}",
+            x.shape, x.layout
+        ))),
+    }
+}
+
+/// `x` as a volume stored as `want` (Standard or ChannelsLast): itself when it is already, or
+/// when it has one channel (both layouts are then the same bytes), else a converted copy in
+/// `slot`.
+fn as_layout<'a, E: Element>(
+    b: &CudaBackend<E>,
+    x: &'a CudaTensor<E>,
+    slot: &'a mut Option<CudaTensor<E>>,
+    want: Layout,
+) -> Result<&'a CudaTensor<E>> {
+    if x.layout == want {
+        return Ok(x);
+    }
+    let (channels, voxels) = volume_extent(x, want)?;
+    if channels == 1 {
+        return Ok(x);
+    }
+    let extents = match want {
+        Layout::ChannelsLast => [1, channels, voxels],
+        _ => [1, voxels, channels],
+    };
+    Ok(slot.insert(swap_inner_axes(b, x, extents, want)?))
+}
+
+/// `x` as a channels-last volume (the f16 network's convolutions read these).
+pub fn channels_last<'a, E: Element>(
+    b: &CudaBackend<E>,
+    x: &'a CudaTensor<E>,
+    slot: &'a mut Option<CudaTensor<E>>,
+) -> Result<&'a CudaTensor<E>> {
+    as_layout(b, x, slot, Layout::ChannelsLast)
+}
+
+/// `x` as a channels-first volume (every op outside the f16 network reads these).
+pub fn channels_first<'a, E: Element>(
+    b: &CudaBackend<E>,
+    x: &'a CudaTensor<E>,
+    slot: &'a mut Option<CudaTensor<E>>,
+) -> Result<&'a CudaTensor<E>> {
+    as_layout(b, x, slot, Layout::Standard)
+}
+
+/// Makes `x` channels-first in place (for ops that update a volume in place).
+pub fn make_channels_first<E: Element>(b: &CudaBackend<E>, x: &mut CudaTensor<E>) -> Result<()> {
+    let mut slot = None;
+    channels_first(b, x, &mut slot)?;
+    if let Some(converted) = slot {
+        *x = converted;
+    }
+    Ok(())
+}
+
+/// Convolution weights [a, b, k…] as [a][tap][b], for the f16 tensor-core convolutions: packed
+/// at load (`Backend::upload_conv_weight`), or here from weights uploaded as they are.
+pub fn packed_weights<'a, E: Element>(
+    b: &CudaBackend<E>,
+    w: &'a CudaTensor<E>,
+    slot: &'a mut Option<CudaTensor<E>>,
+) -> Result<&'a CudaTensor<E>> {
+    match (w.layout, w.shape.as_slice()) {
+        (Layout::PackedWeights, _) => Ok(w),
+        (Layout::Standard, [outer, middle, taps @ ..]) if !taps.is_empty() => {
+            let extents = [*outer, *middle, taps.iter().product()];
+            Ok(slot.insert(swap_inner_axes(b, w, extents, Layout::PackedWeights)?))
+        }
+        _ => Err(Error::Shape(format!(
+            "convolution weights are [a, b, k…], got shape {:?} stored {:?}",
+            w.shape, w.layout
+        ))),
+    }
+}
+
+/// `w` packed for the f16 convolutions, if this storage type runs them.
+pub fn pack_weights<E: Element>(b: &CudaBackend<E>, w: CudaTensor<E>) -> Result<CudaTensor<E>> {
+    if !E::TENSOR_CORES {
+        return Ok(w);
+    }
+    let mut slot = None;
+    packed_weights(b, &w, &mut slot)?;
+    Ok(slot.unwrap_or(w))
+}
