@@ -20,23 +20,29 @@
 //   block (voxels × channels) per 4 warps, each warp 32 × 32 (2 × 2 WMMA 16×16×16 f16 fragments,
 //   f32 accumulators), K in steps of 32, both slabs row-major with rows padded by 8 halves.
 //   When the channel counts are multiples of 8 (every layer but the first), a step's slabs are
-//   64 rows × 4 loads of 16 bytes each, two A and two B loads per thread; the first layer (one
-//   channel: K = 27 or 9, one step) loads value by value. The block's 64 window origins are
-//   decoded once and each step's 32 columns (tap offsets, channel, input) once, into shared
-//   tables, so the gather does no division. Padding and the ragged ends of M, N and K are
-//   zero-fill loads. The epilogue stages the accumulators row-major in shared memory and writes
-//   y[m][co] + b[co], consecutive threads on consecutive channels. Voxel blocks are on
-//   blockIdx.x (a volume can have more than 65535). The input may be two volumes read as their
-//   channel concatenation (`second`, `first_channels`), which spares the decoder's convolutions
-//   the concatenated copy. Given `stats`, the epilogue also leaves InstanceNorm's partial sums
-//   of the block's 64 voxels per channel (Σy, Σy² of the stored f16 values, as
-//   instance_norm_partials would compute them; f32 over 64 values, f64 in memory) at
-//   stats[(co·gridDim.x + blockIdx.x)·2], the [channel][split] layout instance_norm_finalize
-//   reduces: the conv block's normalisation then reads its output once (apply) instead of twice
-//   (partials, apply). Two threads per channel add up 32 staged values each, conflict-free.
+//   64 rows × 4 pieces of 16 bytes each, two A and two B pieces per thread, copied with cp.async
+//   (__pipeline_memcpy_async) into a 3-stage ring: the copies of step t + 2 fly while step t
+//   multiplies, one barrier per step. Each thread copies the same 8 columns and 2 rows at every
+//   step: its two window origins are decoded once and its column (tap offsets, channel, input)
+//   follows from step to step without division; padding and the ragged ends of M, N and K are
+//   the copies' zero fill. The first layer (one channel: K = 27 or 9, one step) loads value by
+//   value, synchronously, through shared tables of the block's origins and each step's columns.
+//   The epilogue stages the accumulators row-major in shared memory (reusing the ring's bytes:
+//   33 KB of static shared memory in all) and writes y[m][co] + b[co], consecutive threads on
+//   consecutive channels. Voxel blocks are on blockIdx.x (a volume can have more than 65535).
+//   The input may be two volumes read as their channel concatenation (`second`,
+//   `first_channels`), which spares the decoder's convolutions the concatenated copy. Given
+//   `stats`, the epilogue also leaves InstanceNorm's partial sums of the block's 64 voxels per
+//   channel (Σy, Σy² of the stored f16 values, as instance_norm_partials would compute them; f32
+//   over 64 values, f64 in memory) at stats[(co·gridDim.x + blockIdx.x)·2], the
+//   [channel][split] layout instance_norm_finalize reduces: the conv block's normalisation then
+//   reads its output once (apply) instead of twice (partials, apply). Two threads per channel
+//   add up 32 staged values each, conflict-free.
 // - `conv_transpose3d_mma_f16`: one GEMM, P[i, n] = Σ_ci x[i, ci]·packed[ci, n] with M = input
 //   voxels, N = taps·cout (n = tap·cout + co), K = cin, tiled as above (A is x itself, 16-byte
 //   loads; B staged transposed); the epilogue writes P[i, n] + b[co] to y[i·s + tap][co].
+#include <cuda_pipeline.h>
+
 #include "mma.cuh"
 
 template <typename T>
@@ -114,6 +120,48 @@ __device__ __forceinline__ const __half* a_source(const Origin& o, const Column&
     return c.second ? second + voxel * (cin - first_channels) + c.channel : x + voxel * first_channels + c.channel;
 }
 
+// Output voxel v's window origin in the input.
+__device__ __forceinline__ Origin origin_of(int64_t v, int64_t m, Dims3 out, Dims3 stride, Dims3 pad) {
+    return Origin{(int)(v / (out.y * out.x) * stride.z - pad.z), (int)(v / out.x % out.y * stride.y - pad.y),
+                  (int)(v % out.x * stride.x - pad.x), v < m};
+}
+
+// One thread's column in the pipelined path, followed from step to step without division: the
+// thread loads columns kk…kk + 7 of every step, kk fixed, i.e. k = k0 + kk.
+struct ColumnCursor {
+    int z, y, x, ci;
+
+    __device__ __forceinline__ ColumnCursor(int k, int cin, Dims3 kernel) {
+        int tap = k / cin;
+        z = tap / (int)(kernel.y * kernel.x);
+        y = tap / (int)kernel.x % (int)kernel.y;
+        x = tap % (int)kernel.x;
+        ci = k % cin;
+    }
+    __device__ __forceinline__ void advance(int step, int cin, Dims3 kernel) {
+        for (ci += step; ci >= cin; ci -= cin)
+            if (++x == kernel.x) {
+                x = 0;
+                if (++y == kernel.y) {
+                    y = 0;
+                    ++z;
+                }
+            }
+    }
+    __device__ __forceinline__ Column column(int64_t first_channels) const {
+        bool second = ci >= first_channels;
+        return Column{z, y, x, (int)(second ? ci - first_channels : ci), second};
+    }
+};
+
+// Shared memory of conv3d_igemm_f16: STAGES slabs of A and of B while the K loop runs, then
+// (the same bytes) the f32 accumulators for the epilogue.
+constexpr int STAGES = 3;
+constexpr int SLAB_LD = MMA_K + MMA_PAD;
+constexpr int SLABS_BYTES = 2 * STAGES * TILE * SLAB_LD * 2;
+constexpr int STAGED_BYTES = TILE * (TILE + 4) * 4;
+constexpr int IGEMM_SHARED_BYTES = SLABS_BYTES > STAGED_BYTES ? SLABS_BYTES : STAGED_BYTES;
+
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const __half* x, const __half* w,
                                                                            const __half* bias, __half* y,
                                                                            int64_t cin, Dims3 in, int64_t cout,
@@ -121,55 +169,79 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
                                                                            Dims3 pad, const __half* second,
                                                                            int64_t first_channels, double* stats) {
     using namespace nvcuda;
-    __shared__ __align__(32) __half xs[TILE][MMA_K + MMA_PAD];
-    __shared__ __align__(32) __half ws[TILE][MMA_K + MMA_PAD];
-    __shared__ __align__(32) float staged[TILE][TILE + 4];
-    __shared__ Column columns[MMA_K];
-    __shared__ Origin origins[TILE];
+    __shared__ __align__(128) unsigned char shared[IGEMM_SHARED_BYTES];
+    auto xs = reinterpret_cast<__half(*)[TILE][SLAB_LD]>(shared);                  // [stage][voxel][k]
+    auto ws = reinterpret_cast<__half(*)[TILE][SLAB_LD]>(shared + SLABS_BYTES / 2);  // [stage][channel][k]
+    auto staged = reinterpret_cast<float(*)[TILE + 4]>(shared);                      // after the K loop
     const int64_t m = out.count(), n = cout, k = cin * kernel.count();
-    // 8 consecutive columns are 8 channels of one tap in one input, 16 aligned bytes.
-    const bool vectors = cin % VECTOR == 0 && first_channels % VECTOR == 0;
     int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * TILE;
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
-    if (threadIdx.x < TILE) {
-        int64_t v = row0 + threadIdx.x;
-        origins[threadIdx.x] = Origin{(int)(v / (out.y * out.x) * stride.z - pad.z),
-                                      (int)(v / out.x % out.y * stride.y - pad.y),
-                                      (int)(v % out.x * stride.x - pad.x), v < m};
-    }
     Accumulator acc[2][2];
     zero_quarter(acc);
-    const __half zero = __float2half(0.f);
-    decode_columns(columns, 0, k, cin, kernel, first_channels);
-    __syncthreads();
-    for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
-        if (vectors) {
-            // 64 rows × 4 loads of 8 halves, for A and for B: two of each per thread.
-            for (int l = threadIdx.x; l < TILE * MMA_K / VECTOR; l += MMA_THREADS) {
-                int r = l / (MMA_K / VECTOR), kk = l % (MMA_K / VECTOR) * VECTOR;
-                bool in_k = k0 + kk < k;
-                const __half* a = in_k ? a_source(origins[r], columns[kk], x, second, in, cin, first_channels) : nullptr;
-                *(uint4*)&xs[r][kk] = a ? *(const uint4*)a : uint4{0, 0, 0, 0};
-                *(uint4*)&ws[r][kk] = in_k && col0 + r < n ? *(const uint4*)&w[(col0 + r) * k + k0 + kk]
-                                                           : uint4{0, 0, 0, 0};
+    const int64_t steps = (k + MMA_K - 1) / MMA_K;
+    if (cin % VECTOR == 0 && first_channels % VECTOR == 0) {
+        // 8 consecutive columns are 8 channels of one tap in one input: 16 aligned bytes, copied
+        // asynchronously STAGES − 1 steps ahead. Thread t copies columns kk…kk + 7 of rows t / 4
+        // and t / 4 + 32 of both slabs, at every step.
+        static_assert(2 * MMA_THREADS == TILE * MMA_K / VECTOR, "two rows of each slab per thread");
+        const int row = threadIdx.x / (MMA_K / VECTOR), kk = threadIdx.x % (MMA_K / VECTOR) * VECTOR;
+        const Origin origins[2] = {origin_of(row0 + row, m, out, stride, pad),
+                                   origin_of(row0 + row + TILE / 2, m, out, stride, pad)};
+        ColumnCursor cursor(kk, (int)cin, kernel);
+        // Copies step `step`'s slabs into stage `stage` (zeros outside the input and the matrices),
+        // commits them as one group, and moves the cursor to the next step.
+        auto issue = [&](int64_t step, int stage) {
+            int64_t k0 = step * MMA_K;
+            bool in_k = k0 + kk < k;
+            Column column = cursor.column(first_channels);
+            for (int j = 0; j < 2; ++j) {
+                int r = row + j * TILE / 2;
+                const __half* a = in_k ? a_source(origins[j], column, x, second, in, cin, first_channels) : nullptr;
+                __pipeline_memcpy_async(&xs[stage][r][kk], a ? a : x, 16, a ? 0 : 16);
+                bool b_in = in_k && col0 + r < n;
+                __pipeline_memcpy_async(&ws[stage][r][kk], b_in ? w + (col0 + r) * k + k0 + kk : w, 16, b_in ? 0 : 16);
             }
-        } else {
+            __pipeline_commit();
+            cursor.advance(MMA_K, (int)cin, kernel);
+        };
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < steps) issue(s, s);
+            else __pipeline_commit();  // an empty group keeps the count of groups per step
+        }
+        for (int64_t t = 0; t < steps; ++t) {
+            // Step t's group is complete once at most the STAGES − 2 after it are pending; the
+            // barrier shows every thread's copies and retires the stage step t − 1 read, which
+            // step t + STAGES − 1 refills.
+            __pipeline_wait_prior(STAGES - 2);
+            __syncthreads();
+            int64_t next = t + STAGES - 1;
+            if (next < steps) issue(next, next % STAGES);
+            else __pipeline_commit();
+            int stage = t % STAGES;
+            warp_quarter_mma<wmma::row_major>(acc, &xs[stage][wr][0], SLAB_LD, 1, SLAB_LD, &ws[stage][wc][0], SLAB_LD);
+        }
+    } else {
+        // The first layer (one channel: K = 27 or 9, one step) value by value, synchronously,
+        // through shared tables of the block's window origins and each step's columns.
+        __shared__ Column columns[MMA_K];
+        __shared__ Origin origins[TILE];
+        if (threadIdx.x < TILE) origins[threadIdx.x] = origin_of(row0 + threadIdx.x, m, out, stride, pad);
+        const __half zero = __float2half(0.f);
+        for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
+            decode_columns(columns, k0, k, cin, kernel, first_channels);
+            __syncthreads();
             for (int l = threadIdx.x; l < TILE * MMA_K; l += MMA_THREADS) {
                 int r = l / MMA_K, kk = l % MMA_K;
                 bool in_k = k0 + kk < k;
                 const __half* a = in_k ? a_source(origins[r], columns[kk], x, second, in, cin, first_channels) : nullptr;
-                xs[r][kk] = a ? *a : zero;
-                ws[r][kk] = in_k && col0 + r < n ? w[(col0 + r) * k + k0 + kk] : zero;
+                xs[0][r][kk] = a ? *a : zero;
+                ws[0][r][kk] = in_k && col0 + r < n ? w[(col0 + r) * k + k0 + kk] : zero;
             }
+            __syncthreads();
+            warp_quarter_mma<wmma::row_major>(acc, &xs[0][wr][0], SLAB_LD, 1, SLAB_LD, &ws[0][wc][0], SLAB_LD);
         }
-        __syncthreads();
-        // This step's table has been read (barrier above); the next step's is published by the
-        // barrier below.
-        decode_columns(columns, k0 + MMA_K, k, cin, kernel, first_channels);
-        warp_quarter_mma<wmma::row_major>(acc, &xs[wr][0], MMA_K + MMA_PAD, 1, MMA_K + MMA_PAD, &ws[wc][0],
-                                          MMA_K + MMA_PAD);
-        __syncthreads();
     }
+    __syncthreads();  // every warp is done with the slabs, whose bytes become `staged`
     store_quarter(&staged[0][0], TILE + 4, acc, wr, wc);
     __syncthreads();
     for (int l = threadIdx.x; l < TILE * TILE; l += MMA_THREADS) {

@@ -24,8 +24,10 @@
 // 0xFF bytes (NaN in f32 and f16), so a value read before it was written shows; a block's
 // dynamic shared memory starts 128-byte aligned and is followed by a canary, checked when the
 // block ends, so a write past the launch's size fails the launch. WMMA loads and stores check
-// their alignment. Copies and
-// memsets are bounds-checked against the allocation they touch. The device has
+// their alignment. Allocations start 16-byte aligned (up to 15 bytes of padding before the
+// guard page). Asynchronous copies (__pipeline_memcpy_async) check their size and alignment and
+// land only when the thread waits for them. Copies and memsets are bounds-checked against the
+// allocation they touch. The device has
 // TIS_CUDA_EMULATOR_MEMORY bytes (default 2 GiB, a small GPU, so that filling it stays cheap):
 // an allocation past it fails with CUDA_ERROR_OUT_OF_MEMORY, as on a full GPU.
 #include <signal.h>
@@ -46,6 +48,7 @@
 #include <vector>
 
 #include "include/cuda_emulation.h"
+#include "include/cuda_pipeline.h"
 #include "kernel_registry.h"
 
 // ---- Driver API types, as in cuda.h (only what the entry points below need).
@@ -188,11 +191,23 @@ void* new_stack(char* stack, size_t size, void (*entry)()) {
 
 constexpr size_t FIBER_STACK = 256 * 1024;
 
+// An asynchronous copy (__pipeline_memcpy_async) not yet carried out.
+struct PendingCopy {
+    void* dst;
+    const void* src;
+    size_t bytes, zero_fill;
+};
+
 struct Fiber {
     void* stack;
     uint3 thread;
     unsigned warp, lane;
     bool done;
+    // The thread's asynchronous copies: issued since its last commit, and committed groups in
+    // order. They land in shared memory only when __pipeline_wait_prior lets them, so that a
+    // kernel reading a slab before waiting for it reads what was there before (NaN at first).
+    std::vector<PendingCopy> issued;
+    std::vector<std::vector<PendingCopy>> committed;
 };
 
 // One host thread's current block.
@@ -481,6 +496,33 @@ float shuffle_xor(float value, int lane_mask) {
 
 void* dynamic_shared() { return run->shared; }
 
+void pipeline_copy(void* dst, const void* src, size_t bytes, size_t zero_fill) {
+    if ((bytes != 4 && bytes != 8 && bytes != 16) || zero_fill > bytes)
+        fail("__pipeline_memcpy_async of " + std::to_string(bytes) + " bytes, " + std::to_string(zero_fill) +
+             " zero-filled: the size must be 4, 8 or 16 and the zero fill at most the size");
+    if ((uintptr_t)dst % bytes || (uintptr_t)src % bytes)
+        fail("__pipeline_memcpy_async of " + std::to_string(bytes) + " bytes from " + std::to_string((uintptr_t)src) +
+             " to " + std::to_string((uintptr_t)dst) + ": both must be aligned to the size");
+    run->current->issued.push_back(PendingCopy{dst, src, bytes, zero_fill});
+}
+
+void pipeline_commit() {
+    Fiber& f = *run->current;
+    f.committed.push_back(std::move(f.issued));
+    f.issued.clear();
+}
+
+void pipeline_wait_prior(size_t pending) {
+    Fiber& f = *run->current;
+    while (f.committed.size() > pending) {
+        for (const PendingCopy& c : f.committed.front()) {
+            memcpy(c.dst, c.src, c.bytes - c.zero_fill);
+            memset((char*)c.dst + c.bytes - c.zero_fill, 0, c.zero_fill);
+        }
+        f.committed.erase(f.committed.begin());
+    }
+}
+
 void check_fragment_memory(const void* pointer, unsigned ldm, unsigned element_bytes) {
     if ((uintptr_t)pointer % 32 || ldm * element_bytes % 16)
         fail("WMMA load or store at " + std::to_string((uintptr_t)pointer) + " with ldm " + std::to_string(ldm) +
@@ -597,7 +639,9 @@ CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
     char* base = (char*)mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (base == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
     mprotect(base + span - page, page, PROT_NONE);
-    char* data = base + span - page - bytes;
+    // As close to the guard page as the 16-byte alignment the kernels' vector loads rely on
+    // allows (the driver's is 256): a read past the end faults unless it stays in that padding.
+    char* data = base + span - page - (bytes + 15) / 16 * 16;
     memset(data, 0xFF, bytes);
     allocations[(uintptr_t)data] = Allocation{base, span, bytes};
     allocated += bytes;
