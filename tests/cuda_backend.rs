@@ -221,6 +221,26 @@ fn instance_norm_on<B: Backend>(b: &B, (x, norm): &(Tensor, (Tensor, Tensor))) -
     down(b, &x)
 }
 
+/// A convolution's output (channels-last on the GPU with f16) through the ops outside the
+/// network, which read it as the channels-first volume it stands for: InstanceNorm in place, a
+/// sum into it, a concatenation with it, a flip and a crop.
+fn channels_last_outputs_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
+    let (x, conv) = (up(b, &c.x), conv_of(b, c));
+    let output = || b.conv3d(&x, &conv).unwrap();
+    let mut normed = output();
+    b.instance_norm_leaky_relu(&mut normed, &instance_norm_of(b, &c.norm))
+        .unwrap();
+    let mut sum = output();
+    b.add_assign(&mut sum, &normed).unwrap();
+    let joined = b.concat_channels(&sum, &output()).unwrap();
+    let flipped = b.flip(&joined, &[0, 2]).unwrap();
+    let region = Region {
+        start: [1, 2, 3],
+        size: [3, 5, 4],
+    };
+    down(b, &b.crop(&flipped, &region).unwrap())
+}
+
 fn network_ops<E: Element>(tolerance: f64) {
     let mut n = fresh("network ops");
     // Every plan's kernel and stride; with f16 storage the implicit GEMM's edges: one input
@@ -311,6 +331,21 @@ fn network_ops<E: Element>(tolerance: f64) {
             conv_transpose3d_on,
         );
     }
+    let case = ConvCase {
+        x: n.tensor(&[16, 5, 9, 8], 1.0),
+        w: n.tensor(&[12, 16, 3, 3, 3], (16.0f32 * 27.0).sqrt().recip()),
+        bias: Some(n.tensor(&[12], 0.5)),
+        stride: [1; 3],
+        padding: [1; 3],
+        norm: random_norm(&mut n, 12),
+    };
+    check::<E, _>(
+        "channels-last outputs through the volume ops",
+        tolerance,
+        &case,
+        channels_last_outputs_on,
+        channels_last_outputs_on,
+    );
     let norm_case = (
         n.tensor(&[5, 13, 31, 29], 2.0),
         (n.tensor(&[5], 1.0), n.tensor(&[5], 0.5)),
