@@ -40,16 +40,6 @@ fn upload<B: Backend>(
     backend.upload(&fetch(name)?)
 }
 
-/// Fetches the weights of a convolution or transposed convolution, `name`, and moves them onto
-/// the backend in the form its kernels read.
-fn upload_conv_weight<B: Backend>(
-    backend: &B,
-    fetch: &mut dyn FnMut(&str) -> Result<Tensor>,
-    name: &str,
-) -> Result<B::Tensor> {
-    backend.upload_conv_weight(&fetch(name)?)
-}
-
 fn conv_block<B: Backend>(
     backend: &B,
     fetch: &mut dyn FnMut(&str) -> Result<Tensor>,
@@ -68,7 +58,7 @@ fn conv_block<B: Backend>(
     };
     Ok(ConvBlock {
         conv: Conv3d {
-            weight: upload_conv_weight(backend, &mut *fetch, &format!("{prefix}.conv.weight"))?,
+            weight: backend.upload_conv_weight(&fetch(&format!("{prefix}.conv.weight"))?)?,
             bias,
             stride,
             padding: kernel.map(|k| (k - 1) / 2),
@@ -122,11 +112,8 @@ impl<B: Backend> UNet<B> {
                 false => None,
             };
             upsampling.push(ConvTranspose3d {
-                weight: upload_conv_weight(
-                    backend,
-                    &mut *fetch,
-                    &format!("decoder.transpconvs.{t}.weight"),
-                )?,
+                weight: backend
+                    .upload_conv_weight(&fetch(&format!("decoder.transpconvs.{t}.weight"))?)?,
                 bias,
                 stride: plan.strides[stages - 1 - t],
             });
@@ -147,11 +134,8 @@ impl<B: Backend> UNet<B> {
         }
         let last = stages - 2;
         let seg_layer = Conv3d {
-            weight: upload_conv_weight(
-                backend,
-                &mut *fetch,
-                &format!("decoder.seg_layers.{last}.weight"),
-            )?,
+            weight: backend
+                .upload_conv_weight(&fetch(&format!("decoder.seg_layers.{last}.weight"))?)?,
             bias: Some(upload(
                 backend,
                 &mut *fetch,

@@ -58,11 +58,14 @@ fn launch_conv<E: Element>(
     let (x, weight) = if conv.gemm.is_some() {
         y.layout = Layout::ChannelsLast;
         (
-            layout::channels_last(b, conv.x, &mut x_slot)?,
+            layout::volume_as(b, conv.x, &mut x_slot, Layout::ChannelsLast)?,
             layout::packed_weights(b, conv.weight, &mut w_slot)?,
         )
     } else {
-        (layout::channels_first(b, conv.x, &mut x_slot)?, conv.weight)
+        (
+            layout::volume_as(b, conv.x, &mut x_slot, Layout::Standard)?,
+            conv.weight,
+        )
     };
     let f = b.function(MODULE, conv.name)?;
     let (cin, cout) = (shape.cin as i64, shape.cout as i64);
@@ -76,7 +79,7 @@ fn launch_conv<E: Element>(
     }
     let mut igemm = conv.igemm;
     if let Some(igemm) = &mut igemm {
-        let second = layout::channels_last(b, igemm.second, &mut second_slot)?;
+        let second = layout::volume_as(b, igemm.second, &mut second_slot, Layout::ChannelsLast)?;
         launch.arg(&second.data).arg(&igemm.first_channels);
         match &mut igemm.norm_partials {
             Some(partials) => launch.arg(&mut **partials),

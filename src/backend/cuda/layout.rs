@@ -1,9 +1,9 @@
 //! How a CUDA tensor's values lie in memory. The f16 network runs on channels-last volumes and
 //! packed weights (kernels/conv.cu); every other op reads channels-first volumes. A tensor's
 //! shape is always the logical one (C × Z × Y × X, PyTorch's weight shapes), its `Layout` says
-//! how it is stored, and each op asks for the layout it reads: `channels_last`, `channels_first`
-//! and `packed_weights` lend the tensor as it is when it already fits, or a converted copy
-//! (`swap_inner_axes` in kernels/volume.cu).
+//! how it is stored, and each op asks for the layout it reads: `volume_as` and `packed_weights`
+//! lend the tensor as it is when it already fits, or a converted copy (`swap_inner_axes` in
+//! kernels/volume.cu).
 
 use cudarc::driver::PushKernelArg;
 
@@ -54,10 +54,11 @@ fn volume_extent<E>(x: &CudaTensor<E>, layout: Layout) -> Result<(usize, usize)>
     }
 }
 
-/// `x` as a volume stored as `want` (Standard or ChannelsLast): itself when it is already, or
-/// when it has one channel (both layouts are then the same bytes), else a converted copy in
-/// `slot`.
-fn as_layout<'a, E: Element>(
+/// `x` as a volume stored as `want`: Standard (channels-first, as every op outside the f16
+/// network reads volumes) or ChannelsLast (as the f16 network's convolutions do). `x` itself
+/// when it is stored so already, or has one channel (both layouts are then the same bytes), else
+/// a converted copy in `slot`.
+pub fn volume_as<'a, E: Element>(
     b: &CudaBackend<E>,
     x: &'a CudaTensor<E>,
     slot: &'a mut Option<CudaTensor<E>>,
@@ -77,28 +78,10 @@ fn as_layout<'a, E: Element>(
     Ok(slot.insert(swap_inner_axes(b, x, extents, want)?))
 }
 
-/// `x` as a channels-last volume (the f16 network's convolutions read these).
-pub fn channels_last<'a, E: Element>(
-    b: &CudaBackend<E>,
-    x: &'a CudaTensor<E>,
-    slot: &'a mut Option<CudaTensor<E>>,
-) -> Result<&'a CudaTensor<E>> {
-    as_layout(b, x, slot, Layout::ChannelsLast)
-}
-
-/// `x` as a channels-first volume (every op outside the f16 network reads these).
-pub fn channels_first<'a, E: Element>(
-    b: &CudaBackend<E>,
-    x: &'a CudaTensor<E>,
-    slot: &'a mut Option<CudaTensor<E>>,
-) -> Result<&'a CudaTensor<E>> {
-    as_layout(b, x, slot, Layout::Standard)
-}
-
 /// Makes `x` channels-first in place (for ops that update a volume in place).
 pub fn make_channels_first<E: Element>(b: &CudaBackend<E>, x: &mut CudaTensor<E>) -> Result<()> {
     let mut slot = None;
-    channels_first(b, x, &mut slot)?;
+    volume_as(b, x, &mut slot, Layout::Standard)?;
     if let Some(converted) = slot {
         *x = converted;
     }

@@ -371,7 +371,7 @@ impl<E: Element> Backend for CudaBackend<E> {
         }
         let mut slot = None;
         let tensor = match tensor.layout {
-            Layout::ChannelsLast => layout::channels_first(self, tensor, &mut slot)?,
+            Layout::ChannelsLast => layout::volume_as(self, tensor, &mut slot, Layout::Standard)?,
             _ => tensor,
         };
         let len = tensor.shape.iter().product::<usize>();

@@ -4,7 +4,7 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{CudaBackend, CudaTensor, Dims3, Element, driver, layout};
+use super::{CudaBackend, CudaTensor, Dims3, Element, Layout, driver, layout};
 use crate::backend::shapes;
 use crate::error::Result;
 use crate::geometry::{Label, Region};
@@ -21,7 +21,7 @@ fn launch_over_region<E: Element>(
     mut out: CudaTensor<E>,
 ) -> Result<CudaTensor<E>> {
     let mut slot = None;
-    let volume = layout::channels_first(b, volume, &mut slot)?;
+    let volume = layout::volume_as(b, volume, &mut slot, Layout::Standard)?;
     let (channels, dims) = shapes::crop(volume, region)?;
     let f = b.kernel(MODULE, kernel)?;
     let c = channels as i64;
@@ -58,7 +58,7 @@ pub fn flip<E: Element>(
     axes: &[usize],
 ) -> Result<CudaTensor<E>> {
     let mut slot = None;
-    let x = layout::channels_first(b, x, &mut slot)?;
+    let x = layout::volume_as(b, x, &mut slot, Layout::Standard)?;
     let (channels, dims) = shapes::volume(x, "flip")?;
     let flipped = shapes::flip_axes(axes)?.map(i32::from);
     let mut y = b.output(x.shape.clone())?;
@@ -84,8 +84,8 @@ pub fn concat_channels<E: Element>(
     c: &CudaTensor<E>,
 ) -> Result<CudaTensor<E>> {
     let (mut slot_a, mut slot_c) = (None, None);
-    let a = layout::channels_first(b, a, &mut slot_a)?;
-    let c = layout::channels_first(b, c, &mut slot_c)?;
+    let a = layout::volume_as(b, a, &mut slot_a, Layout::Standard)?;
+    let c = layout::volume_as(b, c, &mut slot_c, Layout::Standard)?;
     let shape = shapes::concat(a, c)?;
     let (na, nc) = (shapes::numel(a), shapes::numel(c));
     let mut y = b.output(shape.to_vec())?;
@@ -105,7 +105,7 @@ pub fn add_assign<E: Element>(
 ) -> Result<()> {
     layout::make_channels_first(b, acc)?;
     let mut slot = None;
-    let x = layout::channels_first(b, x, &mut slot)?;
+    let x = layout::volume_as(b, x, &mut slot, Layout::Standard)?;
     shapes::same(acc, x, "add")?;
     let n = shapes::numel(x) as i64;
     let f = b.kernel(MODULE, "add_assign")?;
@@ -134,7 +134,7 @@ pub fn accumulate_weighted<E: Element>(
     region: &Region,
 ) -> Result<()> {
     let mut slot = None;
-    let tile = layout::channels_first(b, tile, &mut slot)?;
+    let tile = layout::volume_as(b, tile, &mut slot, Layout::Standard)?;
     let (channels, dims) = shapes::accumulate(acc, tile, weights, region)?;
     let f = b.kernel(MODULE, "accumulate_weighted")?;
     let (c, d, start, size) = (
@@ -184,7 +184,7 @@ pub fn softmax_channels<E: Element>(
     x: &CudaTensor<E>,
 ) -> Result<CudaTensor<E>> {
     let mut slot = None;
-    let x = layout::channels_first(b, x, &mut slot)?;
+    let x = layout::volume_as(b, x, &mut slot, Layout::Standard)?;
     let (channels, dims) = shapes::volume(x, "softmax_channels")?;
     let voxels: usize = dims.iter().product();
     let mut y = b.output(x.shape.clone())?;
@@ -220,7 +220,7 @@ fn labels<E: Element>(
 
 pub fn argmax_channels<E: Element>(b: &CudaBackend<E>, x: &CudaTensor<E>) -> Result<Vec<Label>> {
     let mut slot = None;
-    let x = layout::channels_first(b, x, &mut slot)?;
+    let x = layout::volume_as(b, x, &mut slot, Layout::Standard)?;
     let (channels, dims) = shapes::volume(x, "argmax_channels")?;
     labels(b, x, "argmax_channels", dims.iter().product(), channels)
 }
