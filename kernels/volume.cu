@@ -2,7 +2,8 @@
 // softmax and argmax over channels, tokens of a region, the trilinear positional encoding, row
 // gathers and argmax over rows.
 //
-// All are memory-bound one-pass kernels: one thread per output element in a grid-stride loop,
+// All are memory-bound one-pass kernels, all but `swap_inner_axes` (a tiled transpose) one
+// thread per output element in a grid-stride loop,
 // the innermost (x) index fastest so that neighbouring threads touch neighbouring addresses of
 // the larger side (for `region_tokens` the write side, whose channel index runs fastest).
 // Volumes are channels first (C × Z × Y × X); token matrices row-major (N × width). The f16
@@ -145,18 +146,34 @@ __device__ void add_positional_encoding(T* x, const T* grid, int64_t width, Dims
 // y[a][t][b] = x[a][b][t] for a < outer, b < middle, t < inner: with a = 1, a volume from
 // channels-first to channels-last (b = channels, t = voxels) or back (b = voxels, t =
 // channels); a convolution's weights [cout][cin][taps] packed as [cout][tap][cin], a transposed
-// convolution's [cin][cout][taps] as [cin][tap][cout] (kernels/conv.cu reads both).
+// convolution's [cin][cout][taps] as [cin][tap][cout] (kernels/conv.cu reads both). The one
+// kernel here that is not one thread per output: a block moves a 32 × 32 tile (b × t) through
+// shared memory, reading rows along t and writing rows along b, so that both sides coalesce
+// (a thread per output would read at a stride of `inner` values). Grid: x = tiles (b-major),
+// y = a; blocks of 32 × 8 threads, four tile rows each.
+constexpr int TRANSPOSE_TILE = 32;
+
 template <typename T>
-__device__ void swap_inner_axes(const T* x, T* y, int64_t outer, int64_t middle, int64_t inner) {
-    GRID_LOOP(i, outer * middle * inner) {
-        int64_t b = i % middle, t = i / middle % inner, a = i / (middle * inner);
-        y[i] = x[(a * middle + b) * inner + t];
+__device__ void swap_inner_axes(const T* x, T* y, int64_t middle, int64_t inner) {
+    __shared__ T tile[TRANSPOSE_TILE][TRANSPOSE_TILE + 1];
+    int64_t tiles_t = (inner + TRANSPOSE_TILE - 1) / TRANSPOSE_TILE;
+    int64_t b0 = blockIdx.x / tiles_t * TRANSPOSE_TILE, t0 = blockIdx.x % tiles_t * TRANSPOSE_TILE;
+    const T* from = x + (int64_t)blockIdx.y * middle * inner;
+    T* to = y + (int64_t)blockIdx.y * middle * inner;
+    for (int j = threadIdx.y; j < TRANSPOSE_TILE; j += blockDim.y) {
+        int64_t b = b0 + j, t = t0 + threadIdx.x;
+        if (b < middle && t < inner) tile[j][threadIdx.x] = from[b * inner + t];
+    }
+    __syncthreads();
+    for (int j = threadIdx.y; j < TRANSPOSE_TILE; j += blockDim.y) {
+        int64_t t = t0 + j, b = b0 + threadIdx.x;
+        if (b < middle && t < inner) to[t * middle + b] = tile[threadIdx.x][j];
     }
 }
 
 #define VOLUME_KERNELS(T, S)                                                                                         \
-    extern "C" __global__ void swap_inner_axes_##S(const T* x, T* y, int64_t o, int64_t m, int64_t i) {             \
-        swap_inner_axes<T>(x, y, o, m, i);                                                                           \
+    extern "C" __global__ void swap_inner_axes_##S(const T* x, T* y, int64_t m, int64_t i) {                        \
+        swap_inner_axes<T>(x, y, m, i);                                                                              \
     }                                                                                                                \
     extern "C" __global__ void crop_##S(const T* x, T* y, int64_t c, Dims3 d, Dims3 s, Dims3 b) {                   \
         crop<T>(x, y, c, d, s, b);                                                                                   \

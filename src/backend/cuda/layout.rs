@@ -5,12 +5,14 @@
 //! lend the tensor as it is when it already fits, or a converted copy (`swap_inner_axes` in
 //! kernels/volume.cu).
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaTensor, Element, driver};
 use crate::error::{Error, Result};
 
 const MODULE: &str = "volume";
+/// Side of the tiles `swap_inner_axes` moves through shared memory (TRANSPOSE_TILE).
+const TRANSPOSE_TILE: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
@@ -33,11 +35,23 @@ fn swap_inner_axes<E: Element>(
     let mut y = b.output(x.shape.clone())?;
     y.layout = layout;
     let f = b.kernel(MODULE, "swap_inner_axes")?;
-    let (o, m, i) = (outer as i64, middle as i64, inner as i64);
+    let (m, i) = (middle as i64, inner as i64);
     let mut launch = b.stream.launch_builder(&f);
-    launch.arg(&x.data).arg(&mut y.data).arg(&o).arg(&m).arg(&i);
-    // SAFETY: matches `swap_inner_axes_*`; x and y hold outer × middle × inner values.
-    unsafe { launch.launch(b.elementwise(outer * middle * inner)) }.map_err(driver)?;
+    launch.arg(&x.data).arg(&mut y.data).arg(&m).arg(&i);
+    let tiles = middle.div_ceil(TRANSPOSE_TILE) * inner.div_ceil(TRANSPOSE_TILE);
+    if tiles > i32::MAX as usize || outer > 65535 {
+        return Err(Error::Shape(format!(
+            "a transpose of {outer} × {middle} × {inner} values is too large for one launch"
+        )));
+    }
+    let grid = LaunchConfig {
+        grid_dim: (tiles as u32, outer as u32, 1),
+        block_dim: (TRANSPOSE_TILE as u32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `swap_inner_axes_*`; x and y hold outer × middle × inner values, and the
+    // grid covers them in 32 × 32 tiles, one row of blocks per `a`.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(y)
 }
 
