@@ -1,5 +1,7 @@
 //! Launches of kernels/conv.cu: the 3D convolution and the kernel = stride transposed
-//! convolution, each one thread per output with f32 storage and a tensor-core GEMM with f16.
+//! convolution, each one thread per output over channels-first volumes with f32 storage, and a
+//! tensor-core GEMM over channels-last volumes and packed weights with f16 (layout.rs converts
+//! what arrives otherwise).
 
 use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
@@ -98,7 +100,8 @@ fn launch_conv<E: Element>(
     // SAFETY: argument order matches `conv3d_*` (x, w, b, y, cin, in, cout, out, kernel, stride,
     // pad), `conv3d_igemm_f16` (the same, then second, first_channels, stats) and
     // `conv_transpose3d_*` / `conv_transpose3d_mma_f16` (x, w, b, y, cin, in, cout, stride);
-    // shapes checked, a concatenation's inputs share their spatial extent, and the partials hold
+    // shapes checked, a concatenation's inputs share their spatial extent, the inputs and weights
+    // are stored as the kernel reads them (converted above), and the partials hold
     // cout × (M / 64 blocks) × 2 values (conv_norm_leaky_relu).
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(y)
