@@ -83,9 +83,20 @@ template <int N> __device__ __forceinline__ void store_accumulators(const Accumu
 }
 
 // dest[r][c] = w[row0 + r][col0 + c] for r < rows, c < cols (row stride ldd halves in dest,
-// `width` in w), zero outside w's `height` × `width`. All threads of the block take part.
+// `width` in w), zero outside w's `height` × `width`. All threads of the block take part. When
+// every row starts 16-byte aligned on both sides and the columns come in eights (the fused
+// kernels' widths are multiples of 16), 8 halves move as one 16-byte load and store.
 __device__ __forceinline__ void stage_weights(__half* dest, int ldd, const __half* w, int64_t height, int64_t width,
                                               int64_t row0, int64_t col0, int rows, int cols) {
+    if (cols % 8 == 0 && ldd % 8 == 0 && width % 8 == 0 && col0 % 8 == 0 && (uintptr_t)dest % 16 == 0 &&
+        (uintptr_t)w % 16 == 0) {
+        for (int l = threadIdx.x; l < rows * cols / 8; l += blockDim.x) {
+            int r = l / (cols / 8), c = l % (cols / 8) * 8;
+            bool inside = row0 + r < height && col0 + c < width;
+            *(uint4*)&dest[r * ldd + c] = inside ? *(const uint4*)&w[(row0 + r) * width + col0 + c] : uint4{0, 0, 0, 0};
+        }
+        return;
+    }
     for (int l = threadIdx.x; l < rows * cols; l += blockDim.x) {
         int r = l / cols, c = l % cols;
         bool inside = row0 + r < height && col0 + c < width;
