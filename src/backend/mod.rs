@@ -81,6 +81,24 @@ pub struct LabelAssignment<'a, T> {
     pub heads: usize,
 }
 
+/// [`Backend::conv_norm_leaky_relu`] as its parts: the convolution (of `[x; second]` if given),
+/// then InstanceNorm + LeakyReLU in place. The default of every backend, and the CUDA backend's
+/// where its convolution has no epilogue to gather the statistics in.
+pub fn conv_then_norm<B: Backend + ?Sized>(
+    backend: &B,
+    x: &B::Tensor,
+    second: Option<&B::Tensor>,
+    conv: &Conv3d<B::Tensor>,
+    norm: &InstanceNorm<B::Tensor>,
+) -> Result<B::Tensor> {
+    let mut y = match second {
+        Some(second) => backend.conv3d_on_concat(x, second, conv)?,
+        None => backend.conv3d(x, conv)?,
+    };
+    backend.instance_norm_leaky_relu(&mut y, norm)?;
+    Ok(y)
+}
+
 pub trait Backend: Send + Sync {
     type Tensor: BackendTensor;
     /// A sliding-window sum (C × Z × Y × X), f32 whatever the storage type. nnU-Net keeps these
@@ -148,12 +166,7 @@ pub trait Backend: Send + Sync {
         conv: &Conv3d<Self::Tensor>,
         norm: &InstanceNorm<Self::Tensor>,
     ) -> Result<Self::Tensor> {
-        let mut y = match second {
-            Some(second) => self.conv3d_on_concat(x, second, conv)?,
-            None => self.conv3d(x, conv)?,
-        };
-        self.instance_norm_leaky_relu(&mut y, norm)?;
-        Ok(y)
+        conv_then_norm(self, x, second, conv, norm)
     }
 
     // ---- sliding window over volumes ------------------------------------------------------

@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaTensor, Dims3, Element, Layout, driver, layout, norm};
-use crate::backend::{Conv3d, ConvTranspose3d, InstanceNorm, shapes};
+use crate::backend::{Conv3d, ConvTranspose3d, InstanceNorm, conv_then_norm, shapes};
 use crate::error::Result;
 
 const MODULE: &str = "conv";
@@ -171,12 +171,7 @@ pub fn conv_norm_leaky_relu<E: Element>(
 ) -> Result<CudaTensor<E>> {
     if !E::TENSOR_CORES {
         // The direct kernel has no epilogue to gather the statistics in.
-        let mut y = match second {
-            Some(second) => conv3d_on_concat(b, x, second, conv)?,
-            None => conv3d(b, x, conv)?,
-        };
-        norm::instance_norm_leaky_relu(b, &mut y, norm)?;
-        return Ok(y);
+        return conv_then_norm(b, x, second, conv, norm);
     }
     let shape = match second {
         Some(second) => shapes::conv3d_on_concat(x, second, conv)?,

@@ -32,18 +32,18 @@ fn swap_inner_axes<E: Element>(
     [outer, middle, inner]: [usize; 3],
     layout: Layout,
 ) -> Result<CudaTensor<E>> {
-    let mut y = b.output(x.shape.clone())?;
-    y.layout = layout;
-    let f = b.kernel(MODULE, "swap_inner_axes")?;
-    let (m, i) = (middle as i64, inner as i64);
-    let mut launch = b.stream.launch_builder(&f);
-    launch.arg(&x.data).arg(&mut y.data).arg(&m).arg(&i);
     let tiles = middle.div_ceil(TRANSPOSE_TILE) * inner.div_ceil(TRANSPOSE_TILE);
     if tiles > i32::MAX as usize || outer > 65535 {
         return Err(Error::Shape(format!(
             "a transpose of {outer} × {middle} × {inner} values is too large for one launch"
         )));
     }
+    let mut y = b.output(x.shape.clone())?;
+    y.layout = layout;
+    let f = b.kernel(MODULE, "swap_inner_axes")?;
+    let (m, i) = (middle as i64, inner as i64);
+    let mut launch = b.stream.launch_builder(&f);
+    launch.arg(&x.data).arg(&mut y.data).arg(&m).arg(&i);
     let grid = LaunchConfig {
         grid_dim: (tiles as u32, outer as u32, 1),
         block_dim: (TRANSPOSE_TILE as u32, 8, 1),

@@ -363,17 +363,9 @@ impl<E: Element> Backend for CudaBackend<E> {
     }
 
     fn download(&self, tensor: &CudaTensor<E>) -> Result<Tensor> {
-        if tensor.layout == Layout::PackedWeights {
-            return Err(Error::Shape(format!(
-                "packed convolution weights {:?} are not downloaded",
-                tensor.shape
-            )));
-        }
+        // A channels-last volume comes down channels-first; packed weights are refused.
         let mut slot = None;
-        let tensor = match tensor.layout {
-            Layout::ChannelsLast => layout::volume_as(self, tensor, &mut slot, Layout::Standard)?,
-            _ => tensor,
-        };
+        let tensor = layout::volume_as(self, tensor, &mut slot, Layout::Standard)?;
         let len = tensor.shape.iter().product::<usize>();
         let values = self
             .stream
