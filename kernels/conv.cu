@@ -157,7 +157,6 @@ struct ColumnCursor {
 // Shared memory of conv3d_igemm_f16: STAGES slabs of A and of B while the K loop runs, then
 // (the same bytes) the f32 accumulators for the epilogue.
 constexpr int STAGES = 3;
-constexpr int SLAB_LD = MMA_K + MMA_PAD;
 constexpr int SLABS_BYTES = 2 * STAGES * TILE * SLAB_LD * 2;
 constexpr int STAGED_BYTES = TILE * (TILE + 4) * 4;
 constexpr int IGEMM_SHARED_BYTES = SLABS_BYTES > STAGED_BYTES ? SLABS_BYTES : STAGED_BYTES;
@@ -218,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
             if (next < steps) issue(next, next % STAGES);
             else __pipeline_commit();
             int stage = t % STAGES;
-            warp_quarter_mma<wmma::row_major>(acc, &xs[stage][wr][0], SLAB_LD, 1, SLAB_LD, &ws[stage][wc][0], SLAB_LD);
+            warp_quarter_mma(acc, &xs[stage][0][0], &ws[stage][0][0], wr, wc);
         }
     } else {
         // The first layer (one channel: K = 27 or 9, one step) value by value, synchronously,
@@ -238,7 +237,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
                 ws[0][r][kk] = in_k && col0 + r < n ? w[(col0 + r) * k + k0 + kk] : zero;
             }
             __syncthreads();
-            warp_quarter_mma<wmma::row_major>(acc, &xs[0][wr][0], SLAB_LD, 1, SLAB_LD, &ws[0][wc][0], SLAB_LD);
+            warp_quarter_mma(acc, &xs[0][0][0], &ws[0][0][0], wr, wc);
         }
     }
     __syncthreads();  // every warp is done with the slabs, whose bytes become `staged`
@@ -296,8 +295,8 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv_transpose3d_mma_f
                                                                                    int64_t cin, Dims3 in,
                                                                                    int64_t cout, Dims3 stride) {
     using namespace nvcuda;
-    __shared__ __align__(32) __half xs[TILE][MMA_K + MMA_PAD];
-    __shared__ __align__(32) __half ws[TILE][MMA_K + MMA_PAD];
+    __shared__ __align__(32) __half xs[TILE][SLAB_LD];
+    __shared__ __align__(32) __half ws[TILE][SLAB_LD];
     __shared__ __align__(32) float staged[TILE][TILE + 4];
     const int64_t taps = stride.count(), m = in.count(), n = cout * taps, k = cin;
     int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * TILE;
@@ -326,8 +325,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv_transpose3d_mma_f
             ws[c][kk] = k0 + kk < k && col0 + c < n ? w[(k0 + kk) * n + col0 + c] : zero;
         }
         __syncthreads();
-        warp_quarter_mma<wmma::row_major>(acc, &xs[wr][0], MMA_K + MMA_PAD, 1, MMA_K + MMA_PAD, &ws[wc][0],
-                                          MMA_K + MMA_PAD);
+        warp_quarter_mma(acc, &xs[0][0], &ws[0][0], wr, wc);
         __syncthreads();
     }
     store_quarter(&staged[0][0], TILE + 4, acc, wr, wc);

@@ -76,8 +76,8 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
                                                                    const __half* bias, __half* y, int64_t m,
                                                                    int64_t n, int64_t k, int epilogue) {
     using namespace nvcuda;
-    __shared__ __align__(32) __half xs[TILE][MMA_K + MMA_PAD];
-    __shared__ __align__(32) __half ws[TILE][MMA_K + MMA_PAD];
+    __shared__ __align__(32) __half xs[TILE][SLAB_LD];
+    __shared__ __align__(32) __half ws[TILE][SLAB_LD];
     __shared__ __align__(32) float out[TILE][TILE + 4];
     int64_t row0 = (int64_t)blockIdx.y * TILE, col0 = (int64_t)blockIdx.x * TILE;
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
@@ -92,8 +92,7 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
             ws[r][kk] = (in_k && col0 + r < n) ? w[(col0 + r) * k + k0 + kk] : zero;
         }
         __syncthreads();
-        warp_quarter_mma<wmma::row_major>(acc, &xs[wr][0], MMA_K + MMA_PAD, 1, MMA_K + MMA_PAD, &ws[wc][0],
-                                          MMA_K + MMA_PAD);
+        warp_quarter_mma(acc, &xs[0][0], &ws[0][0], wr, wc);
         __syncthreads();
     }
     store_quarter(&out[0][0], TILE + 4, acc, wr, wc);

@@ -14,8 +14,10 @@
 #include "common.cuh"
 
 constexpr int MMA_PAD = 8;
-// K step of the 64 × 64-tile GEMMs (linear_mma_f16, conv3d_igemm_f16).
+// K step of the 64 × 64-tile GEMMs (linear_mma_f16, the tensor-core convolutions), and the row
+// stride of their staged slabs (MMA_K halves, padded).
 constexpr int MMA_K = 32;
+constexpr int SLAB_LD = MMA_K + MMA_PAD;
 // Token rows per block of the fused kernels: four warps of 16 rows.
 constexpr int FUSED_ROWS = 64;
 
@@ -38,21 +40,19 @@ __device__ __forceinline__ void warp_rows_mma(Accumulator (&acc)[N / 16], const 
     }
 }
 
-// One MMA_K-deep slab of a warp's 32 × 32 quarter of a 64 × 64 tile (linear_mma_f16,
-// conv3d_igemm_f16): acc[i][j] += A_i·B_j for the warp's rows wr + 16i and columns wc + 16j.
-// `a` points at the warp's first row of A in shared memory, whose element (row r, k) lies at
-// r·a_row + k·a_k halves (LayoutA names the contiguous one, lda the other's stride); `b` points
-// at row wc of the staged W ([n][k], row stride ldb), read column-major as Wᵀ.
-template <typename LayoutA>
-__device__ __forceinline__ void warp_quarter_mma(Accumulator (&acc)[2][2], const __half* a, int a_row, int a_k,
-                                                 int lda, const __half* b, int ldb) {
+// One K step of a warp's 32 × 32 quarter of a 64 × 64 tile (linear_mma_f16, the tensor-core
+// convolutions): acc[i][j] += A_i·B_j for the warp's rows wr + 16i and columns wc + 16j. `a` and
+// `b` are the step's slabs in shared memory, 64 rows of MMA_K halves, row stride SLAB_LD: A's
+// rows are the tile's rows; B's are its columns (W stored [n][k]), read column-major as Wᵀ.
+__device__ __forceinline__ void warp_quarter_mma(Accumulator (&acc)[2][2], const __half* a, const __half* b, int wr,
+                                                 int wc) {
     using namespace nvcuda;
 #pragma unroll
     for (int kk = 0; kk < MMA_K; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, LayoutA> fa[2];
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[2];
         wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[2];
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + 16 * i * a_row + kk * a_k, lda);
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], b + 16 * j * ldb + kk, ldb);
+        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + (wr + 16 * i) * SLAB_LD + kk, SLAB_LD);
+        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], b + (wc + 16 * j) * SLAB_LD + kk, SLAB_LD);
         for (int i = 0; i < 2; ++i)
             for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
