@@ -10,34 +10,43 @@
 // warp share `co` and neighbouring x positions: weight loads are warp-uniform broadcasts, input
 // loads coalesce along x.
 //
-// f16 storage: tensor-core GEMMs over channels-last volumes (Z × Y × X × C, the channel fastest,
-// so that 8 channels of a voxel are one aligned 16-byte load) and weights packed by
-// `swap_inner_axes` of kernels/volume.cu (conv [cout][tap][cin], transposed conv [cin][tap][cout]).
+// f16 storage: tensor-core GEMMs, and a direct kernel for the first layer, over channels-last
+// volumes (Z × Y × X × C, the channel fastest, so that 8 channels of a voxel are one aligned
+// 16-byte load) and weights packed by `swap_inner_axes` of kernels/volume.cu (conv
+// [cout][tap][cin], transposed conv [cin][tap][cout]).
 // - `conv3d_igemm_f16`: the implicit GEMM y[m, co] = b[co] + Σ_k A[m, k]·B[k, co], M = output
 //   voxels, N = cout, K = taps·cin with k = tap·cin + ci: A[m, k] is channel ci of the input
 //   voxel under tap `tap` of voxel m's window, gathered straight from x while staging (im2col
 //   without the copy); B[k, co] = packed[co][k]. Tiled like linear_mma_f16: a 64 × 64 output
 //   block (voxels × channels) per 4 warps, each warp 32 × 32 (2 × 2 WMMA 16×16×16 f16 fragments,
 //   f32 accumulators), K in steps of 32, both slabs row-major with rows padded by 8 halves.
-//   When the channel counts are multiples of 8 (every layer but the first), a step's slabs are
-//   64 rows × 4 pieces of 16 bytes each, two A and two B pieces per thread, copied with cp.async
+//   It runs when every channel count is a multiple of 8 (every layer of an nnU-Net plan but the
+//   first): a step's slabs are 64 rows × 4 pieces of 16 bytes each (8 consecutive columns are 8
+//   channels of one tap in one input), two A and two B pieces per thread, copied with cp.async
 //   (__pipeline_memcpy_async) into a 3-stage ring: the copies of step t + 2 fly while step t
 //   multiplies, one barrier per step. Each thread copies the same 8 columns and 2 rows at every
 //   step: its two window origins are decoded once and its column (tap offsets, channel, input)
 //   follows from step to step without division; padding and the ragged ends of M, N and K are
-//   the copies' zero fill. The first layer (one channel: K = 27 or 9, one step) loads value by
-//   value, synchronously, through shared tables of the block's origins and each step's columns.
-//   The epilogue stages the accumulators row-major in shared memory (reusing the ring's bytes:
-//   33 KB of static shared memory in all) and writes y[m][co] + b[co], consecutive threads on
-//   consecutive channels. Voxel blocks are on blockIdx.x (a volume can have more than 65535).
-//   The input may be two volumes read as their channel concatenation (`second`,
-//   `first_channels`), which spares the decoder's convolutions the concatenated copy. Given
-//   `stats`, the epilogue also leaves InstanceNorm's partial sums of the block's 64 voxels per
-//   channel (Σy, Σy² of the stored f16 values, as instance_norm_partials would compute them; f32
-//   over 64 values, f64 in memory) at stats[(co·gridDim.x + blockIdx.x)·2], the
-//   [channel][split] layout instance_norm_finalize reduces: the conv block's normalisation then
-//   reads its output once (apply) instead of twice (partials, apply). Two threads per channel
-//   add up 32 staged values each, conflict-free.
+//   the copies' zero fill. The epilogue stages the accumulators row-major in shared
+//   memory (reusing the ring's bytes: 32 KB of static shared memory in all) and writes
+//   y[m][co] + b[co], consecutive threads on consecutive channels. Voxel blocks are on
+//   blockIdx.x (a volume can have more than 65535).
+// - `conv3d_direct_f16`: the convolutions whose channels do not come in eights, above all the
+//   network's first layer (one to a few channels: K = 27·cin would fill a fraction of one
+//   tensor-core step, with nothing to load 16 bytes at a time), on CUDA cores over the same
+//   layouts. A block of 64 threads has 64 output voxels and 32 output channels (blockIdx.y),
+//   each thread one voxel and its 32 f32 accumulators. Per input channel and chunk of up to 27
+//   taps, the block stages the weights in shared memory as [tap][channel] (warp-uniform float4
+//   reads: one 16-byte load feeds 4 FMAs) and each thread gathers its voxel's window into
+//   registers (zero outside the input), then multiplies. The output is staged in shared memory
+//   and written consecutive threads on consecutive channels.
+// Both read the input as two volumes' channel concatenation when given `second` and
+// `first_channels`, which spares the decoder's convolutions the concatenated copy. Given
+// `stats`, both epilogues also leave InstanceNorm's partial sums of each 64-voxel block per
+// channel (Σy, Σy² of the stored f16 values, as instance_norm_partials would compute them; f32
+// over 64 values, f64 in memory) at stats[(co·gridDim.x + blockIdx.x)·2], the [channel][split]
+// layout instance_norm_finalize reduces: the conv block's normalisation then reads its output
+// once (apply) instead of twice (partials, apply).
 // - `conv_transpose3d_mma_f16`: one GEMM, P[i, n] = Σ_ci x[i, ci]·packed[ci, n] with M = input
 //   voxels, N = taps·cout (n = tap·cout + co), K = cin, tiled as above (A is x itself, 16-byte
 //   loads; B staged transposed); the epilogue writes P[i, n] + b[co] to y[i·s + tap][co].
@@ -79,8 +88,8 @@ constexpr int MMA_THREADS = 128;
 // Halves per 16-byte load.
 constexpr int VECTOR = 8;
 
-// Column k = tap·cin + ci of the implicit A: the tap's offsets in the window and where channel
-// ci lies: in the first input, or (the decoder's convolutions read the channel concatenation
+// Column k = tap·cin + ci of the implicit A (for the direct kernel, tap `tap` of input channel
+// ci): the tap's offsets in the window and where channel ci lies: in the first input, or (the decoder's convolutions read the channel concatenation
 // [first; second] in place) in the second, as channel ci − first_channels.
 struct Column {
     int z, y, x;
@@ -94,20 +103,6 @@ struct Origin {
     int z, y, x;
     bool exists;
 };
-
-// Decodes the K step starting at column k0 (none past the last step) into `columns`.
-__device__ __forceinline__ void decode_columns(Column* columns, int64_t k0, int64_t k, int64_t cin, Dims3 kernel,
-                                               int64_t first_channels) {
-    if (threadIdx.x >= MMA_K || k0 + threadIdx.x >= k) return;
-    int64_t col = k0 + threadIdx.x, tap = col / cin, ci = col % cin;
-    Column c;
-    c.z = tap / (kernel.y * kernel.x);
-    c.y = tap / kernel.x % kernel.y;
-    c.x = tap % kernel.x;
-    c.second = ci >= first_channels;
-    c.channel = c.second ? ci - first_channels : ci;
-    columns[threadIdx.x] = c;
-}
 
 // Where A[voxel, column] lies (channels-last inputs of first_channels and cin − first_channels
 // channels), or null outside the input: a zero.
@@ -154,6 +149,43 @@ struct ColumnCursor {
     }
 };
 
+// The epilogue of the f16 convolutions (2 · COLUMNS threads): y[row0 + r][col0 + c] =
+// staged[r][c] + b[col0 + c] for the block's TILE voxels × COLUMNS channels, staged row-major
+// (row stride ld floats), consecutive threads on consecutive channels. Each thread leaves the
+// values it stored in `staged` (zeros outside the output), so that, given `stats`, InstanceNorm's
+// partial sums of the block are of the stored values: thread t adds up half of the voxels
+// (t / COLUMNS) of channel t % COLUMNS, a warp's lanes reading consecutive floats of a row.
+template <int COLUMNS>
+__device__ __forceinline__ void store_block(float* staged, int ld, const __half* bias, __half* y, int64_t row0,
+                                            int64_t m, int64_t col0, int64_t n, double* stats) {
+    for (int l = threadIdx.x; l < TILE * COLUMNS; l += 2 * COLUMNS) {
+        int r = l / COLUMNS, c = l % COLUMNS;
+        bool inside = row0 + r < m && col0 + c < n;
+        __half stored = from_f32<__half>(staged[r * ld + c] + (bias && inside ? __half2float(bias[col0 + c]) : 0.f));
+        staged[r * ld + c] = inside ? __half2float(stored) : 0.f;
+        if (inside) y[(row0 + r) * n + col0 + c] = stored;
+    }
+    if (!stats) return;
+    __shared__ float halves[2][COLUMNS][2];  // [voxels 0–31, 32–63][channel][Σy, Σy²]
+    __syncthreads();
+    int c = threadIdx.x % COLUMNS, half = threadIdx.x / COLUMNS;
+    float sum = 0.f, squares = 0.f;
+#pragma unroll 4  // fully unrolled, ptxas spills on sm_80
+    for (int r = half * (TILE / 2); r < (half + 1) * (TILE / 2); ++r) {
+        float stored = staged[r * ld + c];
+        sum += stored;
+        squares += stored * stored;
+    }
+    halves[half][c][0] = sum;
+    halves[half][c][1] = squares;
+    __syncthreads();
+    if (half == 0 && col0 + c < n) {
+        double* partial = stats + ((col0 + c) * gridDim.x + blockIdx.x) * 2;
+        partial[0] = (double)halves[0][c][0] + halves[1][c][0];
+        partial[1] = (double)halves[0][c][1] + halves[1][c][1];
+    }
+}
+
 // Shared memory of conv3d_igemm_f16: STAGES slabs of A and of B while the K loop runs, then
 // (the same bytes) the f32 accumulators for the epilogue.
 constexpr int STAGES = 3;
@@ -178,99 +210,111 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
     Accumulator acc[2][2];
     zero_quarter(acc);
     const int64_t steps = (k + MMA_K - 1) / MMA_K;
-    if (cin % VECTOR == 0 && first_channels % VECTOR == 0) {
-        // 8 consecutive columns are 8 channels of one tap in one input: 16 aligned bytes, copied
-        // asynchronously STAGES − 1 steps ahead. Thread t copies columns kk…kk + 7 of rows t / 4
-        // and t / 4 + 32 of both slabs, at every step.
-        static_assert(2 * MMA_THREADS == TILE * MMA_K / VECTOR, "two rows of each slab per thread");
-        const int row = threadIdx.x / (MMA_K / VECTOR), kk = threadIdx.x % (MMA_K / VECTOR) * VECTOR;
-        const Origin origins[2] = {origin_of(row0 + row, m, out, stride, pad),
-                                   origin_of(row0 + row + TILE / 2, m, out, stride, pad)};
-        ColumnCursor cursor(kk, (int)cin, kernel);
-        // Copies step `step`'s slabs into stage `stage` (zeros outside the input and the matrices),
-        // commits them as one group, and moves the cursor to the next step.
-        auto issue = [&](int64_t step, int stage) {
-            int64_t k0 = step * MMA_K;
-            bool in_k = k0 + kk < k;
-            Column column = cursor.column(first_channels);
-            for (int j = 0; j < 2; ++j) {
-                int r = row + j * TILE / 2;
-                const __half* a = in_k ? a_source(origins[j], column, x, second, in, cin, first_channels) : nullptr;
-                __pipeline_memcpy_async(&xs[stage][r][kk], a ? a : x, 16, a ? 0 : 16);
-                bool b_in = in_k && col0 + r < n;
-                __pipeline_memcpy_async(&ws[stage][r][kk], b_in ? w + (col0 + r) * k + k0 + kk : w, 16, b_in ? 0 : 16);
-            }
-            __pipeline_commit();
-            cursor.advance(MMA_K, (int)cin, kernel);
-        };
-        for (int s = 0; s < STAGES - 1; ++s) {
-            if (s < steps) issue(s, s);
-            else __pipeline_commit();  // an empty group keeps the count of groups per step
+    // 8 consecutive columns are 8 channels of one tap in one input: 16 aligned bytes, copied
+    // asynchronously STAGES − 1 steps ahead. Thread t copies columns kk…kk + 7 of rows t / 4
+    // and t / 4 + 32 of both slabs, at every step.
+    static_assert(2 * MMA_THREADS == TILE * MMA_K / VECTOR, "two rows of each slab per thread");
+    const int row = threadIdx.x / (MMA_K / VECTOR), kk = threadIdx.x % (MMA_K / VECTOR) * VECTOR;
+    const Origin origins[2] = {origin_of(row0 + row, m, out, stride, pad),
+                               origin_of(row0 + row + TILE / 2, m, out, stride, pad)};
+    ColumnCursor cursor(kk, (int)cin, kernel);
+    // Copies step `step`'s slabs into stage `stage` (zeros outside the input and the matrices),
+    // commits them as one group, and moves the cursor to the next step.
+    auto issue = [&](int64_t step, int stage) {
+        int64_t k0 = step * MMA_K;
+        bool in_k = k0 + kk < k;
+        Column column = cursor.column(first_channels);
+        for (int j = 0; j < 2; ++j) {
+            int r = row + j * TILE / 2;
+            const __half* a = in_k ? a_source(origins[j], column, x, second, in, cin, first_channels) : nullptr;
+            __pipeline_memcpy_async(&xs[stage][r][kk], a ? a : x, 16, a ? 0 : 16);
+            bool b_in = in_k && col0 + r < n;
+            __pipeline_memcpy_async(&ws[stage][r][kk], b_in ? w + (col0 + r) * k + k0 + kk : w, 16, b_in ? 0 : 16);
         }
-        for (int64_t t = 0; t < steps; ++t) {
-            // Step t's group is complete once at most the STAGES − 2 after it are pending; the
-            // barrier shows every thread's copies and retires the stage step t − 1 read, which
-            // step t + STAGES − 1 refills.
-            __pipeline_wait_prior(STAGES - 2);
-            __syncthreads();
-            int64_t next = t + STAGES - 1;
-            if (next < steps) issue(next, next % STAGES);
-            else __pipeline_commit();
-            int stage = t % STAGES;
-            warp_quarter_mma(acc, &xs[stage][0][0], &ws[stage][0][0], wr, wc);
-        }
-    } else {
-        // The first layer (one channel: K = 27 or 9, one step) value by value, synchronously,
-        // through shared tables of the block's window origins and each step's columns.
-        __shared__ Column columns[MMA_K];
-        __shared__ Origin origins[TILE];
-        if (threadIdx.x < TILE) origins[threadIdx.x] = origin_of(row0 + threadIdx.x, m, out, stride, pad);
-        const __half zero = __float2half(0.f);
-        for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
-            decode_columns(columns, k0, k, cin, kernel, first_channels);
-            __syncthreads();
-            for (int l = threadIdx.x; l < TILE * MMA_K; l += MMA_THREADS) {
-                int r = l / MMA_K, kk = l % MMA_K;
-                bool in_k = k0 + kk < k;
-                const __half* a = in_k ? a_source(origins[r], columns[kk], x, second, in, cin, first_channels) : nullptr;
-                xs[0][r][kk] = a ? *a : zero;
-                ws[0][r][kk] = in_k && col0 + r < n ? w[(col0 + r) * k + k0 + kk] : zero;
-            }
-            __syncthreads();
-            warp_quarter_mma(acc, &xs[0][0][0], &ws[0][0][0], wr, wc);
-        }
+        __pipeline_commit();
+        cursor.advance(MMA_K, (int)cin, kernel);
+    };
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < steps) issue(s, s);
+        else __pipeline_commit();  // an empty group keeps the count of groups per step
+    }
+    for (int64_t t = 0; t < steps; ++t) {
+        // Step t's group is complete once at most the STAGES − 2 after it are pending; the
+        // barrier shows every thread's copies and retires the stage step t − 1 read, which
+        // step t + STAGES − 1 refills.
+        __pipeline_wait_prior(STAGES - 2);
+        __syncthreads();
+        int64_t next = t + STAGES - 1;
+        if (next < steps) issue(next, next % STAGES);
+        else __pipeline_commit();
+        int stage = t % STAGES;
+        warp_quarter_mma(acc, &xs[stage][0][0], &ws[stage][0][0], wr, wc);
     }
     __syncthreads();  // every warp is done with the slabs, whose bytes become `staged`
     store_quarter(&staged[0][0], TILE + 4, acc, wr, wc);
     __syncthreads();
-    for (int l = threadIdx.x; l < TILE * TILE; l += MMA_THREADS) {
-        int r = l / TILE, c = l % TILE;
-        if (row0 + r < m && col0 + c < n)
-            y[(row0 + r) * n + col0 + c] = from_f32<__half>(staged[r][c] + (bias ? __half2float(bias[col0 + c]) : 0.f));
-    }
-    if (!stats) return;
-    // InstanceNorm's partial sums of the stored values: thread t adds up half of the block's
-    // voxels (t / TILE) of channel t % TILE; a warp's lanes read 32 consecutive floats of a row.
-    static_assert(MMA_THREADS == 2 * TILE, "two threads per channel");
-    __shared__ float halves[2][TILE][2];  // [voxels 0–31, 32–63][channel][Σy, Σy²]
-    int c = threadIdx.x % TILE, half = threadIdx.x / TILE;
-    float b = bias && col0 + c < n ? __half2float(bias[col0 + c]) : 0.f, sum = 0.f, squares = 0.f;
-#pragma unroll 4  // fully unrolled, ptxas spills on sm_80
-    for (int r = half * (TILE / 2); r < (half + 1) * (TILE / 2); ++r) {
-        if (row0 + r < m) {
-            float stored = __half2float(from_f32<__half>(staged[r][c] + b));
-            sum += stored;
-            squares += stored * stored;
+    store_block<TILE>(&staged[0][0], TILE + 4, bias, y, row0, m, col0, n, stats);
+}
+
+// conv3d_direct_f16's output channels per block (a thread's accumulators), and taps per chunk
+// (a thread's window in registers: a 3 × 3 × 3 kernel's, the largest nnU-Net plans use, is one).
+constexpr int DIRECT_CHANNELS = 32;
+constexpr int DIRECT_TAPS = 27;
+
+extern "C" __global__ void __launch_bounds__(TILE) conv3d_direct_f16(const __half* x, const __half* w,
+                                                                     const __half* bias, __half* y, int64_t cin,
+                                                                     Dims3 in, int64_t cout, Dims3 out, Dims3 kernel,
+                                                                     Dims3 stride, Dims3 pad, const __half* second,
+                                                                     int64_t first_channels, double* stats) {
+    static_assert(TILE == 2 * DIRECT_CHANNELS, "the epilogue's two threads per channel");
+    __shared__ __align__(16) float weights[DIRECT_TAPS][DIRECT_CHANNELS];  // [tap][channel] of one chunk
+    __shared__ Column columns[DIRECT_TAPS];                                // the chunk's taps, channel ci
+    __shared__ float staged[TILE][DIRECT_CHANNELS + 1];                    // [voxel][channel], for the epilogue
+    const int64_t m = out.count(), taps = kernel.count(), k = cin * taps;
+    const int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * DIRECT_CHANNELS;
+    const Origin origin = origin_of(row0 + threadIdx.x, m, out, stride, pad);
+    float acc[DIRECT_CHANNELS] = {};
+    for (int64_t ci = 0; ci < cin; ++ci) {
+        for (int64_t t0 = 0; t0 < taps; t0 += DIRECT_TAPS) {
+            __syncthreads();  // every thread is done with the previous chunk's weights and columns
+            for (int l = threadIdx.x; l < DIRECT_TAPS * DIRECT_CHANNELS; l += TILE) {
+                int t = l / DIRECT_CHANNELS, c = l % DIRECT_CHANNELS;
+                bool inside = t0 + t < taps && col0 + c < cout;
+                weights[t][c] = inside ? __half2float(w[(col0 + c) * k + (t0 + t) * cin + ci]) : 0.f;
+            }
+            if (threadIdx.x < DIRECT_TAPS) {
+                int64_t tap = t0 + threadIdx.x;  // past the last tap in the last chunk: never read
+                bool in_second = ci >= first_channels;
+                columns[threadIdx.x] = Column{(int)(tap / (kernel.y * kernel.x)), (int)(tap / kernel.x % kernel.y),
+                                              (int)(tap % kernel.x), (int)(in_second ? ci - first_channels : ci),
+                                              in_second};
+            }
+            __syncthreads();
+            const int chunk = taps - t0 < DIRECT_TAPS ? (int)(taps - t0) : DIRECT_TAPS;
+            float window[DIRECT_TAPS];
+#pragma unroll
+            for (int t = 0; t < DIRECT_TAPS; ++t) {
+                const __half* a = t < chunk ? a_source(origin, columns[t], x, second, in, cin, first_channels) : nullptr;
+                window[t] = a ? __half2float(*a) : 0.f;
+            }
+#pragma unroll
+            for (int t = 0; t < DIRECT_TAPS; ++t) {
+                if (t >= chunk) break;
+#pragma unroll
+                for (int c = 0; c < DIRECT_CHANNELS; c += 4) {
+                    float4 wt = *reinterpret_cast<const float4*>(&weights[t][c]);
+                    acc[c] += window[t] * wt.x;
+                    acc[c + 1] += window[t] * wt.y;
+                    acc[c + 2] += window[t] * wt.z;
+                    acc[c + 3] += window[t] * wt.w;
+                }
+            }
         }
     }
-    halves[half][c][0] = sum;
-    halves[half][c][1] = squares;
+#pragma unroll
+    for (int c = 0; c < DIRECT_CHANNELS; ++c) staged[threadIdx.x][c] = acc[c];
     __syncthreads();
-    if (half == 0 && col0 + c < n) {
-        double* partial = stats + ((col0 + c) * gridDim.x + blockIdx.x) * 2;
-        partial[0] = (double)halves[0][c][0] + halves[1][c][0];
-        partial[1] = (double)halves[0][c][1] + halves[1][c][1];
-    }
+    store_block<DIRECT_CHANNELS>(&staged[0][0], DIRECT_CHANNELS + 1, bias, y, row0, m, col0, cout, stats);
 }
 
 template <typename T>

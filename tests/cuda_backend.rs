@@ -243,16 +243,19 @@ fn channels_last_outputs_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
 
 fn network_ops<E: Element>(tolerance: f64) {
     let mut n = fresh("network ops");
-    // Every plan's kernel and stride; with f16 storage the implicit GEMM's edges: one input
-    // channel (K = 27 or 9 of a 32-wide step), channel counts off the 16/64 grid, voxel counts
-    // leaving partial 64-row blocks, many K steps (40 · 27 = 1080), no bias; channel counts
-    // that are multiples of 8 (16-byte loads: 24, 40, and 24 split 8 + 16) and not.
+    // Every plan's kernel and stride. With f16 storage, the implicit GEMM where every channel
+    // count is a multiple of 8 (16-byte loads: 24, 40, and 24 split 8 + 16): channel counts off
+    // the 64 grid, voxel counts leaving partial 64-row blocks, many K steps (40 · 27 = 1080), no
+    // bias; the direct kernel elsewhere: one input channel (the first layer), a few, 40 split
+    // 13 + 27 (output channels in 1 to 3 blocks of 32), and a kernel of more taps (45) than its
+    // window holds (27).
     for (cin, cout, dims, kernel, stride, bias) in [
         (3, 8, [9, 17, 15], [3, 3, 3], [1, 1, 1], true),
         (4, 6, [6, 20, 19], [1, 3, 3], [1, 2, 2], true),
         (5, 7, [11, 10, 13], [3, 3, 3], [2, 2, 2], true),
         (8, 3, [7, 9, 11], [1, 1, 1], [1, 1, 1], true),
-        (1, 16, [9, 19, 23], [3, 3, 3], [1, 1, 1], true),
+        (1, 40, [9, 19, 23], [3, 3, 3], [1, 1, 1], true),
+        (2, 5, [6, 9, 10], [3, 3, 5], [1, 1, 2], true),
         (1, 13, [5, 21, 18], [1, 3, 3], [1, 1, 1], true),
         (5, 13, [9, 14, 11], [3, 3, 3], [1, 1, 1], false),
         (24, 40, [8, 13, 11], [3, 3, 3], [1, 2, 2], true),

@@ -1,7 +1,8 @@
 //! Launches of kernels/conv.cu: the 3D convolution and the kernel = stride transposed
-//! convolution, each one thread per output over channels-first volumes with f32 storage, and a
-//! tensor-core GEMM over channels-last volumes and packed weights with f16 (layout.rs converts
-//! what arrives otherwise).
+//! convolution, each one thread per output over channels-first volumes with f32 storage, and
+//! with f16 over channels-last volumes and packed weights (layout.rs converts what arrives
+//! otherwise): tensor-core GEMMs, and a direct kernel for the convolutions whose channels do not
+//! come in eights (the network's first layer).
 
 use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
@@ -10,8 +11,14 @@ use crate::backend::{Conv3d, ConvTranspose3d, InstanceNorm, conv_then_norm, shap
 use crate::error::Result;
 
 const MODULE: &str = "conv";
-/// Output block of the implicit GEMM (TILE in the kernel): voxels × output channels.
+/// Output block of the tensor-core kernels (TILE in the kernel): voxels × output channels. The
+/// direct kernel's blocks have as many voxels, a thread each.
 const TILE: usize = 64;
+/// Output channels per block of the direct kernel (DIRECT_CHANNELS).
+const DIRECT_CHANNELS: usize = 32;
+/// Channels per 16-byte load of the implicit GEMM (VECTOR): it needs every channel count to be
+/// a multiple of it.
+const VECTOR: usize = 8;
 
 /// A null device pointer, for a kernel's optional arguments.
 const NULL: u64 = 0;
@@ -23,29 +30,39 @@ fn push_bias<'a, E: Element>(launch: &mut LaunchArgs<'a>, bias: &'a Option<CudaT
     };
 }
 
-/// The implicit-GEMM convolution's last arguments: the second volume of a channel concatenation
+/// The f16 convolutions' last arguments: the second volume of a channel concatenation
 /// read in place (the input itself when there is none) with the first's channel count, and where
 /// the epilogue leaves InstanceNorm's partial sums of the output (none: a null pointer).
-struct IgemmInputs<'a, E: Element> {
+struct F16ConvInputs<'a, E: Element> {
     second: &'a CudaTensor<E>,
     first_channels: i64,
     norm_partials: Option<&'a mut CudaSlice<f64>>,
 }
 
 /// What a launch of kernels/conv.cu computes: its kernel, the input, the weights, the extents
-/// after `cout`, and for the tensor-core kernels the GEMM's M × N (one block per 64 × 64 tile;
-/// None for the one-thread-per-output kernels) and the implicit GEMM's last arguments.
+/// after `cout`, for the f16 kernels their grid of blocks (None for the one-thread-per-output
+/// f32 kernels), and the f16 convolutions' last arguments.
 struct ConvLaunch<'a, E: Element> {
     name: &'a str,
     x: &'a CudaTensor<E>,
     weight: &'a CudaTensor<E>,
     bias: &'a Option<CudaTensor<E>>,
     extra: &'a [Dims3],
-    gemm: Option<[usize; 2]>,
-    igemm: Option<IgemmInputs<'a, E>>,
+    blocks: Option<LaunchConfig>,
+    f16_inputs: Option<F16ConvInputs<'a, E>>,
 }
 
-/// Runs `conv` (`conv3d_*`, `conv3d_igemm_f16`, `conv_transpose3d_*` or
+/// Blocks of `threads` threads over an output of `m` voxels × `n` columns, `columns` a block:
+/// M (voxel) blocks on x, whose limit is 2³¹ − 1 blocks (y's is 65535).
+fn blocks(m: usize, n: usize, columns: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (m.div_ceil(TILE) as u32, n.div_ceil(columns) as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Runs `conv` (`conv3d_*`, `conv3d_igemm_f16`, `conv3d_direct_f16`, `conv_transpose3d_*` or
 /// `conv_transpose3d_mma_f16`) into a new output of the checked shape.
 fn launch_conv<E: Element>(
     b: &CudaBackend<E>,
@@ -54,10 +71,10 @@ fn launch_conv<E: Element>(
 ) -> Result<CudaTensor<E>> {
     let o = shape.out_dims;
     let mut y = b.output(vec![shape.cout, o[0], o[1], o[2]])?;
-    // The tensor-core kernels read and write channels-last volumes and packed weights, the
-    // others channels-first volumes and PyTorch's weights.
+    // The f16 kernels read and write channels-last volumes and packed weights, the f32 ones
+    // channels-first volumes and PyTorch's weights.
     let (mut x_slot, mut second_slot, mut w_slot) = (None, None, None);
-    let (x, weight) = if conv.gemm.is_some() {
+    let (x, weight) = if conv.blocks.is_some() {
         y.layout = Layout::ChannelsLast;
         (
             layout::volume_as(b, conv.x, &mut x_slot, Layout::ChannelsLast)?,
@@ -79,26 +96,22 @@ fn launch_conv<E: Element>(
     for d in conv.extra {
         launch.arg(d);
     }
-    let mut igemm = conv.igemm;
-    if let Some(igemm) = &mut igemm {
-        let second = layout::volume_as(b, igemm.second, &mut second_slot, Layout::ChannelsLast)?;
-        launch.arg(&second.data).arg(&igemm.first_channels);
-        match &mut igemm.norm_partials {
+    let mut f16_inputs = conv.f16_inputs;
+    if let Some(inputs) = &mut f16_inputs {
+        let second = layout::volume_as(b, inputs.second, &mut second_slot, Layout::ChannelsLast)?;
+        launch.arg(&second.data).arg(&inputs.first_channels);
+        match &mut inputs.norm_partials {
             Some(partials) => launch.arg(&mut **partials),
             None => launch.arg(&NULL),
         };
     }
-    let grid = match conv.gemm {
-        // M (voxel) blocks on x, whose limit is 2³¹ − 1 blocks (y's is 65535).
-        Some([m, n]) => LaunchConfig {
-            grid_dim: (m.div_ceil(TILE) as u32, n.div_ceil(TILE) as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        },
+    let grid = match conv.blocks {
+        Some(blocks) => blocks,
         None => b.elementwise(shape.cout * o.iter().product::<usize>()),
     };
     // SAFETY: argument order matches `conv3d_*` (x, w, b, y, cin, in, cout, out, kernel, stride,
-    // pad), `conv3d_igemm_f16` (the same, then second, first_channels, stats) and
+    // pad), `conv3d_igemm_f16` and `conv3d_direct_f16` (the same, then second, first_channels,
+    // stats; the implicit GEMM only with channel counts in eights) and
     // `conv_transpose3d_*` / `conv_transpose3d_mma_f16` (x, w, b, y, cin, in, cout, stride);
     // shapes checked, a concatenation's inputs share their spatial extent, the inputs and weights
     // are stored as the kernel reads them (converted above), and the partials hold
@@ -107,9 +120,10 @@ fn launch_conv<E: Element>(
     Ok(y)
 }
 
-/// conv3d of `x`, or of the channel concatenation [x; second] read in place (the tensor-core
-/// kernel only: the others get the concatenation), leaving InstanceNorm's partial sums of the
-/// output in `norm_partials` if given (the tensor-core kernel only).
+/// conv3d of `x`, or of the channel concatenation [x; second] read in place (the f16 kernels
+/// only: the f32 one gets the concatenation), leaving InstanceNorm's partial sums of the output
+/// in `norm_partials` if given (the f16 kernels only). With f16 the implicit GEMM runs where
+/// every channel count is a multiple of 8, the direct kernel elsewhere.
 fn conv3d_of<E: Element>(
     b: &CudaBackend<E>,
     x: &CudaTensor<E>,
@@ -120,16 +134,26 @@ fn conv3d_of<E: Element>(
 ) -> Result<CudaTensor<E>> {
     let extra = [shape.out_dims, shape.kernel, conv.stride, conv.padding].map(Dims3::from);
     let voxels = shape.out_dims.iter().product();
+    let first_channels = x.shape[0];
+    let (name, blocks) = if !E::TENSOR_CORES {
+        (format!("conv3d_{}", E::SUFFIX), None)
+    } else if shape.cin.is_multiple_of(VECTOR) && first_channels.is_multiple_of(VECTOR) {
+        let grid = blocks(voxels, shape.cout, TILE, 128);
+        ("conv3d_igemm_f16".to_string(), Some(grid))
+    } else {
+        let grid = blocks(voxels, shape.cout, DIRECT_CHANNELS, TILE as u32);
+        ("conv3d_direct_f16".to_string(), Some(grid))
+    };
     let launch = ConvLaunch {
-        name: E::CONV_KERNEL,
+        name: &name,
         x,
         weight: &conv.weight,
         bias: &conv.bias,
         extra: &extra,
-        gemm: E::TENSOR_CORES.then_some([voxels, shape.cout]),
-        igemm: E::TENSOR_CORES.then(|| IgemmInputs {
+        blocks,
+        f16_inputs: E::TENSOR_CORES.then(|| F16ConvInputs {
             second: second.unwrap_or(x),
-            first_channels: x.shape[0] as i64,
+            first_channels: first_channels as i64,
             norm_partials,
         }),
     };
@@ -160,7 +184,7 @@ pub fn conv3d_on_concat<E: Element>(
 }
 
 /// One conv block of the network: InstanceNorm + LeakyReLU of conv3d(x), or of [x; second].
-/// On tensor cores the convolution's epilogue gathers the normalisation's statistics, so the
+/// With f16 the convolution's epilogue gathers the normalisation's statistics, so the
 /// output is read once more (to normalise it) instead of twice.
 pub fn conv_norm_leaky_relu<E: Element>(
     b: &CudaBackend<E>,
@@ -170,7 +194,7 @@ pub fn conv_norm_leaky_relu<E: Element>(
     norm: &InstanceNorm<CudaTensor<E>>,
 ) -> Result<CudaTensor<E>> {
     if !E::TENSOR_CORES {
-        // The direct kernel has no epilogue to gather the statistics in.
+        // The f32 kernel, one thread per output value, has no epilogue to gather them in.
         return conv_then_norm(b, x, second, conv, norm);
     }
     let shape = match second {
@@ -191,15 +215,13 @@ pub fn conv_transpose3d<E: Element>(
 ) -> Result<CudaTensor<E>> {
     let shape = shapes::conv_transpose3d(x, conv)?;
     let extra = [Dims3::from(conv.stride)];
-    let (name, gemm) = if E::TENSOR_CORES {
+    let (name, blocks) = if E::TENSOR_CORES {
         let (voxels, taps) = (
             shape.dims.iter().product(),
             conv.stride.iter().product::<usize>(),
         );
-        (
-            "conv_transpose3d_mma_f16".to_string(),
-            Some([voxels, shape.cout * taps]),
-        )
+        let grid = blocks(voxels, shape.cout * taps, TILE, 128);
+        ("conv_transpose3d_mma_f16".to_string(), Some(grid))
     } else {
         (format!("conv_transpose3d_{}", E::SUFFIX), None)
     };
@@ -209,8 +231,8 @@ pub fn conv_transpose3d<E: Element>(
         weight: &conv.weight,
         bias: &conv.bias,
         extra: &extra,
-        gemm,
-        igemm: None,
+        blocks,
+        f16_inputs: None,
     };
     launch_conv(b, launch, &shape)
 }

@@ -50,8 +50,6 @@ pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + '
     const LINEAR_KERNEL: &'static str;
     /// Whether this type's GEMMs run on tensor cores (WMMA), with the fused kernels built on them.
     const TENSOR_CORES: bool;
-    /// The 3D convolution kernel for this type.
-    const CONV_KERNEL: &'static str;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
 }
@@ -60,7 +58,6 @@ impl Element for f32 {
     const SUFFIX: &'static str = "f32";
     const LINEAR_KERNEL: &'static str = "linear_simt_f32";
     const TENSOR_CORES: bool = false;
-    const CONV_KERNEL: &'static str = "conv3d_f32";
     fn from_f32(v: f32) -> Self {
         v
     }
@@ -73,7 +70,6 @@ impl Element for f16 {
     const SUFFIX: &'static str = "f16";
     const LINEAR_KERNEL: &'static str = "linear_mma_f16";
     const TENSOR_CORES: bool = true;
-    const CONV_KERNEL: &'static str = "conv3d_igemm_f16";
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
     }

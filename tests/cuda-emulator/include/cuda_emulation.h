@@ -18,10 +18,13 @@
 struct uint3 {
     unsigned x, y, z;
 };
-// CUDA's 16-byte vector: its alignment makes the host compiler use aligned vector moves, which
+// CUDA's 16-byte vectors: their alignment makes the host compiler use aligned vector moves, which
 // fault on a misaligned address as the GPU's 16-byte loads do.
 struct __attribute__((aligned(16))) uint4 {
     unsigned x, y, z, w;
+};
+struct __attribute__((aligned(16))) float4 {
+    float x, y, z, w;
 };
 
 namespace emu {
