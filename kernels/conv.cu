@@ -14,21 +14,21 @@
 // volumes (Z × Y × X × C, the channel fastest, so that 8 channels of a voxel are one aligned
 // 16-byte load) and weights packed by `swap_inner_axes` of kernels/volume.cu (conv
 // [cout][tap][cin], transposed conv [cin][tap][cout]).
-// - `conv3d_igemm_f16`: the implicit GEMM y[m, co] = b[co] + Σ_k A[m, k]·B[k, co], M = output
+// - `conv3d_igemm_f16_*`: the implicit GEMM y[m, co] = b[co] + Σ_k A[m, k]·B[k, co], M = output
 //   voxels, N = cout, K = taps·cin with k = tap·cin + ci: A[m, k] is channel ci of the input
 //   voxel under tap `tap` of voxel m's window, gathered straight from x while staging (im2col
 //   without the copy); B[k, co] = packed[co][k]. Tiled like linear_mma_f16: a 64 × 64 output
-//   block (voxels × channels) per 4 warps, each warp 32 × 32 (2 × 2 WMMA 16×16×16 f16 fragments,
-//   f32 accumulators), K in steps of 32, both slabs row-major with rows padded by 8 halves.
-//   It runs when every channel count is a multiple of 8 (every layer of an nnU-Net plan but the
-//   first): a step's slabs are 64 rows × 4 pieces of 16 bytes each (8 consecutive columns are 8
-//   channels of one tap in one input), two A and two B pieces per thread, copied with cp.async
+//   block (voxels × channels; 128 × 32 where cout ≤ 32) per 4 warps, each warp 32 × 32 (2 × 2
+//   WMMA 16×16×16 f16 fragments, f32 accumulators), K in steps of 32, both slabs row-major with
+//   rows padded by 8 halves. It runs when every channel count is a multiple of 8 (every layer of
+//   an nnU-Net plan but the first): a step's slabs are rows of 4 pieces of 16 bytes each (8 consecutive columns are 8
+//   channels of one tap in one input), 4 or 5 pieces per thread, copied with cp.async
 //   (__pipeline_memcpy_async) into a 3-stage ring: the copies of step t + 2 fly while step t
-//   multiplies, one barrier per step. Each thread copies the same 8 columns and 2 rows at every
-//   step: its two window origins are decoded once and its column (tap offsets, channel, input)
+//   multiplies, one barrier per step. Each thread copies the same 8 columns of the same rows at
+//   every step: its window origins are decoded once and its column (tap offsets, channel, input)
 //   follows from step to step without division; padding and the ragged ends of M, N and K are
-//   the copies' zero fill. The epilogue stages the accumulators row-major in shared
-//   memory (reusing the ring's bytes: 32 KB of static shared memory in all) and writes
+//   the copies' zero fill. The epilogue stages the accumulators row-major in shared memory
+//   (reusing the ring's bytes: 32 KB of static shared memory in all, 39 KB for 128 × 32) and writes
 //   y[m][co] + b[co], consecutive threads on consecutive channels. Voxel blocks are on
 //   blockIdx.x (a volume can have more than 65535).
 // - `conv3d_direct_f16`: the convolutions whose channels do not come in eights, above all the
@@ -149,16 +149,19 @@ struct ColumnCursor {
     }
 };
 
-// The epilogue of the f16 convolutions (2 · COLUMNS threads): y[row0 + r][col0 + c] =
-// staged[r][c] + b[col0 + c] for the block's TILE voxels × COLUMNS channels, staged row-major
-// (row stride ld floats), consecutive threads on consecutive channels. Each thread leaves the
-// values it stored in `staged` (zeros outside the output), so that, given `stats`, InstanceNorm's
-// partial sums of the block are of the stored values: thread t adds up half of the voxels
-// (t / COLUMNS) of channel t % COLUMNS, a warp's lanes reading consecutive floats of a row.
-template <int COLUMNS>
+// The epilogue of the f16 convolutions (THREADS threads, a multiple of COLUMNS):
+// y[row0 + r][col0 + c] = staged[r][c] + b[col0 + c] for the block's ROWS voxels × COLUMNS
+// channels, staged row-major (row stride ld floats), consecutive threads on consecutive channels.
+// Each thread leaves the values it stored in `staged` (zeros outside the output), so that, given
+// `stats`, InstanceNorm's partial sums of the block are of the stored values: THREADS / COLUMNS
+// threads per channel (t % COLUMNS) each add up as many consecutive voxels, a warp's lanes
+// reading consecutive floats of a row; the first adds up their sums.
+template <int ROWS, int COLUMNS, int THREADS>
 __device__ __forceinline__ void store_block(float* staged, int ld, const __half* bias, __half* y, int64_t row0,
                                             int64_t m, int64_t col0, int64_t n, double* stats) {
-    for (int l = threadIdx.x; l < TILE * COLUMNS; l += 2 * COLUMNS) {
+    constexpr int PARTS = THREADS / COLUMNS, PART_ROWS = ROWS / PARTS;
+    static_assert(PARTS * COLUMNS == THREADS && PARTS * PART_ROWS == ROWS, "whole parts of the block");
+    for (int l = threadIdx.x; l < ROWS * COLUMNS; l += THREADS) {
         int r = l / COLUMNS, c = l % COLUMNS;
         bool inside = row0 + r < m && col0 + c < n;
         __half stored = from_f32<__half>(staged[r * ld + c] + (bias && inside ? __half2float(bias[col0 + c]) : 0.f));
@@ -166,57 +169,71 @@ __device__ __forceinline__ void store_block(float* staged, int ld, const __half*
         if (inside) y[(row0 + r) * n + col0 + c] = stored;
     }
     if (!stats) return;
-    __shared__ float halves[2][COLUMNS][2];  // [voxels 0–31, 32–63][channel][Σy, Σy²]
+    __shared__ float parts[PARTS][COLUMNS][2];  // [voxels part][channel][Σy, Σy²]
     __syncthreads();
-    int c = threadIdx.x % COLUMNS, half = threadIdx.x / COLUMNS;
+    int c = threadIdx.x % COLUMNS, part = threadIdx.x / COLUMNS;
     float sum = 0.f, squares = 0.f;
 #pragma unroll 4  // fully unrolled, ptxas spills on sm_80
-    for (int r = half * (TILE / 2); r < (half + 1) * (TILE / 2); ++r) {
+    for (int r = part * PART_ROWS; r < (part + 1) * PART_ROWS; ++r) {
         float stored = staged[r * ld + c];
         sum += stored;
         squares += stored * stored;
     }
-    halves[half][c][0] = sum;
-    halves[half][c][1] = squares;
+    parts[part][c][0] = sum;
+    parts[part][c][1] = squares;
     __syncthreads();
-    if (half == 0 && col0 + c < n) {
+    if (part == 0 && col0 + c < n) {
+        double total[2] = {0.0, 0.0};
+        for (int p = 0; p < PARTS; ++p)
+            for (int i = 0; i < 2; ++i) total[i] += parts[p][c][i];
         double* partial = stats + ((col0 + c) * gridDim.x + blockIdx.x) * 2;
-        partial[0] = (double)halves[0][c][0] + halves[1][c][0];
-        partial[1] = (double)halves[0][c][1] + halves[1][c][1];
+        partial[0] = total[0];
+        partial[1] = total[1];
     }
 }
 
-// Shared memory of conv3d_igemm_f16: STAGES slabs of A and of B while the K loop runs, then
-// (the same bytes) the f32 accumulators for the epilogue.
+// Depth of the implicit GEMM's ring of shared slabs (steps in flight: STAGES − 1).
 constexpr int STAGES = 3;
-constexpr int SLABS_BYTES = 2 * STAGES * TILE * SLAB_LD * 2;
-constexpr int STAGED_BYTES = TILE * (TILE + 4) * 4;
-constexpr int IGEMM_SHARED_BYTES = SLABS_BYTES > STAGED_BYTES ? SLABS_BYTES : STAGED_BYTES;
 
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const __half* x, const __half* w,
-                                                                           const __half* bias, __half* y,
-                                                                           int64_t cin, Dims3 in, int64_t cout,
-                                                                           Dims3 out, Dims3 kernel, Dims3 stride,
-                                                                           Dims3 pad, const __half* second,
-                                                                           int64_t first_channels, double* stats) {
-    using namespace nvcuda;
-    __shared__ __align__(128) unsigned char shared[IGEMM_SHARED_BYTES];
-    auto xs = reinterpret_cast<__half(*)[TILE][SLAB_LD]>(shared);                  // [stage][voxel][k]
-    auto ws = reinterpret_cast<__half(*)[TILE][SLAB_LD]>(shared + SLABS_BYTES / 2);  // [stage][channel][k]
-    auto staged = reinterpret_cast<float(*)[TILE + 4]>(shared);                      // after the K loop
+// The implicit GEMM's block tile: 4 warps of 32 × 32 outputs, WARPS_M of them along the voxels,
+// 4 / WARPS_M along the channels. 64 × 64 for most layers; 128 × 32 where cout ≤ 32 (a
+// plan's first stage, encoder and decoder: 15 % of a Pancreas forward's multiply-accumulates,
+// 50 % of the generic 128³ plan's), where a 64-channel tile would compute half zeros.
+template <int WARPS_M> struct IgemmTile {
+    static constexpr int ROWS = 32 * WARPS_M, COLUMNS = 32 * (4 / WARPS_M);
+    // STAGES slabs of A (ROWS × MMA_K) and B (COLUMNS × MMA_K) while the K loop runs, then (the
+    // same bytes) the f32 accumulators for the epilogue.
+    static constexpr int A_BYTES = STAGES * ROWS * SLAB_LD * 2, B_BYTES = STAGES * COLUMNS * SLAB_LD * 2;
+    static constexpr int STAGED_LD = COLUMNS + 4, STAGED_BYTES = ROWS * STAGED_LD * 4;
+    static constexpr int SHARED_BYTES =
+        A_BYTES + B_BYTES > STAGED_BYTES ? A_BYTES + B_BYTES : STAGED_BYTES;
+};
+
+template <int WARPS_M>
+__device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, const __half* bias, __half* y,
+                                             int64_t cin, Dims3 in, int64_t cout, Dims3 out, Dims3 kernel,
+                                             Dims3 stride, Dims3 pad, const __half* second, int64_t first_channels,
+                                             double* stats) {
+    using Tile = IgemmTile<WARPS_M>;
+    constexpr int ROWS = Tile::ROWS, COLUMNS = Tile::COLUMNS;
+    __shared__ __align__(128) unsigned char shared[Tile::SHARED_BYTES];
+    auto xs = reinterpret_cast<__half(*)[ROWS][SLAB_LD]>(shared);                       // [stage][voxel][k]
+    auto ws = reinterpret_cast<__half(*)[COLUMNS][SLAB_LD]>(shared + Tile::A_BYTES);   // [stage][channel][k]
+    auto staged = reinterpret_cast<float(*)[Tile::STAGED_LD]>(shared);                 // after the K loop
     const int64_t m = out.count(), n = cout, k = cin * kernel.count();
-    int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * TILE;
-    int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
+    int64_t row0 = (int64_t)blockIdx.x * ROWS, col0 = (int64_t)blockIdx.y * COLUMNS;
+    int warp = threadIdx.x / 32, wr = warp / (4 / WARPS_M) * 32, wc = warp % (4 / WARPS_M) * 32;
     Accumulator acc[2][2];
     zero_quarter(acc);
     const int64_t steps = (k + MMA_K - 1) / MMA_K;
     // 8 consecutive columns are 8 channels of one tap in one input: 16 aligned bytes, copied
-    // asynchronously STAGES − 1 steps ahead. Thread t copies columns kk…kk + 7 of rows t / 4
-    // and t / 4 + 32 of both slabs, at every step.
-    static_assert(2 * MMA_THREADS == TILE * MMA_K / VECTOR, "two rows of each slab per thread");
+    // asynchronously STAGES − 1 steps ahead. Thread t copies columns kk…kk + 7 of rows t / 4 +
+    // 32j of both slabs (ROWS / 32 of A, COLUMNS / 32 of B), at every step.
+    constexpr int THREAD_ROWS = MMA_THREADS / (MMA_K / VECTOR);
+    static_assert(THREAD_ROWS == 32, "a slab's rows in groups of 32, a row of 4 pieces per 4 threads");
     const int row = threadIdx.x / (MMA_K / VECTOR), kk = threadIdx.x % (MMA_K / VECTOR) * VECTOR;
-    const Origin origins[2] = {origin_of(row0 + row, m, out, stride, pad),
-                               origin_of(row0 + row + TILE / 2, m, out, stride, pad)};
+    Origin origins[ROWS / THREAD_ROWS];
+    for (int j = 0; j < ROWS / THREAD_ROWS; ++j) origins[j] = origin_of(row0 + row + j * THREAD_ROWS, m, out, stride, pad);
     ColumnCursor cursor(kk, (int)cin, kernel);
     // Copies step `step`'s slabs into stage `stage` (zeros outside the input and the matrices),
     // commits them as one group, and moves the cursor to the next step.
@@ -224,12 +241,15 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
         int64_t k0 = step * MMA_K;
         bool in_k = k0 + kk < k;
         Column column = cursor.column(first_channels);
-        for (int j = 0; j < 2; ++j) {
-            int r = row + j * TILE / 2;
+        for (int j = 0; j < ROWS / THREAD_ROWS; ++j) {
             const __half* a = in_k ? a_source(origins[j], column, x, second, in, cin, first_channels) : nullptr;
-            __pipeline_memcpy_async(&xs[stage][r][kk], a ? a : x, 16, a ? 0 : 16);
-            bool b_in = in_k && col0 + r < n;
-            __pipeline_memcpy_async(&ws[stage][r][kk], b_in ? w + (col0 + r) * k + k0 + kk : w, 16, b_in ? 0 : 16);
+            __pipeline_memcpy_async(&xs[stage][row + j * THREAD_ROWS][kk], a ? a : x, 16, a ? 0 : 16);
+        }
+        for (int j = 0; j < COLUMNS / THREAD_ROWS; ++j) {
+            int64_t c = col0 + row + j * THREAD_ROWS;
+            bool inside = in_k && c < n;
+            __pipeline_memcpy_async(&ws[stage][row + j * THREAD_ROWS][kk], inside ? w + c * k + k0 + kk : w, 16,
+                                    inside ? 0 : 16);
         }
         __pipeline_commit();
         cursor.advance(MMA_K, (int)cin, kernel);
@@ -251,10 +271,19 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_igemm_f16(const
         warp_quarter_mma(acc, &xs[stage][0][0], &ws[stage][0][0], wr, wc);
     }
     __syncthreads();  // every warp is done with the slabs, whose bytes become `staged`
-    store_quarter(&staged[0][0], TILE + 4, acc, wr, wc);
+    store_quarter(&staged[0][0], Tile::STAGED_LD, acc, wr, wc);
     __syncthreads();
-    store_block<TILE>(&staged[0][0], TILE + 4, bias, y, row0, m, col0, n, stats);
+    store_block<ROWS, COLUMNS, MMA_THREADS>(&staged[0][0], Tile::STAGED_LD, bias, y, row0, m, col0, n, stats);
 }
+
+#define CONV3D_IGEMM(WARPS_M, NAME)                                                                             \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                   \
+        NAME(const __half* x, const __half* w, const __half* b, __half* y, int64_t cin, Dims3 in, int64_t cout, \
+             Dims3 out, Dims3 k, Dims3 s, Dims3 p, const __half* second, int64_t first_channels, double* stats) { \
+        conv3d_igemm<WARPS_M>(x, w, b, y, cin, in, cout, out, k, s, p, second, first_channels, stats);        \
+    }
+CONV3D_IGEMM(2, conv3d_igemm_f16_64x64)
+CONV3D_IGEMM(4, conv3d_igemm_f16_128x32)
 
 // conv3d_direct_f16's output channels per block (a thread's accumulators), and taps per chunk
 // (a thread's window in registers: a 3 × 3 × 3 kernel's, the largest nnU-Net plans use, is one).
@@ -266,7 +295,6 @@ extern "C" __global__ void __launch_bounds__(TILE) conv3d_direct_f16(const __hal
                                                                      Dims3 in, int64_t cout, Dims3 out, Dims3 kernel,
                                                                      Dims3 stride, Dims3 pad, const __half* second,
                                                                      int64_t first_channels, double* stats) {
-    static_assert(TILE == 2 * DIRECT_CHANNELS, "the epilogue's two threads per channel");
     __shared__ __align__(16) float weights[DIRECT_TAPS][DIRECT_CHANNELS];  // [tap][channel] of one chunk
     __shared__ Column columns[DIRECT_TAPS];                                // the chunk's taps, channel ci
     __shared__ float staged[TILE][DIRECT_CHANNELS + 1];                    // [voxel][channel], for the epilogue
@@ -314,7 +342,7 @@ extern "C" __global__ void __launch_bounds__(TILE) conv3d_direct_f16(const __hal
 #pragma unroll
     for (int c = 0; c < DIRECT_CHANNELS; ++c) staged[threadIdx.x][c] = acc[c];
     __syncthreads();
-    store_block<DIRECT_CHANNELS>(&staged[0][0], DIRECT_CHANNELS + 1, bias, y, row0, m, col0, cout, stats);
+    store_block<TILE, DIRECT_CHANNELS, TILE>(&staged[0][0], DIRECT_CHANNELS + 1, bias, y, row0, m, col0, cout, stats);
 }
 
 template <typename T>

@@ -124,7 +124,7 @@ step "profile: Nsight Compute on the Pancreas plan's network kernels and the per
 sections=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats)
 if [ -f /tmp/bench-pancreas.safetensors ]; then
     bounded "$(within 60 $((RESERVE_SUMMARY + 40)))" ncu "${sections[@]}" --launch-count 28 \
-        --kernel-name regex:'conv3d_igemm|conv_transpose3d_mma' \
+        --kernel-name regex:'conv3d_igemm|conv3d_direct|conv_transpose3d_mma' \
         gpu-bin/tis bench --tile --device cuda --precision f16 -m /tmp/bench-pancreas.safetensors --iters 1 \
         --warmup 0 > "$out/ncu-tile.log" 2>&1
     echo "ncu (tile) exit $?"

@@ -244,11 +244,11 @@ fn channels_last_outputs_on<B: Backend>(b: &B, c: &ConvCase) -> Tensor {
 fn network_ops<E: Element>(tolerance: f64) {
     let mut n = fresh("network ops");
     // Every plan's kernel and stride. With f16 storage, the implicit GEMM where every channel
-    // count is a multiple of 8 (16-byte loads: 24, 40, and 24 split 8 + 16): channel counts off
-    // the 64 grid, voxel counts leaving partial 64-row blocks, many K steps (40 · 27 = 1080), no
-    // bias; the direct kernel elsewhere: one input channel (the first layer), a few, 40 split
-    // 13 + 27 (output channels in 1 to 3 blocks of 32), and a kernel of more taps (45) than its
-    // window holds (27).
+    // count is a multiple of 8 (16-byte loads: 8, 24, 40, 48, 24 split 8 + 16, 48 split 16 + 32),
+    // on both its tiles (64 × 64; 128 × 32 for cout ≤ 32): channel counts off the tile's grid,
+    // voxel counts leaving partial blocks, many K steps (40 · 27 = 1080), no bias; the direct
+    // kernel elsewhere: one input channel (the first layer), a few, 40 split 13 + 27 (output
+    // channels in 1 to 3 blocks of 32), and a kernel of more taps (45) than its window holds (27).
     for (cin, cout, dims, kernel, stride, bias) in [
         (3, 8, [9, 17, 15], [3, 3, 3], [1, 1, 1], true),
         (4, 6, [6, 20, 19], [1, 3, 3], [1, 2, 2], true),
@@ -261,6 +261,7 @@ fn network_ops<E: Element>(tolerance: f64) {
         (24, 40, [8, 13, 11], [3, 3, 3], [1, 2, 2], true),
         (40, 70, [7, 11, 13], [3, 3, 3], [2, 2, 2], true),
         (40, 24, [7, 11, 13], [3, 3, 3], [1, 1, 1], false),
+        (48, 32, [6, 11, 13], [3, 3, 3], [1, 1, 1], true),
     ] {
         let fan_in = (cin * kernel.iter().product::<usize>()) as f32;
         let case = ConvCase {

@@ -11,14 +11,67 @@ use crate::backend::{Conv3d, ConvTranspose3d, InstanceNorm, conv_then_norm, shap
 use crate::error::Result;
 
 const MODULE: &str = "conv";
-/// Output block of the tensor-core kernels (TILE in the kernel): voxels × output channels. The
-/// direct kernel's blocks have as many voxels, a thread each.
-const TILE: usize = 64;
-/// Output channels per block of the direct kernel (DIRECT_CHANNELS).
-const DIRECT_CHANNELS: usize = 32;
 /// Channels per 16-byte load of the implicit GEMM (VECTOR): it needs every channel count to be
 /// a multiple of it.
 const VECTOR: usize = 8;
+
+/// An f16 kernel's block: the output voxels × columns it computes, and its threads.
+#[derive(Clone, Copy)]
+struct BlockTile {
+    rows: usize,
+    columns: usize,
+    threads: u32,
+}
+
+impl BlockTile {
+    /// The grid over an output of `m` voxels × `n` columns: voxel blocks on x, whose limit is
+    /// 2³¹ − 1 blocks (y's is 65535).
+    fn grid(self, m: usize, n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                m.div_ceil(self.rows) as u32,
+                n.div_ceil(self.columns) as u32,
+                1,
+            ),
+            block_dim: (self.threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// The tensor-core GEMMs' usual block (4 warps of 32 × 32 outputs).
+const GEMM_64X64: BlockTile = BlockTile {
+    rows: 64,
+    columns: 64,
+    threads: 128,
+};
+
+/// The f16 3D convolution's kernel for `shape` with the input's first `first_channels` channels
+/// in one volume, and its block: the direct kernel (one thread per voxel, 32 output channels)
+/// unless every channel count is a multiple of 8, else the implicit GEMM, whose 128 × 32 tile
+/// leaves no half-empty tile where cout ≤ 32.
+fn f16_conv3d_kernel(
+    shape: &shapes::ConvShape,
+    first_channels: usize,
+) -> (&'static str, BlockTile) {
+    if !(shape.cin.is_multiple_of(VECTOR) && first_channels.is_multiple_of(VECTOR)) {
+        let tile = BlockTile {
+            rows: 64,
+            columns: 32,
+            threads: 64,
+        };
+        ("conv3d_direct_f16", tile)
+    } else if shape.cout <= 32 {
+        let tile = BlockTile {
+            rows: 128,
+            columns: 32,
+            threads: 128,
+        };
+        ("conv3d_igemm_f16_128x32", tile)
+    } else {
+        ("conv3d_igemm_f16_64x64", GEMM_64X64)
+    }
+}
 
 /// A null device pointer, for a kernel's optional arguments.
 const NULL: u64 = 0;
@@ -52,17 +105,7 @@ struct ConvLaunch<'a, E: Element> {
     f16_inputs: Option<F16ConvInputs<'a, E>>,
 }
 
-/// Blocks of `threads` threads over an output of `m` voxels × `n` columns, `columns` a block:
-/// M (voxel) blocks on x, whose limit is 2³¹ − 1 blocks (y's is 65535).
-fn blocks(m: usize, n: usize, columns: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (m.div_ceil(TILE) as u32, n.div_ceil(columns) as u32, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// Runs `conv` (`conv3d_*`, `conv3d_igemm_f16`, `conv3d_direct_f16`, `conv_transpose3d_*` or
+/// Runs `conv` (`conv3d_*`, `conv3d_igemm_f16_*`, `conv3d_direct_f16`, `conv_transpose3d_*` or
 /// `conv_transpose3d_mma_f16`) into a new output of the checked shape.
 fn launch_conv<E: Element>(
     b: &CudaBackend<E>,
@@ -110,7 +153,7 @@ fn launch_conv<E: Element>(
         None => b.elementwise(shape.cout * o.iter().product::<usize>()),
     };
     // SAFETY: argument order matches `conv3d_*` (x, w, b, y, cin, in, cout, out, kernel, stride,
-    // pad), `conv3d_igemm_f16` and `conv3d_direct_f16` (the same, then second, first_channels,
+    // pad), `conv3d_igemm_f16_*` and `conv3d_direct_f16` (the same, then second, first_channels,
     // stats; the implicit GEMM only with channel counts in eights) and
     // `conv_transpose3d_*` / `conv_transpose3d_mma_f16` (x, w, b, y, cin, in, cout, stride);
     // shapes checked, a concatenation's inputs share their spatial extent, the inputs and weights
@@ -122,8 +165,8 @@ fn launch_conv<E: Element>(
 
 /// conv3d of `x`, or of the channel concatenation [x; second] read in place (the f16 kernels
 /// only: the f32 one gets the concatenation), leaving InstanceNorm's partial sums of the output
-/// in `norm_partials` if given (the f16 kernels only). With f16 the implicit GEMM runs where
-/// every channel count is a multiple of 8, the direct kernel elsewhere.
+/// in `norm_partials` if given (the f16 kernels only; one pair per channel and block of
+/// `f16_conv3d_kernel`).
 fn conv3d_of<E: Element>(
     b: &CudaBackend<E>,
     x: &CudaTensor<E>,
@@ -135,14 +178,11 @@ fn conv3d_of<E: Element>(
     let extra = [shape.out_dims, shape.kernel, conv.stride, conv.padding].map(Dims3::from);
     let voxels = shape.out_dims.iter().product();
     let first_channels = x.shape[0];
-    let (name, blocks) = if !E::TENSOR_CORES {
-        (format!("conv3d_{}", E::SUFFIX), None)
-    } else if shape.cin.is_multiple_of(VECTOR) && first_channels.is_multiple_of(VECTOR) {
-        let grid = blocks(voxels, shape.cout, TILE, 128);
-        ("conv3d_igemm_f16".to_string(), Some(grid))
+    let (name, blocks) = if E::TENSOR_CORES {
+        let (name, tile) = f16_conv3d_kernel(shape, first_channels);
+        (name.to_string(), Some(tile.grid(voxels, shape.cout)))
     } else {
-        let grid = blocks(voxels, shape.cout, DIRECT_CHANNELS, TILE as u32);
-        ("conv3d_direct_f16".to_string(), Some(grid))
+        (format!("conv3d_{}", E::SUFFIX), None)
     };
     let launch = ConvLaunch {
         name: &name,
@@ -201,7 +241,8 @@ pub fn conv_norm_leaky_relu<E: Element>(
         Some(second) => shapes::conv3d_on_concat(x, second, conv)?,
         None => shapes::conv3d(x, conv)?,
     };
-    let blocks = shape.out_dims.iter().product::<usize>().div_ceil(TILE);
+    let (_, tile) = f16_conv3d_kernel(&shape, x.shape[0]);
+    let blocks = shape.out_dims.iter().product::<usize>().div_ceil(tile.rows);
     let mut partials = b.scratch::<f64>(shape.cout * blocks * 2)?;
     let mut y = conv3d_of(b, x, second, conv, &shape, Some(&mut partials))?;
     norm::normalize_from_partials(b, &mut y, norm, &partials, blocks)?;
@@ -220,7 +261,7 @@ pub fn conv_transpose3d<E: Element>(
             shape.dims.iter().product(),
             conv.stride.iter().product::<usize>(),
         );
-        let grid = blocks(voxels, shape.cout * taps, TILE, 128);
+        let grid = GEMM_64X64.grid(voxels, shape.cout * taps);
         ("conv_transpose3d_mma_f16".to_string(), Some(grid))
     } else {
         (format!("conv_transpose3d_{}", E::SUFFIX), None)
