@@ -18,17 +18,20 @@
 //   voxels, N = cout, K = taps·cin with k = tap·cin + ci: A[m, k] is channel ci of the input
 //   voxel under tap `tap` of voxel m's window, gathered straight from x while staging (im2col
 //   without the copy); B[k, co] = packed[co][k]. Tiled like linear_mma_f16: a 64 × 64 output
-//   block (voxels × channels; 128 × 32 where cout ≤ 32) per 4 warps, each warp 32 × 32 (2 × 2
-//   WMMA 16×16×16 f16 fragments, f32 accumulators), K in steps of 32, both slabs row-major with
+//   block (voxels × channels; 128 × 32 or 128 × 64 where the layer suits them, see IgemmTile)
+//   per 4 warps, each warp 32 × 32 (2 × 2 WMMA 16×16×16 f16 fragments, f32 accumulators; 64 × 32
+//   in the 128 × 64 tile), K in steps of 32, both slabs row-major with
 //   rows padded by 8 halves. It runs when every channel count is a multiple of 8 (every layer of
-//   an nnU-Net plan but the first): a step's slabs are rows of 4 pieces of 16 bytes each (8 consecutive columns are 8
-//   channels of one tap in one input), 4 or 5 pieces per thread, copied with cp.async
-//   (__pipeline_memcpy_async) into a 3-stage ring: the copies of step t + 2 fly while step t
-//   multiplies, one barrier per step. Each thread copies the same 8 columns of the same rows at
+//   an nnU-Net plan but the first): a step's slabs are rows of 4 pieces of 16 bytes each (8
+//   consecutive columns are 8 channels of one tap in one input), 4 to 6 pieces per thread,
+//   copied with cp.async (A's through L1, where the other taps find them again; B's past it)
+//   into a 3-stage ring: the copies of step t + 2 fly while step t multiplies, one barrier per
+//   step. Each thread copies the same 8 columns of the same rows at
 //   every step: its window origins are decoded once and its column (tap offsets, channel, input)
 //   follows from step to step without division; padding and the ragged ends of M, N and K are
 //   the copies' zero fill. The epilogue stages the accumulators row-major in shared memory
-//   (reusing the ring's bytes: 32 KB of static shared memory in all, 39 KB for 128 × 32) and writes
+//   (reusing the ring's bytes: 32 KB of static shared memory in all; 39 and 47 KB for the 128-row
+//   tiles) and writes
 //   y[m][co] + b[co], consecutive threads on consecutive channels. Voxel blocks are on
 //   blockIdx.x (a volume can have more than 65535).
 // - `conv3d_direct_f16`: the convolutions whose channels do not come in eights, above all the
@@ -89,8 +92,9 @@ constexpr int MMA_THREADS = 128;
 constexpr int VECTOR = 8;
 
 // Column k = tap·cin + ci of the implicit A (for the direct kernel, tap `tap` of input channel
-// ci): the tap's offsets in the window and where channel ci lies: in the first input, or (the decoder's convolutions read the channel concatenation
-// [first; second] in place) in the second, as channel ci − first_channels.
+// ci): the tap's offsets in the window and where channel ci lies: in the first input, or (the
+// decoder's convolutions read the channel concatenation [first; second] in place) in the
+// second, as channel ci − first_channels.
 struct Column {
     int z, y, x;
     int channel;
@@ -113,6 +117,21 @@ __device__ __forceinline__ const __half* a_source(const Origin& o, const Column&
     if (!o.exists || iz < 0 || iz >= in.z || iy < 0 || iy >= in.y || ix < 0 || ix >= in.x) return nullptr;
     int64_t voxel = (iz * in.y + iy) * in.x + ix;
     return c.second ? second + voxel * (cin - first_channels) + c.channel : x + voxel * first_channels + c.channel;
+}
+
+// Copies 16 bytes from global to shared memory asynchronously, or 16 zeros when `zero`, keeping
+// the source in L1 (cp.async.ca): the implicit GEMM's A pieces, which the window's other taps
+// read again a few K steps later (a neighbouring voxel's tap covers the same input voxel).
+// __pipeline_memcpy_async, which B's pieces use, bypasses L1 at 16 bytes (cp.async.cg). Both
+// join the thread's current group of __pipeline_commit. The CUDA emulator, which compiles
+// kernels as host C++, has no cache to hint: it takes __pipeline_memcpy_async.
+__device__ __forceinline__ void copy_16_async_cached(void* dst, const void* src, bool zero) {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)),
+                 "l"(src), "r"(zero ? 0 : 16));
+#else
+    __pipeline_memcpy_async(dst, src, 16, zero ? 16 : 0);
+#endif
 }
 
 // Output voxel v's window origin in the input.
@@ -195,12 +214,18 @@ __device__ __forceinline__ void store_block(float* staged, int ld, const __half*
 // Depth of the implicit GEMM's ring of shared slabs (steps in flight: STAGES − 1).
 constexpr int STAGES = 3;
 
-// The implicit GEMM's block tile: 4 warps of 32 × 32 outputs, WARPS_M of them along the voxels,
-// 4 / WARPS_M along the channels. 64 × 64 for most layers; 128 × 32 where cout ≤ 32 (a
-// plan's first stage, encoder and decoder: 15 % of a Pancreas forward's multiply-accumulates,
-// 50 % of the generic 128³ plan's), where a 64-channel tile would compute half zeros.
-template <int WARPS_M> struct IgemmTile {
-    static constexpr int ROWS = 32 * WARPS_M, COLUMNS = 32 * (4 / WARPS_M);
+// The implicit GEMM's block tile: 4 warps, WARPS_M along the voxels and 4 / WARPS_M along the
+// channels, each with FM × FN fragments of 16 × 16 outputs.
+// - 64 × 64 (2 × 2 warps of 32 × 32): any layer.
+// - 128 × 32 (4 × 1 warps of 32 × 32) where cout ≤ 32 (a plan's first stage, encoder and
+//   decoder: 15 % of a Pancreas forward's multiply-accumulates, 50 % of the generic 128³
+//   plan's), where a 64-channel tile would compute half zeros.
+// - 128 × 64 (2 × 2 warps of 64 × 32) where cout > 32 and the volume gives enough blocks: each
+//   staged B row serves 128 voxels instead of 64 (a step moves 12 KB for 262 k MACs instead of
+//   8 KB for 131 k), and each loaded fragment feeds more products (6 fragment loads per 8 MMAs
+//   instead of 4 per 4).
+template <int WARPS_M, int FM, int FN> struct IgemmTile {
+    static constexpr int WARPS_N = 4 / WARPS_M, ROWS = WARPS_M * 16 * FM, COLUMNS = WARPS_N * 16 * FN;
     // STAGES slabs of A (ROWS × MMA_K) and B (COLUMNS × MMA_K) while the K loop runs, then (the
     // same bytes) the f32 accumulators for the epilogue.
     static constexpr int A_BYTES = STAGES * ROWS * SLAB_LD * 2, B_BYTES = STAGES * COLUMNS * SLAB_LD * 2;
@@ -209,12 +234,12 @@ template <int WARPS_M> struct IgemmTile {
         A_BYTES + B_BYTES > STAGED_BYTES ? A_BYTES + B_BYTES : STAGED_BYTES;
 };
 
-template <int WARPS_M>
+template <int WARPS_M, int FM, int FN>
 __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, const __half* bias, __half* y,
                                              int64_t cin, Dims3 in, int64_t cout, Dims3 out, Dims3 kernel,
                                              Dims3 stride, Dims3 pad, const __half* second, int64_t first_channels,
                                              double* stats) {
-    using Tile = IgemmTile<WARPS_M>;
+    using Tile = IgemmTile<WARPS_M, FM, FN>;
     constexpr int ROWS = Tile::ROWS, COLUMNS = Tile::COLUMNS;
     __shared__ __align__(128) unsigned char shared[Tile::SHARED_BYTES];
     auto xs = reinterpret_cast<__half(*)[ROWS][SLAB_LD]>(shared);                       // [stage][voxel][k]
@@ -222,9 +247,9 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
     auto staged = reinterpret_cast<float(*)[Tile::STAGED_LD]>(shared);                 // after the K loop
     const int64_t m = out.count(), n = cout, k = cin * kernel.count();
     int64_t row0 = (int64_t)blockIdx.x * ROWS, col0 = (int64_t)blockIdx.y * COLUMNS;
-    int warp = threadIdx.x / 32, wr = warp / (4 / WARPS_M) * 32, wc = warp % (4 / WARPS_M) * 32;
-    Accumulator acc[2][2];
-    zero_quarter(acc);
+    int warp = threadIdx.x / 32, wr = warp / Tile::WARPS_N * 16 * FM, wc = warp % Tile::WARPS_N * 16 * FN;
+    Accumulator acc[FM][FN];
+    zero_warp_tile(acc);
     const int64_t steps = (k + MMA_K - 1) / MMA_K;
     // 8 consecutive columns are 8 channels of one tap in one input: 16 aligned bytes, copied
     // asynchronously STAGES − 1 steps ahead. Thread t copies columns kk…kk + 7 of rows t / 4 +
@@ -233,7 +258,8 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
     static_assert(THREAD_ROWS == 32, "a slab's rows in groups of 32, a row of 4 pieces per 4 threads");
     const int row = threadIdx.x / (MMA_K / VECTOR), kk = threadIdx.x % (MMA_K / VECTOR) * VECTOR;
     Origin origins[ROWS / THREAD_ROWS];
-    for (int j = 0; j < ROWS / THREAD_ROWS; ++j) origins[j] = origin_of(row0 + row + j * THREAD_ROWS, m, out, stride, pad);
+    for (int j = 0; j < ROWS / THREAD_ROWS; ++j)
+        origins[j] = origin_of(row0 + row + j * THREAD_ROWS, m, out, stride, pad);
     ColumnCursor cursor(kk, (int)cin, kernel);
     // Copies step `step`'s slabs into stage `stage` (zeros outside the input and the matrices),
     // commits them as one group, and moves the cursor to the next step.
@@ -243,7 +269,7 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
         Column column = cursor.column(first_channels);
         for (int j = 0; j < ROWS / THREAD_ROWS; ++j) {
             const __half* a = in_k ? a_source(origins[j], column, x, second, in, cin, first_channels) : nullptr;
-            __pipeline_memcpy_async(&xs[stage][row + j * THREAD_ROWS][kk], a ? a : x, 16, a ? 0 : 16);
+            copy_16_async_cached(&xs[stage][row + j * THREAD_ROWS][kk], a ? a : x, !a);
         }
         for (int j = 0; j < COLUMNS / THREAD_ROWS; ++j) {
             int64_t c = col0 + row + j * THREAD_ROWS;
@@ -268,22 +294,23 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
         if (next < steps) issue(next, next % STAGES);
         else __pipeline_commit();
         int stage = t % STAGES;
-        warp_quarter_mma(acc, &xs[stage][0][0], &ws[stage][0][0], wr, wc);
+        warp_tile_mma(acc, &xs[stage][0][0], &ws[stage][0][0], wr, wc);
     }
     __syncthreads();  // every warp is done with the slabs, whose bytes become `staged`
-    store_quarter(&staged[0][0], Tile::STAGED_LD, acc, wr, wc);
+    store_warp_tile(&staged[0][0], Tile::STAGED_LD, acc, wr, wc);
     __syncthreads();
     store_block<ROWS, COLUMNS, MMA_THREADS>(&staged[0][0], Tile::STAGED_LD, bias, y, row0, m, col0, n, stats);
 }
 
-#define CONV3D_IGEMM(WARPS_M, NAME)                                                                             \
+#define CONV3D_IGEMM(WARPS_M, FM, FN, NAME)                                                                     \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                   \
         NAME(const __half* x, const __half* w, const __half* b, __half* y, int64_t cin, Dims3 in, int64_t cout, \
              Dims3 out, Dims3 k, Dims3 s, Dims3 p, const __half* second, int64_t first_channels, double* stats) { \
-        conv3d_igemm<WARPS_M>(x, w, b, y, cin, in, cout, out, k, s, p, second, first_channels, stats);        \
+        conv3d_igemm<WARPS_M, FM, FN>(x, w, b, y, cin, in, cout, out, k, s, p, second, first_channels, stats); \
     }
-CONV3D_IGEMM(2, conv3d_igemm_f16_64x64)
-CONV3D_IGEMM(4, conv3d_igemm_f16_128x32)
+CONV3D_IGEMM(2, 2, 2, conv3d_igemm_f16_64x64)
+CONV3D_IGEMM(4, 2, 2, conv3d_igemm_f16_128x32)
+CONV3D_IGEMM(2, 4, 2, conv3d_igemm_f16_128x64)
 
 // conv3d_direct_f16's output channels per block (a thread's accumulators), and taps per chunk
 // (a thread's window in registers: a 3 × 3 × 3 kernel's, the largest nnU-Net plans use, is one).
@@ -374,7 +401,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv_transpose3d_mma_f
     int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * TILE;
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
     Accumulator acc[2][2];
-    zero_quarter(acc);
+    zero_warp_tile(acc);
     const __half zero = __float2half(0.f);
     for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
         // A is x itself, a voxel's channels contiguous: 16-byte loads when they align.
@@ -397,10 +424,10 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv_transpose3d_mma_f
             ws[c][kk] = k0 + kk < k && col0 + c < n ? w[(k0 + kk) * n + col0 + c] : zero;
         }
         __syncthreads();
-        warp_quarter_mma(acc, &xs[0][0], &ws[0][0], wr, wc);
+        warp_tile_mma(acc, &xs[0][0], &ws[0][0], wr, wc);
         __syncthreads();
     }
-    store_quarter(&staged[0][0], TILE + 4, acc, wr, wc);
+    store_warp_tile(&staged[0][0], TILE + 4, acc, wr, wc);
     __syncthreads();
     Dims3 out{in.z * stride.z, in.y * stride.y, in.x * stride.x};
     for (int l = threadIdx.x; l < TILE * TILE; l += MMA_THREADS) {

@@ -82,7 +82,7 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
     int64_t row0 = (int64_t)blockIdx.y * TILE, col0 = (int64_t)blockIdx.x * TILE;
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
     Accumulator acc[2][2];
-    zero_quarter(acc);
+    zero_warp_tile(acc);
     const __half zero = __float2half(0.f);
     for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
         for (int l = threadIdx.x; l < TILE * MMA_K; l += blockDim.x) {
@@ -92,10 +92,10 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
             ws[r][kk] = (in_k && col0 + r < n) ? w[(col0 + r) * k + k0 + kk] : zero;
         }
         __syncthreads();
-        warp_quarter_mma(acc, &xs[0][0], &ws[0][0], wr, wc);
+        warp_tile_mma(acc, &xs[0][0], &ws[0][0], wr, wc);
         __syncthreads();
     }
-    store_quarter(&out[0][0], TILE + 4, acc, wr, wc);
+    store_warp_tile(&out[0][0], TILE + 4, acc, wr, wc);
     __syncthreads();
     for (int l = threadIdx.x; l < TILE * TILE; l += blockDim.x) {
         int r = l / TILE, c = l % TILE;

@@ -40,37 +40,41 @@ __device__ __forceinline__ void warp_rows_mma(Accumulator (&acc)[N / 16], const 
     }
 }
 
-// One K step of a warp's 32 × 32 quarter of a 64 × 64 tile (linear_mma_f16, the tensor-core
-// convolutions): acc[i][j] += A_i·B_j for the warp's rows wr + 16i and columns wc + 16j. `a` and
-// `b` are the step's slabs in shared memory, 64 rows of MMA_K halves, row stride SLAB_LD: A's
-// rows are the tile's rows; B's are its columns (W stored [n][k]), read column-major as Wᵀ.
-__device__ __forceinline__ void warp_quarter_mma(Accumulator (&acc)[2][2], const __half* a, const __half* b, int wr,
-                                                 int wc) {
+// One K step of a warp's FM × FN fragments of a block tile (linear_mma_f16, the tensor-core
+// convolutions; 2 × 2, a 32 × 32 quarter of a 64 × 64 tile, unless a convolution's tile says
+// otherwise): acc[i][j] += A_i·B_j for the warp's rows wr + 16i and columns wc + 16j. `a` and `b`
+// are the step's slabs in shared memory, rows of MMA_K halves, row stride SLAB_LD: A's rows are
+// the tile's rows; B's are its columns (W stored [n][k]), read column-major as Wᵀ. Each loaded
+// A fragment feeds FN products and each B fragment FM.
+template <int FM, int FN>
+__device__ __forceinline__ void warp_tile_mma(Accumulator (&acc)[FM][FN], const __half* a, const __half* b, int wr,
+                                              int wc) {
     using namespace nvcuda;
 #pragma unroll
     for (int kk = 0; kk < MMA_K; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[2];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[2];
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + (wr + 16 * i) * SLAB_LD + kk, SLAB_LD);
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], b + (wc + 16 * j) * SLAB_LD + kk, SLAB_LD);
-        for (int i = 0; i < 2; ++i)
-            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[FM];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[FN];
+        for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], a + (wr + 16 * i) * SLAB_LD + kk, SLAB_LD);
+        for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(fb[j], b + (wc + 16 * j) * SLAB_LD + kk, SLAB_LD);
+        for (int i = 0; i < FM; ++i)
+            for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
 }
 
-// The warp's 32 × 32 quarter of a 64 × 64 tile's accumulators into an f32 staging area,
+// A warp's FM × FN fragments of a block tile's accumulators into an f32 staging area,
 // row-major (row stride lds floats), for the epilogues.
-__device__ __forceinline__ void store_quarter(float* staged, int lds, const Accumulator (&acc)[2][2], int wr,
-                                              int wc) {
-    for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j)
+template <int FM, int FN>
+__device__ __forceinline__ void store_warp_tile(float* staged, int lds, const Accumulator (&acc)[FM][FN], int wr,
+                                                int wc) {
+    for (int i = 0; i < FM; ++i)
+        for (int j = 0; j < FN; ++j)
             nvcuda::wmma::store_matrix_sync(staged + (wr + 16 * i) * lds + wc + 16 * j, acc[i][j], lds,
                                             nvcuda::wmma::mem_row_major);
 }
 
-__device__ __forceinline__ void zero_quarter(Accumulator (&acc)[2][2]) {
-    for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+template <int FM, int FN> __device__ __forceinline__ void zero_warp_tile(Accumulator (&acc)[FM][FN]) {
+    for (int i = 0; i < FM; ++i)
+        for (int j = 0; j < FN; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
 }
 
 template <int N> __device__ __forceinline__ void zero_accumulators(Accumulator (&acc)[N / 16]) {

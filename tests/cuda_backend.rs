@@ -245,9 +245,10 @@ fn network_ops<E: Element>(tolerance: f64) {
     let mut n = fresh("network ops");
     // Every plan's kernel and stride. With f16 storage, the implicit GEMM where every channel
     // count is a multiple of 8 (16-byte loads: 8, 24, 40, 48, 24 split 8 + 16, 48 split 16 + 32),
-    // on both its tiles (64 × 64; 128 × 32 for cout ≤ 32): channel counts off the tile's grid,
-    // voxel counts leaving partial blocks, many K steps (40 · 27 = 1080), no bias; the direct
-    // kernel elsewhere: one input channel (the first layer), a few, 40 split 13 + 27 (output
+    // on each of its tiles (64 × 64; 128 × 32 for cout ≤ 32; 128 × 64 for 8 → 80 over 17,280
+    // voxels, 270 blocks, enough for two per multiprocessor of an H100, and for 24 → 80 over
+    // 1287 voxels on the emulator's 4): channel counts off the tile's grid, voxel counts leaving
+    // partial blocks, many K steps (40 · 27 = 1080), no bias; the direct kernel elsewhere: one input channel (the first layer), a few, 40 split 13 + 27 (output
     // channels in 1 to 3 blocks of 32), and a kernel of more taps (45) than its window holds (27).
     for (cin, cout, dims, kernel, stride, bias) in [
         (3, 8, [9, 17, 15], [3, 3, 3], [1, 1, 1], true),
@@ -262,6 +263,8 @@ fn network_ops<E: Element>(tolerance: f64) {
         (40, 70, [7, 11, 13], [3, 3, 3], [2, 2, 2], true),
         (40, 24, [7, 11, 13], [3, 3, 3], [1, 1, 1], false),
         (48, 32, [6, 11, 13], [3, 3, 3], [1, 1, 1], true),
+        (24, 80, [9, 13, 11], [3, 3, 3], [1, 1, 1], true),
+        (8, 80, [12, 40, 36], [3, 3, 3], [1, 1, 1], true),
     ] {
         let fan_in = (cin * kernel.iter().product::<usize>()) as f32;
         let case = ConvCase {

@@ -47,27 +47,27 @@ const GEMM_64X64: BlockTile = BlockTile {
 };
 
 /// The f16 3D convolution's kernel for `shape` with the input's first `first_channels` channels
-/// in one volume, and its block: the direct kernel (one thread per voxel, 32 output channels)
-/// unless every channel count is a multiple of 8, else the implicit GEMM, whose 128 × 32 tile
-/// leaves no half-empty tile where cout ≤ 32.
+/// in one volume, and its block (IgemmTile in kernels/conv.cu says why each): the direct kernel
+/// (one thread per voxel, 32 output channels) unless every channel count is a multiple of 8,
+/// else the implicit GEMM on 128 × 32 tiles where cout ≤ 32, on 128 × 64 tiles where they still
+/// make two blocks per multiprocessor, else on 64 × 64 tiles.
 fn f16_conv3d_kernel(
     shape: &shapes::ConvShape,
     first_channels: usize,
+    multiprocessors: usize,
 ) -> (&'static str, BlockTile) {
+    let tile = |rows, columns, threads| BlockTile {
+        rows,
+        columns,
+        threads,
+    };
+    let voxels: usize = shape.out_dims.iter().product();
     if !(shape.cin.is_multiple_of(VECTOR) && first_channels.is_multiple_of(VECTOR)) {
-        let tile = BlockTile {
-            rows: 64,
-            columns: 32,
-            threads: 64,
-        };
-        ("conv3d_direct_f16", tile)
+        ("conv3d_direct_f16", tile(64, 32, 64))
     } else if shape.cout <= 32 {
-        let tile = BlockTile {
-            rows: 128,
-            columns: 32,
-            threads: 128,
-        };
-        ("conv3d_igemm_f16_128x32", tile)
+        ("conv3d_igemm_f16_128x32", tile(128, 32, 128))
+    } else if voxels.div_ceil(128) * shape.cout.div_ceil(64) >= 2 * multiprocessors {
+        ("conv3d_igemm_f16_128x64", tile(128, 64, 128))
     } else {
         ("conv3d_igemm_f16_64x64", GEMM_64X64)
     }
@@ -179,7 +179,7 @@ fn conv3d_of<E: Element>(
     let voxels = shape.out_dims.iter().product();
     let first_channels = x.shape[0];
     let (name, blocks) = if E::TENSOR_CORES {
-        let (name, tile) = f16_conv3d_kernel(shape, first_channels);
+        let (name, tile) = f16_conv3d_kernel(shape, first_channels, b.multiprocessors);
         (name.to_string(), Some(tile.grid(voxels, shape.cout)))
     } else {
         (format!("conv3d_{}", E::SUFFIX), None)
@@ -241,7 +241,7 @@ pub fn conv_norm_leaky_relu<E: Element>(
         Some(second) => shapes::conv3d_on_concat(x, second, conv)?,
         None => shapes::conv3d(x, conv)?,
     };
-    let (_, tile) = f16_conv3d_kernel(&shape, x.shape[0]);
+    let (_, tile) = f16_conv3d_kernel(&shape, x.shape[0], b.multiprocessors);
     let blocks = shape.out_dims.iter().product::<usize>().div_ceil(tile.rows);
     let mut partials = b.scratch::<f64>(shape.cout * blocks * 2)?;
     let mut y = conv3d_of(b, x, second, conv, &shape, Some(&mut partials))?;
