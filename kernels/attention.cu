@@ -18,7 +18,7 @@
 // query and the running sum stay in registers.
 //
 // `assign_fused_f16_{D}` is the whole label-assignment sub-layer in one kernel, for f16 widths
-// D that are multiples of 16 up to 128: per block of 64 tokens, LN_q(x) and Q = LN_q(x)·Wqᵀ + bq
+// D that are multiples of 16 up to 128: per block of 128 tokens, LN_q(x) and Q = LN_q(x)·Wqᵀ + bq
 // (tensor cores, mma.cuh), the label MLP on the automatic probabilities (its K-wide first layer
 // on the CUDA cores, its D × D second layer on tensor cores), then per (token, head) the
 // softmax over the clicks, the copy of their label embeddings and the α mix, written as f16
@@ -371,7 +371,7 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
 }
 
 #define ASSIGN_FUSED(D)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) assign_fused_f16_##D(                                          \
+    extern "C" __global__ void __launch_bounds__(FUSED_THREADS) assign_fused_f16_##D(                                \
         __half* x, const __half* g, const __half* b, const __half* wq, const __half* bq, const __half* keys,         \
         const __half* values, const __half* probs, const __half* w_up, const __half* b_up, const __half* w_down,     \
         const __half* b_down, const __half* w_out, const __half* b_out, int64_t n, int64_t clicks, int64_t classes,  \

@@ -53,8 +53,6 @@
 // - `conv_transpose3d_mma_f16`: one GEMM, P[i, n] = Σ_ci x[i, ci]·packed[ci, n] with M = input
 //   voxels, N = taps·cout (n = tap·cout + co), K = cin, tiled as above (A is x itself, 16-byte
 //   loads; B staged transposed); the epilogue writes P[i, n] + b[co] to y[i·s + tap][co].
-#include <cuda_pipeline.h>
-
 #include "mma.cuh"
 
 template <typename T>

@@ -1,14 +1,15 @@
 // Tensor-core building blocks of the fused head kernels (WMMA, f16 operands, f32 accumulators).
 //
-// The fused kernels give each warp 16 token rows of a 64-row block; `warp_rows_mma` multiplies
+// The fused kernels give each warp 16 token rows of a 128-row block; `warp_rows_mma` multiplies
 // the warp's rows of an f16 operand in shared memory by a weight matrix staged in shared memory
 // (stored [out][in] as PyTorch, so it is read column-major as Wᵀ) into the warp's accumulator
-// fragments, and `stage_weights` copies a weight block from global memory into such a staging
-// area, zero-filling what lies outside the matrix. Shared rows are padded by MMA_PAD halves so
+// fragments, and `stage_weights` (or `stage_weights_async`) copies a weight block from global
+// memory into such a staging area, zero-filling what lies outside the matrix. Shared rows are padded by MMA_PAD halves so
 // that fragment loads avoid bank conflicts; every fragment pointer is 32-byte aligned, which the
 // paddings and the callers' layouts keep.
 #pragma once
 
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 #include "common.cuh"
@@ -18,8 +19,11 @@ constexpr int MMA_PAD = 8;
 // stride of their staged slabs (MMA_K halves, padded).
 constexpr int MMA_K = 32;
 constexpr int SLAB_LD = MMA_K + MMA_PAD;
-// Token rows per block of the fused kernels: four warps of 16 rows.
-constexpr int FUSED_ROWS = 64;
+// Token rows per block of the fused kernels: eight warps of 16 rows. Every block stages the
+// layer's weights from L2 once, so its rows set the weight traffic: 128 rows make the FFN's
+// 256 KB of weights (TIS-B) 2 KB per token against 131 k MACs per token.
+constexpr int FUSED_ROWS = 128;
+constexpr int FUSED_THREADS = 32 * FUSED_ROWS / 16;
 
 using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
@@ -89,15 +93,19 @@ template <int N> __device__ __forceinline__ void store_accumulators(const Accumu
 // dest[r][c] = w[row0 + r][col0 + c] for r < rows, c < cols (row stride ldd halves in dest,
 // `width` in w), zero outside w's `height` × `width`. All threads of the block take part. When
 // every row starts 16-byte aligned on both sides and the columns come in eights (the fused
-// kernels' widths are multiples of 16), 8 halves move as one 16-byte load and store.
-__device__ __forceinline__ void stage_weights(__half* dest, int ldd, const __half* w, int64_t height, int64_t width,
-                                              int64_t row0, int64_t col0, int rows, int cols) {
+// kernels' widths are multiples of 16), 8 halves move as one asynchronous 16-byte copy
+// (cp.async, zero-filled outside w), which joins the thread's current group: the caller
+// commits and waits (__pipeline_commit, __pipeline_wait_prior) before the barrier that shows
+// the block's copies. Other shapes are copied value by value, synchronously.
+__device__ __forceinline__ void stage_weights_async(__half* dest, int ldd, const __half* w, int64_t height,
+                                                    int64_t width, int64_t row0, int64_t col0, int rows, int cols) {
     if (cols % 8 == 0 && ldd % 8 == 0 && width % 8 == 0 && col0 % 8 == 0 && (uintptr_t)dest % 16 == 0 &&
         (uintptr_t)w % 16 == 0) {
         for (int l = threadIdx.x; l < rows * cols / 8; l += blockDim.x) {
             int r = l / (cols / 8), c = l % (cols / 8) * 8;
             bool inside = row0 + r < height && col0 + c < width;
-            *(uint4*)&dest[r * ldd + c] = inside ? *(const uint4*)&w[(row0 + r) * width + col0 + c] : uint4{0, 0, 0, 0};
+            __pipeline_memcpy_async(&dest[r * ldd + c], inside ? &w[(row0 + r) * width + col0 + c] : w, 16,
+                                    inside ? 0 : 16);
         }
         return;
     }
@@ -106,6 +114,15 @@ __device__ __forceinline__ void stage_weights(__half* dest, int ldd, const __hal
         bool inside = row0 + r < height && col0 + c < width;
         dest[r * ldd + c] = inside ? w[(row0 + r) * width + col0 + c] : __float2half(0.f);
     }
+}
+
+// stage_weights_async, waited for: the calling thread's copies have landed (the caller's
+// barrier then shows the block's).
+__device__ __forceinline__ void stage_weights(__half* dest, int ldd, const __half* w, int64_t height, int64_t width,
+                                              int64_t row0, int64_t col0, int rows, int cols) {
+    stage_weights_async(dest, ldd, w, height, width, row0, col0, rows, cols);
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
 }
 
 // The fused kernels' widths: multiples of 16 up to 128 (one instantiation each).

@@ -13,10 +13,10 @@
 // 2), one block at a time per host thread. Each CUDA thread of a block is a fiber with its own
 // stack, switched by `switch_stack` below (ucontext's swapcontext makes a system call per
 // switch, which made the emulator several times slower). Fibers run in turn, every other block's
-// last to first, until they reach a barrier (__syncthreads, or the warp-level one inside a
-// shuffle); a barrier opens when every live thread of its block (warp) has arrived. A round in
-// which no fiber arrives, leaves or opens a barrier is a deadlock: the launch fails with
-// CUDA_ERROR_LAUNCH_FAILED and says where.
+// last to first, until they reach a barrier (__syncthreads, or a warp-level one: __syncwarp, or
+// inside a shuffle); a barrier opens when every live thread of its block (warp) has arrived. A
+// round in which no fiber arrives, leaves or opens a barrier is a deadlock: the launch fails
+// with CUDA_ERROR_LAUNCH_FAILED and says where.
 //
 // Memory: every device allocation ends at a page boundary followed by an inaccessible page, so
 // a kernel reading or writing past the end of a buffer faults at once (the handler names the
@@ -480,15 +480,24 @@ void sync_threads() {
     while (b.generation == generation) yield();
 }
 
+// The warp barrier of an operation that names all 32 lanes (the only mask the kernels use).
+void full_warp_barrier(const char* operation) {
+    BlockRun& b = *run;
+    unsigned alive = b.warp_alive[b.current->warp];
+    if (alive != 32)
+        fail(std::string(operation) + " with all 32 lanes named, in a warp of " + std::to_string(alive) +
+             " live threads");
+    warp_barrier();
+}
+
+void sync_warp() { full_warp_barrier("__syncwarp"); }
+
 float shuffle_xor(float value, int lane_mask) {
     BlockRun& b = *run;
     Fiber& f = *b.current;
-    if (b.warp_alive[f.warp] != 32)
-        fail("__shfl_xor_sync with all 32 lanes named, in a warp of " + std::to_string(b.warp_alive[f.warp]) +
-             " live threads");
     float* slots = &b.warp_slots[f.warp * 32];
     slots[f.lane] = value;
-    warp_barrier();
+    full_warp_barrier("__shfl_xor_sync");
     float result = slots[f.lane ^ ((unsigned)lane_mask & 31)];
     warp_barrier();
     return result;

@@ -84,11 +84,12 @@ pub fn mlp<E: Element>(
 const FFN_CHUNK: usize = 64;
 
 /// Bytes of dynamic shared memory `feed_forward_mma_f16_{width}` lays out (`FfnShared` in
-/// kernels/linear.cu): LN(x), a chunk of W1, GELU(H), a chunk of W2 (halves, rows padded by 8),
-/// and the f32 accumulator staging (rows padded by 4).
+/// kernels/linear.cu): LN(x), two chunks of W1, GELU(H), two chunks of W2 (halves, rows padded
+/// by 8), and the f32 accumulator staging (rows padded by 4).
 fn fused_feed_forward_shared_bytes(width: usize) -> usize {
     let (ld, lh, ls) = (width + 8, FFN_CHUNK + 8, width.max(FFN_CHUNK) + 4);
-    2 * (FUSED_ROWS * ld + FFN_CHUNK * ld + FUSED_ROWS * lh + width * lh) + 4 * FUSED_ROWS * ls
+    2 * (FUSED_ROWS * ld + 2 * FFN_CHUNK * ld + FUSED_ROWS * lh + 2 * width * lh)
+        + 4 * FUSED_ROWS * ls
 }
 
 pub fn feed_forward<E: Element>(

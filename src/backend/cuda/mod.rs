@@ -39,8 +39,10 @@ mod compiled {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-/// Token rows per block of the fused head kernels (FUSED_ROWS in kernels/mma.cuh).
-const FUSED_ROWS: usize = 64;
+/// Token rows per block of the fused head kernels (FUSED_ROWS in kernels/mma.cuh), and their
+/// threads: a warp per 16 rows.
+const FUSED_ROWS: usize = 128;
+const FUSED_THREADS: u32 = 32 * FUSED_ROWS as u32 / 16;
 
 /// A storage type of the CUDA backend.
 pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + 'static {
@@ -286,7 +288,7 @@ impl<E: Element> CudaBackend<E> {
     }
 
     /// The launch of a fused head kernel over `rows` tokens (blocks of FUSED_ROWS in
-    /// kernels/mma.cuh, four warps) with `shared` bytes of dynamic shared memory, allowed first.
+    /// kernels/mma.cuh, eight warps) with `shared` bytes of dynamic shared memory, allowed first.
     fn fused_launch(
         &self,
         function: &CudaFunction,
@@ -296,7 +298,7 @@ impl<E: Element> CudaBackend<E> {
         self.allow_shared_memory(function, shared)?;
         Ok(LaunchConfig {
             grid_dim: (rows.div_ceil(FUSED_ROWS) as u32, 1, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (FUSED_THREADS, 1, 1),
             shared_mem_bytes: shared as u32,
         })
     }

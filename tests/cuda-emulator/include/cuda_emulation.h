@@ -30,6 +30,7 @@ struct __attribute__((aligned(16))) float4 {
 namespace emu {
 extern thread_local uint3 thread_idx, block_idx, block_dim, grid_dim;
 void sync_threads();
+void sync_warp();
 float shuffle_xor(float value, int lane_mask);
 void* dynamic_shared();
 }  // namespace emu
@@ -49,6 +50,8 @@ void* dynamic_shared();
 #define __syncthreads() emu::sync_threads()
 
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) { return emu::shuffle_xor(value, lane_mask); }
+// Every lane of the warp (the only mask the kernels use).
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
 inline float __expf(float x) { return expf(x); }
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 
