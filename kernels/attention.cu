@@ -24,8 +24,9 @@
 // softmax over the clicks, the copy of their label embeddings and the α mix, written as f16
 // into the operand of the output projection, whose result is added to x. x is read twice (LN,
 // residual) and written once; nothing N × D goes through global memory. One weight matrix at a
-// time is staged in shared memory (Wq, then the MLP's second layer, then W_out). Dynamic shared
-// memory, laid out as `AssignShared` says.
+// time is staged in shared memory (Wq, then the MLP's second layer, then W_out), each copied
+// with cp.async while the CUDA-core step before its GEMM runs (LN_q; the MLP's first layer; the
+// softmax, copy and mix). Dynamic shared memory, laid out as `AssignShared` says.
 //
 // `attention_small`: plain attention among the clicks, one block per (query, head).
 #include "mma.cuh"
@@ -320,12 +321,17 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     float* label = (float*)(base + L::label);
     int64_t row0 = (int64_t)blockIdx.x * FUSED_ROWS;
 
-    // Q = LN_q(x)·Wqᵀ + bq.
+    // Q = LN_q(x)·Wqᵀ + bq, Wq's copies flying while LN_q(x) is computed.
+    stage_weights_async(w, L::LD, wq, D, D, 0, 0, D, D);
+    __pipeline_commit();
     layer_norm_rows(operand, L::LD, x, gamma, beta, n, D, row0);
-    stage_weights(w, L::LD, wq, D, D, 0, 0, D, D);
+    __pipeline_wait_prior(0);
     __syncthreads();
     warp_rows_project<D>(operand, w, q);
     __syncthreads();
+    // The MLP's second layer flies in while bq is added and its first layer is computed.
+    stage_weights_async(w, L::LD, w_down, D, D, 0, 0, D, D);
+    __pipeline_commit();
     for (int l = threadIdx.x; l < FUSED_ROWS * D; l += blockDim.x) q[l / D * L::LS + l % D] += __half2float(bq[l % D]);
 
     // label_mlp(probs) = GELU(P·W_upᵀ + b_up)·W_downᵀ (+ b_down where it is read).
@@ -340,10 +346,13 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
         }
         operand[r * L::LD + c] = __float2half_rn(v);
     }
-    stage_weights(w, L::LD, w_down, D, D, 0, 0, D, D);
+    __pipeline_wait_prior(0);
     __syncthreads();
     warp_rows_project<D>(operand, w, label);
     __syncthreads();
+    // W_out flies in while the clicks' labels are copied and mixed.
+    stage_weights_async(w, L::LD, w_out, D, D, 0, 0, D, D);
+    __pipeline_commit();
 
     // Per (token, head): softmax over the clicks, their label embeddings copied, mixed by α.
     int dh = D / heads;
@@ -361,7 +370,7 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
             operand[r * L::LD + f] = __float2half_rn(mixed);
         }
     }
-    stage_weights(w, L::LD, w_out, D, D, 0, 0, D, D);
+    __pipeline_wait_prior(0);
     __syncthreads();
 
     // x += mix·W_outᵀ + b_out.

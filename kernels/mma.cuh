@@ -3,8 +3,8 @@
 // The fused kernels give each warp 16 token rows of a 128-row block; `warp_rows_mma` multiplies
 // the warp's rows of an f16 operand in shared memory by a weight matrix staged in shared memory
 // (stored [out][in] as PyTorch, so it is read column-major as Wᵀ) into the warp's accumulator
-// fragments, and `stage_weights` (or `stage_weights_async`) copies a weight block from global
-// memory into such a staging area, zero-filling what lies outside the matrix. Shared rows are padded by MMA_PAD halves so
+// fragments, and `stage_weights_async` copies a weight block from global memory into such a
+// staging area, zero-filling what lies outside the matrix. Shared rows are padded by MMA_PAD halves so
 // that fragment loads avoid bank conflicts; every fragment pointer is 32-byte aligned, which the
 // paddings and the callers' layouts keep.
 #pragma once
@@ -114,15 +114,6 @@ __device__ __forceinline__ void stage_weights_async(__half* dest, int ldd, const
         bool inside = row0 + r < height && col0 + c < width;
         dest[r * ldd + c] = inside ? w[(row0 + r) * width + col0 + c] : __float2half(0.f);
     }
-}
-
-// stage_weights_async, waited for: the calling thread's copies have landed (the caller's
-// barrier then shows the block's).
-__device__ __forceinline__ void stage_weights(__half* dest, int ldd, const __half* w, int64_t height, int64_t width,
-                                              int64_t row0, int64_t col0, int rows, int cols) {
-    stage_weights_async(dest, ldd, w, height, width, row0, col0, rows, cols);
-    __pipeline_commit();
-    __pipeline_wait_prior(0);
 }
 
 // The fused kernels' widths: multiples of 16 up to 128 (one instantiation each).
