@@ -41,5 +41,10 @@ echo "CUDA emulator: $build/libcuda.so ($(grep -c '&' "$build"/register_*.cpp | 
 
 NVCC="$(scripts/install-cuda-toolchain.sh)"
 export NVCC TIS_REQUIRE_KERNELS=1
-# One test at a time, as on the GPU: the out-of-memory test fills the device.
-LD_LIBRARY_PATH="$PWD/$build" cargo test --release --test cuda_backend -- --ignored --test-threads 1 "$@"
+# One test at a time, as on the GPU: the out-of-memory test fills the device. Twice: with the
+# asynchronous copies landing when the thread waits for them (a slab read before its wait shows),
+# then landing at once (a copy into a buffer that other threads still read shows).
+tests=(cargo test --release --test cuda_backend -- --ignored --test-threads 1 "$@")
+LD_LIBRARY_PATH="$PWD/$build" "${tests[@]}"
+echo "CUDA emulator again, asynchronous copies landing at once"
+LD_LIBRARY_PATH="$PWD/$build" TIS_CUDA_EMULATOR_EARLY_COPIES=1 "${tests[@]}"

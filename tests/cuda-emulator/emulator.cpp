@@ -26,7 +26,8 @@
 // block ends, so a write past the launch's size fails the launch. WMMA loads and stores check
 // their alignment. Allocations start 16-byte aligned (up to 15 bytes of padding before the
 // guard page). Asynchronous copies (__pipeline_memcpy_async) check their size and alignment and
-// land only when the thread waits for them. Copies and memsets are bounds-checked against the
+// land only when the thread waits for them (or, with TIS_CUDA_EMULATOR_EARLY_COPIES=1, at once:
+// the two ends of the time a copy may take). Copies and memsets are bounds-checked against the
 // allocation they touch. The device has
 // TIS_CUDA_EMULATOR_MEMORY bytes (default 2 GiB, a small GPU, so that filling it stays cheap):
 // an allocation past it fails with CUDA_ERROR_OUT_OF_MEMORY, as on a full GPU.
@@ -206,6 +207,9 @@ struct Fiber {
     // The thread's asynchronous copies: issued since its last commit, and committed groups in
     // order. They land in shared memory only when __pipeline_wait_prior lets them, so that a
     // kernel reading a slab before waiting for it reads what was there before (NaN at first).
+    // With TIS_CUDA_EMULATOR_EARLY_COPIES=1 they land at once instead, so that a copy issued
+    // into a buffer other threads still read (before the barrier that retires it) spoils what
+    // they read next.
     std::vector<PendingCopy> issued;
     std::vector<std::vector<PendingCopy>> committed;
 };
@@ -505,6 +509,11 @@ float shuffle_xor(float value, int lane_mask) {
 
 void* dynamic_shared() { return run->shared; }
 
+void land(const PendingCopy& c) {
+    memcpy(c.dst, c.src, c.bytes - c.zero_fill);
+    memset((char*)c.dst + c.bytes - c.zero_fill, 0, c.zero_fill);
+}
+
 void pipeline_copy(void* dst, const void* src, size_t bytes, size_t zero_fill) {
     if ((bytes != 4 && bytes != 8 && bytes != 16) || zero_fill > bytes)
         fail("__pipeline_memcpy_async of " + std::to_string(bytes) + " bytes, " + std::to_string(zero_fill) +
@@ -512,7 +521,11 @@ void pipeline_copy(void* dst, const void* src, size_t bytes, size_t zero_fill) {
     if ((uintptr_t)dst % bytes || (uintptr_t)src % bytes)
         fail("__pipeline_memcpy_async of " + std::to_string(bytes) + " bytes from " + std::to_string((uintptr_t)src) +
              " to " + std::to_string((uintptr_t)dst) + ": both must be aligned to the size");
-    run->current->issued.push_back(PendingCopy{dst, src, bytes, zero_fill});
+    // Read once: the mode of the whole process.
+    static const bool early = env_size("TIS_CUDA_EMULATOR_EARLY_COPIES", 0) != 0;
+    PendingCopy copy{dst, src, bytes, zero_fill};
+    if (early) land(copy);
+    else run->current->issued.push_back(copy);
 }
 
 void pipeline_commit() {
@@ -524,10 +537,7 @@ void pipeline_commit() {
 void pipeline_wait_prior(size_t pending) {
     Fiber& f = *run->current;
     while (f.committed.size() > pending) {
-        for (const PendingCopy& c : f.committed.front()) {
-            memcpy(c.dst, c.src, c.bytes - c.zero_fill);
-            memset((char*)c.dst + c.bytes - c.zero_fill, 0, c.zero_fill);
-        }
+        for (const PendingCopy& c : f.committed.front()) land(c);
         f.committed.erase(f.committed.begin());
     }
 }
