@@ -18,7 +18,7 @@
 // query and the running sum stay in registers.
 //
 // `assign_fused_f16_{D}` is the whole label-assignment sub-layer in one kernel, for f16 widths
-// D that are multiples of 16 up to 128: per block of 128 tokens, LN_q(x) and Q = LN_q(x)·Wqᵀ + bq
+// D that are multiples of 16 up to 128: per block of fused_rows() tokens, LN_q(x) and Q = LN_q(x)·Wqᵀ + bq
 // (tensor cores, mma.cuh), the label MLP on the automatic probabilities (its K-wide first layer
 // on the CUDA cores, its D × D second layer on tensor cores), then per (token, head) the
 // softmax over the clicks, the copy of their label embeddings and the α mix, written as f16
@@ -285,11 +285,13 @@ extern "C" __global__ void cross_merge(const float* pm, const float* ps, const f
 
 template <int D> struct AssignShared {
     static constexpr int LD = D + MMA_PAD, LS = D + 4;
-    static constexpr int operand = 0;                          // LN(x), then MLP hidden, then the mix: FUSED_ROWS × LD halves
-    static constexpr int weights = FUSED_ROWS * LD * 2;        // one staged D × D matrix: D × LD halves
-    static constexpr int q = weights + D * LD * 2;             // Q, later the output projection: FUSED_ROWS × LS floats
-    static constexpr int label = q + FUSED_ROWS * LS * 4;      // label_mlp(probs): FUSED_ROWS × LS floats
-    static constexpr int bytes = label + FUSED_ROWS * LS * 4;
+    // Byte offsets for a block of `rows` tokens.
+    int operand, weights, q, label;
+    __device__ explicit AssignShared(int rows)
+        : operand(0),                       // LN(x), then MLP hidden, then the mix: rows × LD halves
+          weights(rows * LD * 2),           // one staged D × D matrix: D × LD halves
+          q(weights + D * LD * 2),          // Q, later the output projection: rows × LS floats
+          label(q + rows * LS * 4) {}       // label_mlp(probs): rows × LS floats
 };
 
 // The heads are at most this wide (the Rust side checks).
@@ -313,13 +315,15 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
                              const __half* b_up, const __half* w_down, const __half* b_down, const __half* w_out,
                              const __half* b_out, int64_t n, int64_t clicks, int64_t classes, int heads, float alpha) {
     using L = AssignShared<D>;
+    const int rows = fused_rows();
+    const L layout(rows);
     extern __shared__ float assign_shared[];
     unsigned char* base = (unsigned char*)assign_shared;
-    __half* operand = (__half*)(base + L::operand);
-    __half* w = (__half*)(base + L::weights);
-    float* q = (float*)(base + L::q);
-    float* label = (float*)(base + L::label);
-    int64_t row0 = (int64_t)blockIdx.x * FUSED_ROWS;
+    __half* operand = (__half*)(base + layout.operand);
+    __half* w = (__half*)(base + layout.weights);
+    float* q = (float*)(base + layout.q);
+    float* label = (float*)(base + layout.label);
+    int64_t row0 = (int64_t)blockIdx.x * rows;
 
     // Q = LN_q(x)·Wqᵀ + bq, Wq's copies flying while LN_q(x) is computed.
     stage_weights_async(w, L::LD, wq, D, D, 0, 0, D, D);
@@ -332,10 +336,10 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     // The MLP's second layer flies in while bq is added and its first layer is computed.
     stage_weights_async(w, L::LD, w_down, D, D, 0, 0, D, D);
     __pipeline_commit();
-    for (int l = threadIdx.x; l < FUSED_ROWS * D; l += blockDim.x) q[l / D * L::LS + l % D] += __half2float(bq[l % D]);
+    for (int l = threadIdx.x; l < rows * D; l += blockDim.x) q[l / D * L::LS + l % D] += __half2float(bq[l % D]);
 
     // label_mlp(probs) = GELU(P·W_upᵀ + b_up)·W_downᵀ (+ b_down where it is read).
-    for (int l = threadIdx.x; l < FUSED_ROWS * D; l += blockDim.x) {
+    for (int l = threadIdx.x; l < rows * D; l += blockDim.x) {
         int r = l / D, c = l % D;
         float v = 0.f;
         if (row0 + r < n) {
@@ -356,7 +360,7 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
 
     // Per (token, head): softmax over the clicks, their label embeddings copied, mixed by α.
     int dh = D / heads;
-    for (int p = threadIdx.x; p < FUSED_ROWS * heads; p += blockDim.x) {
+    for (int p = threadIdx.x; p < rows * heads; p += blockDim.x) {
         int r = p / heads, h = p % heads;
         float copied[ASSIGN_MAX_DH];
         copy_click_labels<ASSIGN_MAX_DH>(q + r * L::LS + h * dh, keys + h * dh, values + h * dh, clicks, D, dh,
@@ -380,7 +384,7 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
 }
 
 #define ASSIGN_FUSED(D)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FUSED_THREADS) assign_fused_f16_##D(                                \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS) assign_fused_f16_##D(                                \
         __half* x, const __half* g, const __half* b, const __half* wq, const __half* bq, const __half* keys,         \
         const __half* values, const __half* probs, const __half* w_up, const __half* b_up, const __half* w_down,     \
         const __half* b_down, const __half* w_out, const __half* b_out, int64_t n, int64_t clicks, int64_t classes,  \

@@ -17,23 +17,22 @@
 // - `conv3d_igemm_f16_*`: the implicit GEMM y[m, co] = b[co] + Σ_k A[m, k]·B[k, co], M = output
 //   voxels, N = cout, K = taps·cin with k = tap·cin + ci: A[m, k] is channel ci of the input
 //   voxel under tap `tap` of voxel m's window, gathered straight from x while staging (im2col
-//   without the copy); B[k, co] = packed[co][k]. Tiled like linear_mma_f16: a 64 × 64 output
-//   block (voxels × channels; 128 × 32 or 128 × 64 where the layer suits them, see IgemmTile)
-//   per 4 warps, each warp 32 × 32 (2 × 2 WMMA 16×16×16 f16 fragments, f32 accumulators; 64 × 32
-//   in the 128 × 64 tile), K in steps of 32, both slabs row-major with
-//   rows padded by 8 halves. It runs when every channel count is a multiple of 8 (every layer of
-//   an nnU-Net plan but the first): a step's slabs are rows of 4 pieces of 16 bytes each (8
-//   consecutive columns are 8 channels of one tap in one input), 4 to 6 pieces per thread,
-//   copied with cp.async (A's through L1, where the other taps find them again; B's past it)
-//   into a 3-stage ring: the copies of step t + 2 fly while step t multiplies, one barrier per
-//   step. Each thread copies the same 8 columns of the same rows at
-//   every step: its window origins are decoded once and its column (tap offsets, channel, input)
-//   follows from step to step without division; padding and the ragged ends of M, N and K are
-//   the copies' zero fill. The epilogue stages the accumulators row-major in shared memory
-//   (reusing the ring's bytes: 32 KB of static shared memory in all; 39 and 47 KB for the 128-row
-//   tiles) and writes
-//   y[m][co] + b[co], consecutive threads on consecutive channels. Voxel blocks are on
-//   blockIdx.x (a volume can have more than 65535).
+//   without the copy); B[k, co] = packed[co][k]. It runs when every channel count is a multiple
+//   of 8 (every layer of an nnU-Net plan but the first). Tiled like linear_mma_f16: a 64 × 64
+//   output block (voxels × channels; 128 × 32 or 128 × 64 where the layer suits them, see
+//   IgemmTile) per 4 warps, each warp 32 × 32 (2 × 2 WMMA 16×16×16 f16 fragments, f32
+//   accumulators; 64 × 32 in the 128 × 64 tile), K in steps of 32, both slabs row-major with
+//   rows padded by 8 halves. A step's slabs are rows of 4 pieces of 16 bytes (8 consecutive
+//   columns are 8 channels of one tap in one input), 4 to 6 pieces per thread, copied with
+//   cp.async (A's through L1, where the other taps find them again; B's past it) into a 3-stage
+//   ring: the copies of step t + 2 fly while step t multiplies, one barrier per step. Each thread
+//   copies the same 8 columns of the same rows at every step: its window origins are decoded
+//   once and its column (tap offsets, channel, input) follows from step to step without
+//   division; padding and the ragged ends of M, N and K are the copies' zero fill. The epilogue
+//   stages the accumulators row-major in shared memory (reusing the ring's bytes: 32 KB of
+//   static shared memory in all; 39 and 47 KB for the 128-row tiles) and writes y[m][co] + b[co],
+//   consecutive threads on consecutive channels. Voxel blocks are on blockIdx.x (a volume can
+//   have more than 65535).
 // - `conv3d_direct_f16`: the convolutions whose channels do not come in eights, above all the
 //   network's first layer (one to a few channels: K = 27·cin would fill a fraction of one
 //   tensor-core step, with nothing to load 16 bytes at a time), on CUDA cores over the same
@@ -45,11 +44,11 @@
 //   and written consecutive threads on consecutive channels.
 // Both read the input as two volumes' channel concatenation when given `second` and
 // `first_channels`, which spares the decoder's convolutions the concatenated copy. Given
-// `stats`, both epilogues also leave InstanceNorm's partial sums of each 64-voxel block per
+// `stats`, both epilogues also leave InstanceNorm's partial sums of each block's voxels per
 // channel (Σy, Σy² of the stored f16 values, as instance_norm_partials would compute them; f32
-// over 64 values, f64 in memory) at stats[(co·gridDim.x + blockIdx.x)·2], the [channel][split]
-// layout instance_norm_finalize reduces: the conv block's normalisation then reads its output
-// once (apply) instead of twice (partials, apply).
+// over 32 values a thread, f64 in memory) at stats[(co·gridDim.x + blockIdx.x)·2], the
+// [channel][split] layout instance_norm_finalize reduces: the conv block's normalisation then
+// reads its output once (apply) instead of twice (partials, apply).
 // - `conv_transpose3d_mma_f16`: one GEMM, P[i, n] = Σ_ci x[i, ci]·packed[ci, n] with M = input
 //   voxels, N = taps·cout (n = tap·cout + co), K = cin, tiled as above (A is x itself, 16-byte
 //   loads; B staged transposed); the epilogue writes P[i, n] + b[co] to y[i·s + tap][co].

@@ -105,42 +105,45 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
 }
 
 // The feed-forward sub-layer in one kernel: x ← x + W2·GELU(W1·LN(x) + b1) + b2, per block of
-// FUSED_ROWS tokens, f16 on tensor cores (mma.cuh). LN(x) is computed into shared memory (one
+// fused_rows() tokens, f16 on tensor cores (mma.cuh). LN(x) is computed into shared memory (one
 // warp per row); the hidden layer is produced FFN_CHUNK units at a time (H = GELU(LN(x)·W1ᵀ + b1)
 // for one chunk) and consumed at once by the second GEMM (Y += H·W2ᵀ over that chunk), so the
 // N × hidden activations never leave shared memory; x is read twice (LN, residual) and written
 // once. Warp w owns rows 16w..16w+15 of both GEMMs, so the width D (a multiple of 16, ≤ 128; a
 // template parameter, so Y's D/16 accumulator fragments stay in registers) is not split between
 // warps. Each chunk of W1 (64 × D) and W2 (D × 64) is staged in shared memory for the block's
-// eight warps, double-buffered: the next chunk's copies (cp.async) fly while this one multiplies,
+// warps, double-buffered: the next chunk's copies (cp.async) fly while this one multiplies,
 // and the first chunk's while LN(x) is computed. Every block reads the weights from L2 once:
 // 256 KB per 128 tokens for TIS-B (D 128, hidden 512). Dynamic shared memory, laid out as
-// `FfnShared` says (188 KB at D = 128: one block of 8 warps per multiprocessor).
+// `FfnShared` says (188 KB at D = 128 and 128 rows: one block of 8 warps per multiprocessor).
 constexpr int FFN_CHUNK = 64;
 
 template <int D> struct FfnShared {
     static constexpr int LD = D + MMA_PAD, LH = FFN_CHUNK + MMA_PAD, LS = (D > FFN_CHUNK ? D : FFN_CHUNK) + 4;
     static constexpr int W1_HALVES = FFN_CHUNK * LD, W2_HALVES = D * LH;
-    static constexpr int normed = 0;                            // LN(x): FUSED_ROWS × LD halves
-    static constexpr int w1 = normed + FUSED_ROWS * LD * 2;     // W1 chunks: 2 × FFN_CHUNK × LD halves
-    static constexpr int hidden = w1 + 2 * W1_HALVES * 2;       // GELU(H): FUSED_ROWS × LH halves
-    static constexpr int w2 = hidden + FUSED_ROWS * LH * 2;     // W2 chunks: 2 × D × LH halves
-    static constexpr int stage = w2 + 2 * W2_HALVES * 2;        // accumulators: FUSED_ROWS × LS floats
-    static constexpr int bytes = stage + FUSED_ROWS * LS * 4;
+    // Byte offsets for a block of `rows` tokens.
+    int normed, w1, hidden, w2, stage;
+    __device__ explicit FfnShared(int rows)
+        : normed(0),                          // LN(x): rows × LD halves
+          w1(normed + rows * LD * 2),         // W1 chunks: 2 × FFN_CHUNK × LD halves
+          hidden(w1 + 2 * W1_HALVES * 2),     // GELU(H): rows × LH halves
+          w2(hidden + rows * LH * 2),         // W2 chunks: 2 × D × LH halves
+          stage(w2 + 2 * W2_HALVES * 2) {}    // accumulators: rows × LS floats
 };
 
 template <int D>
 __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* beta, const __half* w1,
                                  const __half* b1, const __half* w2, const __half* b2, int64_t n, int64_t hidden) {
     using L = FfnShared<D>;
+    const L layout(fused_rows());
     extern __shared__ float ffn_shared[];
     unsigned char* base = (unsigned char*)ffn_shared;
-    __half* normed = (__half*)(base + L::normed);
-    __half* w1s = (__half*)(base + L::w1);
-    __half* hs = (__half*)(base + L::hidden);
-    __half* w2s = (__half*)(base + L::w2);
-    float* stage = (float*)(base + L::stage);
-    int64_t row0 = (int64_t)blockIdx.x * FUSED_ROWS;
+    __half* normed = (__half*)(base + layout.normed);
+    __half* w1s = (__half*)(base + layout.w1);
+    __half* hs = (__half*)(base + layout.hidden);
+    __half* w2s = (__half*)(base + layout.w2);
+    float* stage = (float*)(base + layout.stage);
+    int64_t row0 = (int64_t)blockIdx.x * fused_rows();
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = 16 * warp;
     // Copies chunk c0's W1 and W2 blocks into buffer `buffer` as one group of cp.async copies.
     auto prefetch = [&](int64_t c0, int buffer) {
@@ -181,7 +184,7 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
 }
 
 #define FEED_FORWARD_MMA(D)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(FUSED_THREADS) feed_forward_mma_f16_##D(                    \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS) feed_forward_mma_f16_##D(                    \
         __half* x, const __half* g, const __half* b, const __half* w1, const __half* b1, const __half* w2,   \
         const __half* b2, int64_t n, int64_t hidden) {                                                       \
         feed_forward_mma<D>(x, g, b, w1, b1, w2, b2, n, hidden);                                             \

@@ -1,6 +1,6 @@
 // Tensor-core building blocks of the fused head kernels (WMMA, f16 operands, f32 accumulators).
 //
-// The fused kernels give each warp 16 token rows of a 128-row block; `warp_rows_mma` multiplies
+// The fused kernels give each warp 16 token rows of a block; `warp_rows_mma` multiplies
 // the warp's rows of an f16 operand in shared memory by a weight matrix staged in shared memory
 // (stored [out][in] as PyTorch, so it is read column-major as Wᵀ) into the warp's accumulator
 // fragments, and `stage_weights_async` copies a weight block from global memory into such a
@@ -19,11 +19,13 @@ constexpr int MMA_PAD = 8;
 // stride of their staged slabs (MMA_K halves, padded).
 constexpr int MMA_K = 32;
 constexpr int SLAB_LD = MMA_K + MMA_PAD;
-// Token rows per block of the fused kernels: eight warps of 16 rows. Every block stages the
-// layer's weights from L2 once, so its rows set the weight traffic: 128 rows make the FFN's
-// 256 KB of weights (TIS-B) 2 KB per token against 131 k MACs per token.
-constexpr int FUSED_ROWS = 128;
-constexpr int FUSED_THREADS = 32 * FUSED_ROWS / 16;
+// Token rows per block of the fused kernels: a warp per 16 rows, as many as the launch has
+// warps. Every block stages the layer's weights from L2 once, so its rows set the weight
+// traffic: the backend launches 128 rows (eight warps; the FFN's 256 KB of weights for TIS-B
+// are then 2 KB per token against 131 k MACs per token) where the device lets a block have the
+// shared memory they need, else 64 (an A100's 163 KB; src/backend/cuda/mod.rs).
+constexpr int FUSED_MAX_THREADS = 256;
+__device__ __forceinline__ int fused_rows() { return blockDim.x / 2; }
 
 using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
@@ -119,12 +121,12 @@ __device__ __forceinline__ void stage_weights_async(__half* dest, int ldd, const
 // The fused kernels' widths: multiples of 16 up to 128 (one instantiation each).
 #define FOR_EACH_FUSED_WIDTH(X) X(16) X(32) X(48) X(64) X(80) X(96) X(112) X(128)
 
-// LayerNorm of a block's FUSED_ROWS rows of x (N × width) into f16 shared rows (stride ld
+// LayerNorm of a block's fused_rows() rows of x (N × width) into f16 shared rows (stride ld
 // halves), one warp per row; rows past n are zero.
 __device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __half* x, const __half* gamma,
                                                 const __half* beta, int64_t n, int width, int64_t row0) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int r = warp; r < FUSED_ROWS; r += blockDim.x / 32) {
+    for (int r = warp; r < fused_rows(); r += blockDim.x / 32) {
         __half* row = dest + r * ld;
         if (row0 + r < n)
             warp_layer_norm(x + (row0 + r) * width, gamma, beta, width, lane,

@@ -41,10 +41,13 @@ echo "CUDA emulator: $build/libcuda.so ($(grep -c '&' "$build"/register_*.cpp | 
 
 NVCC="$(scripts/install-cuda-toolchain.sh)"
 export NVCC TIS_REQUIRE_KERNELS=1
-# One test at a time, as on the GPU: the out-of-memory test fills the device. Twice: with the
-# asynchronous copies landing when the thread waits for them (a slab read before its wait shows),
-# then landing at once (a copy into a buffer that other threads still read shows).
+# One test at a time, as on the GPU: the out-of-memory test fills the device. Twice: posing as
+# an H100, with the asynchronous copies landing when the thread waits for them (a slab read
+# before its wait shows); then posing as an A100 (163 KB of shared memory a block: the fused
+# head kernels take 64-token blocks at width 128), with the copies landing at once (a copy into
+# a buffer that other threads still read shows).
 tests=(cargo test --release --test cuda_backend -- --ignored --test-threads 1 "$@")
 LD_LIBRARY_PATH="$PWD/$build" "${tests[@]}"
-echo "CUDA emulator again, asynchronous copies landing at once"
-LD_LIBRARY_PATH="$PWD/$build" TIS_CUDA_EMULATOR_EARLY_COPIES=1 "${tests[@]}"
+echo "CUDA emulator again: an A100's shared memory, asynchronous copies landing at once"
+LD_LIBRARY_PATH="$PWD/$build" TIS_CUDA_EMULATOR_EARLY_COPIES=1 TIS_CUDA_EMULATOR_SHARED_OPTIN=166912 \
+    "${tests[@]}"

@@ -79,11 +79,10 @@ constexpr int ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 constexpr int ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97;
 constexpr int FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
 
-// The device it poses as: an sm_90 part with H100's shared-memory limits and few
-// multiprocessors, so that grid-stride launches stay small.
+// The device it poses as: an sm_90 part with H100's shared-memory limits (see
+// optin_shared_bytes) and few multiprocessors, so that grid-stride launches stay small.
 constexpr int MULTIPROCESSORS = 4;
 constexpr unsigned DEFAULT_SHARED_BYTES = 48 * 1024;
-constexpr unsigned OPTIN_SHARED_BYTES = 227 * 1024;
 constexpr unsigned MAX_THREADS_PER_BLOCK = 1024;
 constexpr const char* DEVICE_NAME = "tis CUDA emulator on the CPU (not a GPU)";
 
@@ -126,6 +125,13 @@ size_t allocated = 0;
 const size_t page = (size_t)sysconf(_SC_PAGESIZE);
 
 size_t device_memory() { return env_size("TIS_CUDA_EMULATOR_MEMORY", (size_t)2 << 30); }
+
+// The shared memory a block may have once its kernel allows it: an H100's 227 KB, or
+// TIS_CUDA_EMULATOR_SHARED_OPTIN bytes (an A100 allows 166912).
+unsigned optin_shared_bytes() {
+    static const unsigned bytes = (unsigned)env_size("TIS_CUDA_EMULATOR_SHARED_OPTIN", 227 * 1024);
+    return bytes;
+}
 
 // The allocation holding [ptr, ptr + bytes), if one does.
 const Allocation* find_allocation(uintptr_t ptr, size_t bytes) {
@@ -589,7 +595,7 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
     case ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = 9; break;
     case ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *value = 0; break;
     case ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *value = DEFAULT_SHARED_BYTES; break;
-    case ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *value = OPTIN_SHARED_BYTES; break;
+    case ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *value = (int)optin_shared_bytes(); break;
     default: *value = 0;  // features it does not have (memory pools, ...)
     }
     return CUDA_SUCCESS;
@@ -725,7 +731,7 @@ CUresult cuModuleGetFunction(CUfunction* function, CUmodule, const char* name) {
 
 CUresult cuFuncSetAttribute(CUfunction function, int attribute, int value) {
     if (attribute == FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) {
-        if (value < 0 || (unsigned)value > OPTIN_SHARED_BYTES) return CUDA_ERROR_INVALID_VALUE;
+        if (value < 0 || (unsigned)value > optin_shared_bytes()) return CUDA_ERROR_INVALID_VALUE;
         function->max_dynamic_shared = (unsigned)value;
     }
     return CUDA_SUCCESS;

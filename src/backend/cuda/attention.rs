@@ -4,7 +4,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::linear::{Epilogue, gemm};
-use super::{CudaBackend, CudaTensor, Element, FUSED_ROWS, driver, norm};
+use super::{CudaBackend, CudaTensor, Element, driver, norm};
 use crate::backend::{LabelAssignment, LayerNorm, Linear, shapes};
 use crate::error::{Error, Result};
 
@@ -242,9 +242,10 @@ fn fused_label_assignment<E: Element>(
     [n, clicks, width, classes]: [usize; 4],
 ) -> Result<()> {
     let (ld, ls) = (width + 8, width + 4);
-    let shared = 2 * (FUSED_ROWS * ld + width * ld) + 4 * 2 * FUSED_ROWS * ls;
-    let f = b.function(MODULE, &format!("assign_fused_f16_{width}"))?;
-    let grid = b.fused_launch(&f, n, shared)?;
+    let shared = |rows| 2 * (rows * ld + width * ld) + 4 * 2 * rows * ls;
+    let name = format!("assign_fused_f16_{width}");
+    let f = b.function(MODULE, &name)?;
+    let grid = b.fused_launch(&name, &f, n, shared)?;
     let (tokens, nc, nk) = (n as i64, clicks as i64, classes as i64);
     let (heads, alpha) = (params.heads as i32, params.alpha);
     let mlp = params.label_mlp;

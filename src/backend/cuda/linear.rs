@@ -3,7 +3,7 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{CudaBackend, CudaTensor, Element, FUSED_ROWS, driver, norm};
+use super::{CudaBackend, CudaTensor, Element, driver, norm};
 use crate::backend::{FeedForward, Linear, Mlp, shapes};
 use crate::error::Result;
 
@@ -85,11 +85,10 @@ const FFN_CHUNK: usize = 64;
 
 /// Bytes of dynamic shared memory `feed_forward_mma_f16_{width}` lays out (`FfnShared` in
 /// kernels/linear.cu): LN(x), two chunks of W1, GELU(H), two chunks of W2 (halves, rows padded
-/// by 8), and the f32 accumulator staging (rows padded by 4).
-fn fused_feed_forward_shared_bytes(width: usize) -> usize {
+/// by 8), and the f32 accumulator staging (rows padded by 4), for blocks of `rows` tokens.
+fn fused_feed_forward_shared_bytes(width: usize, rows: usize) -> usize {
     let (ld, lh, ls) = (width + 8, FFN_CHUNK + 8, width.max(FFN_CHUNK) + 4);
-    2 * (FUSED_ROWS * ld + 2 * FFN_CHUNK * ld + FUSED_ROWS * lh + 2 * width * lh)
-        + 4 * FUSED_ROWS * ls
+    2 * (rows * ld + 2 * FFN_CHUNK * ld + rows * lh + 2 * width * lh) + 4 * rows * ls
 }
 
 pub fn feed_forward<E: Element>(
@@ -117,9 +116,11 @@ fn fused_feed_forward<E: Element>(
     ffn: &FeedForward<CudaTensor<E>>,
     [rows, width, hidden]: [usize; 3],
 ) -> Result<()> {
-    let shared = fused_feed_forward_shared_bytes(width);
-    let f = b.function(MODULE, &format!("feed_forward_mma_f16_{width}"))?;
-    let grid = b.fused_launch(&f, rows, shared)?;
+    let name = format!("feed_forward_mma_f16_{width}");
+    let f = b.function(MODULE, &name)?;
+    let grid = b.fused_launch(&name, &f, rows, |block_rows| {
+        fused_feed_forward_shared_bytes(width, block_rows)
+    })?;
     let (n, h) = (rows as i64, hidden as i64);
     let mut launch = b.stream.launch_builder(&f);
     launch

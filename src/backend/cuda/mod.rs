@@ -39,10 +39,9 @@ mod compiled {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-/// Token rows per block of the fused head kernels (FUSED_ROWS in kernels/mma.cuh), and their
-/// threads: a warp per 16 rows.
-const FUSED_ROWS: usize = 128;
-const FUSED_THREADS: u32 = 32 * FUSED_ROWS as u32 / 16;
+/// Token rows per block of the fused head kernels (fused_rows() in kernels/mma.cuh, a warp per
+/// 16 rows): 128 where the device lets a block have the shared memory they need, else 64.
+const FUSED_ROWS: [usize; 2] = [128, 64];
 
 /// A storage type of the CUDA backend.
 pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + 'static {
@@ -134,6 +133,8 @@ pub struct CudaBackend<E: Element = f16> {
     stream: Arc<CudaStream>,
     device: String,
     multiprocessors: usize,
+    /// Shared memory a block may have once its kernel allows it (bytes).
+    shared_memory_optin: usize,
     modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
     functions: Arc<Mutex<HashMap<String, CudaFunction>>>,
     poison: bool,
@@ -169,13 +170,16 @@ impl<E: Element> CudaBackend<E> {
         // One stream, ops in order: cudarc's per-buffer event tracking is not needed.
         // SAFETY: called before this context allocates anything.
         unsafe { ctx.disable_event_tracking() };
-        let multiprocessors = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(driver)? as usize;
+        let attribute = |a| ctx.attribute(a).map_err(driver).map(|v| v as usize);
+        let multiprocessors =
+            attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let shared_memory_optin =
+            attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         Ok(CudaBackend {
             device: ctx.name().map_err(driver)?,
             stream: ctx.default_stream(),
             multiprocessors,
+            shared_memory_optin,
             modules: Arc::new(Mutex::new(HashMap::new())),
             functions: Arc::new(Mutex::new(HashMap::new())),
             poison: false,
@@ -287,19 +291,35 @@ impl<E: Element> CudaBackend<E> {
         E::TENSOR_CORES && width.is_multiple_of(16) && width <= 128
     }
 
-    /// The launch of a fused head kernel over `rows` tokens (blocks of FUSED_ROWS in
-    /// kernels/mma.cuh, eight warps) with `shared` bytes of dynamic shared memory, allowed first.
+    /// The launch of `name` (a fused head kernel) over `tokens` tokens, in blocks of the first
+    /// of FUSED_ROWS whose `shared(rows)` bytes of dynamic shared memory the device allows (a
+    /// warp per 16 rows), the shared memory allowed first.
     fn fused_launch(
         &self,
+        name: &str,
         function: &CudaFunction,
-        rows: usize,
-        shared: usize,
+        tokens: usize,
+        shared: impl Fn(usize) -> usize,
     ) -> Result<LaunchConfig> {
-        self.allow_shared_memory(function, shared)?;
+        let rows = FUSED_ROWS
+            .into_iter()
+            .find(|&rows| shared(rows) <= self.shared_memory_optin)
+            .ok_or_else(|| Error::Backend {
+                backend: "cuda",
+                message: format!(
+                    "{name} needs {} bytes of shared memory per block of {} tokens; this GPU \
+                     allows {}",
+                    shared(FUSED_ROWS[1]),
+                    FUSED_ROWS[1],
+                    self.shared_memory_optin
+                ),
+            })?;
+        let bytes = shared(rows);
+        self.allow_shared_memory(function, bytes)?;
         Ok(LaunchConfig {
-            grid_dim: (rows.div_ceil(FUSED_ROWS) as u32, 1, 1),
-            block_dim: (FUSED_THREADS, 1, 1),
-            shared_mem_bytes: shared as u32,
+            grid_dim: (tokens.div_ceil(rows) as u32, 1, 1),
+            block_dim: (2 * rows as u32, 1, 1),
+            shared_mem_bytes: bytes as u32,
         })
     }
 
