@@ -384,7 +384,7 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
 }
 
 #define ASSIGN_FUSED(D)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS) assign_fused_f16_##D(                                \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS) assign_fused_f16_##D(                            \
         __half* x, const __half* g, const __half* b, const __half* wq, const __half* bq, const __half* keys,         \
         const __half* values, const __half* probs, const __half* w_up, const __half* b_up, const __half* w_down,     \
         const __half* b_down, const __half* w_out, const __half* b_out, int64_t n, int64_t clicks, int64_t classes,  \

@@ -176,7 +176,7 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
         }
         __syncwarp();
         warp_rows_mma<D, FFN_CHUNK>(y, hs + r0 * L::LH, L::LH, w2s + buffer * L::W2_HALVES, L::LH);
-        __syncthreads();  // before the next chunk's prefetch overwrites this buffer's other half
+        __syncthreads();  // every warp is done with this buffer, which the next chunk's prefetch refills
     }
     store_accumulators<D>(y, stage + r0 * L::LS, L::LS);
     __syncwarp();
@@ -184,7 +184,7 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
 }
 
 #define FEED_FORWARD_MMA(D)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS) feed_forward_mma_f16_##D(                    \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS) feed_forward_mma_f16_##D(                \
         __half* x, const __half* g, const __half* b, const __half* w1, const __half* b1, const __half* w2,   \
         const __half* b2, int64_t n, int64_t hidden) {                                                       \
         feed_forward_mma<D>(x, g, b, w1, b1, w2, b2, n, hidden);                                             \
