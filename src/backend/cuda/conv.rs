@@ -157,32 +157,38 @@ fn launch_conv<E: Element>(
     // stats; the implicit GEMM only with channel counts in eights) and
     // `conv_transpose3d_*` / `conv_transpose3d_mma_f16` (x, w, b, y, cin, in, cout, stride);
     // shapes checked, a concatenation's inputs share their spatial extent, the inputs and weights
-    // are stored as the kernel reads them (converted above), and the partials hold
-    // cout × (M / 64 blocks) × 2 values (conv_norm_leaky_relu).
+    // are stored as the kernel reads them (converted above), and the partials hold two values per
+    // output channel and block of voxels of the grid (conv3d_of sizes them from the same tile).
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(y)
 }
 
 /// conv3d of `x`, or of the channel concatenation [x; second] read in place (the f16 kernels
-/// only: the f32 one gets the concatenation), leaving InstanceNorm's partial sums of the output
-/// in `norm_partials` if given (the f16 kernels only; one pair per channel and block of
-/// `f16_conv3d_kernel`).
+/// only: the f32 one gets the concatenation). Given `norm` (the f16 kernels only: the conv
+/// block), the epilogue leaves InstanceNorm's partial sums of the output, one pair per channel
+/// and block of voxels of `f16_conv3d_kernel`'s tile, and InstanceNorm + LeakyReLU are applied
+/// from them.
 fn conv3d_of<E: Element>(
     b: &CudaBackend<E>,
     x: &CudaTensor<E>,
     second: Option<&CudaTensor<E>>,
     conv: &Conv3d<CudaTensor<E>>,
     shape: &shapes::ConvShape,
-    norm_partials: Option<&mut CudaSlice<f64>>,
+    norm: Option<&InstanceNorm<CudaTensor<E>>>,
 ) -> Result<CudaTensor<E>> {
     let extra = [shape.out_dims, shape.kernel, conv.stride, conv.padding].map(Dims3::from);
-    let voxels = shape.out_dims.iter().product();
+    let voxels: usize = shape.out_dims.iter().product();
     let first_channels = x.shape[0];
-    let (name, blocks) = if E::TENSOR_CORES {
+    let (name, tile) = if E::TENSOR_CORES {
         let (name, tile) = f16_conv3d_kernel(shape, first_channels, b.multiprocessors);
-        (name.to_string(), Some(tile.grid(voxels, shape.cout)))
+        (name.to_string(), Some(tile))
     } else {
         (format!("conv3d_{}", E::SUFFIX), None)
+    };
+    let voxel_blocks = tile.map(|tile| voxels.div_ceil(tile.rows));
+    let mut partials = match (norm, voxel_blocks) {
+        (Some(_), Some(blocks)) => Some(b.scratch::<f64>(shape.cout * blocks * 2)?),
+        _ => None,
     };
     let launch = ConvLaunch {
         name: &name,
@@ -190,14 +196,18 @@ fn conv3d_of<E: Element>(
         weight: &conv.weight,
         bias: &conv.bias,
         extra: &extra,
-        blocks,
+        blocks: tile.map(|tile| tile.grid(voxels, shape.cout)),
         f16_inputs: E::TENSOR_CORES.then(|| F16ConvInputs {
             second: second.unwrap_or(x),
             first_channels: first_channels as i64,
-            norm_partials,
+            norm_partials: partials.as_mut(),
         }),
     };
-    launch_conv(b, launch, shape)
+    let mut y = launch_conv(b, launch, shape)?;
+    if let (Some(norm), Some(partials), Some(blocks)) = (norm, &partials, voxel_blocks) {
+        norm::normalize_from_partials(b, &mut y, norm, partials, blocks)?;
+    }
+    Ok(y)
 }
 
 pub fn conv3d<E: Element>(
@@ -241,12 +251,7 @@ pub fn conv_norm_leaky_relu<E: Element>(
         Some(second) => shapes::conv3d_on_concat(x, second, conv)?,
         None => shapes::conv3d(x, conv)?,
     };
-    let (_, tile) = f16_conv3d_kernel(&shape, x.shape[0], b.multiprocessors);
-    let blocks = shape.out_dims.iter().product::<usize>().div_ceil(tile.rows);
-    let mut partials = b.scratch::<f64>(shape.cout * blocks * 2)?;
-    let mut y = conv3d_of(b, x, second, conv, &shape, Some(&mut partials))?;
-    norm::normalize_from_partials(b, &mut y, norm, &partials, blocks)?;
-    Ok(y)
+    conv3d_of(b, x, second, conv, &shape, Some(norm))
 }
 
 pub fn conv_transpose3d<E: Element>(
