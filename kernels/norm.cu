@@ -5,9 +5,9 @@
 // cancellation in the variance even over millions of voxels); `instance_norm_finalize`, one
 // block per channel, adds up the channel's partials and turns them into an f32 scale and shift
 // (γ/σ, β − μγ/σ); `instance_norm_apply` applies them with LeakyReLU in one memory-bound pass,
-// over channels-first or channels-last values. A conv block on tensor cores skips the first
-// launch: conv3d_igemm_f16's epilogue leaves the partials, one split per 64 voxels (tens of
-// thousands of splits, hence a block per channel in finalize).
+// over channels-first or channels-last values. An f16 conv block skips the first launch: the
+// convolution's epilogue (kernels/conv.cu) leaves the partials, one split per block of 64 or
+// 128 voxels (tens of thousands of splits, hence a block per channel in finalize).
 //
 // LayerNorm: one warp per row (warp_layer_norm in common.cuh), two passes over the row (mean,
 // then biased variance) from L1; rows are d_model wide (≤ a few hundred values), so the second
