@@ -8,8 +8,9 @@
 // LayerNorm into shared memory (one warp per row), scores against every (click, head) column,
 // then an online-softmax update of the block's running max, sum and Σ exp·LN(x) per column, all
 // in shared memory (columns × d floats; columns are split over blockIdx.y when they would not
-// fit). `cross_merge` combines the blocks' partials (flash-attention style) into the weighted
-// mean of LN(x) per column.
+// fit). With f16 storage and the fused kernels' widths, `cross_partial_mma_f16_{D}` does the
+// same on tensor cores (below). `cross_merge` combines the blocks' partials (flash-attention
+// style) into the weighted mean of LN(x) per column.
 //
 // Label assignment (`assign_mix`): one thread per (voxel, head) scores the voxel's query against
 // the click keys, softmaxes over the clicks, copies the clicks' label embeddings A·Vc and mixes
@@ -52,15 +53,18 @@ __device__ void cross_fold(const T* q, const T* wk, const T* bk, float* folded, 
     }
 }
 
-// Dynamic shared memory: ln[ROWS][width], score[ROWS][group], max/sum/correction[group],
-// weighted[group][width]; `group` columns per blockIdx.y.
+// Dynamic shared memory: ln[ROWS][width + 1], score[ROWS][group], max/sum/correction[group],
+// weighted[group][width]; `group` columns per blockIdx.y. The scores give a warp one column and
+// its 32 rows, so that the folded query is one broadcast load and the rows (odd stride) fall in
+// 32 banks; the weighted sums give it 32 values of one column.
 template <typename T>
 __device__ void cross_partial(const T* x, const T* gamma, const T* beta, const float* folded, const float* offset,
                               float* part_max, float* part_sum, float* part_weighted, int64_t n, int64_t width,
                               int64_t columns, int64_t group, int64_t tokens_per_block) {
     extern __shared__ float shared[];
+    const int64_t lw = width + 1;
     float* ln = shared;
-    float* score = ln + ROWS * width;
+    float* score = ln + ROWS * lw;
     float* run_max = score + ROWS * group;
     float* run_sum = run_max + group;
     float* correction = run_sum + group;
@@ -75,7 +79,7 @@ __device__ void cross_partial(const T* x, const T* gamma, const T* beta, const f
         __syncthreads();
         for (int r = warp; r < ROWS; r += warps) {
             int64_t token = t0 + r;
-            float* dest = ln + r * width;
+            float* dest = ln + r * lw;
             if (token >= end) {
                 for (int64_t f = lane; f < width; f += 32) dest[f] = 0.f;
                 continue;
@@ -84,12 +88,12 @@ __device__ void cross_partial(const T* x, const T* gamma, const T* beta, const f
         }
         __syncthreads();
         for (int64_t i = threadIdx.x; i < ROWS * cols; i += blockDim.x) {
-            int64_t r = i / cols, c = i % cols;
+            int64_t r = i % ROWS, c = i / ROWS;
             float s = -INFINITY;
             if (t0 + r < end) {
                 const float* fold = folded + (col0 + c) * width;
                 s = offset[col0 + c];
-                for (int64_t f = 0; f < width; ++f) s += ln[r * width + f] * fold[f];
+                for (int64_t f = 0; f < width; ++f) s += ln[r * lw + f] * fold[f];
             }
             score[r * group + c] = s;
         }
@@ -113,7 +117,7 @@ __device__ void cross_partial(const T* x, const T* gamma, const T* beta, const f
         for (int64_t i = threadIdx.x; i < cols * width; i += blockDim.x) {
             int64_t c = i / width, f = i % width;
             float acc = weighted[i] * correction[c];
-            for (int r = 0; r < ROWS; ++r) acc += score[r * group + c] * ln[r * width + f];
+            for (int r = 0; r < ROWS; ++r) acc += score[r * group + c] * ln[r * lw + f];
             weighted[i] = acc;
         }
     }
@@ -125,6 +129,120 @@ __device__ void cross_partial(const T* x, const T* gamma, const T* beta, const f
     for (int64_t i = threadIdx.x; i < cols * width; i += blockDim.x)
         part_weighted[(blockIdx.x * columns + col0) * width + i] = weighted[i];
 }
+
+// `cross_partial_mma_f16_{D}`: cross_partial on tensor cores, for the f16 widths of the fused
+// kernels. It is flash attention turned around: the queries are the (click, head) columns, the
+// keys and values the voxels' LN(x), and each warp owns 16 columns of its block's group (the
+// group's folded queries staged once as f16). A block walks its voxels in tiles of
+// CROSS_MMA_TOKENS: the tile's LN(x) goes to shared memory as f16 (every warp normalises some
+// rows), then each warp, on its own: S = F·LN(x)ᵀ (16 columns × 64 voxels, K = D) into its f32
+// staging area; its columns' running max and sum updated by two lanes a column, P = e^(S − max)
+// written as f16; O += P·LN(x) (16 × D, K = 64) in its accumulator fragments. Where a column's
+// max grew, O makes one round trip through the staging area to be rescaled (WMMA fragments
+// have no row index). Per voxel and column that is 2·D multiply-accumulates on tensor cores,
+// where the CUDA-core kernel above spent two shared-memory loads per multiply-accumulate.
+constexpr int CROSS_MMA_TOKENS = 64;
+
+template <int D> struct CrossShared {
+    static constexpr int T = CROSS_MMA_TOKENS, LD = D + MMA_PAD, LP = T + MMA_PAD, LS = (T > D ? T : D) + 4;
+    // Byte offsets for a block of `warps` warps (16 columns each).
+    int ln, fold, stage, p;
+    __device__ explicit CrossShared(int warps)
+        : ln(0),                              // LN(x) of the tile: T × LD halves
+          fold(T * LD * 2),                   // the group's folded queries: 16·warps × LD halves
+          stage(fold + 16 * warps * LD * 2),  // per warp, S or O: 16 × LS floats
+          p(stage + warps * 16 * LS * 4) {}   // per warp, P: 16 × LP halves
+};
+
+template <int D>
+__device__ void cross_partial_mma(const __half* x, const __half* gamma, const __half* beta, const float* folded,
+                                  const float* offset, float* part_max, float* part_sum, float* part_weighted,
+                                  int64_t n, int64_t columns, int64_t tokens_per_block) {
+    using namespace nvcuda;
+    using L = CrossShared<D>;
+    constexpr int T = CROSS_MMA_TOKENS;
+    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const L layout(warps);
+    extern __shared__ float cross_shared[];
+    unsigned char* base = (unsigned char*)cross_shared;
+    __half* ln = (__half*)(base + layout.ln);
+    __half* fold = (__half*)(base + layout.fold);
+    float* stage = (float*)(base + layout.stage) + warp * 16 * L::LS;
+    __half* p = (__half*)(base + layout.p) + warp * 16 * L::LP;
+    const int64_t col0 = (int64_t)blockIdx.y * 16 * warps + 16 * warp;  // the warp's first column
+    for (int l = threadIdx.x; l < 16 * warps * D; l += blockDim.x) {
+        int64_t c = (int64_t)blockIdx.y * 16 * warps + l / D;
+        fold[l / D * L::LD + l % D] = __float2half_rn(c < columns ? folded[c * D + l % D] : 0.f);
+    }
+    // Lanes 2j and 2j + 1 keep column col0 + j's running max and sum, each over half the tile.
+    const int j = lane / 2, half = lane % 2;
+    const float bias = col0 + j < columns ? offset[col0 + j] : 0.f;
+    float run_max = -INFINITY, run_sum = 0.f;
+    Accumulator o[D / 16];
+    zero_accumulators<D>(o);
+    const int64_t begin = (int64_t)blockIdx.x * tokens_per_block, end = min(n, begin + tokens_per_block);
+    for (int64_t t0 = begin; t0 < end; t0 += T) {
+        __syncthreads();  // every warp is done with the previous tile's LN(x)
+        layer_norm_rows(ln, L::LD, x, gamma, beta, end, D, t0, T);
+        __syncthreads();
+        Accumulator s[T / 16];
+        zero_accumulators<T>(s);
+        warp_rows_mma<T, D>(s, fold + 16 * warp * L::LD, L::LD, ln, L::LD);
+        store_accumulators<T>(s, stage, L::LS);
+        __syncwarp();
+        const int valid = (int)min((int64_t)T, end - t0);
+        const float* row = stage + j * L::LS;
+        float tile_max = -INFINITY;
+        for (int i = half * (T / 2); i < (half + 1) * (T / 2) && i < valid; ++i) tile_max = fmaxf(tile_max, row[i]);
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(~0u, tile_max, 1)) + bias;
+        const float new_max = fmaxf(run_max, tile_max);
+        const float correction = __expf(run_max - new_max);  // 0 while run_max is -inf
+        float sum = 0.f;
+        for (int i = half * (T / 2); i < (half + 1) * (T / 2); ++i) {
+            __half e = __float2half_rn(i < valid ? __expf(row[i] + bias - new_max) : 0.f);
+            p[j * L::LP + i] = e;
+            sum += __half2float(e);  // the weights O is summed with, rounded as they are
+        }
+        run_sum = run_sum * correction + sum + __shfl_xor_sync(~0u, sum, 1);
+        run_max = new_max;
+        if (__any_sync(~0u, correction != 1.f)) {
+            __syncwarp();  // every lane has read its scores
+            store_accumulators<D>(o, stage, L::LS);
+            __syncwarp();
+            for (int f = half * (D / 2); f < (half + 1) * (D / 2); ++f) stage[j * L::LS + f] *= correction;
+            __syncwarp();
+            for (int i = 0; i < D / 16; ++i) wmma::load_matrix_sync(o[i], stage + 16 * i, L::LS, wmma::mem_row_major);
+        }
+        __syncwarp();  // P is written
+        for (int k = 0; k < T; k += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, p + k, L::LP);
+            for (int i = 0; i < D / 16; ++i) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
+                wmma::load_matrix_sync(fb, ln + k * L::LD + 16 * i, L::LD);
+                wmma::mma_sync(o[i], fa, fb, o[i]);
+            }
+        }
+    }
+    __syncwarp();  // every lane has read the last tile's scores
+    store_accumulators<D>(o, stage, L::LS);
+    __syncwarp();
+    const int64_t slot = (int64_t)blockIdx.x * columns;
+    if (half == 0 && col0 + j < columns) {
+        part_max[slot + col0 + j] = run_max;
+        part_sum[slot + col0 + j] = run_sum;
+    }
+    for (int l = lane; l < 16 * D; l += 32)
+        if (col0 + l / D < columns) part_weighted[(slot + col0 + l / D) * D + l % D] = stage[l / D * L::LS + l % D];
+}
+
+#define CROSS_PARTIAL_MMA(D)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS) cross_partial_mma_f16_##D(                       \
+        const __half* x, const __half* g, const __half* b, const float* folded, const float* offset, float* pm,      \
+        float* ps, float* pw, int64_t n, int64_t columns, int64_t tokens_per_block) {                                \
+        cross_partial_mma<D>(x, g, b, folded, offset, pm, ps, pw, n, columns, tokens_per_block);                     \
+    }
+FOR_EACH_FUSED_WIDTH(CROSS_PARTIAL_MMA)
 
 // mean[col, f] = Σ_b e^(max_b − M)·weighted_b[col, f] / Σ_b e^(max_b − M)·sum_b, one thread per
 // (col, f).
@@ -158,37 +276,54 @@ __device__ void cross_project(const float* mean, const T* wv, const T* bv, T* ou
     }
 }
 
-// query · key over the dh values of a head, the loop running to the bound MAX_DH (unrolled, the
-// width tested inside) so that a query held in a register array stays in registers.
+// query · key over the dh values of a head, the loop unrolled to the bound MAX_DH and left at dh
+// (so that a query held in a register array stays in registers, and a head narrower than the
+// bound issues no idle iterations).
 template <int MAX_DH, typename Q, typename T>
 __device__ __forceinline__ float head_dot(const Q* query, const T* key, int dh) {
     float s = 0.f;
 #pragma unroll
-    for (int e = 0; e < MAX_DH; ++e)
-        if (e < dh) s += to_f32(query[e]) * to_f32(key[e]);
+    for (int e = 0; e < MAX_DH; ++e) {
+        if (e >= dh) break;
+        s += to_f32(query[e]) * to_f32(key[e]);
+    }
     return s;
+}
+
+// out[e] = out[e]·scale + p·value[e] for e < dh.
+template <int MAX_DH, typename T>
+__device__ __forceinline__ void scale_add(float (&out)[MAX_DH], float scale, float p, const T* value, int dh) {
+#pragma unroll
+    for (int e = 0; e < MAX_DH; ++e) {
+        if (e >= dh) break;
+        out[e] = out[e] * scale + p * to_f32(value[e]);
+    }
 }
 
 // The label copy of one (token, head): out = Σ_c softmax_c(query·key_c/√dh)·value_c over the
 // clicks, where key_c and value_c are the head's dh values in click c's row (`keys` and
-// `values` point at the head's first value of click 0; rows are `width` apart). Two passes over
-// the clicks (their maximum score, then the exponentials), out in registers.
+// `values` point at the head's first value of click 0; rows are `width` apart). One pass over
+// the clicks with a running maximum (out and the sum rescaled when it grows), out in registers.
 template <int MAX_DH, typename Q, typename T>
 __device__ __forceinline__ void copy_click_labels(const Q* query, const T* keys, const T* values, int64_t clicks,
                                                   int64_t width, int dh, float (&out)[MAX_DH]) {
     float scale = rsqrtf((float)dh), max = -INFINITY, sum = 0.f;
-    for (int64_t c = 0; c < clicks; ++c) max = fmaxf(max, head_dot<MAX_DH>(query, keys + c * width, dh) * scale);
 #pragma unroll
     for (int e = 0; e < MAX_DH; ++e) out[e] = 0.f;
     for (int64_t c = 0; c < clicks; ++c) {
-        float p = __expf(head_dot<MAX_DH>(query, keys + c * width, dh) * scale - max);
-        sum += p;
-#pragma unroll
-        for (int e = 0; e < MAX_DH; ++e)
-            if (e < dh) out[e] += p * to_f32(values[c * width + e]);
+        float s = head_dot<MAX_DH>(query, keys + c * width, dh) * scale;
+        float correction = 1.f;
+        if (s > max) {
+            correction = __expf(max - s);  // 0 at the first click
+            max = s;
+        }
+        float p = __expf(s - max);
+        sum = sum * correction + p;
+        scale_add<MAX_DH>(out, correction, p, values + c * width, dh);
     }
+    float inverse = 1.f / sum;
 #pragma unroll
-    for (int e = 0; e < MAX_DH; ++e) out[e] /= sum;
+    for (int e = 0; e < MAX_DH; ++e) out[e] *= inverse;
 }
 
 template <typename T, int MAX_DH>
@@ -328,7 +463,7 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     // Q = LN_q(x)·Wqᵀ + bq, Wq's copies flying while LN_q(x) is computed.
     stage_weights_async(w, L::LD, wq, D, D, 0, 0, D, D);
     __pipeline_commit();
-    layer_norm_rows(operand, L::LD, x, gamma, beta, n, D, row0);
+    layer_norm_rows(operand, L::LD, x, gamma, beta, n, D, row0, rows);
     __pipeline_wait_prior(0);
     __syncthreads();
     warp_rows_project<D>(operand, w, q);

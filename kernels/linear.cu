@@ -152,7 +152,7 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
         __pipeline_commit();
     };
     prefetch(0, 0);
-    layer_norm_rows(normed, L::LD, x, gamma, beta, n, D, row0);
+    layer_norm_rows(normed, L::LD, x, gamma, beta, n, D, row0, fused_rows());
 
     Accumulator y[D / 16];
     zero_accumulators<D>(y);

@@ -121,12 +121,12 @@ __device__ __forceinline__ void stage_weights_async(__half* dest, int ldd, const
 // The fused kernels' widths: multiples of 16 up to 128 (one instantiation each).
 #define FOR_EACH_FUSED_WIDTH(X) X(16) X(32) X(48) X(64) X(80) X(96) X(112) X(128)
 
-// LayerNorm of a block's fused_rows() rows of x (N × width) into f16 shared rows (stride ld
+// LayerNorm of `rows` rows of x (N × width) from row0 on into f16 shared rows (stride ld
 // halves), one warp per row; rows past n are zero.
 __device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __half* x, const __half* gamma,
-                                                const __half* beta, int64_t n, int width, int64_t row0) {
+                                                const __half* beta, int64_t n, int width, int64_t row0, int rows) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int r = warp; r < fused_rows(); r += blockDim.x / 32) {
+    for (int r = warp; r < rows; r += blockDim.x / 32) {
         __half* row = dest + r * ld;
         if (row0 + r < n)
             warp_layer_norm(x + (row0 + r) * width, gamma, beta, width, lane,

@@ -28,6 +28,10 @@
 #   1-3 share at most 240 s of the default budget before they are cut; installing the wheels
 #   (seconds; at most 60) comes out of the tile step's time.
 # Where the session can afford it, GPU_CHECK_BUDGET_S=540 gives the last steps more room.
+# GPU_CHECK_HEAD_ONLY=1 runs steps 1-3 and the click's profile alone (for work that touched the
+# head and not the network, or a lease with about 5 minutes left): the checks then leave the
+# benchmarks 90 s and the profile 40 s, racecheck takes the token ops alone, and PyTorch's head
+# runs 20 timed clicks a mode.
 # The tis sides run bounded work (their speed on a card is unmeasured so far): 1 warm-up + 3
 # timed tile forwards, one `tis segment`.
 set -uo pipefail
@@ -61,68 +65,82 @@ bounded() {
     echo "(timeout ${limit} s)" >&3
     timeout -k 10 "$limit" "$@"
 }
-issue7=$((RESERVE_TILE + RESERVE_PREDICTOR + RESERVE_SUMMARY))
+head_only="${GPU_CHECK_HEAD_ONLY:-0}"
+if [ "$head_only" = 1 ]; then
+    reserve_checks=$((90 + 40 + RESERVE_SUMMARY)) reserve_bench=$((40 + RESERVE_SUMMARY)) torch_iters=(--iters 20 --warmup 3)
+    race_tests=(token_ops_match_cpu_f16)
+else
+    reserve_checks=$((RESERVE_TILE + RESERVE_PREDICTOR + RESERVE_SUMMARY)) reserve_bench=$reserve_checks torch_iters=()
+    race_tests=(token_ops_match_cpu_f16 network_ops_match_cpu_f16)
+fi
+tile=124 predictor=124
 
 step "GPU"
 timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 
 step "parity: CUDA backend against the CPU engine"
-bounded "$(within 240 $issue7)" gpu-bin/cuda_backend --ignored --test-threads 1 --nocapture > "$out/parity.log" 2>&1
+bounded "$(within 240 $reserve_checks)" gpu-bin/cuda_backend --ignored --test-threads 1 --nocapture > "$out/parity.log" 2>&1
 parity=$?
 grep -E "^test |relative L2|agreement|test result" "$out/parity.log" | tail -60
 [ $parity -eq 0 ] || status=1
 
 step "compute-sanitizer memcheck (f16 tests)"
-bounded "$(within 240 $issue7)" compute-sanitizer --tool memcheck --error-exitcode 3 gpu-bin/cuda_backend --ignored --test-threads 1 \
+bounded "$(within 240 $reserve_checks)" compute-sanitizer --tool memcheck --error-exitcode 3 gpu-bin/cuda_backend --ignored --test-threads 1 \
     _f16 > "$out/memcheck.log" 2>&1
 memcheck=$?
 tail -5 "$out/memcheck.log"
 [ $memcheck -eq 0 ] || status=1
 
 step "compute-sanitizer racecheck (f16 op tests)"
-bounded "$(within 120 $issue7)" compute-sanitizer --tool racecheck --error-exitcode 3 gpu-bin/cuda_backend --ignored --test-threads 1 \
-    token_ops_match_cpu_f16 network_ops_match_cpu_f16 > "$out/racecheck.log" 2>&1
+bounded "$(within 120 $reserve_checks)" compute-sanitizer --tool racecheck --error-exitcode 3 gpu-bin/cuda_backend --ignored --test-threads 1 \
+    "${race_tests[@]}" > "$out/racecheck.log" 2>&1
 racecheck=$?
 tail -5 "$out/racecheck.log"
 [ $racecheck -eq 0 ] || status=1
 
 step "benchmark"
-bounded "$(within 60 $issue7)" gpu-bin/tis bench --device cuda --precision f16 --json "$out/tis-f16.json" | tee "$out/bench.log"
-bounded "$(within 60 $issue7)" gpu-bin/tis bench --device cuda --precision f32 --iters 20 --json "$out/tis-f32.json" | tee -a "$out/bench.log"
-bounded "$(within 300 $issue7)" python3 python/bench_head.py --device cuda --json "$out/torch.json" 2>&1 | tee -a "$out/bench.log"
+bounded "$(within 60 $reserve_bench)" gpu-bin/tis bench --device cuda --precision f16 --json "$out/tis-f16.json" | tee "$out/bench.log"
+bounded "$(within 60 $reserve_bench)" gpu-bin/tis bench --device cuda --precision f32 --iters 20 --json "$out/tis-f32.json" | tee -a "$out/bench.log"
+bounded "$(within 300 $reserve_bench)" python3 python/bench_head.py --device cuda "${torch_iters[@]}" --json "$out/torch.json" 2>&1 \
+    | tee -a "$out/bench.log"
 
-step "issue 7: Python packages for PyTorch's nnU-Net network and nnUNetPredictor"
-# gpu-bin/wheels: dynamic-network-architectures, nnunetv2 and the pure-Python packages it
-# imports on this path (scripts/build-gpu-bin.sh); nnunetv2's binary imports (SimpleITK,
-# blosc2, imagecodecs, cc3d) get stand-ins in bench_predictor.py.
-site=/tmp/site
-if ls gpu-bin/wheels/*.whl > /dev/null 2>&1 &&
-    timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$site" gpu-bin/wheels/*.whl > "$out/wheels.log" 2>&1; then
-    echo "installed to $site: $(cd gpu-bin/wheels && ls *.whl | tr '\n' ' ')"
-else
-    echo "no wheels installed (gpu-bin/wheels missing or pip failed, see wheels.log): the PyTorch tile and nnU-Net sides will say what is missing"
+if [ "$head_only" != 1 ]; then
+    step "issue 7: Python packages for PyTorch's nnU-Net network and nnUNetPredictor"
+    # gpu-bin/wheels: dynamic-network-architectures, nnunetv2 and the pure-Python packages it
+    # imports on this path (scripts/build-gpu-bin.sh); nnunetv2's binary imports (SimpleITK,
+    # blosc2, imagecodecs, cc3d) get stand-ins in bench_predictor.py.
+    site=/tmp/site
+    if ls gpu-bin/wheels/*.whl > /dev/null 2>&1 &&
+        timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$site" gpu-bin/wheels/*.whl > "$out/wheels.log" 2>&1; then
+        echo "installed to $site: $(cd gpu-bin/wheels && ls *.whl | tr '\n' ' ')"
+    else
+        echo "no wheels installed (gpu-bin/wheels missing or pip failed, see wheels.log): the PyTorch tile and nnU-Net sides will say what is missing"
+    fi
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+
+    step "issue 7: one nnU-Net tile forward, tis f16 against PyTorch (cuDNN)"
+    bounded "$(within 180 $((RESERVE_PREDICTOR + RESERVE_SUMMARY)))" python3 python/bench_tile.py --device cuda \
+        --plans pancreas generic128 --tis gpu-bin/tis --iters 20 --warmup 3 --tis-iters 3 --tis-warmup 1 \
+        --tis-timeout 60 --json "$out/tile.json" 2>&1 | tee "$out/tile.log"
+    tile=$?
+
+    step "issue 7: whole-volume segmentation 96×512×512, tis segment against nnUNetPredictor (GPU)"
+    limit=$(within 180 $RESERVE_SUMMARY)
+    bounded "$limit" python3 python/bench_predictor.py --device cuda --synthetic 96 512 512 --plan pancreas \
+        --make-bundle /tmp/bench-pancreas.safetensors --tis gpu-bin/tis --repeats 2 \
+        --tis-timeout $((limit > 105 ? limit - 75 : 30)) --json "$out/predictor.json" 2>&1 | tee "$out/predictor.log"
+    predictor=$?
 fi
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-
-step "issue 7: one nnU-Net tile forward, tis f16 against PyTorch (cuDNN)"
-bounded "$(within 180 $((RESERVE_PREDICTOR + RESERVE_SUMMARY)))" python3 python/bench_tile.py --device cuda \
-    --plans pancreas generic128 --tis gpu-bin/tis --iters 20 --warmup 3 --tis-iters 3 --tis-warmup 1 \
-    --tis-timeout 60 --json "$out/tile.json" 2>&1 | tee "$out/tile.log"
-tile=$?
-
-step "issue 7: whole-volume segmentation 96×512×512, tis segment against nnUNetPredictor (GPU)"
-limit=$(within 180 $RESERVE_SUMMARY)
-bounded "$limit" python3 python/bench_predictor.py --device cuda --synthetic 96 512 512 --plan pancreas \
-    --make-bundle /tmp/bench-pancreas.safetensors --tis gpu-bin/tis --repeats 2 \
-    --tis-timeout $((limit > 105 ? limit - 75 : 30)) --json "$out/predictor.json" 2>&1 | tee "$out/predictor.log"
-predictor=$?
 
 step "profile: Nsight Compute on the Pancreas plan's network kernels and the per-click kernels"
-# Whatever time is left (at most 60 + 40 s): where the kernels stand against the card's peaks.
+# Whatever time is left (at most 60 + 40 s): where the kernels stand against the card's peaks, at
+# the clocks the card runs at (--clock-control none: ncu would otherwise lock them to base).
 # The Pancreas bundle is the one step 5 wrote; the full reports stay in the logs.
-sections=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats)
-if [ -f /tmp/bench-pancreas.safetensors ]; then
+sections=(--clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats)
+if [ "$head_only" = 1 ]; then
+    echo "head only: no tile profile"
+elif [ -f /tmp/bench-pancreas.safetensors ]; then
     bounded "$(within 60 $((RESERVE_SUMMARY + 40)))" ncu "${sections[@]}" --launch-count 28 \
         --kernel-name regex:'conv3d_igemm|conv3d_direct|conv_transpose3d_mma' \
         gpu-bin/tis bench --tile --device cuda --precision f16 -m /tmp/bench-pancreas.safetensors --iters 1 \
@@ -131,7 +149,7 @@ if [ -f /tmp/bench-pancreas.safetensors ]; then
 else
     echo "no Pancreas bundle (step 5 did not get to write it): no tile profile"
 fi
-bounded "$(within 40 $RESERVE_SUMMARY)" ncu "${sections[@]}" --launch-count 12 \
+bounded "$(within 40 $RESERVE_SUMMARY)" ncu "${sections[@]}" --launch-count 16 \
     --kernel-name regex:'cross_partial|cross_merge|assign_fused|feed_forward_mma|linear_mma' \
     gpu-bin/tis bench --device cuda --precision f16 --iters 1 --warmup 0 > "$out/ncu-click.log" 2>&1
 echo "ncu (click) exit $?"
@@ -139,8 +157,9 @@ timeout 10 python3 scripts/ncu_summary.py "$out"/ncu-*.log
 
 step "summary"
 echo "parity exit $parity, memcheck exit $memcheck, racecheck exit $racecheck, tile exit $tile, predictor exit $predictor (124: timed out or skipped)"
-timeout 30 python3 scripts/bench_table.py "$out/tis-f16.json" "$out/tis-f32.json" "$out/torch.json" \
-    --tile "$out/tile.json" --predictor "$out/predictor.json"
+network=()
+[ "$head_only" = 1 ] || network=(--tile "$out/tile.json" --predictor "$out/predictor.json")
+timeout 30 python3 scripts/bench_table.py "$out/tis-f16.json" "$out/tis-f32.json" "$out/torch.json" "${network[@]}"
 if [ -n "${OUT:-}" ]; then
     # The device tool brings back at most 8 files from $OUT: the JSON results stay as they are,
     # the logs travel as one archive.

@@ -513,6 +513,18 @@ float shuffle_xor(float value, int lane_mask) {
     return result;
 }
 
+bool any_lane(bool predicate) {
+    BlockRun& b = *run;
+    Fiber& f = *b.current;
+    float* slots = &b.warp_slots[f.warp * 32];
+    slots[f.lane] = predicate ? 1.f : 0.f;
+    full_warp_barrier("__any_sync");
+    bool any = false;
+    for (int lane = 0; lane < 32; ++lane) any = any || slots[lane] != 0.f;
+    warp_barrier();
+    return any;
+}
+
 void* dynamic_shared() { return run->shared; }
 
 void land(const PendingCopy& c) {

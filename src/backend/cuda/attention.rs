@@ -1,7 +1,7 @@
 //! Launches of kernels/attention.cu: attention among the clicks, the click cross-attention over
 //! every voxel (fold, partial softmax per block, merge, value projection) and label assignment.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::linear::{Epilogue, gemm};
 use super::{CudaBackend, CudaTensor, Element, driver, norm};
@@ -12,6 +12,8 @@ const MODULE: &str = "attention";
 /// Voxels per tile and threads per block of `cross_partial` (ROWS, CROSS_THREADS).
 const ROWS: usize = 32;
 const CROSS_THREADS: u32 = 256;
+/// Voxels per tile of `cross_partial_mma_f16_*` (CROSS_MMA_TOKENS).
+const CROSS_MMA_TOKENS: usize = 64;
 /// Dynamic shared memory `cross_partial` may use; columns are split over blockIdx.y to fit.
 const CROSS_SHARED_BYTES: usize = 96 * 1024;
 /// Bounds on the head width that `assign_mix` is instantiated for (it takes any width up to
@@ -41,14 +43,16 @@ pub fn attention<E: Element>(
         .arg(&nk)
         .arg(&w)
         .arg(&h);
-    let shared = keys * 4;
+    // One float per key, rounded up to 16 bytes: the compiler reads the scores' tail four at a
+    // time (LDS.128), past the last key where their count is not a multiple of 4.
+    let shared = keys.next_multiple_of(4) * 4;
     b.allow_shared_memory(&f, shared)?;
     let grid = LaunchConfig {
         grid_dim: (queries as u32, heads as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: shared as u32,
     };
-    // SAFETY: matches `attention_small_*`; one float of shared memory per key.
+    // SAFETY: matches `attention_small_*`; at least one float of shared memory per key.
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(out)
 }
@@ -68,13 +72,7 @@ pub fn click_cross_attention<E: Element>(
     if clicks == 0 {
         return Ok(out);
     }
-    let (nc, w, h, cols, tokens) = (
-        clicks as i64,
-        width as i64,
-        heads as i64,
-        columns as i64,
-        n as i64,
-    );
+    let (nc, w, h, cols) = (clicks as i64, width as i64, heads as i64, columns as i64);
 
     // Fold the key projection into the queries.
     let mut folded = b.scratch::<f32>(columns * width)?;
@@ -91,64 +89,28 @@ pub fn click_cross_attention<E: Element>(
     // SAFETY: matches `cross_fold_*`; folded holds columns × width values, offset columns.
     unsafe { launch.launch(b.elementwise(columns * (width + 1))) }.map_err(driver)?;
 
-    // Partial softmax per block of voxels, columns grouped to fit shared memory.
-    let floats = CROSS_SHARED_BYTES / 4;
-    let per_column = ROWS + 3 + width;
-    let group = floats.saturating_sub(ROWS * width) / per_column;
-    if group == 0 {
-        return Err(Error::Shape(format!(
-            "width {width} is too wide for the cross-attention kernel"
-        )));
-    }
-    let group = group.min(columns);
-    let groups = columns.div_ceil(group);
-    let blocks = n
-        .div_ceil(ROWS)
-        .clamp(1, (4 * b.multiprocessors).div_ceil(groups).max(1));
-    let tokens_per_block = n.div_ceil(blocks).div_ceil(ROWS) * ROWS;
-    let blocks = n.div_ceil(tokens_per_block);
-    let shared = 4 * (ROWS * width + group * per_column);
-    let mut part_max = b.scratch::<f32>(blocks * columns)?;
-    let mut part_sum = b.scratch::<f32>(blocks * columns)?;
-    let mut part_weighted = b.scratch::<f32>(blocks * columns * width)?;
-    let f = b.kernel(MODULE, "cross_partial")?;
-    b.allow_shared_memory(&f, shared)?;
-    let (g, per_block) = (group as i64, tokens_per_block as i64);
-    let mut launch = b.stream.launch_builder(&f);
-    launch
-        .arg(&x.data)
-        .arg(&norm.weight.data)
-        .arg(&norm.bias.data)
-        .arg(&folded)
-        .arg(&offset);
-    launch
-        .arg(&mut part_max)
-        .arg(&mut part_sum)
-        .arg(&mut part_weighted);
-    launch
-        .arg(&tokens)
-        .arg(&w)
-        .arg(&cols)
-        .arg(&g)
-        .arg(&per_block);
-    let grid = LaunchConfig {
-        grid_dim: (blocks as u32, groups as u32, 1),
-        block_dim: (CROSS_THREADS, 1, 1),
-        shared_mem_bytes: shared as u32,
+    // Partial softmax per block of voxels.
+    let inputs = CrossInputs {
+        x,
+        norm,
+        folded: &folded,
+        offset: &offset,
     };
-    // SAFETY: matches `cross_partial_*`; the partial buffers hold blocks × columns (× width)
-    // values and the dynamic shared memory is what the kernel lays out for `group` columns.
-    unsafe { launch.launch(grid) }.map_err(driver)?;
+    let partials = if CudaBackend::<E>::fused_head_width(width) {
+        cross_partial_mma(b, &inputs, n, columns, width)?
+    } else {
+        cross_partial(b, &inputs, n, columns, width)?
+    };
 
     // Merge the blocks, then apply the value projection.
     let mut mean = b.scratch::<f32>(columns * width)?;
     let f = b.function(MODULE, "cross_merge")?;
-    let nb = blocks as i64;
+    let nb = partials.blocks as i64;
     let mut launch = b.stream.launch_builder(&f);
     launch
-        .arg(&part_max)
-        .arg(&part_sum)
-        .arg(&part_weighted)
+        .arg(&partials.max)
+        .arg(&partials.sum)
+        .arg(&partials.weighted)
         .arg(&mut mean)
         .arg(&nb)
         .arg(&cols)
@@ -169,6 +131,158 @@ pub fn click_cross_attention<E: Element>(
     // SAFETY: matches `cross_project_*`; out holds clicks × width values.
     unsafe { launch.launch(b.elementwise(clicks * width)) }.map_err(driver)?;
     Ok(out)
+}
+
+/// What both partial-softmax kernels read: the voxels' tokens, the key-side LayerNorm, and the
+/// queries with the key projection folded in (columns × width, and an offset per column).
+struct CrossInputs<'a, E: Element> {
+    x: &'a CudaTensor<E>,
+    norm: &'a LayerNorm<CudaTensor<E>>,
+    folded: &'a CudaSlice<f32>,
+    offset: &'a CudaSlice<f32>,
+}
+
+/// Per block of voxels and column: the running max, the sum of e^(s − max) and Σ e^(s − max)·LN(x)
+/// (width values), for `cross_merge`.
+struct CrossPartials {
+    blocks: usize,
+    max: CudaSlice<f32>,
+    sum: CudaSlice<f32>,
+    weighted: CudaSlice<f32>,
+}
+
+impl CrossPartials {
+    /// The voxels split into blocks of whole tiles, about four blocks per multiprocessor over
+    /// the column groups, with their partial buffers.
+    fn split<E: Element>(
+        b: &CudaBackend<E>,
+        [n, columns, width]: [usize; 3],
+        tile: usize,
+        groups: usize,
+    ) -> Result<(Self, usize)> {
+        let blocks = n
+            .div_ceil(tile)
+            .clamp(1, (4 * b.multiprocessors).div_ceil(groups).max(1));
+        let tokens_per_block = (n.div_ceil(blocks).div_ceil(tile) * tile).max(tile);
+        let blocks = n.div_ceil(tokens_per_block);
+        let partials = CrossPartials {
+            blocks,
+            max: b.scratch::<f32>(blocks * columns)?,
+            sum: b.scratch::<f32>(blocks * columns)?,
+            weighted: b.scratch::<f32>(blocks * columns * width)?,
+        };
+        Ok((partials, tokens_per_block))
+    }
+
+    /// Launches a partial-softmax kernel on these buffers.
+    fn launch<E: Element>(
+        mut self,
+        b: &CudaBackend<E>,
+        f: &CudaFunction,
+        inputs: &CrossInputs<'_, E>,
+        scalars: &[i64],
+        grid: LaunchConfig,
+    ) -> Result<Self> {
+        let mut launch = b.stream.launch_builder(f);
+        launch
+            .arg(&inputs.x.data)
+            .arg(&inputs.norm.weight.data)
+            .arg(&inputs.norm.bias.data)
+            .arg(inputs.folded)
+            .arg(inputs.offset);
+        launch
+            .arg(&mut self.max)
+            .arg(&mut self.sum)
+            .arg(&mut self.weighted);
+        for scalar in scalars {
+            launch.arg(scalar);
+        }
+        // SAFETY: the callers pass the scalars of their kernel (`cross_partial_*`,
+        // `cross_partial_mma_f16_*`) and a grid of `blocks` blocks of voxels; the partial buffers
+        // hold blocks × columns (× width) values, and the dynamic shared memory is what the kernel
+        // lays out for its columns.
+        unsafe { launch.launch(grid) }.map_err(driver)?;
+        Ok(self)
+    }
+}
+
+/// `cross_partial_*` on the CUDA cores, tiles of ROWS voxels, columns grouped to fit shared
+/// memory.
+fn cross_partial<E: Element>(
+    b: &CudaBackend<E>,
+    inputs: &CrossInputs<'_, E>,
+    n: usize,
+    columns: usize,
+    width: usize,
+) -> Result<CrossPartials> {
+    let floats = CROSS_SHARED_BYTES / 4;
+    let per_column = ROWS + 3 + width;
+    let group = floats.saturating_sub(ROWS * (width + 1)) / per_column;
+    if group == 0 {
+        return Err(Error::Shape(format!(
+            "width {width} is too wide for the cross-attention kernel"
+        )));
+    }
+    let group = group.min(columns);
+    let groups = columns.div_ceil(group);
+    let (partials, tokens_per_block) = CrossPartials::split(b, [n, columns, width], ROWS, groups)?;
+    let shared = 4 * (ROWS * (width + 1) + group * per_column);
+    let f = b.kernel(MODULE, "cross_partial")?;
+    b.allow_shared_memory(&f, shared)?;
+    let grid = LaunchConfig {
+        grid_dim: (partials.blocks as u32, groups as u32, 1),
+        block_dim: (CROSS_THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    let scalars = [n, width, columns, group, tokens_per_block].map(|v| v as i64);
+    partials.launch(b, &f, inputs, &scalars, grid)
+}
+
+/// `cross_partial_mma_f16_{width}` on the tensor cores: a warp per 16 columns, up to 8 warps a
+/// block (fewer where the device's shared memory asks it), the columns split evenly over
+/// blockIdx.y. Its dynamic shared memory is `CrossShared` in kernels/attention.cu.
+fn cross_partial_mma<E: Element>(
+    b: &CudaBackend<E>,
+    inputs: &CrossInputs<'_, E>,
+    n: usize,
+    columns: usize,
+    width: usize,
+) -> Result<CrossPartials> {
+    let (ld, lp, ls) = (
+        width + 8,
+        CROSS_MMA_TOKENS + 8,
+        CROSS_MMA_TOKENS.max(width) + 4,
+    );
+    let shared = |warps: usize| {
+        2 * CROSS_MMA_TOKENS * ld + 2 * 16 * warps * ld + 4 * 16 * warps * ls + 2 * 16 * warps * lp
+    };
+    let column_blocks = columns.div_ceil(16);
+    let (groups, warps) = [8, 4, 2, 1]
+        .into_iter()
+        .map(|most| {
+            let groups = column_blocks.div_ceil(most);
+            (groups, column_blocks.div_ceil(groups))
+        })
+        .find(|&(_, warps)| shared(warps) <= b.shared_memory_optin)
+        .ok_or_else(|| Error::Backend {
+            backend: "cuda",
+            message: format!(
+                "cross_partial_mma_f16_{width} needs {} bytes of shared memory; this GPU allows {}",
+                shared(1),
+                b.shared_memory_optin
+            ),
+        })?;
+    let (partials, tokens_per_block) =
+        CrossPartials::split(b, [n, columns, width], CROSS_MMA_TOKENS, groups)?;
+    let f = b.function(MODULE, &format!("cross_partial_mma_f16_{width}"))?;
+    b.allow_shared_memory(&f, shared(warps))?;
+    let grid = LaunchConfig {
+        grid_dim: (partials.blocks as u32, groups as u32, 1),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: shared(warps) as u32,
+    };
+    let scalars = [n, columns, tokens_per_block].map(|v| v as i64);
+    partials.launch(b, &f, inputs, &scalars, grid)
 }
 
 pub fn label_assignment<E: Element>(

@@ -32,6 +32,7 @@ extern thread_local uint3 thread_idx, block_idx, block_dim, grid_dim;
 void sync_threads();
 void sync_warp();
 float shuffle_xor(float value, int lane_mask);
+bool any_lane(bool predicate);
 void* dynamic_shared();
 }  // namespace emu
 
@@ -50,6 +51,7 @@ void* dynamic_shared();
 #define __syncthreads() emu::sync_threads()
 
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) { return emu::shuffle_xor(value, lane_mask); }
+inline int __any_sync(unsigned, int predicate) { return emu::any_lane(predicate != 0); }
 // Every lane of the warp (the only mask the kernels use).
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
 inline float __expf(float x) { return expf(x); }
