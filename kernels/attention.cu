@@ -183,7 +183,7 @@ __device__ void cross_partial_mma(const __half* x, const __half* gamma, const __
     const int64_t begin = (int64_t)blockIdx.x * tokens_per_block, end = min(n, begin + tokens_per_block);
     for (int64_t t0 = begin; t0 < end; t0 += T) {
         __syncthreads();  // every warp is done with the previous tile's LN(x)
-        layer_norm_rows(ln, L::LD, x, gamma, beta, end, D, t0, T);
+        layer_norm_rows<D>(ln, L::LD, x, gamma, beta, end, t0, T);
         __syncthreads();
         Accumulator s[T / 16];
         zero_accumulators<T>(s);
@@ -276,12 +276,45 @@ __device__ void cross_project(const float* mean, const T* wv, const T* bv, T* ou
     }
 }
 
+// The 8 values from p on, widened: one 16-byte load in f16, two in f32 (p 16-byte aligned).
+template <typename T> __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+    if constexpr (sizeof(T) == 2) {
+        uint4 raw = *(const uint4*)p;
+        const __half* h = (const __half*)&raw;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = __half2float(h[j]);
+    } else {
+        float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
+        float w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = w[j];
+    }
+}
+
+// Whether a head's dh values of every click row can be read 8 at a time: dh and the row width in
+// eights, the rows 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ bool heads_by_eight(const T* keys, const T* values, int64_t width, int dh) {
+    return dh % 8 == 0 && width % 8 == 0 && (uintptr_t)keys % 16 == 0 && (uintptr_t)values % 16 == 0;
+}
+
 // query · key over the dh values of a head, the loop unrolled to the bound MAX_DH and left at dh
 // (so that a query held in a register array stays in registers, and a head narrower than the
-// bound issues no idle iterations).
+// bound issues no idle iterations); 8 key values a load where `by8`.
 template <int MAX_DH, typename Q, typename T>
-__device__ __forceinline__ float head_dot(const Q* query, const T* key, int dh) {
+__device__ __forceinline__ float head_dot(const Q* query, const T* key, int dh, bool by8) {
     float s = 0.f;
+    if (by8) {
+#pragma unroll
+        for (int e0 = 0; e0 < MAX_DH; e0 += 8) {
+            if (e0 >= dh) break;
+            float k[8];
+            load8(key + e0, k);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) s += to_f32(query[e0 + j]) * k[j];
+        }
+        return s;
+    }
 #pragma unroll
     for (int e = 0; e < MAX_DH; ++e) {
         if (e >= dh) break;
@@ -290,9 +323,21 @@ __device__ __forceinline__ float head_dot(const Q* query, const T* key, int dh) 
     return s;
 }
 
-// out[e] = out[e]·scale + p·value[e] for e < dh.
+// out[e] = out[e]·scale + p·value[e] for e < dh, 8 values a load where `by8`.
 template <int MAX_DH, typename T>
-__device__ __forceinline__ void scale_add(float (&out)[MAX_DH], float scale, float p, const T* value, int dh) {
+__device__ __forceinline__ void scale_add(float (&out)[MAX_DH], float scale, float p, const T* value, int dh,
+                                          bool by8) {
+    if (by8) {
+#pragma unroll
+        for (int e0 = 0; e0 < MAX_DH; e0 += 8) {
+            if (e0 >= dh) break;
+            float v[8];
+            load8(value + e0, v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) out[e0 + j] = out[e0 + j] * scale + p * v[j];
+        }
+        return;
+    }
 #pragma unroll
     for (int e = 0; e < MAX_DH; ++e) {
         if (e >= dh) break;
@@ -306,12 +351,12 @@ __device__ __forceinline__ void scale_add(float (&out)[MAX_DH], float scale, flo
 // the clicks with a running maximum (out and the sum rescaled when it grows), out in registers.
 template <int MAX_DH, typename Q, typename T>
 __device__ __forceinline__ void copy_click_labels(const Q* query, const T* keys, const T* values, int64_t clicks,
-                                                  int64_t width, int dh, float (&out)[MAX_DH]) {
+                                                  int64_t width, int dh, bool by8, float (&out)[MAX_DH]) {
     float scale = rsqrtf((float)dh), max = -INFINITY, sum = 0.f;
 #pragma unroll
     for (int e = 0; e < MAX_DH; ++e) out[e] = 0.f;
     for (int64_t c = 0; c < clicks; ++c) {
-        float s = head_dot<MAX_DH>(query, keys + c * width, dh) * scale;
+        float s = head_dot<MAX_DH>(query, keys + c * width, dh, by8) * scale;
         float correction = 1.f;
         if (s > max) {
             correction = __expf(max - s);  // 0 at the first click
@@ -319,7 +364,7 @@ __device__ __forceinline__ void copy_click_labels(const Q* query, const T* keys,
         }
         float p = __expf(s - max);
         sum = sum * correction + p;
-        scale_add<MAX_DH>(out, correction, p, values + c * width, dh);
+        scale_add<MAX_DH>(out, correction, p, values + c * width, dh, by8);
     }
     float inverse = 1.f / sum;
 #pragma unroll
@@ -330,12 +375,13 @@ template <typename T, int MAX_DH>
 __device__ void assign_mix(const T* q, const T* keys, const T* values, const T* auto_embedding, T* mixed, int64_t n,
                            int64_t clicks, int64_t heads, int dh, float alpha) {
     int64_t width = heads * dh;
+    const bool by8 = heads_by_eight(keys, values, width, dh);
     GRID_LOOP(i, n * heads) {
         int64_t token = i / heads, h = i % heads;
         float query[MAX_DH], copied[MAX_DH];
 #pragma unroll
         for (int e = 0; e < MAX_DH; ++e) query[e] = e < dh ? to_f32(q[token * width + h * dh + e]) : 0.f;
-        copy_click_labels<MAX_DH>(query, keys + h * dh, values + h * dh, clicks, width, dh, copied);
+        copy_click_labels<MAX_DH>(query, keys + h * dh, values + h * dh, clicks, width, dh, by8, copied);
 #pragma unroll
         for (int e = 0; e < MAX_DH; ++e) {
             if (e >= dh) break;
@@ -463,7 +509,7 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     // Q = LN_q(x)·Wqᵀ + bq, Wq's copies flying while LN_q(x) is computed.
     stage_weights_async(w, L::LD, wq, D, D, 0, 0, D, D);
     __pipeline_commit();
-    layer_norm_rows(operand, L::LD, x, gamma, beta, n, D, row0, rows);
+    layer_norm_rows<D>(operand, L::LD, x, gamma, beta, n, row0, rows);
     __pipeline_wait_prior(0);
     __syncthreads();
     warp_rows_project<D>(operand, w, q);
@@ -471,19 +517,29 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     // The MLP's second layer flies in while bq is added and its first layer is computed.
     stage_weights_async(w, L::LD, w_down, D, D, 0, 0, D, D);
     __pipeline_commit();
-    for (int l = threadIdx.x; l < rows * D; l += blockDim.x) q[l / D * L::LS + l % D] += __half2float(bq[l % D]);
-
-    // label_mlp(probs) = GELU(P·W_upᵀ + b_up)·W_downᵀ (+ b_down where it is read).
-    for (int l = threadIdx.x; l < rows * D; l += blockDim.x) {
-        int r = l / D, c = l % D;
-        float v = 0.f;
-        if (row0 + r < n) {
-            v = __half2float(b_up[c]);
-            for (int64_t k = 0; k < classes; ++k)
-                v += __half2float(probs[(row0 + r) * classes + k]) * __half2float(w_up[c * classes + k]);
-            v = gelu(v);
+    // bq added, and label_mlp(probs) = GELU(P·W_upᵀ + b_up)·W_downᵀ (+ b_down where it is read):
+    // its first layer for the warp's 16 rows, a lane per column and 8 rows at a time, so that the
+    // column's weights are loaded once for 8 rows and their sums go on side by side in registers.
+    const int r0 = 16 * (threadIdx.x / 32), lane = threadIdx.x % 32;
+    for (int c = lane; c < D; c += 32) {
+        const float bias_q = __half2float(bq[c]), bias_up = __half2float(b_up[c]);
+        for (int r8 = r0; r8 < r0 + 16; r8 += 8) {
+            float hidden[8];
+#pragma unroll
+            for (int r = 0; r < 8; ++r) {
+                q[(r8 + r) * L::LS + c] += bias_q;
+                hidden[r] = bias_up;
+            }
+            for (int64_t k = 0; k < classes; ++k) {
+                const float w = __half2float(w_up[c * classes + k]);
+#pragma unroll
+                for (int r = 0; r < 8; ++r)  // rows past n read row n − 1, and are stored as zero below
+                    hidden[r] += __half2float(probs[min(row0 + r8 + r, n - 1) * classes + k]) * w;
+            }
+#pragma unroll
+            for (int r = 0; r < 8; ++r)
+                operand[(r8 + r) * L::LD + c] = __float2half_rn(row0 + r8 + r < n ? gelu(hidden[r]) : 0.f);
         }
-        operand[r * L::LD + c] = __float2half_rn(v);
     }
     __pipeline_wait_prior(0);
     __syncthreads();
@@ -494,14 +550,16 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     __pipeline_commit();
 
     // Per (token, head): softmax over the clicks, their label embeddings copied, mixed by α.
-    int dh = D / heads;
+    constexpr int MAX_DH = D < ASSIGN_MAX_DH ? D : ASSIGN_MAX_DH;  // no head is wider than the tokens
+    const int dh = D / heads;
+    const bool by8 = heads_by_eight(keys, values, D, dh);
     for (int p = threadIdx.x; p < rows * heads; p += blockDim.x) {
         int r = p / heads, h = p % heads;
-        float copied[ASSIGN_MAX_DH];
-        copy_click_labels<ASSIGN_MAX_DH>(q + r * L::LS + h * dh, keys + h * dh, values + h * dh, clicks, D, dh,
+        float copied[MAX_DH];
+        copy_click_labels<MAX_DH>(q + r * L::LS + h * dh, keys + h * dh, values + h * dh, clicks, D, dh, by8,
                                          copied);
 #pragma unroll
-        for (int e = 0; e < ASSIGN_MAX_DH; ++e) {
+        for (int e = 0; e < MAX_DH; ++e) {
             if (e >= dh) break;
             int f = h * dh + e;
             float auto_embedding = label[r * L::LS + f] + __half2float(b_down[f]);
@@ -515,7 +573,7 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     // x += mix·W_outᵀ + b_out.
     warp_rows_project<D>(operand, w, q);
     __syncthreads();
-    add_residual_rows(x, q, L::LS, b_out, n, D, row0);
+    add_residual_rows<D>(x, q, L::LS, b_out, n, row0);
 }
 
 #define ASSIGN_FUSED(D)                                                                                              \

@@ -152,7 +152,7 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
         __pipeline_commit();
     };
     prefetch(0, 0);
-    layer_norm_rows(normed, L::LD, x, gamma, beta, n, D, row0, fused_rows());
+    layer_norm_rows<D>(normed, L::LD, x, gamma, beta, n, row0, fused_rows());
 
     Accumulator y[D / 16];
     zero_accumulators<D>(y);
@@ -169,10 +169,10 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
         warp_rows_mma<FFN_CHUNK, D>(h, normed + r0 * L::LD, L::LD, w1s + buffer * L::W1_HALVES, L::LD);
         store_accumulators<FFN_CHUNK>(h, stage + r0 * L::LS, L::LS);
         __syncwarp();  // a warp's GELU reads only its own rows of `stage` and writes its rows of hs
-        for (int l = lane; l < 16 * FFN_CHUNK; l += 32) {
-            int r = r0 + l / FFN_CHUNK, u = l % FFN_CHUNK;
+        for (int u = lane; u < FFN_CHUNK; u += 32) {
             float bias = c0 + u < hidden ? __half2float(b1[c0 + u]) : 0.f;  // GELU(0) = 0 past `hidden`
-            hs[r * L::LH + u] = __float2half_rn(gelu(stage[r * L::LS + u] + bias));
+#pragma unroll 4
+            for (int r = r0; r < r0 + 16; ++r) hs[r * L::LH + u] = __float2half_rn(gelu(stage[r * L::LS + u] + bias));
         }
         __syncwarp();
         warp_rows_mma<D, FFN_CHUNK>(y, hs + r0 * L::LH, L::LH, w2s + buffer * L::W2_HALVES, L::LH);
@@ -180,7 +180,7 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
     }
     store_accumulators<D>(y, stage + r0 * L::LS, L::LS);
     __syncwarp();
-    add_residual_rows(x, stage, L::LS, b2, n, D, row0);
+    add_residual_rows<D>(x, stage, L::LS, b2, n, row0);
 }
 
 #define FEED_FORWARD_MMA(D)                                                                                  \

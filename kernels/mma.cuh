@@ -121,30 +121,64 @@ __device__ __forceinline__ void stage_weights_async(__half* dest, int ldd, const
 // The fused kernels' widths: multiples of 16 up to 128 (one instantiation each).
 #define FOR_EACH_FUSED_WIDTH(X) X(16) X(32) X(48) X(64) X(80) X(96) X(112) X(128)
 
-// LayerNorm of `rows` rows of x (N × width) from row0 on into f16 shared rows (stride ld
-// halves), one warp per row; rows past n are zero.
+// LayerNorm of `rows` rows of x (N × D) from row0 on into f16 shared rows (stride ld halves),
+// one warp per row; rows past n are zero. The arithmetic is warp_layer_norm's (common.cuh), but
+// each lane keeps its D/32 values of the row in registers, so x is read once and not three
+// times, gamma and beta are loaded once for all the warp's rows, and two rows are unrolled
+// together so that one row's loads fly while the other's sums go round the warp.
+template <int D>
 __device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __half* x, const __half* gamma,
-                                                const __half* beta, int64_t n, int width, int64_t row0, int rows) {
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+                                                const __half* beta, int64_t n, int64_t row0, int rows) {
+    constexpr int V = (D + 31) / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float g[V], b[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        int f = lane + 32 * i;
+        g[i] = f < D ? __half2float(gamma[f]) : 0.f;
+        b[i] = f < D ? __half2float(beta[f]) : 0.f;
+    }
+#pragma unroll 2
     for (int r = warp; r < rows; r += blockDim.x / 32) {
-        __half* row = dest + r * ld;
-        if (row0 + r < n)
-            warp_layer_norm(x + (row0 + r) * width, gamma, beta, width, lane,
-                            [&](int64_t f, float v) { row[f] = __float2half_rn(v); });
-        else
-            for (int f = lane; f < width; f += 32) row[f] = __float2half(0.f);
+        const bool inside = row0 + r < n;
+        float v[V], sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            int f = lane + 32 * i;
+            v[i] = inside && f < D ? __half2float(x[(row0 + r) * D + f]) : 0.f;
+            sum += v[i];
+        }
+        const float mean = warp_sum(sum) / D;
+        float squares = 0.f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            float d = lane + 32 * i < D ? v[i] - mean : 0.f;
+            squares += d * d;
+        }
+        const float inv_std = rsqrtf(warp_sum(squares) / D + 1e-5f);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            int f = lane + 32 * i;
+            if (f < D) dest[r * ld + f] = __float2half_rn(inside ? (v[i] - mean) * inv_std * g[i] + b[i] : 0.f);
+        }
     }
 }
 
-// x[row0 + r][f] += stage[r][f] + bias[f] for the calling warp's 16 rows (r = 16·warp + …).
+// x[row0 + r][f] += stage[r][f] + bias[f] for the calling warp's 16 rows (r = 16·warp + …): a
+// lane per column, its bias loaded once for the 16 rows (whose loads of x do not depend on each
+// other, so the compiler may let them fly together).
+template <int D>
 __device__ __forceinline__ void add_residual_rows(__half* x, const float* stage, int lds, const __half* bias,
-                                                  int64_t n, int width, int64_t row0) {
-    int r0 = 16 * (threadIdx.x / 32), lane = threadIdx.x % 32;
-    for (int l = lane; l < 16 * width; l += 32) {
-        int r = r0 + l / width, f = l % width;
-        if (row0 + r < n) {
-            __half* out = x + (row0 + r) * width + f;
-            *out = __float2half_rn(__half2float(*out) + stage[r * lds + f] + __half2float(bias[f]));
+                                                  int64_t n, int64_t row0) {
+    const int r0 = 16 * (threadIdx.x / 32), lane = threadIdx.x % 32;
+#pragma unroll
+    for (int f = lane; f < D; f += 32) {
+        const float b = __half2float(bias[f]);
+        for (int r = r0; r < r0 + 16; ++r) {
+            if (row0 + r < n) {
+                __half* out = x + (row0 + r) * D + f;
+                *out = __float2half_rn(__half2float(*out) + stage[r * lds + f] + b);
+            }
         }
     }
 }
