@@ -3,8 +3,8 @@
 # and wheels of scripts/build-gpu-bin.sh in gpu-bin/ (carried there: `carry: ["gpu-bin"]`). In
 # one call, inside GPU_CHECK_BUDGET_S seconds (default 420; a device call may run 600):
 #   1. the CUDA backend against the CPU oracle (every op, f32 and f16; the head; a session);
-#   2. compute-sanitizer memcheck over the f16 tests, racecheck over the op tests (the kernels
-#      with shared memory);
+#   2. compute-sanitizer memcheck over the f16 and f32 tests (the OOM and eval tests aside),
+#      racecheck over the op tests (the kernels with shared memory);
 #   3. the per-click benchmark (tis f16 and f32) beside PyTorch eager and torch.compile;
 #   4. issue 7: one nnU-Net tile forward (MSD Pancreas 40×224×224, generic 128³), `tis bench
 #      --tile --device cuda --precision f16` against PyTorch (cuDNN, f16/bf16 autocast, ±
@@ -84,9 +84,9 @@ parity=$?
 grep -E "^test |relative L2|agreement|test result" "$out/parity.log" | tail -60
 [ $parity -eq 0 ] || status=1
 
-step "compute-sanitizer memcheck (f16 tests)"
+step "compute-sanitizer memcheck (f16 and f32 tests: all but the OOM and eval tests)"
 bounded "$(within 240 $reserve_checks)" compute-sanitizer --tool memcheck --error-exitcode 3 gpu-bin/cuda_backend --ignored --test-threads 1 \
-    _f16 > "$out/memcheck.log" 2>&1
+    _f16 _f32 > "$out/memcheck.log" 2>&1
 memcheck=$?
 tail -5 "$out/memcheck.log"
 [ $memcheck -eq 0 ] || status=1
