@@ -23,6 +23,11 @@ template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (int64_t)(n); \
          i += (int64_t)gridDim.x * blockDim.x)
 
+// Grid-stride loop of whole warps over [0, n): warp w takes item w (its lanes share the item).
+#define WARP_LOOP(w, n)                                                                                \
+    for (int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; w < (int64_t)(n);          \
+         w += (int64_t)gridDim.x * blockDim.x / 32)
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;

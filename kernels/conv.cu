@@ -424,19 +424,30 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv_transpose3d_mma_f
         warp_tile_mma(acc, &xs[0][0], &ws[0][0], wr, wc);
         __syncthreads();
     }
+    // Where P[i, n] goes splits into a part of the row and a part of the column: y's index of
+    // output voxel (i·s + tap), channel co, is ((iz·sz·Y + iy·sy)·X + ix·sx)·cout (the row's)
+    // + ((tz·Y + ty)·X + tx)·cout + co (the column's), computed once per row and column of the
+    // block here instead of per value (64-bit divisions, a few hundred instructions each value).
+    __shared__ int64_t row_base[TILE], column_offset[TILE];
+    __shared__ float column_bias[TILE];
+    const Dims3 out{in.z * stride.z, in.y * stride.y, in.x * stride.x};
+    for (int l = threadIdx.x; l < TILE; l += MMA_THREADS) {
+        int64_t v = row0 + l, col = col0 + l;
+        row_base[l] = v < m ? ((v / (in.y * in.x) * stride.z * out.y + v / in.x % in.y * stride.y) * out.x +
+                               v % in.x * stride.x) * cout
+                            : -1;
+        int64_t tap = col / cout, co = col % cout;
+        column_offset[l] = col < n ? ((tap / (stride.y * stride.x) * out.y + tap / stride.x % stride.y) * out.x +
+                                      tap % stride.x) * cout + co
+                                   : -1;
+        column_bias[l] = col < n && bias ? __half2float(bias[co]) : 0.f;
+    }
     store_warp_tile(&staged[0][0], TILE + 4, acc, wr, wc);
     __syncthreads();
-    Dims3 out{in.z * stride.z, in.y * stride.y, in.x * stride.x};
     for (int l = threadIdx.x; l < TILE * TILE; l += MMA_THREADS) {
         int r = l / TILE, c = l % TILE;
-        int64_t v = row0 + r, col = col0 + c;
-        if (v >= m || col >= n) continue;
-        int64_t tap = col / cout, co = col % cout;
-        int64_t oz = v / (in.y * in.x) * stride.z + tap / (stride.y * stride.x);
-        int64_t oy = v / in.x % in.y * stride.y + tap / stride.x % stride.y;
-        int64_t ox = v % in.x * stride.x + tap % stride.x;
-        y[((oz * out.y + oy) * out.x + ox) * cout + co] =
-            from_f32<__half>(staged[r][c] + (bias ? __half2float(bias[co]) : 0.f));
+        if (row_base[r] < 0 || column_offset[c] < 0) continue;
+        y[row_base[r] + column_offset[c]] = from_f32<__half>(staged[r][c] + column_bias[c]);
     }
 }
 

@@ -2,10 +2,13 @@
 // softmax and argmax over channels, tokens of a region, the trilinear positional encoding, row
 // gathers and argmax over rows.
 //
-// All are memory-bound one-pass kernels, all but `swap_inner_axes` (a tiled transpose) one
-// thread per output element in a grid-stride loop,
+// All are memory-bound one-pass kernels, one thread per output element in a grid-stride loop,
 // the innermost (x) index fastest so that neighbouring threads touch neighbouring addresses of
-// the larger side (for `region_tokens` the write side, whose channel index runs fastest).
+// the larger side, except `swap_inner_axes` (a tiled transpose) and the two that make a
+// region's tokens, `region_tokens` and `add_positional_encoding`: a warp per token, its lanes
+// on the token's channels (the write side's consecutive addresses), so that the token's place
+// in the region (64-bit divisions, a few hundred instructions) is worked out once per token
+// and not once per value.
 // Volumes are channels first (C × Z × Y × X); token matrices row-major (N × width). The f16
 // network's channels-last volumes (kernels/conv.cu) come here through `swap_inner_axes`.
 #include "common.cuh"
@@ -102,13 +105,14 @@ __device__ void argmax_rows(const T* x, uint16_t* labels, int64_t cols, int64_t 
     }
 }
 
-// tokens[n, c] = volume[c, start + position of token n in the box]
+// tokens[n, c] = volume[c, start + position of token n in the box]; a warp per token.
 template <typename T>
 __device__ void region_tokens(const T* volume, T* tokens, int64_t channels, Dims3 dims, Dims3 start, Dims3 box) {
-    GRID_LOOP(i, box.count() * channels) {
-        int64_t c = i % channels, n = i / channels;
+    const int lane = threadIdx.x % 32;
+    WARP_LOOP(n, box.count()) {
         int64_t px = n % box.x, py = (n / box.x) % box.y, pz = n / (box.x * box.y);
-        tokens[i] = volume[((c * dims.z + start.z + pz) * dims.y + start.y + py) * dims.x + start.x + px];
+        const T* voxel = volume + ((start.z + pz) * dims.y + start.y + py) * dims.x + start.x + px;
+        for (int64_t c = lane; c < channels; c += 32) tokens[n * channels + c] = voxel[c * dims.count()];
     }
 }
 
@@ -127,19 +131,22 @@ __device__ __forceinline__ Tap align_corners_tap(int64_t in, int64_t out, int64_
     return t;
 }
 
-// x[n, c] += trilinear(grid[c], position of token n in `shape`)
+// x[n, c] += trilinear(grid[c], position of token n in `shape`); a warp per token.
 template <typename T>
 __device__ void add_positional_encoding(T* x, const T* grid, int64_t width, Dims3 grid_dims, Dims3 shape) {
-    GRID_LOOP(i, shape.count() * width) {
-        int64_t c = i % width, n = i / width;
+    const int lane = threadIdx.x % 32;
+    WARP_LOOP(n, shape.count()) {
         Tap tz = align_corners_tap(grid_dims.z, shape.z, n / (shape.x * shape.y));
         Tap ty = align_corners_tap(grid_dims.y, shape.y, (n / shape.x) % shape.y);
         Tap tx = align_corners_tap(grid_dims.x, shape.x, n % shape.x);
-        const T* g = grid + c * grid_dims.count();
-        auto at = [&](int64_t z, int64_t y, int64_t xx) { return to_f32(g[(z * grid_dims.y + y) * grid_dims.x + xx]); };
-        auto lerp_x = [&](int64_t z, int64_t y) { return (1.f - tx.lambda) * at(z, y, tx.i0) + tx.lambda * at(z, y, tx.i1); };
-        auto lerp_y = [&](int64_t z) { return (1.f - ty.lambda) * lerp_x(z, ty.i0) + ty.lambda * lerp_x(z, ty.i1); };
-        x[i] = from_f32<T>(to_f32(x[i]) + (1.f - tz.lambda) * lerp_y(tz.i0) + tz.lambda * lerp_y(tz.i1));
+        for (int64_t c = lane; c < width; c += 32) {
+            const T* g = grid + c * grid_dims.count();
+            auto at = [&](int64_t z, int64_t y, int64_t xx) { return to_f32(g[(z * grid_dims.y + y) * grid_dims.x + xx]); };
+            auto lerp_x = [&](int64_t z, int64_t y) { return (1.f - tx.lambda) * at(z, y, tx.i0) + tx.lambda * at(z, y, tx.i1); };
+            auto lerp_y = [&](int64_t z) { return (1.f - ty.lambda) * lerp_x(z, ty.i0) + ty.lambda * lerp_x(z, ty.i1); };
+            T* out = x + n * width + c;
+            *out = from_f32<T>(to_f32(*out) + (1.f - tz.lambda) * lerp_y(tz.i0) + tz.lambda * lerp_y(tz.i1));
+        }
     }
 }
 

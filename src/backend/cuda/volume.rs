@@ -12,13 +12,15 @@ use crate::geometry::{Label, Region};
 const MODULE: &str = "volume";
 
 /// Runs a kernel of signature (volume, out, channels, dims, start, size) over the voxels of
-/// `region` (`crop_*`, `region_tokens_*`) into `out`.
+/// `region` (`crop_*`, `region_tokens_*`) into `out`, with `threads_per_voxel(channels)`
+/// threads per voxel.
 fn launch_over_region<E: Element>(
     b: &CudaBackend<E>,
     kernel: &str,
     volume: &CudaTensor<E>,
     region: &Region,
     mut out: CudaTensor<E>,
+    threads_per_voxel: impl Fn(usize) -> usize,
 ) -> Result<CudaTensor<E>> {
     let mut slot = None;
     let volume = layout::volume_as(b, volume, &mut slot, Layout::Standard)?;
@@ -37,7 +39,8 @@ fn launch_over_region<E: Element>(
     // SAFETY: argument types and order match `crop_*` and `region_tokens_*` in
     // kernels/volume.cu; the region lies inside the volume (checked) and `out` holds
     // channels × region voxels values.
-    unsafe { launch.launch(b.elementwise(channels * region.voxels())) }.map_err(driver)?;
+    unsafe { launch.launch(b.elementwise(threads_per_voxel(channels) * region.voxels())) }
+        .map_err(driver)?;
     Ok(out)
 }
 
@@ -49,7 +52,7 @@ pub fn crop<E: Element>(
     let (channels, _) = shapes::crop(x, region)?;
     let s = region.size;
     let out = b.output(vec![channels, s[0], s[1], s[2]])?;
-    launch_over_region(b, "crop", x, region, out)
+    launch_over_region(b, "crop", x, region, out, |channels| channels)
 }
 
 pub fn flip<E: Element>(
@@ -237,7 +240,8 @@ pub fn region_tokens<E: Element>(
 ) -> Result<CudaTensor<E>> {
     let (channels, _) = shapes::crop(volume, region)?;
     let out = b.output(vec![region.voxels(), channels])?;
-    launch_over_region(b, "region_tokens", volume, region, out)
+    // A warp per voxel (token).
+    launch_over_region(b, "region_tokens", volume, region, out, |_| 32)
 }
 
 pub fn add_positional_encoding<E: Element>(
@@ -247,7 +251,7 @@ pub fn add_positional_encoding<E: Element>(
     shape: [usize; 3],
 ) -> Result<()> {
     let (width, gdims) = shapes::positional(x, grid, shape)?;
-    let n = shapes::numel(x);
+    let tokens: usize = shape.iter().product();
     let f = b.kernel(MODULE, "add_positional_encoding")?;
     let (w, g, s) = (width as i64, Dims3::from(gdims), Dims3::from(shape));
     let mut launch = b.stream.launch_builder(&f);
@@ -257,8 +261,8 @@ pub fn add_positional_encoding<E: Element>(
         .arg(&w)
         .arg(&g)
         .arg(&s);
-    // SAFETY: matches `add_positional_encoding_*`.
-    unsafe { launch.launch(b.elementwise(n)) }.map_err(driver)?;
+    // SAFETY: matches `add_positional_encoding_*` (a warp per token).
+    unsafe { launch.launch(b.elementwise(32 * tokens)) }.map_err(driver)?;
     Ok(())
 }
 
