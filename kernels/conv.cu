@@ -401,19 +401,8 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv_transpose3d_mma_f
     zero_warp_tile(acc);
     const __half zero = __float2half(0.f);
     for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
-        // A is x itself, a voxel's channels contiguous: 16-byte loads when they align.
-        if (cin % VECTOR == 0) {
-            for (int l = threadIdx.x; l < TILE * MMA_K / VECTOR; l += MMA_THREADS) {
-                int r = l / (MMA_K / VECTOR), kk = l % (MMA_K / VECTOR) * VECTOR;
-                *(uint4*)&xs[r][kk] = k0 + kk < k && row0 + r < m ? *(const uint4*)&x[(row0 + r) * k + k0 + kk]
-                                                                  : uint4{0, 0, 0, 0};
-            }
-        } else {
-            for (int l = threadIdx.x; l < TILE * MMA_K; l += MMA_THREADS) {
-                int r = l / MMA_K, kk = l % MMA_K;
-                xs[r][kk] = k0 + kk < k && row0 + r < m ? x[(row0 + r) * k + k0 + kk] : zero;
-            }
-        }
+        // A is x itself, a voxel's channels contiguous.
+        load_slab<TILE>(&xs[0][0], x, row0, m, k, k0);
         // W ([cin][taps·cout], packed) staged transposed, consecutive threads on consecutive
         // columns of a row.
         for (int l = threadIdx.x; l < MMA_K * TILE; l += MMA_THREADS) {

@@ -9,7 +9,8 @@
 //   4 warps, each owning a 32 × 32 quarter of the block (2 × 2 fragments), K in steps of 32.
 //   Shared rows are padded by 8 halves so that fragment loads avoid bank conflicts. The f32
 //   accumulators go through shared memory for the epilogue.
-// Loads are bounds-checked and zero-filled, so any M, N, K work (the click side has M = 10).
+// Loads are bounds-checked and zero-filled, so any M, N, K work (the click side has M = 10);
+// the tensor-core kernel's move 8 halves at a time where K comes in eights (load_slab).
 #include "mma.cuh"
 
 enum Epilogue { PLAIN = 0, GELU = 1, RESIDUAL = 2 };
@@ -83,14 +84,9 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
     Accumulator acc[2][2];
     zero_warp_tile(acc);
-    const __half zero = __float2half(0.f);
     for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
-        for (int l = threadIdx.x; l < TILE * MMA_K; l += blockDim.x) {
-            int r = l / MMA_K, kk = l % MMA_K;
-            bool in_k = k0 + kk < k;
-            xs[r][kk] = (in_k && row0 + r < m) ? x[(row0 + r) * k + k0 + kk] : zero;
-            ws[r][kk] = (in_k && col0 + r < n) ? w[(col0 + r) * k + k0 + kk] : zero;
-        }
+        load_slab<TILE>(&xs[0][0], x, row0, m, k, k0);
+        load_slab<TILE>(&ws[0][0], w, col0, n, k, k0);
         __syncthreads();
         warp_tile_mma(acc, &xs[0][0], &ws[0][0], wr, wc);
         __syncthreads();

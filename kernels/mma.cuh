@@ -118,6 +118,29 @@ __device__ __forceinline__ void stage_weights_async(__half* dest, int ldd, const
     }
 }
 
+// dest[r][kk] = src[row0 + r][k0 + kk] for r < ROWS, kk < MMA_K (dest's rows SLAB_LD halves
+// apart; src row-major, `k` values a row), zero past src's `rows` rows or k columns: the slab of
+// one K step of the 64 × 64-tile GEMMs. 8 halves a 16-byte load where the rows come in eights and
+// src is 16-byte aligned, else value by value. All threads of the block take part; the caller
+// puts the barrier after.
+template <int ROWS>
+__device__ __forceinline__ void load_slab(__half* dest, const __half* src, int64_t row0, int64_t rows, int64_t k,
+                                          int64_t k0) {
+    if (k % 8 == 0 && (uintptr_t)src % 16 == 0) {
+        for (int l = threadIdx.x; l < ROWS * MMA_K / 8; l += blockDim.x) {
+            int r = l / (MMA_K / 8), kk = l % (MMA_K / 8) * 8;
+            *(uint4*)&dest[r * SLAB_LD + kk] = k0 + kk < k && row0 + r < rows
+                                                   ? *(const uint4*)&src[(row0 + r) * k + k0 + kk]
+                                                   : uint4{0, 0, 0, 0};
+        }
+        return;
+    }
+    for (int l = threadIdx.x; l < ROWS * MMA_K; l += blockDim.x) {
+        int r = l / MMA_K, kk = l % MMA_K;
+        dest[r * SLAB_LD + kk] = k0 + kk < k && row0 + r < rows ? src[(row0 + r) * k + k0 + kk] : __float2half(0.f);
+    }
+}
+
 // The fused kernels' widths: multiples of 16 up to 128 (one instantiation each).
 #define FOR_EACH_FUSED_WIDTH(X) X(16) X(32) X(48) X(64) X(80) X(96) X(112) X(128)
 
