@@ -11,7 +11,7 @@
 //
 // LayerNorm: one warp per row (warp_layer_norm in common.cuh), two passes over the row (mean,
 // then biased variance) from L1; rows are d_model wide (≤ a few hundred values), so the second
-// pass hits cache.
+// pass hits cache. `layer_norm_project` fuses it with a projection to a few outputs.
 #include "common.cuh"
 
 constexpr int NORM_THREADS = 256;
@@ -94,6 +94,49 @@ __device__ void layer_norm(const T* x, T* y, const T* gamma, const T* beta, int6
     }
 }
 
+// y[r, k] = LN(x[r])·W[k]ᵀ + b[k] for a projection to few outputs (the head's logits over the
+// classes): a warp per row, whose lanes keep the row (at most PROJECT_MAX_WIDTH values, 4 a
+// lane) in registers, so x is read once and LN(x) never written; each output is a warp sum, W's
+// few rows coming from L1. The LayerNorm is warp_layer_norm's arithmetic.
+constexpr int PROJECT_MAX_WIDTH = 128;
+
+template <typename T>
+__device__ void layer_norm_project(const T* x, const T* gamma, const T* beta, const T* w, const T* bias, T* y,
+                                   int64_t rows, int64_t width, int64_t outputs) {
+    constexpr int V = PROJECT_MAX_WIDTH / 32;
+    const int lane = threadIdx.x % 32;
+    WARP_LOOP(r, rows) {
+        float v[V], sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            int64_t f = lane + 32 * i;
+            v[i] = f < width ? to_f32(x[r * width + f]) : 0.f;
+            sum += v[i];
+        }
+        const float mean = warp_sum(sum) / width;
+        float squares = 0.f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            float d = lane + 32 * i < width ? v[i] - mean : 0.f;
+            squares += d * d;
+        }
+        const float inv_std = rsqrtf(warp_sum(squares) / width + 1e-5f);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            int64_t f = lane + 32 * i;
+            v[i] = f < width ? (v[i] - mean) * inv_std * to_f32(gamma[f]) + to_f32(beta[f]) : 0.f;
+        }
+        for (int64_t k = 0; k < outputs; ++k) {
+            float dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < V; ++i)
+                if (lane + 32 * i < width) dot += v[i] * to_f32(w[k * width + lane + 32 * i]);
+            dot = warp_sum(dot);
+            if (lane == 0) y[r * outputs + k] = from_f32<T>(dot + to_f32(bias[k]));
+        }
+    }
+}
+
 #define NORM_KERNELS(T, S)                                                                                          \
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                                      \
         instance_norm_partials_##S(const T* x, double* p, int64_t v, int splits) {                                  \
@@ -110,6 +153,10 @@ __device__ void layer_norm(const T* x, T* y, const T* gamma, const T* beta, int6
     }                                                                                                               \
     extern "C" __global__ void layer_norm_##S(const T* x, T* y, const T* g, const T* b, int64_t r, int64_t w) {    \
         layer_norm<T>(x, y, g, b, r, w);                                                                            \
+    }                                                                                                               \
+    extern "C" __global__ void layer_norm_project_##S(const T* x, const T* g, const T* b, const T* w,              \
+                                                      const T* bias, T* y, int64_t r, int64_t width, int64_t o) {   \
+        layer_norm_project<T>(x, g, b, w, bias, y, r, width, o);                                                    \
     }
 
 FOR_EACH_STORAGE(NORM_KERNELS)

@@ -443,6 +443,7 @@ struct TokenCase {
     values: Tensor,
     probs: Tensor,
     linear: (Tensor, Tensor),
+    logits: (Tensor, Tensor),
     norm: (Tensor, Tensor),
     up: (Tensor, Tensor),
     down: (Tensor, Tensor),
@@ -475,6 +476,7 @@ fn token_case(n: &mut Rng, tokens: usize, width: usize, heads: usize, clicks: us
             .transpose_2d()
             .unwrap(),
         linear: random_linear(n, 50, width),
+        logits: random_linear(n, classes, width),
         norm: random_norm(n, width),
         up: random_linear(n, 2 * width, width),
         down: random_linear(n, width, 2 * width),
@@ -512,6 +514,15 @@ fn dense_ops_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
     let mut all = down(b, &projected).into_data();
     all.extend(down(b, &hidden).into_data());
     Tensor::new(vec![all.len()], all).unwrap()
+}
+
+/// LN and a narrow projection, the head's logits (the CUDA backend fuses them).
+fn logits_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
+    let x = up(b, &c.x);
+    let logits = b
+        .layer_norm_linear(&x, &norm_on(b, &c.norm), &linear_on(b, &c.logits))
+        .unwrap();
+    down(b, &logits)
 }
 
 fn feed_forward_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
@@ -598,6 +609,13 @@ fn token_ops<E: Element>(tolerance: f64) {
             &case,
             dense_ops_on,
             dense_ops_on,
+        );
+        check::<E, _>(
+            &format!("layer norm + narrow linear (logits), {tag}"),
+            tolerance,
+            &case,
+            logits_on,
+            logits_on,
         );
         check::<E, _>(
             &format!("feed-forward, {tag}"),

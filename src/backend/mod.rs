@@ -217,6 +217,16 @@ pub trait Backend: Send + Sync {
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     fn linear(&self, x: &Self::Tensor, linear: &Linear<Self::Tensor>) -> Result<Self::Tensor>;
     fn layer_norm(&self, x: &Self::Tensor, norm: &LayerNorm<Self::Tensor>) -> Result<Self::Tensor>;
+    /// `linear(layer_norm(x))`, the head's output projection. A backend may fuse the two where
+    /// the projection is narrow, never writing LN(x).
+    fn layer_norm_linear(
+        &self,
+        x: &Self::Tensor,
+        norm: &LayerNorm<Self::Tensor>,
+        linear: &Linear<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        self.linear(&self.layer_norm(x, norm)?, linear)
+    }
     /// `Mlp(x)` without residual.
     fn mlp(&self, x: &Self::Tensor, mlp: &Mlp<Self::Tensor>) -> Result<Self::Tensor>;
     /// In place: `x ← x + Mlp(LN(x))`.

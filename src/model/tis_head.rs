@@ -325,7 +325,7 @@ impl<B: Backend> TisHead<B> {
             backend.feed_forward(&mut x, &layer.assign_ffn)?;
             stage_done(Stage::FeedForward)?;
         }
-        let logits = backend.linear(&backend.layer_norm(&x, &self.out_norm)?, &self.out_proj)?;
+        let logits = backend.layer_norm_linear(&x, &self.out_norm, &self.out_proj)?;
         stage_done(Stage::Output)?;
         Ok(logits)
     }

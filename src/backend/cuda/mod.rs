@@ -517,6 +517,15 @@ impl<E: Element> Backend for CudaBackend<E> {
         norm::layer_norm(self, x, norm)
     }
 
+    fn layer_norm_linear(
+        &self,
+        x: &CudaTensor<E>,
+        norm: &LayerNorm<CudaTensor<E>>,
+        linear: &Linear<CudaTensor<E>>,
+    ) -> Result<CudaTensor<E>> {
+        norm::layer_norm_linear(self, x, norm, linear)
+    }
+
     fn mlp(&self, x: &CudaTensor<E>, mlp: &Mlp<CudaTensor<E>>) -> Result<CudaTensor<E>> {
         linear::mlp(self, x, mlp)
     }

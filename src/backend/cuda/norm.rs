@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaTensor, Element, Layout, driver, layout};
-use crate::backend::{InstanceNorm, LayerNorm, shapes};
+use crate::backend::{InstanceNorm, LayerNorm, Linear, shapes};
 use crate::error::{Error, Result};
 
 const MODULE: &str = "norm";
@@ -96,6 +96,40 @@ pub fn normalize_from_partials<E: Element>(
 }
 
 /// `y = LN(x)` into a new tensor.
+/// Widest rows and most outputs `layer_norm_project_*` takes (PROJECT_MAX_WIDTH in the kernel);
+/// past them LN(x) is written and projected by the GEMM.
+const PROJECT_MAX_WIDTH: usize = 128;
+const PROJECT_MAX_OUTPUTS: usize = 16;
+
+pub fn layer_norm_linear<E: Element>(
+    b: &CudaBackend<E>,
+    x: &CudaTensor<E>,
+    norm: &LayerNorm<CudaTensor<E>>,
+    linear: &Linear<CudaTensor<E>>,
+) -> Result<CudaTensor<E>> {
+    let (rows, width) = shapes::tokens(x, "layer_norm_linear")?;
+    shapes::layer_norm(norm, width)?;
+    let outputs = shapes::linear(linear, width)?;
+    if width > PROJECT_MAX_WIDTH || outputs > PROJECT_MAX_OUTPUTS {
+        return super::linear::linear(b, &layer_norm(b, x, norm)?, linear);
+    }
+    let mut y = b.output(vec![rows, outputs])?;
+    let f = b.kernel(MODULE, "layer_norm_project")?;
+    let (r, w, o) = (rows as i64, width as i64, outputs as i64);
+    let mut launch = b.stream.launch_builder(&f);
+    launch
+        .arg(&x.data)
+        .arg(&norm.weight.data)
+        .arg(&norm.bias.data)
+        .arg(&linear.weight.data)
+        .arg(&linear.bias.data);
+    launch.arg(&mut y.data).arg(&r).arg(&w).arg(&o);
+    // SAFETY: matches `layer_norm_project_*`: a warp per row of at most PROJECT_MAX_WIDTH values,
+    // y holds rows × outputs values, the weight outputs × width.
+    unsafe { launch.launch(b.elementwise(rows * 32)) }.map_err(driver)?;
+    Ok(y)
+}
+
 pub fn layer_norm<E: Element>(
     b: &CudaBackend<E>,
     x: &CudaTensor<E>,
