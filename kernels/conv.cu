@@ -32,7 +32,9 @@
 //   stages the accumulators row-major in shared memory (reusing the ring's bytes: 32 KB of
 //   static shared memory in all; 39 and 47 KB for the 128-row tiles) and writes y[m][co] + b[co],
 //   consecutive threads on consecutive channels. Voxel blocks are on blockIdx.x (a volume can
-//   have more than 65535).
+//   have more than 65535). Where the 64 × 64 tiles are fewer than the multiprocessors (a plan's
+//   deepest stages: 20 to 80 blocks for an H100's 132), K is split over blockIdx.z: each split
+//   leaves its raw sums in f32, and `conv3d_split_sum_f16` adds them up and runs the epilogue.
 // - `conv3d_direct_f16`: the convolutions whose channels do not come in eights, above all the
 //   network's first layer (one to a few channels: K = 27·cin would fill a fraction of one
 //   tensor-core step, with nothing to load 16 bytes at a time), on CUDA cores over the same
@@ -235,7 +237,7 @@ template <int WARPS_M, int FM, int FN>
 __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, const __half* bias, __half* y,
                                              int64_t cin, Dims3 in, int64_t cout, Dims3 out, Dims3 kernel,
                                              Dims3 stride, Dims3 pad, const __half* second, int64_t first_channels,
-                                             double* stats) {
+                                             double* stats, float* split_sums) {
     using Tile = IgemmTile<WARPS_M, FM, FN>;
     constexpr int ROWS = Tile::ROWS, COLUMNS = Tile::COLUMNS;
     __shared__ __align__(128) unsigned char shared[Tile::SHARED_BYTES];
@@ -247,7 +249,10 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
     int warp = threadIdx.x / 32, wr = warp / Tile::WARPS_N * 16 * FM, wc = warp % Tile::WARPS_N * 16 * FN;
     Accumulator acc[FM][FN];
     zero_warp_tile(acc);
-    const int64_t steps = (k + MMA_K - 1) / MMA_K;
+    // Split K (gridDim.z > 1): this block multiplies steps [first, last) of the K loop and
+    // leaves its raw sums in split_sums[blockIdx.z][m][n] for conv3d_split_sum_f16.
+    const int64_t all_steps = (k + MMA_K - 1) / MMA_K, per_split = (all_steps + gridDim.z - 1) / gridDim.z;
+    const int64_t first = blockIdx.z * per_split, last = min(all_steps, first + per_split);
     // 8 consecutive columns are 8 channels of one tap in one input: 16 aligned bytes, copied
     // asynchronously STAGES − 1 steps ahead. Thread t copies columns kk…kk + 7 of rows t / 4 +
     // 32j of both slabs (ROWS / 32 of A, COLUMNS / 32 of B), at every step.
@@ -257,7 +262,7 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
     Origin origins[ROWS / THREAD_ROWS];
     for (int j = 0; j < ROWS / THREAD_ROWS; ++j)
         origins[j] = origin_of(row0 + row + j * THREAD_ROWS, m, out, stride, pad);
-    ColumnCursor cursor(kk, (int)cin, kernel);
+    ColumnCursor cursor((int)(first * MMA_K) + kk, (int)cin, kernel);
     // Copies step `step`'s slabs into stage `stage` (zeros outside the input and the matrices),
     // commits them as one group, and moves the cursor to the next step.
     auto issue = [&](int64_t step, int stage) {
@@ -278,32 +283,60 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
         cursor.advance(MMA_K, (int)cin, kernel);
     };
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < steps) issue(s, s);
+        if (first + s < last) issue(first + s, s);
         else __pipeline_commit();  // an empty group keeps the count of groups per step
     }
-    for (int64_t t = 0; t < steps; ++t) {
+    for (int64_t t = first; t < last; ++t) {
         // Step t's group is complete once at most the STAGES − 2 after it are pending; the
         // barrier shows every thread's copies and retires the stage step t − 1 read, which
         // step t + STAGES − 1 refills.
         __pipeline_wait_prior(STAGES - 2);
         __syncthreads();
         int64_t next = t + STAGES - 1;
-        if (next < steps) issue(next, next % STAGES);
+        if (next < last) issue(next, (next - first) % STAGES);
         else __pipeline_commit();
-        int stage = t % STAGES;
+        int stage = (t - first) % STAGES;
         warp_tile_mma(acc, &xs[stage][0][0], &ws[stage][0][0], wr, wc);
     }
     __syncthreads();  // every warp is done with the slabs, whose bytes become `staged`
     store_warp_tile(&staged[0][0], Tile::STAGED_LD, acc, wr, wc);
     __syncthreads();
-    store_block<ROWS, COLUMNS, MMA_THREADS>(&staged[0][0], Tile::STAGED_LD, bias, y, row0, m, col0, n, stats);
+    if (gridDim.z == 1) {
+        store_block<ROWS, COLUMNS, MMA_THREADS>(&staged[0][0], Tile::STAGED_LD, bias, y, row0, m, col0, n, stats);
+        return;
+    }
+    for (int l = threadIdx.x; l < ROWS * COLUMNS; l += MMA_THREADS) {
+        int r = l / COLUMNS, c = l % COLUMNS;
+        if (row0 + r < m && col0 + c < n) split_sums[(blockIdx.z * m + row0 + r) * n + col0 + c] = staged[r][c];
+    }
+}
+
+// The split-K convolution's epilogue, on the 64 × 64 tiles of its blocks: the splits' sums
+// added up into the staging area, then store_block as the unsplit kernel does (bias, f16 store,
+// InstanceNorm's partial sums).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_split_sum_f16(const float* split_sums, int64_t splits,
+                                                                               const __half* bias, __half* y, int64_t m,
+                                                                               int64_t n, double* stats) {
+    __shared__ float staged[TILE][TILE + 4];
+    const int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * TILE;
+    for (int l = threadIdx.x; l < TILE * TILE; l += MMA_THREADS) {
+        int r = l / TILE, c = l % TILE;
+        float sum = 0.f;
+        if (row0 + r < m && col0 + c < n)
+            for (int64_t z = 0; z < splits; ++z) sum += split_sums[(z * m + row0 + r) * n + col0 + c];
+        staged[r][c] = sum;
+    }
+    __syncthreads();
+    store_block<TILE, TILE, MMA_THREADS>(&staged[0][0], TILE + 4, bias, y, row0, m, col0, n, stats);
 }
 
 #define CONV3D_IGEMM(WARPS_M, FM, FN, NAME)                                                                     \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                   \
         NAME(const __half* x, const __half* w, const __half* b, __half* y, int64_t cin, Dims3 in, int64_t cout, \
-             Dims3 out, Dims3 k, Dims3 s, Dims3 p, const __half* second, int64_t first_channels, double* stats) { \
-        conv3d_igemm<WARPS_M, FM, FN>(x, w, b, y, cin, in, cout, out, k, s, p, second, first_channels, stats); \
+             Dims3 out, Dims3 k, Dims3 s, Dims3 p, const __half* second, int64_t first_channels, double* stats,    \
+             float* split_sums) {                                                                                 \
+        conv3d_igemm<WARPS_M, FM, FN>(x, w, b, y, cin, in, cout, out, k, s, p, second, first_channels, stats,    \
+                                      split_sums);                                                                \
     }
 CONV3D_IGEMM(2, 2, 2, conv3d_igemm_f16_64x64)
 CONV3D_IGEMM(4, 2, 2, conv3d_igemm_f16_128x32)
@@ -318,7 +351,8 @@ extern "C" __global__ void __launch_bounds__(TILE) conv3d_direct_f16(const __hal
                                                                      const __half* bias, __half* y, int64_t cin,
                                                                      Dims3 in, int64_t cout, Dims3 out, Dims3 kernel,
                                                                      Dims3 stride, Dims3 pad, const __half* second,
-                                                                     int64_t first_channels, double* stats) {
+                                                                     int64_t first_channels, double* stats,
+                                                                     float* /* split_sums: never split */) {
     __shared__ __align__(16) float weights[DIRECT_TAPS][DIRECT_CHANNELS];  // [tap][channel] of one chunk
     __shared__ Column columns[DIRECT_TAPS];                                // the chunk's taps, channel ci
     __shared__ float staged[TILE][DIRECT_CHANNELS + 1];                    // [voxel][channel], for the epilogue

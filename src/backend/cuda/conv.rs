@@ -84,12 +84,14 @@ fn push_bias<'a, E: Element>(launch: &mut LaunchArgs<'a>, bias: &'a Option<CudaT
 }
 
 /// The f16 convolutions' last arguments: the second volume of a channel concatenation
-/// read in place (the input itself when there is none) with the first's channel count, and where
-/// the epilogue leaves InstanceNorm's partial sums of the output (none: a null pointer).
+/// read in place (the input itself when there is none) with the first's channel count, where
+/// the epilogue leaves InstanceNorm's partial sums of the output, and where a split-K launch
+/// leaves its splits' sums (none: a null pointer).
 struct F16ConvInputs<'a, E: Element> {
     second: &'a CudaTensor<E>,
     first_channels: i64,
     norm_partials: Option<&'a mut CudaSlice<f64>>,
+    split_sums: Option<&'a mut CudaSlice<f32>>,
 }
 
 /// What a launch of kernels/conv.cu computes: its kernel, the input, the weights, the extents
@@ -147,6 +149,10 @@ fn launch_conv<E: Element>(
             Some(partials) => launch.arg(&mut **partials),
             None => launch.arg(&NULL),
         };
+        match &mut inputs.split_sums {
+            Some(sums) => launch.arg(&mut **sums),
+            None => launch.arg(&NULL),
+        };
     }
     let grid = match conv.blocks {
         Some(blocks) => blocks,
@@ -157,8 +163,9 @@ fn launch_conv<E: Element>(
     // stats; the implicit GEMM only with channel counts in eights) and
     // `conv_transpose3d_*` / `conv_transpose3d_mma_f16` (x, w, b, y, cin, in, cout, stride);
     // shapes checked, a concatenation's inputs share their spatial extent, the inputs and weights
-    // are stored as the kernel reads them (converted above), and the partials hold two values per
-    // output channel and block of voxels of the grid (conv3d_of sizes them from the same tile).
+    // are stored as the kernel reads them (converted above), the partials hold two values per
+    // output channel and block of voxels of the grid (conv3d_of sizes them from the same tile),
+    // and a split-K grid's sums gridDim.z × voxels × cout values.
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(y)
 }
@@ -190,24 +197,98 @@ fn conv3d_of<E: Element>(
         (Some(_), Some(blocks)) => Some(b.scratch::<f64>(shape.cout * blocks * 2)?),
         _ => None,
     };
+    let mut grid = tile.map(|tile| tile.grid(voxels, shape.cout));
+    let splits = match grid {
+        Some(g) if name == "conv3d_igemm_f16_64x64" => k_splits(
+            g.grid_dim,
+            shape.cin * shape.kernel.iter().product::<usize>(),
+            b.multiprocessors,
+        ),
+        _ => 1,
+    };
+    let mut split_sums = if splits > 1 {
+        // SAFETY: every split writes its sums for every output value before the sum kernel
+        // reads them (empty splits write zeros).
+        Some(unsafe { b.stream.alloc::<f32>(splits * voxels * shape.cout) }.map_err(driver)?)
+    } else {
+        None
+    };
+    if let Some(g) = &mut grid {
+        g.grid_dim.2 = splits as u32;
+    }
     let launch = ConvLaunch {
         name: &name,
         x,
         weight: &conv.weight,
         bias: &conv.bias,
         extra: &extra,
-        blocks: tile.map(|tile| tile.grid(voxels, shape.cout)),
+        blocks: grid,
         f16_inputs: E::TENSOR_CORES.then(|| F16ConvInputs {
             second: second.unwrap_or(x),
             first_channels: first_channels as i64,
-            norm_partials: partials.as_mut(),
+            norm_partials: if splits > 1 { None } else { partials.as_mut() },
+            split_sums: split_sums.as_mut(),
         }),
     };
     let mut y = launch_conv(b, launch, shape)?;
+    if let (Some(sums), Some(g)) = (&split_sums, grid) {
+        sum_splits(b, sums, splits, conv, &mut y, partials.as_mut(), g)?;
+    }
     if let (Some(norm), Some(partials), Some(blocks)) = (norm, &partials, voxel_blocks) {
         norm::normalize_from_partials(b, &mut y, norm, partials, blocks)?;
     }
     Ok(y)
+}
+
+/// How many parts the 64 × 64 implicit GEMM splits its K loop into: where its blocks would
+/// leave most multiprocessors idle (a plan's deepest stages: 20 to 80 blocks on an H100's 132),
+/// enough parts for about two blocks per multiprocessor, each with at least 8 of the K loop's
+/// steps of 32, at most 16.
+fn k_splits(grid: (u32, u32, u32), k: usize, multiprocessors: usize) -> usize {
+    let blocks = grid.0 as usize * grid.1 as usize;
+    if blocks >= multiprocessors {
+        return 1;
+    }
+    (2 * multiprocessors)
+        .div_ceil(blocks)
+        .min(k.div_ceil(32) / 8)
+        .clamp(1, 16)
+}
+
+/// The split-K convolution's epilogue (`conv3d_split_sum_f16`) over the unsplit grid's tiles:
+/// the splits' sums added up, the bias, the f16 store into y, and InstanceNorm's partials where
+/// asked for.
+fn sum_splits<E: Element>(
+    b: &CudaBackend<E>,
+    sums: &CudaSlice<f32>,
+    splits: usize,
+    conv: &Conv3d<CudaTensor<E>>,
+    y: &mut CudaTensor<E>,
+    partials: Option<&mut CudaSlice<f64>>,
+    grid: LaunchConfig,
+) -> Result<()> {
+    let f = b.function(MODULE, "conv3d_split_sum_f16")?;
+    let (m, n) = (
+        y.shape[1..].iter().product::<usize>() as i64,
+        y.shape[0] as i64,
+    );
+    let splits = splits as i64;
+    let mut launch = b.stream.launch_builder(&f);
+    launch.arg(sums).arg(&splits);
+    push_bias(&mut launch, &conv.bias);
+    launch.arg(&mut y.data).arg(&m).arg(&n);
+    match partials {
+        Some(partials) => launch.arg(partials),
+        None => launch.arg(&NULL),
+    };
+    let grid = LaunchConfig {
+        grid_dim: (grid.grid_dim.0, grid.grid_dim.1, 1),
+        ..grid
+    };
+    // SAFETY: matches `conv3d_split_sum_f16`: sums holds splits × m × n values, y m × n
+    // (channels-last), the partials two per channel and voxel block of the same 64 × 64 grid.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
+    Ok(())
 }
 
 pub fn conv3d<E: Element>(
