@@ -298,35 +298,11 @@ __device__ __forceinline__ bool heads_by_eight(const T* keys, const T* values, i
     return dh % 8 == 0 && width % 8 == 0 && (uintptr_t)keys % 16 == 0 && (uintptr_t)values % 16 == 0;
 }
 
-// query · key over the dh values of a head, the loop unrolled to the bound MAX_DH and left at dh
-// (so that a query held in a register array stays in registers, and a head narrower than the
-// bound issues no idle iterations); 8 key values a load where `by8`.
-template <int MAX_DH, typename Q, typename T>
-__device__ __forceinline__ float head_dot(const Q* query, const T* key, int dh, bool by8) {
-    float s = 0.f;
-    if (by8) {
-#pragma unroll
-        for (int e0 = 0; e0 < MAX_DH; e0 += 8) {
-            if (e0 >= dh) break;
-            float k[8];
-            load8(key + e0, k);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) s += to_f32(query[e0 + j]) * k[j];
-        }
-        return s;
-    }
-#pragma unroll
-    for (int e = 0; e < MAX_DH; ++e) {
-        if (e >= dh) break;
-        s += to_f32(query[e]) * to_f32(key[e]);
-    }
-    return s;
-}
-
-// out[e] = out[e]·scale + p·value[e] for e < dh, 8 values a load where `by8`.
-template <int MAX_DH, typename T>
-__device__ __forceinline__ void scale_add(float (&out)[MAX_DH], float scale, float p, const T* value, int dh,
-                                          bool by8) {
+// f(e, value[e]) for e < dh, widened, the loop unrolled to the bound MAX_DH and left at dh (so
+// that register arrays indexed by e stay in registers, and a head narrower than the bound issues
+// no idle iterations); 8 values a load where `by8`.
+template <int MAX_DH, typename T, typename F>
+__device__ __forceinline__ void for_each_head_value(const T* value, int dh, bool by8, F f) {
     if (by8) {
 #pragma unroll
         for (int e0 = 0; e0 < MAX_DH; e0 += 8) {
@@ -334,14 +310,14 @@ __device__ __forceinline__ void scale_add(float (&out)[MAX_DH], float scale, flo
             float v[8];
             load8(value + e0, v);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) out[e0 + j] = out[e0 + j] * scale + p * v[j];
+            for (int j = 0; j < 8; ++j) f(e0 + j, v[j]);
         }
         return;
     }
 #pragma unroll
     for (int e = 0; e < MAX_DH; ++e) {
         if (e >= dh) break;
-        out[e] = out[e] * scale + p * to_f32(value[e]);
+        f(e, to_f32(value[e]));
     }
 }
 
@@ -356,7 +332,9 @@ __device__ __forceinline__ void copy_click_labels(const Q* query, const T* keys,
 #pragma unroll
     for (int e = 0; e < MAX_DH; ++e) out[e] = 0.f;
     for (int64_t c = 0; c < clicks; ++c) {
-        float s = head_dot<MAX_DH>(query, keys + c * width, dh, by8) * scale;
+        float s = 0.f;
+        for_each_head_value<MAX_DH>(keys + c * width, dh, by8, [&](int e, float k) { s += to_f32(query[e]) * k; });
+        s *= scale;
         float correction = 1.f;
         if (s > max) {
             correction = __expf(max - s);  // 0 at the first click
@@ -364,7 +342,8 @@ __device__ __forceinline__ void copy_click_labels(const Q* query, const T* keys,
         }
         float p = __expf(s - max);
         sum = sum * correction + p;
-        scale_add<MAX_DH>(out, correction, p, values + c * width, dh, by8);
+        for_each_head_value<MAX_DH>(values + c * width, dh, by8,
+                                    [&](int e, float v) { out[e] = out[e] * correction + p * v; });
     }
     float inverse = 1.f / sum;
 #pragma unroll

@@ -56,6 +56,25 @@ __device__ __forceinline__ void warp_layer_norm(const T* row, const T* gamma, co
         store(f, (to_f32(row[f]) - mean) * inv_std * to_f32(gamma[f]) + to_f32(beta[f]));
 }
 
+// The mean and 1/σ of a row of `width` values held by a warp's lanes, V a lane (value i of a
+// lane is column lane + 32·i, zero past the width): warp_layer_norm's arithmetic for rows kept in
+// registers.
+template <int V>
+__device__ __forceinline__ void warp_row_moments(const float (&v)[V], int64_t width, int lane, float& mean,
+                                                 float& inv_std) {
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) sum += v[i];
+    mean = warp_sum(sum) / width;
+    float squares = 0.f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        float d = lane + 32 * i < width ? v[i] - mean : 0.f;
+        squares += d * d;
+    }
+    inv_std = rsqrtf(warp_sum(squares) / width + 1e-5f);
+}
+
 // Exact GELU, 0.5·x·(1 + erf(x/√2)), as torch.nn.GELU().
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752440f)); }
 

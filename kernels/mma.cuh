@@ -164,21 +164,13 @@ __device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __ha
 #pragma unroll 2
     for (int r = warp; r < rows; r += blockDim.x / 32) {
         const bool inside = row0 + r < n;
-        float v[V], sum = 0.f;
+        float v[V], mean, inv_std;
 #pragma unroll
         for (int i = 0; i < V; ++i) {
             int f = lane + 32 * i;
             v[i] = inside && f < D ? __half2float(x[(row0 + r) * D + f]) : 0.f;
-            sum += v[i];
         }
-        const float mean = warp_sum(sum) / D;
-        float squares = 0.f;
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-            float d = lane + 32 * i < D ? v[i] - mean : 0.f;
-            squares += d * d;
-        }
-        const float inv_std = rsqrtf(warp_sum(squares) / D + 1e-5f);
+        warp_row_moments(v, D, lane, mean, inv_std);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
             int f = lane + 32 * i;

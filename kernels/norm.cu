@@ -106,21 +106,13 @@ __device__ void layer_norm_project(const T* x, const T* gamma, const T* beta, co
     constexpr int V = PROJECT_MAX_WIDTH / 32;
     const int lane = threadIdx.x % 32;
     WARP_LOOP(r, rows) {
-        float v[V], sum = 0.f;
+        float v[V], mean, inv_std;
 #pragma unroll
         for (int i = 0; i < V; ++i) {
             int64_t f = lane + 32 * i;
             v[i] = f < width ? to_f32(x[r * width + f]) : 0.f;
-            sum += v[i];
         }
-        const float mean = warp_sum(sum) / width;
-        float squares = 0.f;
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-            float d = lane + 32 * i < width ? v[i] - mean : 0.f;
-            squares += d * d;
-        }
-        const float inv_std = rsqrtf(warp_sum(squares) / width + 1e-5f);
+        warp_row_moments(v, width, lane, mean, inv_std);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
             int64_t f = lane + 32 * i;

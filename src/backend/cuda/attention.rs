@@ -95,11 +95,14 @@ pub fn click_cross_attention<E: Element>(
         norm,
         folded: &folded,
         offset: &offset,
+        n,
+        columns,
+        width,
     };
     let partials = if CudaBackend::<E>::fused_head_width(width) {
-        cross_partial_mma(b, &inputs, n, columns, width)?
+        cross_partial_mma(b, &inputs)?
     } else {
-        cross_partial(b, &inputs, n, columns, width)?
+        cross_partial(b, &inputs)?
     };
 
     // Merge the blocks, then apply the value projection.
@@ -133,13 +136,17 @@ pub fn click_cross_attention<E: Element>(
     Ok(out)
 }
 
-/// What both partial-softmax kernels read: the voxels' tokens, the key-side LayerNorm, and the
-/// queries with the key projection folded in (columns × width, and an offset per column).
+/// What both partial-softmax kernels read: the voxels' tokens (n × width), the key-side
+/// LayerNorm, and the queries with the key projection folded in (columns × width, and an offset
+/// per column).
 struct CrossInputs<'a, E: Element> {
     x: &'a CudaTensor<E>,
     norm: &'a LayerNorm<CudaTensor<E>>,
     folded: &'a CudaSlice<f32>,
     offset: &'a CudaSlice<f32>,
+    n: usize,
+    columns: usize,
+    width: usize,
 }
 
 /// Per block of voxels and column: the running max, the sum of e^(s − max) and Σ e^(s − max)·LN(x)
@@ -156,10 +163,11 @@ impl CrossPartials {
     /// the column groups, with their partial buffers.
     fn split<E: Element>(
         b: &CudaBackend<E>,
-        [n, columns, width]: [usize; 3],
+        inputs: &CrossInputs<'_, E>,
         tile: usize,
         groups: usize,
     ) -> Result<(Self, usize)> {
+        let (n, columns, width) = (inputs.n, inputs.columns, inputs.width);
         let blocks = n
             .div_ceil(tile)
             .clamp(1, (4 * b.multiprocessors).div_ceil(groups).max(1));
@@ -211,10 +219,8 @@ impl CrossPartials {
 fn cross_partial<E: Element>(
     b: &CudaBackend<E>,
     inputs: &CrossInputs<'_, E>,
-    n: usize,
-    columns: usize,
-    width: usize,
 ) -> Result<CrossPartials> {
+    let (n, columns, width) = (inputs.n, inputs.columns, inputs.width);
     let floats = CROSS_SHARED_BYTES / 4;
     let per_column = ROWS + 3 + width;
     let group = floats.saturating_sub(ROWS * (width + 1)) / per_column;
@@ -225,7 +231,7 @@ fn cross_partial<E: Element>(
     }
     let group = group.min(columns);
     let groups = columns.div_ceil(group);
-    let (partials, tokens_per_block) = CrossPartials::split(b, [n, columns, width], ROWS, groups)?;
+    let (partials, tokens_per_block) = CrossPartials::split(b, inputs, ROWS, groups)?;
     let shared = 4 * (ROWS * (width + 1) + group * per_column);
     let f = b.kernel(MODULE, "cross_partial")?;
     b.allow_shared_memory(&f, shared)?;
@@ -244,10 +250,8 @@ fn cross_partial<E: Element>(
 fn cross_partial_mma<E: Element>(
     b: &CudaBackend<E>,
     inputs: &CrossInputs<'_, E>,
-    n: usize,
-    columns: usize,
-    width: usize,
 ) -> Result<CrossPartials> {
+    let (n, columns, width) = (inputs.n, inputs.columns, inputs.width);
     let (ld, lp, ls) = (
         width + 8,
         CROSS_MMA_TOKENS + 8,
@@ -272,8 +276,7 @@ fn cross_partial_mma<E: Element>(
                 b.shared_memory_optin
             ),
         })?;
-    let (partials, tokens_per_block) =
-        CrossPartials::split(b, [n, columns, width], CROSS_MMA_TOKENS, groups)?;
+    let (partials, tokens_per_block) = CrossPartials::split(b, inputs, CROSS_MMA_TOKENS, groups)?;
     let f = b.function(MODULE, &format!("cross_partial_mma_f16_{width}"))?;
     b.allow_shared_memory(&f, shared(warps))?;
     let grid = LaunchConfig {
