@@ -149,8 +149,10 @@ elif [ -f /tmp/bench-pancreas.safetensors ]; then
 else
     echo "no Pancreas bundle (step 5 did not get to write it): no tile profile"
 fi
-bounded "$(within 40 $RESERVE_SUMMARY)" ncu "${sections[@]}" --launch-count 16 \
-    --kernel-name regex:'cross_partial|cross_merge|assign_fused|feed_forward_mma|linear_mma' \
+# The click's first 20 matching launches: its tokens (region tokens, input projection, positional
+# encoding) and its first layer, label assignment and FFN included.
+bounded "$(within 40 $RESERVE_SUMMARY)" ncu "${sections[@]}" --launch-count 20 \
+    --kernel-name regex:'region_tokens|add_positional_encoding|cross_partial|cross_merge|assign_fused|feed_forward_mma|linear_mma' \
     gpu-bin/tis bench --device cuda --precision f16 --iters 1 --warmup 0 > "$out/ncu-click.log" 2>&1
 echo "ncu (click) exit $?"
 timeout 10 python3 scripts/ncu_summary.py "$out"/ncu-*.log
