@@ -16,7 +16,8 @@
 // the click keys, softmaxes over the clicks, copies the clicks' label embeddings A·Vc and mixes
 // them with the automatic segmentation's embedding: (1 − α)·U + α·Va. A bound on the head width
 // is a template parameter (8, 16, 32, 64; the width itself, e.g. 12, is an argument), so the
-// query and the running sum stay in registers.
+// query and the running sum stay in registers. One pass over the clicks (a running maximum), the
+// clicks' rows read 16 bytes at a time where the head width comes in eights.
 //
 // `assign_fused_f16_{D}` is the whole label-assignment sub-layer in one kernel, for f16 widths
 // D that are multiples of 16 up to 128: per block of fused_rows() tokens, LN_q(x) and Q = LN_q(x)·Wqᵀ + bq
