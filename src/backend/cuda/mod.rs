@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute, CUmemPool_attribute};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr,
     DriverError, LaunchConfig, ValidAsZeroBits,
@@ -126,6 +126,16 @@ fn driver(e: DriverError) -> Error {
     }
 }
 
+/// The device's default memory pool, which stream-ordered allocations (cuMemAllocAsync) use.
+fn default_pool(ctx: &CudaContext) -> Result<sys::CUmemoryPool> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: `pool` receives the handle of the context's own device's pool.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(driver)?;
+    Ok(pool)
+}
+
 /// The CUDA backend on one GPU, storing tensors as `E`. Clones share the stream and the kernel
 /// caches (several models on one GPU).
 #[derive(Clone)]
@@ -170,6 +180,23 @@ impl<E: Element> CudaBackend<E> {
         // One stream, ops in order: cudarc's per-buffer event tracking is not needed.
         // SAFETY: called before this context allocates anything.
         unsafe { ctx.disable_event_tracking() };
+        // Buffers come from the device's default memory pool (stream-ordered allocation), which
+        // by default hands its free memory back to the driver at every synchronisation: each
+        // click or tile after one would map its buffers anew. The pool keeps it instead (as
+        // PyTorch's caching allocator does); `available_memory` trims it before it counts.
+        if ctx.has_async_alloc() {
+            let mut keep = u64::MAX;
+            // SAFETY: the attribute takes a u64, which `keep` is.
+            unsafe {
+                sys::cuMemPoolSetAttribute(
+                    default_pool(&ctx)?,
+                    CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut keep as *mut u64).cast(),
+                )
+            }
+            .result()
+            .map_err(driver)?;
+        }
         let attribute = |a| ctx.attribute(a).map_err(driver).map(|v| v as usize);
         let multiprocessors =
             attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
@@ -351,11 +378,17 @@ impl<E: Element> Backend for CudaBackend<E> {
     }
 
     fn available_memory(&self) -> Option<u64> {
-        self.stream
-            .context()
-            .mem_get_info()
-            .ok()
-            .map(|(free, _)| free as u64)
+        let ctx = self.stream.context();
+        if ctx.has_async_alloc() {
+            // The pool keeps freed buffers (see `new`): once the stream has freed them, give them
+            // back, so that the driver counts them free.
+            self.stream.synchronize().ok()?;
+            // SAFETY: the pool is the device's default, which lives as long as the context.
+            unsafe { sys::cuMemPoolTrimTo(default_pool(ctx).ok()?, 0) }
+                .result()
+                .ok()?;
+        }
+        ctx.mem_get_info().ok().map(|(free, _)| free as u64)
     }
 
     fn bytes_per_value(&self) -> u64 {
