@@ -537,7 +537,7 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
         int r = p / heads, h = p % heads;
         float copied[MAX_DH];
         copy_click_labels<MAX_DH>(q + r * L::LS + h * dh, keys + h * dh, values + h * dh, clicks, D, dh, by8,
-                                         copied);
+                                  copied);
 #pragma unroll
         for (int e = 0; e < MAX_DH; ++e) {
             if (e >= dh) break;

@@ -86,9 +86,8 @@ __device__ void instance_norm_apply(T* x, const float* scale_shift, int64_t chan
 // One warp per row; blockDim.x is a multiple of 32.
 template <typename T>
 __device__ void layer_norm(const T* x, T* y, const T* gamma, const T* beta, int64_t rows, int64_t width) {
-    int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
     int lane = threadIdx.x % 32;
-    for (int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    WARP_LOOP(r, rows) {
         T* out = y + r * width;
         warp_layer_norm(x + r * width, gamma, beta, width, lane, [&](int64_t f, float v) { out[f] = from_f32<T>(v); });
     }

@@ -141,8 +141,8 @@ sections=(--clock-control none --section SpeedOfLight --section Occupancy --sect
 if [ "$head_only" = 1 ]; then
     echo "head only: no tile profile"
 elif [ -f /tmp/bench-pancreas.safetensors ]; then
-    bounded "$(within 60 $((RESERVE_SUMMARY + 40)))" ncu "${sections[@]}" --launch-count 28 \
-        --kernel-name regex:'conv3d_igemm|conv3d_direct|conv_transpose3d_mma' \
+    bounded "$(within 60 $((RESERVE_SUMMARY + 40)))" ncu "${sections[@]}" --launch-count 34 \
+        --kernel-name regex:'conv3d_igemm|conv3d_split_sum|conv3d_direct|conv_transpose3d_mma' \
         gpu-bin/tis bench --tile --device cuda --precision f16 -m /tmp/bench-pancreas.safetensors --iters 1 \
         --warmup 0 > "$out/ncu-tile.log" 2>&1
     echo "ncu (tile) exit $?"

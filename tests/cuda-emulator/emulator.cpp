@@ -502,27 +502,31 @@ void full_warp_barrier(const char* operation) {
 
 void sync_warp() { full_warp_barrier("__syncwarp"); }
 
-float shuffle_xor(float value, int lane_mask) {
+// A warp-wide exchange (`operation`, naming all 32 lanes): each lane puts `value` in its slot,
+// and once all have, `read` sees the 32 slots and the calling lane's index; every lane has read
+// before any puts a value of the next exchange.
+template <typename Read> auto warp_exchange(const char* operation, float value, Read read) {
     BlockRun& b = *run;
     Fiber& f = *b.current;
     float* slots = &b.warp_slots[f.warp * 32];
     slots[f.lane] = value;
-    full_warp_barrier("__shfl_xor_sync");
-    float result = slots[f.lane ^ ((unsigned)lane_mask & 31)];
+    full_warp_barrier(operation);
+    auto result = read(slots, f.lane);
     warp_barrier();
     return result;
 }
 
+float shuffle_xor(float value, int lane_mask) {
+    return warp_exchange("__shfl_xor_sync", value,
+                         [&](const float* slots, int lane) { return slots[lane ^ ((unsigned)lane_mask & 31)]; });
+}
+
 bool any_lane(bool predicate) {
-    BlockRun& b = *run;
-    Fiber& f = *b.current;
-    float* slots = &b.warp_slots[f.warp * 32];
-    slots[f.lane] = predicate ? 1.f : 0.f;
-    full_warp_barrier("__any_sync");
-    bool any = false;
-    for (int lane = 0; lane < 32; ++lane) any = any || slots[lane] != 0.f;
-    warp_barrier();
-    return any;
+    return warp_exchange("__any_sync", predicate ? 1.f : 0.f, [](const float* slots, int) {
+        for (int lane = 0; lane < 32; ++lane)
+            if (slots[lane] != 0.f) return true;
+        return false;
+    });
 }
 
 void* dynamic_shared() { return run->shared; }

@@ -95,12 +95,12 @@ pub fn normalize_from_partials<E: Element>(
     Ok(())
 }
 
-/// `y = LN(x)` into a new tensor.
 /// Widest rows and most outputs `layer_norm_project_*` takes (PROJECT_MAX_WIDTH in the kernel);
 /// past them LN(x) is written and projected by the GEMM.
 const PROJECT_MAX_WIDTH: usize = 128;
 const PROJECT_MAX_OUTPUTS: usize = 16;
 
+/// `y = LN(x)·Wᵀ + b` into a new tensor: one kernel where the projection is narrow.
 pub fn layer_norm_linear<E: Element>(
     b: &CudaBackend<E>,
     x: &CudaTensor<E>,
@@ -130,6 +130,7 @@ pub fn layer_norm_linear<E: Element>(
     Ok(y)
 }
 
+/// `y = LN(x)` into a new tensor.
 pub fn layer_norm<E: Element>(
     b: &CudaBackend<E>,
     x: &CudaTensor<E>,
