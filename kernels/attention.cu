@@ -22,9 +22,10 @@
 // `assign_fused_f16_{D}` is the whole label-assignment sub-layer in one kernel, for f16 widths
 // D that are multiples of 16 up to 128: per block of fused_rows() tokens, LN_q(x) and Q = LN_q(x)·Wqᵀ + bq
 // (tensor cores, mma.cuh), the label MLP on the automatic probabilities (its K-wide first layer
-// on the CUDA cores, its D × D second layer on tensor cores), then per (token, head) the
-// softmax over the clicks, the copy of their label embeddings and the α mix, written as f16
-// into the operand of the output projection, whose result is added to x. x is read twice (LN,
+// on the CUDA cores, its D × D second layer on tensor cores), then per warp and head the
+// softmax over the clicks and the copy of their label embeddings on tensor cores
+// (`copy_click_labels_mma`) and the α mix, written as f16 into the operand of the output
+// projection, whose result is added to x. x is read twice (LN,
 // residual) and written once; nothing N × D goes through global memory. One weight matrix at a
 // time is staged in shared memory (Wq, then the MLP's second layer, then W_out), each copied
 // with cp.async while the CUDA-core step before its GEMM runs (LN_q; the MLP's first layer; the
@@ -444,6 +445,104 @@ extern "C" __global__ void cross_merge(const float* pm, const float* ps, const f
     merge_partials(pm, ps, pw, mean, blocks, columns, width);
 }
 
+// The label copy of the calling warp's 16 rows for one head, on tensor cores (flash attention
+// with the clicks as keys): S = Q_h·K_hᵀ for 16 clicks at a time (two m16n8k16 products per 16
+// head columns), an online softmax per row in registers (the quad of lanes holding a row
+// exchanges its maximum and sum by shuffles), O_h += P·V_h with P packed as f16 straight from
+// S's C tiles (mma.cuh). Q_h comes from the f32 staging `q` (the warp's first row, rows ldq
+// apart, the head's first column), K and V from the clicks' rows in global memory (`keys` and
+// `values` at the head's first column, rows `width` apart), a value at a time, zero past the
+// clicks or the head's dh columns (any dh ≤ MAX_DH: the default model's 12 pads to 16). Each
+// lane hands its share of O_h / Σ to store(row, e, value): rows g and g + 8, head columns
+// 8j + 2t and 8j + 2t + 1 (< dh). Per 16 rows, head and 16 clicks that is 2·⌈dh/16⌉ + ⌈dh/8⌉
+// products against the CUDA-core copy's 2·dh multiply-adds per row and click.
+template <int MAX_DH, typename Store>
+__device__ __forceinline__ void copy_click_labels_mma(const float* q, int ldq, const __half* keys,
+                                                      const __half* values, int clicks, int width, int dh,
+                                                      Store store) {
+    constexpr int STEPS = (MAX_DH + 15) / 16;  // K steps of S, pairs of O's C tiles
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const float scale = rsqrtf((float)dh) * 1.44269504088896340736f;  // scores in log2 units, for exp2
+    auto q_at = [&](int row, int e) { return e < dh ? q[row * ldq + e] : 0.f; };
+    auto click_value = [&](const __half* rows, int c, int e) {
+        return c < clicks && e < dh ? rows[(int64_t)c * width + e] : __float2half(0.f);
+    };
+    uint32_t qa[STEPS][4];
+#pragma unroll
+    for (int k = 0; k < STEPS; ++k) {
+        const int e = 16 * k + 2 * t;
+        qa[k][0] = pack_half2(q_at(g, e), q_at(g, e + 1));
+        qa[k][1] = pack_half2(q_at(g + 8, e), q_at(g + 8, e + 1));
+        qa[k][2] = pack_half2(q_at(g, e + 8), q_at(g, e + 9));
+        qa[k][3] = pack_half2(q_at(g + 8, e + 8), q_at(g + 8, e + 9));
+    }
+    float o[2 * STEPS][4] = {}, max[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
+    for (int c0 = 0; c0 < clicks; c0 += 16) {
+        // S for clicks c0 + 8·tile + 2t + (i % 2) of row g + 8·(i / 2), element i of C tile `tile`.
+        float s[2][4] = {};
+#pragma unroll
+        for (int k = 0; k < STEPS; ++k) {
+            if (16 * k >= dh) break;
+#pragma unroll
+            for (int tile = 0; tile < 2; ++tile) {
+                const int c = c0 + 8 * tile + g, e = 16 * k + 2 * t;
+                mma_16816(s[tile], qa[k], pack_halves(click_value(keys, c, e), click_value(keys, c, e + 1)),
+                          pack_halves(click_value(keys, c, e + 8), click_value(keys, c, e + 9)));
+            }
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float chunk_max = -INFINITY;
+#pragma unroll
+            for (int tile = 0; tile < 2; ++tile)
+#pragma unroll
+                for (int i = 2 * half; i < 2 * half + 2; ++i) {
+                    const bool valid = c0 + 8 * tile + 2 * t + i % 2 < clicks;
+                    s[tile][i] = valid ? s[tile][i] * scale : -INFINITY;
+                    chunk_max = fmaxf(chunk_max, s[tile][i]);
+                }
+            chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, 1));
+            chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, 2));
+            // Click c0 is in the chunk, so the row's maximum is finite and the first correction 0.
+            const float new_max = fmaxf(max[half], chunk_max), correction = approx_exp2(max[half] - new_max);
+            max[half] = new_max;
+            sum[half] *= correction;
+#pragma unroll
+            for (int j = 0; j < 2 * STEPS; ++j)
+                for (int i = 2 * half; i < 2 * half + 2; ++i) o[j][i] *= correction;
+#pragma unroll
+            for (int tile = 0; tile < 2; ++tile)
+#pragma unroll
+                for (int i = 2 * half; i < 2 * half + 2; ++i) {
+                    s[tile][i] = approx_exp2(s[tile][i] - new_max);  // 0 for the clicks past the end
+                    sum[half] += s[tile][i];
+                }
+        }
+        const uint32_t pa[4] = {pack_half2(s[0][0], s[0][1]), pack_half2(s[0][2], s[0][3]),
+                                pack_half2(s[1][0], s[1][1]), pack_half2(s[1][2], s[1][3])};
+        // V's B fragments: clicks c0 + 2t, c0 + 2t + 1 (and 8 on) of head column 8j + g.
+#pragma unroll
+        for (int j = 0; j < 2 * STEPS; ++j) {
+            if (8 * j >= dh) break;
+            const int c = c0 + 2 * t, e = 8 * j + g;
+            mma_16816(o[j], pa, pack_halves(click_value(values, c, e), click_value(values, c + 1, e)),
+                      pack_halves(click_value(values, c + 8, e), click_value(values, c + 9, e)));
+        }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        sum[half] += __shfl_xor_sync(0xffffffffu, sum[half], 1);
+        sum[half] += __shfl_xor_sync(0xffffffffu, sum[half], 2);
+    }
+#pragma unroll
+    for (int j = 0; j < 2 * STEPS; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int e = 8 * j + 2 * t + i % 2;
+            if (e < dh) store(g + 8 * (i / 2), e, o[j][i] / sum[i / 2]);
+        }
+}
+
 template <int D> struct AssignShared {
     static constexpr int LD = D + MMA_PAD, LS = D + 4;
     // Byte offsets for a block of `rows` tokens.
@@ -518,7 +617,7 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
             }
 #pragma unroll
             for (int r = 0; r < 8; ++r)
-                operand[(r8 + r) * L::LD + c] = __float2half_rn(row0 + r8 + r < n ? gelu(hidden[r]) : 0.f);
+                operand[(r8 + r) * L::LD + c] = __float2half_rn(row0 + r8 + r < n ? gelu_fast(hidden[r]) : 0.f);
         }
     }
     __pipeline_wait_prior(0);
@@ -529,24 +628,18 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     stage_weights_async(w, L::LD, w_out, D, D, 0, 0, D, D);
     __pipeline_commit();
 
-    // Per (token, head): softmax over the clicks, their label embeddings copied, mixed by α.
+    // Per head, for the warp's rows: softmax over the clicks, their label embeddings copied
+    // (tensor cores), mixed by α with the automatic segmentation's embedding.
     constexpr int MAX_DH = D < ASSIGN_MAX_DH ? D : ASSIGN_MAX_DH;  // no head is wider than the tokens
     const int dh = D / heads;
-    const bool by8 = heads_by_eight(keys, values, D, dh);
-    for (int p = threadIdx.x; p < rows * heads; p += blockDim.x) {
-        int r = p / heads, h = p % heads;
-        float copied[MAX_DH];
-        copy_click_labels<MAX_DH>(q + r * L::LS + h * dh, keys + h * dh, values + h * dh, clicks, D, dh, by8,
-                                  copied);
-#pragma unroll
-        for (int e = 0; e < MAX_DH; ++e) {
-            if (e >= dh) break;
-            int f = h * dh + e;
-            float auto_embedding = label[r * L::LS + f] + __half2float(b_down[f]);
-            float mixed = row0 + r < n ? (1.f - alpha) * copied[e] + alpha * auto_embedding : 0.f;
-            operand[r * L::LD + f] = __float2half_rn(mixed);
-        }
-    }
+    for (int h = 0; h < heads; ++h)
+        copy_click_labels_mma<MAX_DH>(q + r0 * L::LS + h * dh, L::LS, keys + h * dh, values + h * dh, (int)clicks, D,
+                                      dh, [&](int r, int e, float copied) {
+                                          const int row = r0 + r, f = h * dh + e;
+                                          const float auto_embedding = label[row * L::LS + f] + __half2float(b_down[f]);
+                                          operand[row * L::LD + f] = __float2half_rn(
+                                              row0 + row < n ? (1.f - alpha) * copied + alpha * auto_embedding : 0.f);
+                                      });
     __pipeline_wait_prior(0);
     __syncthreads();
 

@@ -1,12 +1,17 @@
-// Tensor-core building blocks of the fused head kernels (WMMA, f16 operands, f32 accumulators).
+// Tensor-core building blocks of the fused head kernels (f16 operands, f32 accumulators).
 //
-// The fused kernels give each warp 16 token rows of a block; `warp_rows_mma` multiplies
-// the warp's rows of an f16 operand in shared memory by a weight matrix staged in shared memory
-// (stored [out][in] as PyTorch, so it is read column-major as Wᵀ) into the warp's accumulator
-// fragments, and `stage_weights_async` copies a weight block from global memory into such a
-// staging area, zero-filling what lies outside the matrix. Shared rows are padded by MMA_PAD halves so
-// that fragment loads avoid bank conflicts; every fragment pointer is 32-byte aligned, which the
-// paddings and the callers' layouts keep.
+// Two levels. WMMA (nvcuda::wmma, 16×16×16 fragments whose layout is the compiler's): the fused
+// kernels give each warp 16 token rows of a block; `warp_rows_mma` multiplies the warp's rows of
+// an f16 operand in shared memory by a weight matrix staged in shared memory (stored [out][in]
+// as PyTorch, so it is read column-major as Wᵀ) into the warp's accumulator fragments, and
+// `stage_weights_async` copies a weight block from global memory into such a staging area,
+// zero-filling what lies outside the matrix. Below it, mma.sync m16n8k16 and ldmatrix through
+// inline PTX (`mma_16816`, `ldmatrix_x4`), whose register layouts the PTX ISA fixes, so that a
+// kernel can work on its accumulators in registers: apply a bias and GELU to a product and feed
+// it to the next GEMM as its A operand without a round trip through shared memory
+// (feed_forward_mma). Shared rows are padded by MMA_PAD halves so that fragment loads avoid bank
+// conflicts; every WMMA fragment pointer is 32-byte aligned and every ldmatrix row 16-byte
+// aligned, which the paddings and the callers' layouts keep.
 #pragma once
 
 #include <cuda_pipeline.h>
@@ -138,6 +143,79 @@ __device__ __forceinline__ void load_slab(__half* dest, const __half* src, int64
     for (int l = threadIdx.x; l < ROWS * MMA_K; l += blockDim.x) {
         int r = l / MMA_K, kk = l % MMA_K;
         dest[r * SLAB_LD + kk] = k0 + kk < k && row0 + r < rows ? src[(row0 + r) * k + k0 + kk] : __float2half(0.f);
+    }
+}
+
+// ---- mma.sync: fragments in registers, in the PTX ISA's layouts (g = lane / 4, t = lane % 4,
+// a register's lower half holding the lower index). A (16 × 16 f16, four registers): row g,
+// columns 2t and 2t + 1; row g + 8, the same columns; then both rows at columns 2t + 8 and
+// 2t + 9. B (16 × 8 f16, two registers): rows 2t and 2t + 1 of column g, then rows 2t + 8 and
+// 2t + 9. C (16 × 8 f32, four floats): row g at columns 2t and 2t + 1, then row g + 8. A C tile
+// of columns 16j to 16j + 7 and the next one thus hold, rounded to f16 pairs, exactly the A
+// fragment of columns 16j to 16j + 15 (`pack_half2`): a product's columns can be the next
+// product's K without leaving registers. The CUDA emulator supplies both instructions
+// (tests/cuda-emulator), executed from the same layouts.
+
+// Four 8 × 8 matrices of halves from shared memory: lanes 8i to 8i + 7 pass the addresses of
+// matrix i's rows (16 bytes each), and lane l receives matrix i's row l / 4, columns 2·(l % 4)
+// and 2·(l % 4) + 1, in register i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __half* row) {
+#ifdef TIS_CUDA_EMULATOR
+    const auto loaded = emu::ldmatrix_x4(row);
+    for (int i = 0; i < 4; ++i) r[i] = loaded[i];
+#else
+    const unsigned address = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+#endif
+}
+
+// d += a·b: one m16n8k16 product of the warp (b is registers b0 and b1 of a B fragment).
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef TIS_CUDA_EMULATOR
+    const uint32_t b[2] = {b0, b1};
+    const auto sum = emu::mma_m16n8k16({d[0], d[1], d[2], d[3]}, a, b);
+    for (int i = 0; i < 4; ++i) d[i] = sum[i];
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Two floats rounded to an f16 pair, `lo` in the lower half.
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    __half2 pair = __floats2half2_rn(lo, hi);
+    return *(uint32_t*)&pair;
+}
+
+// Two halves as an f16 pair, `lo` in the lower half.
+__device__ __forceinline__ uint32_t pack_halves(__half lo, __half hi) {
+    __half2 pair = __halves2half2(lo, hi);
+    return *(uint32_t*)&pair;
+}
+
+// The A fragment of the warp's 16 rows (from `rows`, row stride ld halves), columns k0 to k0 + 15.
+__device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const __half* rows, int ld, int k0) {
+    const int lane = threadIdx.x % 32, matrix = lane / 8;
+    ldmatrix_x4(a, rows + (lane % 8 + 8 * (matrix % 2)) * ld + k0 + 8 * (matrix / 2));
+}
+
+// acc[j] += a·W[8j : 8j + 8, k0 : k0 + 16]ᵀ for j < N / 8: one K step of 16 of the warp's
+// 16 × N product with weights W staged in shared memory ([out][in], row stride ldw halves), each
+// ldmatrix bringing the B fragments of two column tiles.
+template <int N>
+__device__ __forceinline__ void mma_rows_k16(float (&acc)[N / 8][4], const uint32_t (&a)[4], const __half* w, int ldw,
+                                             int k0) {
+    const int lane = threadIdx.x % 32, matrix = lane / 8;
+#pragma unroll
+    for (int j = 0; j < N / 16; ++j) {
+        uint32_t b[4];
+        ldmatrix_x4(b, w + (16 * j + lane % 8 + 8 * (matrix / 2)) * ldw + k0 + 8 * (matrix % 2));
+        mma_16816(acc[2 * j], a, b[0], b[1]);
+        mma_16816(acc[2 * j + 1], a, b[2], b[3]);
     }
 }
 

@@ -459,7 +459,8 @@ struct TokenCase {
 }
 
 fn token_case(n: &mut Rng, tokens: usize, width: usize, heads: usize, clicks: usize) -> TokenCase {
-    let classes = 3;
+    // The FFN's hidden width ends in a part chunk of the fused kernel's 32 units.
+    let (classes, hidden) = (3, 2 * width + 8);
     let probs = CpuBackend
         .softmax_channels(&n.tensor(&[classes, 1, 1, tokens], 2.0))
         .unwrap();
@@ -482,8 +483,8 @@ fn token_case(n: &mut Rng, tokens: usize, width: usize, heads: usize, clicks: us
         linear: random_linear(n, 50, width),
         logits: random_linear(n, classes, width),
         norm: random_norm(n, width),
-        up: random_linear(n, 2 * width, width),
-        down: random_linear(n, width, 2 * width),
+        up: random_linear(n, hidden, width),
+        down: random_linear(n, width, hidden),
         key_proj: random_linear(n, width, width),
         value_proj: random_linear(n, width, width),
         label_up: random_linear(n, width, classes),
@@ -590,13 +591,15 @@ fn label_assignment_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
 
 fn token_ops<E: Element>(tolerance: f64) {
     // TIS-B widths (d 128, 8 heads of 16) with odd token counts, the default model's (d 48, 4
-    // heads of 12), a narrow head of width 8, and 40 clicks of 4 heads (160 columns: the
-    // tensor-core cross-attention splits them over two blocks of 5 warps).
+    // heads of 12), a narrow head of width 8, 40 clicks of 4 heads (160 columns: the tensor-core
+    // cross-attention splits them over two blocks of 5 warps; the tensor-core label copy takes
+    // them 16 at a time), and heads of 64 (the widest the label copy takes) with 20 clicks.
     for (tokens, width, heads, clicks) in [
         (5003, 128, 8, 10),
         (1111, 48, 4, 6),
         (777, 24, 3, 4),
         (2100, 64, 4, 40),
+        (1500, 128, 2, 20),
     ] {
         let case = token_case(&mut fresh("token ops"), tokens, width, heads, clicks);
         let tag = format!("N {tokens} d {width} h {heads} clicks {clicks}");

@@ -5,7 +5,11 @@
 //
 // What it checks: the backend's orchestration (launch shapes, argument order and types, buffer
 // sizes, shared-memory requests, the order of launches) and each kernel's arithmetic, block by
-// block and thread by thread, with barriers and warp shuffles honoured. What it does not: the
+// block and thread by thread, with barriers and warp shuffles honoured. The tensor-core
+// instructions that kernels issue as inline PTX (ldmatrix, mma.sync m16n8k16) are warp-wide
+// exchanges here, each lane's registers read and written in the layouts of NVIDIA's PTX ISA
+// document, so a kernel that puts a value in the wrong register fails here as on a GPU; both
+// sides rest on one reading of that document, which only a GPU run confirms. What it does not: the
 // hardware's memory model, races, timing, the tensor cores' exact accumulation order, and
 // anything about speed. A result from here is an emulator result, never a GPU result.
 //
@@ -39,6 +43,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -197,6 +202,8 @@ void* new_stack(char* stack, size_t size, void (*entry)()) {
 }
 
 constexpr size_t FIBER_STACK = 256 * 1024;
+// What one lane may put in a warp-wide exchange: an mma.sync's operands, 40 bytes, are the most.
+constexpr size_t WARP_SLOT_BYTES = 48;
 
 // An asynchronous copy (__pipeline_memcpy_async) not yet carried out.
 struct PendingCopy {
@@ -232,7 +239,7 @@ struct BlockRun {
     uint64_t generation = 0, progress = 0;
     std::vector<unsigned> warp_alive, warp_arrived;
     std::vector<uint64_t> warp_generation;
-    std::vector<float> warp_slots;
+    std::vector<unsigned char> warp_slots;  // WARP_SLOT_BYTES a lane: what warp exchanges put
     std::vector<unsigned char> shared_buffer;  // the dynamic shared memory, then the canary
     unsigned char* shared = nullptr;
     size_t shared_bytes = 0;
@@ -331,7 +338,7 @@ bool run_block(BlockRun& b, StackArena& arena, uint3 block_dim) {
     if (threads % 32) b.warp_alive[warps - 1] = threads % 32;
     b.warp_arrived.assign(warps, 0);
     b.warp_generation.assign(warps, 0);
-    b.warp_slots.assign(warps * 32, 0.f);
+    b.warp_slots.assign(warps * 32 * WARP_SLOT_BYTES, 0);
     memset(b.shared, 0xFF, b.shared_bytes);
     memset(b.shared + b.shared_bytes, CANARY, SHARED_CANARY_BYTES);
     for (unsigned t = 0; t < threads; ++t) {
@@ -505,13 +512,14 @@ void sync_warp() { full_warp_barrier("__syncwarp"); }
 // A warp-wide exchange (`operation`, naming all 32 lanes): each lane puts `value` in its slot,
 // and once all have, `read` sees the 32 slots and the calling lane's index; every lane has read
 // before any puts a value of the next exchange.
-template <typename Read> auto warp_exchange(const char* operation, float value, Read read) {
+template <typename V, typename Read> auto warp_exchange(const char* operation, const V& value, Read read) {
+    static_assert(sizeof(V) <= WARP_SLOT_BYTES, "a lane's slot holds WARP_SLOT_BYTES");
     BlockRun& b = *run;
     Fiber& f = *b.current;
-    float* slots = &b.warp_slots[f.warp * 32];
+    V* slots = (V*)&b.warp_slots[f.warp * 32 * WARP_SLOT_BYTES];
     slots[f.lane] = value;
     full_warp_barrier(operation);
-    auto result = read(slots, f.lane);
+    auto result = read((const V*)slots, (int)f.lane);
     warp_barrier();
     return result;
 }
@@ -522,10 +530,56 @@ float shuffle_xor(float value, int lane_mask) {
 }
 
 bool any_lane(bool predicate) {
-    return warp_exchange("__any_sync", predicate ? 1.f : 0.f, [](const float* slots, int) {
+    return warp_exchange("__any_sync", predicate, [](const bool* slots, int) {
         for (int lane = 0; lane < 32; ++lane)
-            if (slots[lane] != 0.f) return true;
+            if (slots[lane]) return true;
         return false;
+    });
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 as the PTX ISA lays it out: lanes 8i to 8i + 7 name
+// the 8 rows (16 bytes each, 16-byte aligned) of matrix i, and lane l receives in register i the
+// two halves of matrix i at row l / 4, columns 2·(l % 4) and 2·(l % 4) + 1.
+std::array<uint32_t, 4> ldmatrix_x4(const void* row) {
+    if ((uintptr_t)row % 16) fail("ldmatrix of a row at " + std::to_string((uintptr_t)row) + ": rows must be 16-byte aligned");
+    return warp_exchange("ldmatrix", row, [](const void* const* rows, int lane) {
+        std::array<uint32_t, 4> r;
+        for (int i = 0; i < 4; ++i) memcpy(&r[i], (const char*)rows[8 * i + lane / 4] + 4 * (lane % 4), 4);
+        return r;
+    });
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, d += a·b, with the PTX ISA's fragments
+// (g = lane / 4, t = lane % 4; a register's lower half holds the lower column or row): A (16 × 16)
+// register 0 holds row g, columns 2t and 2t + 1; register 1 row g + 8; registers 2 and 3 the
+// same rows at columns 2t + 8 and 2t + 9. B (16 × 8) register 0 holds rows 2t and 2t + 1 of
+// column g, register 1 rows 2t + 8 and 2t + 9. C (16 × 8, f32) holds row g at columns 2t and
+// 2t + 1, then row g + 8 at the same columns. Products are exact in f32; the sum runs over k in
+// order (the tensor cores' order may differ).
+struct MmaOperands {
+    uint32_t a[4], b[2];
+};
+
+inline float half_at(uint32_t pair, int upper) {
+    return __half2float(__half{(uint16_t)(upper ? pair >> 16 : pair & 0xFFFF)});
+}
+
+std::array<float, 4> mma_m16n8k16(const std::array<float, 4>& c, const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    MmaOperands mine;
+    memcpy(mine.a, a, sizeof mine.a);
+    memcpy(mine.b, b, sizeof mine.b);
+    return warp_exchange("mma.sync", mine, [&](const MmaOperands* lanes, int lane) {
+        auto a_at = [&](int row, int k) {
+            int reg = (row >= 8) + 2 * (k >= 8);
+            return half_at(lanes[(row % 8) * 4 + (k % 8) / 2].a[reg], k % 2);
+        };
+        auto b_at = [&](int k, int col) { return half_at(lanes[col * 4 + (k % 8) / 2].b[k >= 8], k % 2); };
+        std::array<float, 4> d = c;
+        for (int i = 0; i < 4; ++i) {
+            int row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
+            for (int k = 0; k < 16; ++k) d[i] += a_at(row, k) * b_at(k, col);
+        }
+        return d;
     });
 }
 

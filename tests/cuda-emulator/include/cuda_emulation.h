@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <array>
 #include <type_traits>
 
 #include <cuda_fp16.h>
@@ -34,7 +35,14 @@ void sync_warp();
 float shuffle_xor(float value, int lane_mask);
 bool any_lane(bool predicate);
 void* dynamic_shared();
+// The warp-collective tensor-core instructions that kernels/mma.cuh issues through inline PTX on
+// a GPU (ldmatrix.x4, mma.sync m16n8k16 with f32 accumulators), in the PTX ISA's layouts.
+std::array<uint32_t, 4> ldmatrix_x4(const void* row);
+std::array<float, 4> mma_m16n8k16(const std::array<float, 4>& c, const uint32_t (&a)[4], const uint32_t (&b)[2]);
 }  // namespace emu
+
+// kernels/*.cuh take the emulator's ldmatrix and mma.sync, and host arithmetic, instead of inline PTX.
+#define TIS_CUDA_EMULATOR 1
 
 #define threadIdx (emu::thread_idx)
 #define blockIdx (emu::block_idx)
