@@ -137,105 +137,116 @@ __device__ void cross_partial(const T* x, const T* gamma, const T* beta, const f
 // keys and values the voxels' LN(x), and each warp owns 16 columns of its block's group (the
 // group's folded queries staged once as f16). A block walks its voxels in tiles of
 // CROSS_MMA_TOKENS: the tile's LN(x) goes to shared memory as f16 (every warp normalises some
-// rows), then each warp, on its own: S = F·LN(x)ᵀ (16 columns × 64 voxels, K = D) into its f32
-// staging area; its columns' running max and sum updated by two lanes a column, P = e^(S − max)
-// written as f16; O += P·LN(x) (16 × D, K = 64) in its accumulator fragments. Where a column's
-// max grew, O makes one round trip through the staging area to be rescaled (WMMA fragments
-// have no row index). Per voxel and column that is 2·D multiply-accumulates on tensor cores,
-// where the CUDA-core kernel above spent two shared-memory loads per multiply-accumulate.
+// rows), then each warp, on its own and in registers (mma.sync, mma.cuh): S = F·LN(x)ᵀ
+// (16 columns × 64 voxels, K = D, eight C tiles); each column's running max and sum (the quad of
+// lanes holding a column exchanges its maximum by shuffles), O rescaled where the max grew;
+// P = e^(S − max) packed as f16 straight from S's C tiles into the A fragments of
+// O += P·LN(x) (16 × D, K = 64; LN(x) read transposed by ldmatrix.trans). Per voxel and column
+// that is 2·D multiply-accumulates on tensor cores. The WMMA version before it took S and O
+// through shared memory and gave the softmax two lanes a column, 32 exponentials in a row
+// (1.62 ms a layer for TIS-B on an H200).
 constexpr int CROSS_MMA_TOKENS = 64;
 
 template <int D> struct CrossShared {
-    static constexpr int T = CROSS_MMA_TOKENS, LD = D + MMA_PAD, LP = T + MMA_PAD, LS = (T > D ? T : D) + 4;
-    // Byte offsets for a block of `warps` warps (16 columns each).
-    int ln, fold, stage, p;
-    __device__ explicit CrossShared(int warps)
-        : ln(0),                              // LN(x) of the tile: T × LD halves
-          fold(T * LD * 2),                   // the group's folded queries: 16·warps × LD halves
-          stage(fold + 16 * warps * LD * 2),  // per warp, S or O: 16 × LS floats
-          p(stage + warps * 16 * LS * 4) {}   // per warp, P: 16 × LP halves
+    static constexpr int T = CROSS_MMA_TOKENS, LD = D + MMA_PAD;
+    // Byte offsets: LN(x) of the tile (T × LD halves), then the group's folded queries
+    // (16·warps × LD halves).
+    static constexpr int ln = 0, fold = T * LD * 2;
 };
 
 template <int D>
 __device__ void cross_partial_mma(const __half* x, const __half* gamma, const __half* beta, const float* folded,
                                   const float* offset, float* part_max, float* part_sum, float* part_weighted,
                                   int64_t n, int64_t columns, int64_t tokens_per_block) {
-    using namespace nvcuda;
     using L = CrossShared<D>;
     constexpr int T = CROSS_MMA_TOKENS;
-    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const L layout(warps);
+    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     extern __shared__ float cross_shared[];
     unsigned char* base = (unsigned char*)cross_shared;
-    __half* ln = (__half*)(base + layout.ln);
-    __half* fold = (__half*)(base + layout.fold);
-    float* stage = (float*)(base + layout.stage) + warp * 16 * L::LS;
-    __half* p = (__half*)(base + layout.p) + warp * 16 * L::LP;
+    __half* ln = (__half*)(base + L::ln);
+    __half* fold = (__half*)(base + L::fold);
     const int64_t col0 = (int64_t)blockIdx.y * 16 * warps + 16 * warp;  // the warp's first column
     for (int l = threadIdx.x; l < 16 * warps * D; l += blockDim.x) {
         int64_t c = (int64_t)blockIdx.y * 16 * warps + l / D;
         fold[l / D * L::LD + l % D] = __float2half_rn(c < columns ? folded[c * D + l % D] : 0.f);
     }
-    // Lanes 2j and 2j + 1 keep column col0 + j's running max and sum, each over half the tile.
-    const int j = lane / 2, half = lane % 2;
-    const float bias = col0 + j < columns ? offset[col0 + j] : 0.f;
-    float run_max = -INFINITY, run_sum = 0.f;
-    Accumulator o[D / 16];
-    zero_accumulators<D>(o);
+    // The lane's columns: col0 + g (C elements 0 and 1) and col0 + g + 8 (elements 2 and 3).
+    float bias[2], run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int64_t c = col0 + g + 8 * half;
+        bias[half] = c < columns ? offset[c] : 0.f;
+    }
+    float o[D / 8][4] = {};
     const int64_t begin = (int64_t)blockIdx.x * tokens_per_block, end = min(n, begin + tokens_per_block);
     for (int64_t t0 = begin; t0 < end; t0 += T) {
-        __syncthreads();  // every warp is done with the previous tile's LN(x)
+        __syncthreads();  // every warp is done with the previous tile's LN(x) (and, at first, the fold)
         layer_norm_rows<D>(ln, L::LD, x, gamma, beta, end, t0, T);
         __syncthreads();
-        Accumulator s[T / 16];
-        zero_accumulators<T>(s);
-        warp_rows_mma<T, D>(s, fold + 16 * warp * L::LD, L::LD, ln, L::LD);
-        store_accumulators<T>(s, stage, L::LS);
-        __syncwarp();
+        // S: element i of C tile j is voxel t0 + 8j + 2t + i % 2 of column col0 + g + 8·(i / 2).
+        float s[T / 8][4] = {};
+#pragma unroll
+        for (int k0 = 0; k0 < D; k0 += 16) {
+            uint32_t a[4];
+            load_a_fragment(a, fold + 16 * warp * L::LD, L::LD, k0);
+            mma_rows_k16<T>(s, a, ln, L::LD, k0);
+        }
         const int valid = (int)min((int64_t)T, end - t0);
-        const float* row = stage + j * L::LS;
-        float tile_max = -INFINITY;
-        for (int i = half * (T / 2); i < (half + 1) * (T / 2) && i < valid; ++i) tile_max = fmaxf(tile_max, row[i]);
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(~0u, tile_max, 1)) + bias;
-        const float new_max = fmaxf(run_max, tile_max);
-        const float correction = __expf(run_max - new_max);  // 0 while run_max is -inf
-        float sum = 0.f;
-        for (int i = half * (T / 2); i < (half + 1) * (T / 2); ++i) {
-            __half e = __float2half_rn(i < valid ? __expf(row[i] + bias - new_max) : 0.f);
-            p[j * L::LP + i] = e;
-            sum += __half2float(e);  // the weights O is summed with, rounded as they are
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float tile_max = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < T / 8; ++j)
+#pragma unroll
+                for (int i = 2 * half; i < 2 * half + 2; ++i) {
+                    s[j][i] = 8 * j + 2 * t + i % 2 < valid ? s[j][i] + bias[half] : -INFINITY;
+                    tile_max = fmaxf(tile_max, s[j][i]);
+                }
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            // The tile's first voxel is valid, so the new max is finite and the first correction 0.
+            const float new_max = fmaxf(run_max[half], tile_max), correction = __expf(run_max[half] - new_max);
+            run_max[half] = new_max;
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < T / 8; ++j)
+#pragma unroll
+                for (int i = 2 * half; i < 2 * half + 2; ++i) {
+                    // The weights O is summed with, rounded as they are (0 past the valid voxels).
+                    s[j][i] = __half2float(__float2half_rn(__expf(s[j][i] - new_max)));
+                    sum += s[j][i];
+                }
+            run_sum[half] = run_sum[half] * correction + sum;  // this lane's voxels; the quad adds up at the end
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+                for (int i = 2 * half; i < 2 * half + 2; ++i) o[j][i] *= correction;
         }
-        run_sum = run_sum * correction + sum + __shfl_xor_sync(~0u, sum, 1);
-        run_max = new_max;
-        if (__any_sync(~0u, correction != 1.f)) {
-            __syncwarp();  // every lane has read its scores
-            store_accumulators<D>(o, stage, L::LS);
-            __syncwarp();
-            for (int f = half * (D / 2); f < (half + 1) * (D / 2); ++f) stage[j * L::LS + f] *= correction;
-            __syncwarp();
-            for (int i = 0; i < D / 16; ++i) wmma::load_matrix_sync(o[i], stage + 16 * i, L::LS, wmma::mem_row_major);
-        }
-        __syncwarp();  // P is written
-        for (int k = 0; k < T; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, p + k, L::LP);
-            for (int i = 0; i < D / 16; ++i) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
-                wmma::load_matrix_sync(fb, ln + k * L::LD + 16 * i, L::LD);
-                wmma::mma_sync(o[i], fa, fb, o[i]);
-            }
+        // O += P·LN(x): P's A fragments are S's C tiles 2k and 2k + 1 (voxels 16k to 16k + 15).
+#pragma unroll
+        for (int k = 0; k < T / 16; ++k) {
+            const uint32_t p[4] = {pack_half2(s[2 * k][0], s[2 * k][1]), pack_half2(s[2 * k][2], s[2 * k][3]),
+                                   pack_half2(s[2 * k + 1][0], s[2 * k + 1][1]),
+                                   pack_half2(s[2 * k + 1][2], s[2 * k + 1][3])};
+            mma_rows_k16<D, true>(o, p, ln, L::LD, 16 * k);
         }
     }
-    __syncwarp();  // every lane has read the last tile's scores
-    store_accumulators<D>(o, stage, L::LS);
-    __syncwarp();
     const int64_t slot = (int64_t)blockIdx.x * columns;
-    if (half == 0 && col0 + j < columns) {
-        part_max[slot + col0 + j] = run_max;
-        part_sum[slot + col0 + j] = run_sum;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        float sum = run_sum[half];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const int64_t c = col0 + g + 8 * half;
+        if (c >= columns) continue;
+        if (t == 0) {
+            part_max[slot + c] = run_max[half];
+            part_sum[slot + c] = sum;
+        }
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+            *(float2*)&part_weighted[(slot + c) * D + 8 * j + 2 * t] = float2{o[j][2 * half], o[j][2 * half + 1]};
     }
-    for (int l = lane; l < 16 * D; l += 32)
-        if (col0 + l / D < columns) part_weighted[(slot + col0 + l / D) * D + l % D] = stage[l / D * L::LS + l % D];
 }
 
 #define CROSS_PARTIAL_MMA(D)                                                                                         \

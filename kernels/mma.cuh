@@ -157,17 +157,23 @@ __device__ __forceinline__ void load_slab(__half* dest, const __half* src, int64
 // (tests/cuda-emulator), executed from the same layouts.
 
 // Four 8 × 8 matrices of halves from shared memory: lanes 8i to 8i + 7 pass the addresses of
-// matrix i's rows (16 bytes each), and lane l receives matrix i's row l / 4, columns 2·(l % 4)
-// and 2·(l % 4) + 1, in register i.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __half* row) {
+// matrix i's rows (16 bytes each), and lane l receives in register i matrix i's row l / 4,
+// columns 2·(l % 4) and 2·(l % 4) + 1, or with TRANSPOSED (ldmatrix.trans) its column l / 4,
+// rows 2·(l % 4) and 2·(l % 4) + 1.
+template <bool TRANSPOSED = false> __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __half* row) {
 #ifdef TIS_CUDA_EMULATOR
-    const auto loaded = emu::ldmatrix_x4(row);
+    const auto loaded = emu::ldmatrix_x4(row, TRANSPOSED);
     for (int i = 0; i < 4; ++i) r[i] = loaded[i];
 #else
     const unsigned address = (unsigned)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
+    if constexpr (TRANSPOSED)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address));
 #endif
 }
 
@@ -203,19 +209,23 @@ __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const __half* 
     ldmatrix_x4(a, rows + (lane % 8 + 8 * (matrix % 2)) * ld + k0 + 8 * (matrix / 2));
 }
 
-// acc[j] += a·W[8j : 8j + 8, k0 : k0 + 16]ᵀ for j < N / 8: one K step of 16 of the warp's
-// 16 × N product with weights W staged in shared memory ([out][in], row stride ldw halves), each
-// ldmatrix bringing the B fragments of two column tiles.
-template <int N>
-__device__ __forceinline__ void mma_rows_k16(float (&acc)[N / 8][4], const uint32_t (&a)[4], const __half* w, int ldw,
+// acc[j] += a·B[k0 : k0 + 16, 8j : 8j + 8] for j < N / 8: one K step of 16 of the warp's
+// 16 × N product, B in shared memory (row stride ld halves) stored as PyTorch stores a weight,
+// W = Bᵀ ([n][k], the default), or as B itself ([k][n], B_ROW_MAJOR, read by ldmatrix.trans).
+// Each ldmatrix brings the B fragments of two column tiles: matrices (k 0-7, n 0-7),
+// (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15) of the pair.
+template <int N, bool B_ROW_MAJOR = false>
+__device__ __forceinline__ void mma_rows_k16(float (&acc)[N / 8][4], const uint32_t (&a)[4], const __half* b, int ld,
                                              int k0) {
-    const int lane = threadIdx.x % 32, matrix = lane / 8;
+    // The lane's row address: row lane % 8 of its matrix, at K offset k and N offset n.
+    const int lane = threadIdx.x % 32, matrix = lane / 8, k = k0 + 8 * (matrix % 2), n = 8 * (matrix / 2);
 #pragma unroll
     for (int j = 0; j < N / 16; ++j) {
-        uint32_t b[4];
-        ldmatrix_x4(b, w + (16 * j + lane % 8 + 8 * (matrix / 2)) * ldw + k0 + 8 * (matrix % 2));
-        mma_16816(acc[2 * j], a, b[0], b[1]);
-        mma_16816(acc[2 * j + 1], a, b[2], b[3]);
+        uint32_t r[4];
+        if constexpr (B_ROW_MAJOR) ldmatrix_x4<true>(r, b + (k + lane % 8) * ld + 16 * j + n);
+        else ldmatrix_x4(r, b + (16 * j + n + lane % 8) * ld + k);
+        mma_16816(acc[2 * j], a, r[0], r[1]);
+        mma_16816(acc[2 * j + 1], a, r[2], r[3]);
     }
 }
 

@@ -537,15 +537,24 @@ bool any_lane(bool predicate) {
     });
 }
 
-// ldmatrix.sync.aligned.m8n8.x4.shared.b16 as the PTX ISA lays it out: lanes 8i to 8i + 7 name
-// the 8 rows (16 bytes each, 16-byte aligned) of matrix i, and lane l receives in register i the
-// two halves of matrix i at row l / 4, columns 2·(l % 4) and 2·(l % 4) + 1.
-std::array<uint32_t, 4> ldmatrix_x4(const void* row) {
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 as the PTX ISA lays it out: lanes 8i to
+// 8i + 7 name the 8 rows (16 bytes each, 16-byte aligned) of matrix i, and lane l receives in
+// register i the two halves of matrix i at row l / 4, columns 2·(l % 4) and 2·(l % 4) + 1, or
+// transposed, at column l / 4, rows 2·(l % 4) and 2·(l % 4) + 1.
+std::array<uint32_t, 4> ldmatrix_x4(const void* row, bool transposed) {
     if ((uintptr_t)row % 16) fail("ldmatrix of a row at " + std::to_string((uintptr_t)row) + ": rows must be 16-byte aligned");
-    return warp_exchange("ldmatrix", row, [](const void* const* rows, int lane) {
-        std::array<uint32_t, 4> r;
-        for (int i = 0; i < 4; ++i) memcpy(&r[i], (const char*)rows[8 * i + lane / 4] + 4 * (lane % 4), 4);
-        return r;
+    return warp_exchange("ldmatrix", row, [&](const void* const* rows, int lane) {
+        auto at = [&](int matrix, int r, int c) {
+            uint16_t v;
+            memcpy(&v, (const char*)rows[8 * matrix + r] + 2 * c, 2);
+            return (uint32_t)v;
+        };
+        std::array<uint32_t, 4> out;
+        for (int i = 0; i < 4; ++i) {
+            int a = lane / 4, b = 2 * (lane % 4);
+            out[i] = transposed ? at(i, b, a) | at(i, b + 1, a) << 16 : at(i, a, b) | at(i, a, b + 1) << 16;
+        }
+        return out;
     });
 }
 

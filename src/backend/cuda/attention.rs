@@ -252,14 +252,8 @@ fn cross_partial_mma<E: Element>(
     inputs: &CrossInputs<'_, E>,
 ) -> Result<CrossPartials> {
     let (n, columns, width) = (inputs.n, inputs.columns, inputs.width);
-    let (ld, lp, ls) = (
-        width + 8,
-        CROSS_MMA_TOKENS + 8,
-        CROSS_MMA_TOKENS.max(width) + 4,
-    );
-    let shared = |warps: usize| {
-        2 * CROSS_MMA_TOKENS * ld + 2 * 16 * warps * ld + 4 * 16 * warps * ls + 2 * 16 * warps * lp
-    };
+    let ld = width + 8;
+    let shared = |warps: usize| 2 * (CROSS_MMA_TOKENS + 16 * warps) * ld;
     let column_blocks = columns.div_ceil(16);
     let (groups, warps) = [8, 4, 2, 1]
         .into_iter()

@@ -36,8 +36,8 @@ float shuffle_xor(float value, int lane_mask);
 bool any_lane(bool predicate);
 void* dynamic_shared();
 // The warp-collective tensor-core instructions that kernels/mma.cuh issues through inline PTX on
-// a GPU (ldmatrix.x4, mma.sync m16n8k16 with f32 accumulators), in the PTX ISA's layouts.
-std::array<uint32_t, 4> ldmatrix_x4(const void* row);
+// a GPU (ldmatrix.x4 and its .trans, mma.sync m16n8k16 with f32 accumulators), in the PTX ISA's layouts.
+std::array<uint32_t, 4> ldmatrix_x4(const void* row, bool transposed);
 std::array<float, 4> mma_m16n8k16(const std::array<float, 4>& c, const uint32_t (&a)[4], const uint32_t (&b)[2]);
 }  // namespace emu
 
