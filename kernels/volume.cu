@@ -4,11 +4,11 @@
 //
 // All are memory-bound one-pass kernels, one thread per output element in a grid-stride loop,
 // the innermost (x) index fastest so that neighbouring threads touch neighbouring addresses of
-// the larger side, except `swap_inner_axes` (a tiled transpose) and the two that make a
-// region's tokens, `region_tokens` and `add_positional_encoding`: a warp per token, its lanes
-// on the token's channels (the write side's consecutive addresses), so that the token's place
-// in the region (64-bit divisions, a few hundred instructions) is worked out once per token
-// and not once per value.
+// the larger side, except three: `swap_inner_axes` and `region_tokens`, tiled transposes
+// through shared memory (both sides coalesce), and `add_positional_encoding`, a warp per token,
+// its lanes on the token's channels (the write side's consecutive addresses), so that the
+// token's place in the region (64-bit divisions, a few hundred instructions) is worked out once
+// per token and not once per value.
 // Volumes are channels first (C × Z × Y × X); token matrices row-major (N × width). The f16
 // network's channels-last volumes (kernels/conv.cu) come here through `swap_inner_axes`.
 #include "common.cuh"
@@ -107,16 +107,6 @@ __device__ void argmax_rows(const T* x, uint16_t* labels, int64_t cols, int64_t 
 
 // tokens[n, c] = volume[c, start + position of token n in the box]; a warp per token.
 template <typename T>
-__device__ void region_tokens(const T* volume, T* tokens, int64_t channels, Dims3 dims, Dims3 start, Dims3 box) {
-    const int lane = threadIdx.x % 32;
-    WARP_LOOP(n, box.count()) {
-        int64_t px = n % box.x, py = (n / box.x) % box.y, pz = n / (box.x * box.y);
-        const T* voxel = volume + ((start.z + pz) * dims.y + start.y + py) * dims.x + start.x + px;
-        for (int64_t c = lane; c < channels; c += 32) tokens[n * channels + c] = voxel[c * dims.count()];
-    }
-}
-
-template <typename T>
 __device__ void gather_rows(const T* x, const int64_t* rows, T* y, int64_t n_rows, int64_t width) {
     GRID_LOOP(i, n_rows * width) y[i] = x[rows[i / width] * width + i % width];
 }
@@ -176,6 +166,25 @@ __device__ void swap_inner_axes(const T* x, T* y, int64_t middle, int64_t inner)
         int64_t t = t0 + j, b = b0 + threadIdx.x;
         if (b < middle && t < inner) to[t * middle + b] = tile[threadIdx.x][j];
     }
+}
+
+// tokens[n][c] = volume[c][start + the place of token n in the box]: the channels-first volume
+// transposed into token rows, a tile of 32 tokens (consecutive along x in one row of the box) ×
+// 32 channels per block of 32 × 8 threads through shared memory, so that the reads run along x
+// (one line per channel) and the writes along the channels. Grid: x = the box's rows × tiles
+// along x, y = tiles of channels. The tile's row and place are worked out once per thread.
+template <typename T>
+__device__ void region_tokens(const T* volume, T* tokens, int64_t channels, Dims3 dims, Dims3 start, Dims3 box) {
+    __shared__ T tile[TRANSPOSE_TILE][TRANSPOSE_TILE + 1];
+    const int64_t tiles_x = (box.x + TRANSPOSE_TILE - 1) / TRANSPOSE_TILE, row = blockIdx.x / tiles_x;
+    const int64_t x0 = blockIdx.x % tiles_x * TRANSPOSE_TILE, c0 = (int64_t)blockIdx.y * TRANSPOSE_TILE;
+    const T* source = volume + ((start.z + row / box.y) * dims.y + start.y + row % box.y) * dims.x + start.x + x0;
+    for (int j = threadIdx.y; j < TRANSPOSE_TILE; j += blockDim.y)
+        if (c0 + j < channels && x0 + threadIdx.x < box.x) tile[j][threadIdx.x] = source[(c0 + j) * dims.count() + threadIdx.x];
+    __syncthreads();
+    T* out = tokens + (row * box.x + x0) * channels + c0;
+    for (int j = threadIdx.y; j < TRANSPOSE_TILE; j += blockDim.y)
+        if (c0 + threadIdx.x < channels && x0 + j < box.x) out[j * channels + threadIdx.x] = tile[threadIdx.x][j];
 }
 
 #define VOLUME_KERNELS(T, S)                                                                                         \

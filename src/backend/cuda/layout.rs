@@ -11,8 +11,10 @@ use super::{CudaBackend, CudaTensor, Element, driver};
 use crate::error::{Error, Result};
 
 const MODULE: &str = "volume";
-/// Side of the tiles `swap_inner_axes` moves through shared memory (TRANSPOSE_TILE).
-const TRANSPOSE_TILE: usize = 32;
+
+/// Side of the tiles `swap_inner_axes` and `region_tokens` move through shared memory
+/// (TRANSPOSE_TILE in kernels/volume.cu).
+pub(super) const TRANSPOSE_TILE: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {

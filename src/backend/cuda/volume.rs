@@ -2,25 +2,24 @@
 //! argmax over channels, region tokens, the positional encoding, row gathers. Volumes are read
 //! channels-first (the f16 network's channels-last outputs are converted on the way in).
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaTensor, Dims3, Element, Layout, driver, layout};
 use crate::backend::shapes;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::geometry::{Label, Region};
 
 const MODULE: &str = "volume";
 
 /// Runs a kernel of signature (volume, out, channels, dims, start, size) over the voxels of
-/// `region` (`crop_*`, `region_tokens_*`) into `out`, with `threads_per_voxel(channels)`
-/// threads per voxel.
+/// `region` (`crop_*`, `region_tokens_*`) into `out`, on the grid `grid(channels)`.
 fn launch_over_region<E: Element>(
     b: &CudaBackend<E>,
     kernel: &str,
     volume: &CudaTensor<E>,
     region: &Region,
     mut out: CudaTensor<E>,
-    threads_per_voxel: impl Fn(usize) -> usize,
+    grid: impl Fn(usize) -> LaunchConfig,
 ) -> Result<CudaTensor<E>> {
     let mut slot = None;
     let volume = layout::volume_as(b, volume, &mut slot, Layout::Standard)?;
@@ -39,8 +38,7 @@ fn launch_over_region<E: Element>(
     // SAFETY: argument types and order match `crop_*` and `region_tokens_*` in
     // kernels/volume.cu; the region lies inside the volume (checked) and `out` holds
     // channels × region voxels values.
-    unsafe { launch.launch(b.elementwise(threads_per_voxel(channels) * region.voxels())) }
-        .map_err(driver)?;
+    unsafe { launch.launch(grid(channels)) }.map_err(driver)?;
     Ok(out)
 }
 
@@ -52,7 +50,9 @@ pub fn crop<E: Element>(
     let (channels, _) = shapes::crop(x, region)?;
     let s = region.size;
     let out = b.output(vec![channels, s[0], s[1], s[2]])?;
-    launch_over_region(b, "crop", x, region, out, |channels| channels)
+    launch_over_region(b, "crop", x, region, out, |channels| {
+        b.elementwise(channels * region.voxels())
+    })
 }
 
 pub fn flip<E: Element>(
@@ -240,8 +240,20 @@ pub fn region_tokens<E: Element>(
 ) -> Result<CudaTensor<E>> {
     let (channels, _) = shapes::crop(volume, region)?;
     let out = b.output(vec![region.voxels(), channels])?;
-    // A warp per voxel (token).
-    launch_over_region(b, "region_tokens", volume, region, out, |_| 32)
+    // Tiles of 32 tokens along x × 32 channels (TRANSPOSE_TILE), blocks of 32 × 8 threads.
+    let [z, y, x] = region.size;
+    let tiles = z * y * x.div_ceil(layout::TRANSPOSE_TILE);
+    let channel_tiles = channels.div_ceil(layout::TRANSPOSE_TILE);
+    if tiles > i32::MAX as usize || channel_tiles > 65535 {
+        return Err(Error::Shape(format!(
+            "the tokens of {channels} channels over {region:?} are too many for one launch"
+        )));
+    }
+    launch_over_region(b, "region_tokens", volume, region, out, |_| LaunchConfig {
+        grid_dim: (tiles as u32, channel_tiles as u32, 1),
+        block_dim: (layout::TRANSPOSE_TILE as u32, 8, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 pub fn add_positional_encoding<E: Element>(
