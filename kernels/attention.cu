@@ -20,16 +20,18 @@
 // clicks' rows read 16 bytes at a time where the head width comes in eights.
 //
 // `assign_fused_f16_{D}` is the whole label-assignment sub-layer in one kernel, for f16 widths
-// D that are multiples of 16 up to 128: per block of fused_rows() tokens, LN_q(x) and Q = LN_q(x)·Wqᵀ + bq
-// (tensor cores, mma.cuh), the label MLP on the automatic probabilities (its K-wide first layer
-// on the CUDA cores, its D × D second layer on tensor cores), then per warp and head the
+// D that are multiples of 16 up to 128, per block of fused_rows() tokens, each warp owning 16
+// rows: LN_q(x) and Q = LN_q(x)·Wqᵀ + bq (mma.sync, mma.cuh; Q kept as f16 rows), the label MLP
+// on the automatic probabilities (its K-wide first layer on the CUDA cores, its D × D second
+// layer on tensor cores, the embedding written over the hidden layer's rows), then per head the
 // softmax over the clicks and the copy of their label embeddings on tensor cores
-// (`copy_click_labels_mma`) and the α mix, written as f16 into the operand of the output
-// projection, whose result is added to x. x is read twice (LN,
+// (`copy_click_labels_mma`) and the α mix, written in place over the embedding as the operand of
+// the output projection, whose C tiles are added straight into x. x is read twice (LN,
 // residual) and written once; nothing N × D goes through global memory. One weight matrix at a
 // time is staged in shared memory (Wq, then the MLP's second layer, then W_out), each copied
 // with cp.async while the CUDA-core step before its GEMM runs (LN_q; the MLP's first layer; the
-// softmax, copy and mix). Dynamic shared memory, laid out as `AssignShared` says.
+// softmax, copy and mix). Dynamic shared memory, laid out as `AssignShared` says: 102 KB at
+// D = 128 and 128 rows, two blocks a multiprocessor (registers are held to 128 a thread).
 //
 // `attention_small`: plain attention among the clicks, one block per (query, head).
 #include "mma.cuh"
@@ -460,7 +462,7 @@ extern "C" __global__ void cross_merge(const float* pm, const float* ps, const f
 // with the clicks as keys): S = Q_h·K_hᵀ for 16 clicks at a time (two m16n8k16 products per 16
 // head columns), an online softmax per row in registers (the quad of lanes holding a row
 // exchanges its maximum and sum by shuffles), O_h += P·V_h with P packed as f16 straight from
-// S's C tiles (mma.cuh). Q_h comes from the f32 staging `q` (the warp's first row, rows ldq
+// S's C tiles (mma.cuh). Q_h comes from the f16 rows `q` (the warp's first row, rows ldq
 // apart, the head's first column), K and V from the clicks' rows in global memory (`keys` and
 // `values` at the head's first column, rows `width` apart), a value at a time, zero past the
 // clicks or the head's dh columns (any dh ≤ MAX_DH: the default model's 12 pads to 16). Each
@@ -468,13 +470,13 @@ extern "C" __global__ void cross_merge(const float* pm, const float* ps, const f
 // 8j + 2t and 8j + 2t + 1 (< dh). Per 16 rows, head and 16 clicks that is 2·⌈dh/16⌉ + ⌈dh/8⌉
 // products against the CUDA-core copy's 2·dh multiply-adds per row and click.
 template <int MAX_DH, typename Store>
-__device__ __forceinline__ void copy_click_labels_mma(const float* q, int ldq, const __half* keys,
+__device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, const __half* keys,
                                                       const __half* values, int clicks, int width, int dh,
                                                       Store store) {
     constexpr int STEPS = (MAX_DH + 15) / 16;  // K steps of S, pairs of O's C tiles
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float scale = rsqrtf((float)dh) * 1.44269504088896340736f;  // scores in log2 units, for exp2
-    auto q_at = [&](int row, int e) { return e < dh ? q[row * ldq + e] : 0.f; };
+    auto q_at = [&](int row, int e) { return e < dh ? __half2float(q[row * ldq + e]) : 0.f; };
     auto click_value = [&](const __half* rows, int c, int e) {
         return c < clicks && e < dh ? rows[(int64_t)c * width + e] : __float2half(0.f);
     };
@@ -555,30 +557,17 @@ __device__ __forceinline__ void copy_click_labels_mma(const float* q, int ldq, c
 }
 
 template <int D> struct AssignShared {
-    static constexpr int LD = D + MMA_PAD, LS = D + 4;
+    static constexpr int LD = D + MMA_PAD;
     // Byte offsets for a block of `rows` tokens.
-    int operand, weights, q, label;
+    int operand, weights, q;
     __device__ explicit AssignShared(int rows)
-        : operand(0),                       // LN(x), then MLP hidden, then the mix: rows × LD halves
-          weights(rows * LD * 2),           // one staged D × D matrix: D × LD halves
-          q(weights + D * LD * 2),          // Q, later the output projection: rows × LS floats
-          label(q + rows * LS * 4) {}       // label_mlp(probs): rows × LS floats
+        : operand(0),                 // LN(x), the MLP's hidden layer, the label embedding, the mix: rows × LD halves
+          weights(rows * LD * 2),     // one staged D × D matrix: D × LD halves
+          q(weights + D * LD * 2) {}  // Q: rows × LD halves
 };
 
 // The heads are at most this wide (the Rust side checks).
 constexpr int ASSIGN_MAX_DH = 64;
-
-// The calling warp's 16 rows of operand · Wᵀ, W (D × D) staged in shared memory, into its rows of
-// an f32 staging area.
-template <int D>
-__device__ __forceinline__ void warp_rows_project(const __half* operand, const __half* w, float* stage) {
-    using L = AssignShared<D>;
-    int r0 = 16 * (threadIdx.x / 32);
-    Accumulator acc[D / 16];
-    zero_accumulators<D>(acc);
-    warp_rows_mma<D, D>(acc, operand + r0 * L::LD, L::LD, w, L::LD);
-    store_accumulators<D>(acc, stage + r0 * L::LS, L::LS);
-}
 
 template <int D>
 __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta, const __half* wq, const __half* bq,
@@ -592,9 +581,10 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     unsigned char* base = (unsigned char*)assign_shared;
     __half* operand = (__half*)(base + layout.operand);
     __half* w = (__half*)(base + layout.weights);
-    float* q = (float*)(base + layout.q);
-    float* label = (float*)(base + layout.label);
-    int64_t row0 = (int64_t)blockIdx.x * rows;
+    __half* q = (__half*)(base + layout.q);
+    const int64_t row0 = (int64_t)blockIdx.x * rows;
+    const int r0 = 16 * (threadIdx.x / 32), lane = threadIdx.x % 32;
+    float acc[D / 8][4];  // the warp's 16 rows of each projection, C tiles (mma.cuh)
 
     // Q = LN_q(x)·Wqᵀ + bq, Wq's copies flying while LN_q(x) is computed.
     stage_weights_async(w, L::LD, wq, D, D, 0, 0, D, D);
@@ -602,29 +592,25 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     layer_norm_rows<D>(operand, L::LD, x, gamma, beta, n, row0, rows);
     __pipeline_wait_prior(0);
     __syncthreads();
-    warp_rows_project<D>(operand, w, q);
-    __syncthreads();
-    // The MLP's second layer flies in while bq is added and its first layer is computed.
+    warp_rows_linear<D, D>(acc, operand + r0 * L::LD, L::LD, w, L::LD, bq);
+    store_tiles<D>(q + r0 * L::LD, L::LD, acc);
+    __syncthreads();  // every warp is done with Wq and LN_q(x)
+    // The MLP's second layer flies in while its first layer is computed: GELU(P·W_upᵀ + b_up)
+    // for the warp's 16 rows, a lane per column and 8 rows at a time, so that the column's
+    // weights are loaded once for 8 rows and their sums go on side by side in registers.
     stage_weights_async(w, L::LD, w_down, D, D, 0, 0, D, D);
     __pipeline_commit();
-    // bq added, and label_mlp(probs) = GELU(P·W_upᵀ + b_up)·W_downᵀ (+ b_down where it is read):
-    // its first layer for the warp's 16 rows, a lane per column and 8 rows at a time, so that the
-    // column's weights are loaded once for 8 rows and their sums go on side by side in registers.
-    const int r0 = 16 * (threadIdx.x / 32), lane = threadIdx.x % 32;
     for (int c = lane; c < D; c += 32) {
-        const float bias_q = __half2float(bq[c]), bias_up = __half2float(b_up[c]);
+        const float bias_up = __half2float(b_up[c]);
         for (int r8 = r0; r8 < r0 + 16; r8 += 8) {
             float hidden[8];
 #pragma unroll
-            for (int r = 0; r < 8; ++r) {
-                q[(r8 + r) * L::LS + c] += bias_q;
-                hidden[r] = bias_up;
-            }
+            for (int r = 0; r < 8; ++r) hidden[r] = bias_up;
             for (int64_t k = 0; k < classes; ++k) {
-                const float w = __half2float(w_up[c * classes + k]);
+                const float weight = __half2float(w_up[c * classes + k]);
 #pragma unroll
                 for (int r = 0; r < 8; ++r)  // rows past n read row n − 1, and are stored as zero below
-                    hidden[r] += __half2float(probs[min(row0 + r8 + r, n - 1) * classes + k]) * w;
+                    hidden[r] += __half2float(probs[min(row0 + r8 + r, n - 1) * classes + k]) * weight;
             }
 #pragma unroll
             for (int r = 0; r < 8; ++r)
@@ -633,35 +619,40 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     }
     __pipeline_wait_prior(0);
     __syncthreads();
-    warp_rows_project<D>(operand, w, label);
-    __syncthreads();
+    // The automatic segmentation's label embedding, label_mlp(P), replaces the hidden layer in
+    // the warp's own rows once the warp has read them.
+    warp_rows_linear<D, D>(acc, operand + r0 * L::LD, L::LD, w, L::LD, b_down);
+    __syncwarp();
+    store_tiles<D>(operand + r0 * L::LD, L::LD, acc);
+    __syncthreads();  // every warp is done with W_down
     // W_out flies in while the clicks' labels are copied and mixed.
     stage_weights_async(w, L::LD, w_out, D, D, 0, 0, D, D);
     __pipeline_commit();
 
     // Per head, for the warp's rows: softmax over the clicks, their label embeddings copied
-    // (tensor cores), mixed by α with the automatic segmentation's embedding.
+    // (tensor cores), mixed by α with the automatic segmentation's embedding, which each value
+    // of the mix replaces in place (the lane that reads it writes it).
     constexpr int MAX_DH = D < ASSIGN_MAX_DH ? D : ASSIGN_MAX_DH;  // no head is wider than the tokens
     const int dh = D / heads;
     for (int h = 0; h < heads; ++h)
-        copy_click_labels_mma<MAX_DH>(q + r0 * L::LS + h * dh, L::LS, keys + h * dh, values + h * dh, (int)clicks, D,
+        copy_click_labels_mma<MAX_DH>(q + r0 * L::LD + h * dh, L::LD, keys + h * dh, values + h * dh, (int)clicks, D,
                                       dh, [&](int r, int e, float copied) {
-                                          const int row = r0 + r, f = h * dh + e;
-                                          const float auto_embedding = label[row * L::LS + f] + __half2float(b_down[f]);
-                                          operand[row * L::LD + f] = __float2half_rn(
-                                              row0 + row < n ? (1.f - alpha) * copied + alpha * auto_embedding : 0.f);
+                                          __half* mix = &operand[(r0 + r) * L::LD + h * dh + e];
+                                          const float auto_embedding = __half2float(*mix);
+                                          *mix = __float2half_rn(row0 + r0 + r < n
+                                                                     ? (1.f - alpha) * copied + alpha * auto_embedding
+                                                                     : 0.f);
                                       });
     __pipeline_wait_prior(0);
     __syncthreads();
 
     // x += mix·W_outᵀ + b_out.
-    warp_rows_project<D>(operand, w, q);
-    __syncthreads();
-    add_residual_rows<D>(x, q, L::LS, b_out, n, row0);
+    warp_rows_linear<D, D>(acc, operand + r0 * L::LD, L::LD, w, L::LD, b_out);
+    add_tiles_to_rows<D>(x, acc, n, row0 + r0);
 }
 
 #define ASSIGN_FUSED(D)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS) assign_fused_f16_##D(                            \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, 2) assign_fused_f16_##D(                            \
         __half* x, const __half* g, const __half* b, const __half* wq, const __half* bq, const __half* keys,         \
         const __half* values, const __half* probs, const __half* w_up, const __half* b_up, const __half* w_down,     \
         const __half* b_down, const __half* w_out, const __half* b_out, int64_t n, int64_t clicks, int64_t classes,  \

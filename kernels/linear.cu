@@ -142,7 +142,7 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
     __half* w1s = (__half*)(base + layout.w1);
     __half* w2s = (__half*)(base + layout.w2);
     const int64_t row0 = (int64_t)blockIdx.x * fused_rows();
-    const int lane = threadIdx.x % 32, r0 = 16 * (threadIdx.x / 32), g = lane / 4, t = lane % 4;
+    const int lane = threadIdx.x % 32, r0 = 16 * (threadIdx.x / 32), t = lane % 4;
     // Copies chunk c0's W1 and W2 blocks into buffer `buffer` as one group of cp.async copies.
     auto prefetch = [&](int64_t c0, int buffer) {
         stage_weights_async(w1s + buffer * L::W1_HALVES, L::LD, w1, hidden, D, c0, 0, FFN_CHUNK, D);
@@ -152,7 +152,8 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
     prefetch(0, 0);
     layer_norm_rows<D>(normed, L::LD, x, gamma, beta, n, row0, fused_rows());
 
-    float y[D / 8][4] = {};
+    float y[D / 8][4];  // Y, b2 added from the start
+    fill_tiles_with_bias<D>(y, b2);
     for (int64_t c0 = 0, chunk = 0; c0 < hidden; c0 += FFN_CHUNK, ++chunk) {
         const int buffer = chunk % 2;
         const __half* w1c = w1s + buffer * L::W1_HALVES;
@@ -164,13 +165,8 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
         __pipeline_wait_prior(1);
         __syncthreads();  // every thread's copies of this chunk (and, at first, LN(x)) are visible
 
-        float h[FFN_CHUNK / 8][4] = {};
-#pragma unroll
-        for (int k0 = 0; k0 < D; k0 += 16) {
-            uint32_t a[4];
-            load_a_fragment(a, normed + r0 * L::LD, L::LD, k0);
-            mma_rows_k16<FFN_CHUNK>(h, a, w1c, L::LD, k0);
-        }
+        float h[FFN_CHUNK / 8][4];
+        warp_rows_linear<FFN_CHUNK, D>(h, normed + r0 * L::LD, L::LD, w1c, L::LD, nullptr);
         // GELU(H + b1) into the A fragments of the second product, 16 hidden units (two C tiles)
         // at a time. Units past `hidden` have zero weights on both sides.
 #pragma unroll
@@ -190,21 +186,7 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
         }
         __syncthreads();  // every warp is done with this buffer, which the next chunk's prefetch refills
     }
-    // x += Y + b2: each lane its C tiles' values, columns 2t and 2t + 1 of rows g and g + 8.
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-        const int col = 8 * j + 2 * t;
-        const float2 bias = __half22float2(*(const __half2*)&b2[col]);
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int64_t row = row0 + r0 + g + 8 * half;
-            if (row < n) {
-                __half2* out = (__half2*)&x[row * D + col];
-                const float2 old = __half22float2(*out);
-                *out = __floats2half2_rn(old.x + y[j][2 * half] + bias.x, old.y + y[j][2 * half + 1] + bias.y);
-            }
-        }
-    }
+    add_tiles_to_rows<D>(x, y, n, row0 + r0);
 }
 
 #define FEED_FORWARD_MMA(D)                                                                                  \

@@ -1,17 +1,21 @@
-// Tensor-core building blocks of the fused head kernels (f16 operands, f32 accumulators).
+// Tensor-core building blocks (f16 operands, f32 accumulators), at two levels.
 //
-// Two levels. WMMA (nvcuda::wmma, 16×16×16 fragments whose layout is the compiler's): the fused
-// kernels give each warp 16 token rows of a block; `warp_rows_mma` multiplies the warp's rows of
-// an f16 operand in shared memory by a weight matrix staged in shared memory (stored [out][in]
-// as PyTorch, so it is read column-major as Wᵀ) into the warp's accumulator fragments, and
-// `stage_weights_async` copies a weight block from global memory into such a staging area,
-// zero-filling what lies outside the matrix. Below it, mma.sync m16n8k16 and ldmatrix through
-// inline PTX (`mma_16816`, `ldmatrix_x4`), whose register layouts the PTX ISA fixes, so that a
-// kernel can work on its accumulators in registers: apply a bias and GELU to a product and feed
-// it to the next GEMM as its A operand without a round trip through shared memory
-// (feed_forward_mma). Shared rows are padded by MMA_PAD halves so that fragment loads avoid bank
-// conflicts; every WMMA fragment pointer is 32-byte aligned and every ldmatrix row 16-byte
-// aligned, which the paddings and the callers' layouts keep.
+// mma.sync m16n8k16 and ldmatrix through inline PTX (`mma_16816`, `ldmatrix_x4`), whose register
+// layouts the PTX ISA fixes, for the fused head kernels: each warp owns 16 token rows of a block,
+// multiplies them by weights staged in shared memory (`warp_rows_linear`: W stored [out][in] as
+// PyTorch, read as Wᵀ) into C tiles in registers, and works on those there: a bias and GELU
+// applied and the tiles fed to the next GEMM as its A operand (feed_forward_mma), a softmax
+// (the attention kernels), the residual added straight into x (`add_tiles_to_rows`), with no
+// round trip through shared memory. `stage_weights_async` copies a weight block from global
+// memory into such a staging area, zero-filling what lies outside the matrix.
+//
+// WMMA (nvcuda::wmma, 16×16×16 fragments whose layout is the compiler's) for the 64 × 64-tile
+// GEMMs of the dense layers and the convolutions (`warp_tile_mma`), whose epilogues go through
+// shared memory anyway.
+//
+// Shared rows are padded by MMA_PAD halves so that fragment loads avoid bank conflicts; every
+// WMMA fragment pointer is 32-byte aligned and every ldmatrix row 16-byte aligned, which the
+// paddings and the callers' layouts keep.
 #pragma once
 
 #include <cuda_pipeline.h>
@@ -28,28 +32,12 @@ constexpr int SLAB_LD = MMA_K + MMA_PAD;
 // warps. Every block stages the layer's weights from L2 once, so its rows set the weight
 // traffic: the backend launches 128 rows (eight warps; the FFN's 256 KB of weights for TIS-B
 // are then 2 KB per token against 131 k MACs per token) where the device lets a block have the
-// shared memory they need, else 64 (an A100's 163 KB; src/backend/cuda/mod.rs).
+// shared memory they need (71 KB for the FFN and 102 KB for the label assignment at width
+// 128), else 64 (a GPU of compute capability 8.6 or 8.9 allows 99 KB; src/backend/cuda/mod.rs).
 constexpr int FUSED_MAX_THREADS = 256;
 __device__ __forceinline__ int fused_rows() { return blockDim.x / 2; }
 
 using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-
-// acc[j] += A[rows, 0:K] · W[16j : 16j + 16, 0:K]ᵀ for j < N / 16: A is the warp's 16 rows (row
-// stride lda halves), W the staged weights (row stride ldw halves).
-template <int N, int K>
-__device__ __forceinline__ void warp_rows_mma(Accumulator (&acc)[N / 16], const __half* a, int lda, const __half* w,
-                                              int ldw) {
-    using namespace nvcuda;
-    for (int k = 0; k < K; k += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, a + k, lda);
-        for (int j = 0; j < N / 16; ++j) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
-            wmma::load_matrix_sync(fb, w + 16 * j * ldw + k, ldw);
-            wmma::mma_sync(acc[j], fa, fb, acc[j]);
-        }
-    }
-}
 
 // One K step of a warp's FM × FN fragments of a block tile (linear_mma_f16, the tensor-core
 // convolutions; 2 × 2, a 32 × 32 quarter of a 64 × 64 tile, unless a convolution's tile says
@@ -86,15 +74,6 @@ __device__ __forceinline__ void store_warp_tile(float* staged, int lds, const Ac
 template <int FM, int FN> __device__ __forceinline__ void zero_warp_tile(Accumulator (&acc)[FM][FN]) {
     for (int i = 0; i < FM; ++i)
         for (int j = 0; j < FN; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
-}
-
-template <int N> __device__ __forceinline__ void zero_accumulators(Accumulator (&acc)[N / 16]) {
-    for (int j = 0; j < N / 16; ++j) nvcuda::wmma::fill_fragment(acc[j], 0.f);
-}
-
-// The warp's 16 rows of accumulators into an f32 staging area (row stride lds floats).
-template <int N> __device__ __forceinline__ void store_accumulators(const Accumulator (&acc)[N / 16], float* stage, int lds) {
-    for (int j = 0; j < N / 16; ++j) nvcuda::wmma::store_matrix_sync(stage + 16 * j, acc[j], lds, nvcuda::wmma::mem_row_major);
 }
 
 // dest[r][c] = w[row0 + r][col0 + c] for r < rows, c < cols (row stride ldd halves in dest,
@@ -229,6 +208,60 @@ __device__ __forceinline__ void mma_rows_k16(float (&acc)[N / 8][4], const uint3
     }
 }
 
+// Each C tile of a warp's 16 × N accumulators set to its columns' bias[c] (0 where bias is null).
+template <int N> __device__ __forceinline__ void fill_tiles_with_bias(float (&acc)[N / 8][4], const __half* bias) {
+    const int t = threadIdx.x % 4;
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] = bias ? __half2float(bias[8 * j + 2 * t + i % 2]) : 0.f;
+}
+
+// The warp's 16 × N product with the weights W (N × K, [out][in], staged in shared memory, row
+// stride ldw halves) of its 16 rows of an f16 operand (from `rows`, row stride lda halves), as
+// N/8 C tiles, each column's bias[c] added (none where bias is null).
+template <int N, int K>
+__device__ __forceinline__ void warp_rows_linear(float (&acc)[N / 8][4], const __half* rows, int lda, const __half* w,
+                                                 int ldw, const __half* bias) {
+    fill_tiles_with_bias<N>(acc, bias);
+#pragma unroll
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        uint32_t a[4];
+        load_a_fragment(a, rows, lda, k0);
+        mma_rows_k16<N>(acc, a, w, ldw, k0);
+    }
+}
+
+// The warp's C tiles (16 × N) as f16 rows in shared memory (from `rows`, row stride ld halves):
+// each lane its column pairs of rows g and g + 8.
+template <int N> __device__ __forceinline__ void store_tiles(__half* rows, int ld, const float (&acc)[N / 8][4]) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+            *(__half2*)&rows[(g + 8 * half) * ld + 8 * j + 2 * t] =
+                __floats2half2_rn(acc[j][2 * half], acc[j][2 * half + 1]);
+}
+
+// x[row0 + r][c] += the warp's C tiles (16 × N, x's rows N wide), rows past n left alone: each
+// lane its column pairs of rows g and g + 8, as f16 pairs (the residual of the fused kernels).
+template <int N>
+__device__ __forceinline__ void add_tiles_to_rows(__half* x, const float (&acc)[N / 8][4], int64_t n, int64_t row0) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int64_t row = row0 + g + 8 * half;
+            if (row < n) {
+                __half2* out = (__half2*)&x[row * N + 8 * j + 2 * t];
+                const float2 old = __half22float2(*out);
+                *out = __floats2half2_rn(old.x + acc[j][2 * half], old.y + acc[j][2 * half + 1]);
+            }
+        }
+}
+
 // The fused kernels' widths: multiples of 16 up to 128 (one instantiation each).
 #define FOR_EACH_FUSED_WIDTH(X) X(16) X(32) X(48) X(64) X(80) X(96) X(112) X(128)
 
@@ -263,25 +296,6 @@ __device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __ha
         for (int i = 0; i < V; ++i) {
             int f = lane + 32 * i;
             if (f < D) dest[r * ld + f] = __float2half_rn(inside ? (v[i] - mean) * inv_std * g[i] + b[i] : 0.f);
-        }
-    }
-}
-
-// x[row0 + r][f] += stage[r][f] + bias[f] for the calling warp's 16 rows (r = 16·warp + …): a
-// lane per column, its bias loaded once for the 16 rows (whose loads of x do not depend on each
-// other, so the compiler may let them fly together).
-template <int D>
-__device__ __forceinline__ void add_residual_rows(__half* x, const float* stage, int lds, const __half* bias,
-                                                  int64_t n, int64_t row0) {
-    const int r0 = 16 * (threadIdx.x / 32), lane = threadIdx.x % 32;
-#pragma unroll
-    for (int f = lane; f < D; f += 32) {
-        const float b = __half2float(bias[f]);
-        for (int r = r0; r < r0 + 16; ++r) {
-            if (row0 + r < n) {
-                __half* out = x + (row0 + r) * D + f;
-                *out = __float2half_rn(__half2float(*out) + stage[r * lds + f] + b);
-            }
         }
     }
 }

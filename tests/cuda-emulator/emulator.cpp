@@ -132,7 +132,8 @@ const size_t page = (size_t)sysconf(_SC_PAGESIZE);
 size_t device_memory() { return env_size("TIS_CUDA_EMULATOR_MEMORY", (size_t)2 << 30); }
 
 // The shared memory a block may have once its kernel allows it: an H100's 227 KB, or
-// TIS_CUDA_EMULATOR_SHARED_OPTIN bytes (an A100 allows 166912).
+// TIS_CUDA_EMULATOR_SHARED_OPTIN bytes (an A100 allows 166912, compute capability 8.6 and 8.9
+// 101376).
 unsigned optin_shared_bytes() {
     static const unsigned bytes = (unsigned)env_size("TIS_CUDA_EMULATOR_SHARED_OPTIN", 227 * 1024);
     return bytes;

@@ -343,8 +343,8 @@ pub fn label_assignment<E: Element>(
 
 /// The whole sub-layer in one launch (`assign_fused_f16_{width}`): widths that are multiples of
 /// 16 up to 128, on tensor cores. Its dynamic shared memory is `AssignShared` in
-/// kernels/attention.cu: the f16 operand rows and one staged D × D weight matrix (rows padded by
-/// 8 halves), and two f32 staging areas (rows padded by 4).
+/// kernels/attention.cu: the f16 operand rows, one staged D × D weight matrix and the f16 rows
+/// of Q (rows padded by 8 halves).
 fn fused_label_assignment<E: Element>(
     b: &CudaBackend<E>,
     x: &mut CudaTensor<E>,
@@ -352,8 +352,8 @@ fn fused_label_assignment<E: Element>(
     params: &LabelAssignment<'_, CudaTensor<E>>,
     [n, clicks, width, classes]: [usize; 4],
 ) -> Result<()> {
-    let (ld, ls) = (width + 8, width + 4);
-    let shared = |rows| 2 * (rows * ld + width * ld) + 4 * 2 * rows * ls;
+    let ld = width + 8;
+    let shared = |rows| 2 * (2 * rows + width) * ld;
     let name = format!("assign_fused_f16_{width}");
     let f = b.function(MODULE, &name)?;
     let grid = b.fused_launch(&name, &f, n, shared)?;
