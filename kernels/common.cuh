@@ -80,26 +80,18 @@ __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x
 
 // 1/x and 2^x on the special function unit with subnormals flushed to zero (rcp.approx.ftz,
 // ex2.approx.ftz): __fdividef and __expf add a subnormal fix-up of three or four instructions
-// each, which gelu_fast, run on every hidden unit of every token, does without.
-__device__ __forceinline__ float approx_reciprocal(float x) {
+// each, which gelu_fast, run on every hidden unit of every token, does without. In the CUDA
+// emulator, the host's arithmetic instead.
 #ifdef TIS_CUDA_EMULATOR
-    return 1.f / x;
+#define PTX_F32_UNARY(instruction, x, host) return host
 #else
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
+#define PTX_F32_UNARY(instruction, x, host) \
+    float r;                                 \
+    asm(instruction " %0, %1;" : "=f"(r) : "f"(x)); \
+    return r
 #endif
-}
-
-__device__ __forceinline__ float approx_exp2(float x) {
-#ifdef TIS_CUDA_EMULATOR
-    return exp2f(x);
-#else
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
-#endif
-}
+__device__ __forceinline__ float approx_reciprocal(float x) { PTX_F32_UNARY("rcp.approx.ftz.f32", x, 1.f / x); }
+__device__ __forceinline__ float approx_exp2(float x) { PTX_F32_UNARY("ex2.approx.ftz.f32", x, exp2f(x)); }
 
 // The same GELU, x·Φ(x), for kernels whose result is stored in f16: the normal tail
 // 1 − Φ(|x|) = ½·erfc(|x|/√2) by Abramowitz & Stegun's 7.1.26 (a polynomial in
