@@ -1,15 +1,20 @@
 //! CPU benchmarks with random weights: one refinement click of the TIS-B head (10 clicks, ROI
-//! 16×32×32 and 32×64×64) and one nnU-Net tile forward of a small plan (features 16…128, patch
-//! 48×96×96). Threads: rayon's default (RAYON_NUM_THREADS to set).
+//! 16×32×32 and 32×64×64), one nnU-Net tile forward of a small plan (features 16…128, patch
+//! 48×96×96), and the host-side phases of a whole-volume segmentation around the sliding window
+//! (preprocessing and export of a 96×512×512 CT at the default model's spacing, as issue 7's
+//! benchmark volume). Threads: rayon's default (RAYON_NUM_THREADS to set).
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tis::CpuBackend;
+use tis::Model;
 use tis::bench::{CLASSES, HeadBench};
 use tis::model::TisConfig;
 use tis::model::plans::NetworkPlan;
 use tis::model::unet::UNet;
+use tis::pipeline::predictor::export_segmentation;
+use tis::pipeline::preprocess::preprocess;
 use tis::random::{Rng, random_tensors};
 
 /// The `tis` binary's allocator (src/bin/tis/main.rs says why), so that timings match it.
@@ -56,5 +61,25 @@ fn tile_forward(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, click_latency, tile_forward);
+/// Preprocessing (crop, transposition, normalisation; no resampling at the model's own spacing)
+/// and export (logits to f16, resampling back, argmax, crop undone) of a 96×512×512 volume.
+fn volume_phases(c: &mut Criterion) {
+    let model = Model::default_model(CpuBackend).unwrap();
+    let spacing = [3.0, 1.0, 1.0];
+    let image = Rng::new(5).tensor(&[1, 96, 512, 512], 300.0);
+    let pre = preprocess(&image, spacing, &model.info).unwrap();
+    let grid = &pre.volume.shape()[1..];
+    let logits = Rng::new(6).tensor(&[model.info.classes(), grid[0], grid[1], grid[2]], 3.0);
+    let mut group = c.benchmark_group("volume 96x512x512");
+    group.sample_size(10);
+    group.bench_function("preprocess", |b| {
+        b.iter(|| black_box(preprocess(&image, spacing, &model.info).unwrap()))
+    });
+    group.bench_function("export", |b| {
+        b.iter(|| black_box(export_segmentation(&logits, &pre, &model.info).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, click_latency, tile_forward, volume_phases);
 criterion_main!(benches);

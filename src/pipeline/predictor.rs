@@ -10,6 +10,7 @@
 use std::time::Instant;
 
 use half::f16;
+use rayon::prelude::*;
 
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
@@ -66,7 +67,7 @@ fn check_ensemble<B: Backend>(models: &[&Model<B>]) -> Result<()> {
 fn round_to_f16(t: &Tensor) -> Tensor {
     let data = t
         .data()
-        .iter()
+        .par_iter()
         .map(|&v| f16::from_f32(v).to_f32())
         .collect();
     Tensor::new(t.shape().to_vec(), data).expect("same shape")
@@ -78,15 +79,18 @@ pub fn export_segmentation(
     pre: &Preprocessed,
     info: &ModelInfo,
 ) -> Result<Vec<Label>> {
-    let resampling =
-        Resampling::from_plans(&info.configuration.raw, "resampling_fn_probabilities")?;
-    let back = resampling.apply(
-        &round_to_f16(logits),
-        pre.crop.size,
-        pre.target_spacing,
-        pre.spacing,
-    )?;
-    let labels = CpuBackend.argmax_channels(&round_to_f16(&back))?;
+    let rounded = round_to_f16(logits);
+    // On a grid of the cropped image's shape, resampling back is the identity and rounding the
+    // rounded values again changes nothing: both passes (a copy and a pass over the logits) are
+    // skipped.
+    let back = if logits.shape()[1..] == pre.crop.size {
+        rounded
+    } else {
+        let resampling =
+            Resampling::from_plans(&info.configuration.raw, "resampling_fn_probabilities")?;
+        round_to_f16(&resampling.apply(&rounded, pre.crop.size, pre.target_spacing, pre.spacing)?)
+    };
+    let labels = CpuBackend.argmax_channels(&back)?;
     Ok(pre.cropped_labels_to_image(&labels))
 }
 
@@ -118,14 +122,16 @@ pub fn predict<B: Backend>(
             None => sum = Some(logits),
             Some(acc) => acc
                 .data_mut()
-                .iter_mut()
+                .par_iter_mut()
                 .zip(logits.data())
                 .for_each(|(a, b)| *a += b),
         }
     }
     let mut logits = sum.expect("at least one model");
-    let n = models.len() as f32;
-    logits.data_mut().iter_mut().for_each(|v| *v /= n);
+    if models.len() > 1 {
+        let n = models.len() as f32;
+        logits.data_mut().par_iter_mut().for_each(|v| *v /= n);
+    }
     seconds.sliding_window = lap();
     let labels = export_segmentation(&logits, &pre, info)?;
     seconds.export = lap();

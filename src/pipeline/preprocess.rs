@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 
+use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::backend::Backend;
@@ -131,16 +132,22 @@ fn nonzero_mask(volume: &Tensor) -> Vec<bool> {
 fn mask_box(mask: &[bool], dims: [usize; 3]) -> Region {
     let mut lo = [usize::MAX; 3];
     let mut hi = [0; 3];
-    for (v, _) in mask.iter().enumerate().filter(|(_, m)| **m) {
-        let p = [
-            v / (dims[1] * dims[2]),
-            (v / dims[2]) % dims[1],
-            v % dims[2],
-        ];
-        for a in 0..3 {
+    // Row by row (z, y): a row's first and last true voxels bound x; any true voxel puts its z
+    // and y in the box.
+    for (row, values) in mask.chunks_exact(dims[2]).enumerate() {
+        let (Some(first), Some(last)) = (
+            values.iter().position(|&m| m),
+            values.iter().rposition(|&m| m),
+        ) else {
+            continue;
+        };
+        let p = [row / dims[1], row % dims[1]];
+        for a in 0..2 {
             lo[a] = lo[a].min(p[a]);
             hi[a] = hi[a].max(p[a]);
         }
+        lo[2] = lo[2].min(first);
+        hi[2] = hi[2].max(last);
     }
     if lo[0] == usize::MAX {
         return Region::full(dims);
@@ -210,7 +217,7 @@ fn normalize_channel(
             );
             let std = std.max(1e-8);
             values
-                .iter_mut()
+                .par_iter_mut()
                 .for_each(|v| *v = (v.clamp(lo, hi) - mean) / std);
         }
         "ZScoreNormalization" => match mask {
@@ -281,7 +288,7 @@ pub fn preprocess(image: &Tensor, spacing: [f64; 3], info: &ModelInfo) -> Result
             info.dataset.channel_names.join(", ")
         )));
     }
-    if image.data().iter().any(|v| !v.is_finite()) {
+    if image.data().par_iter().any(|v| !v.is_finite()) {
         return Err(Error::Shape(
             "the image holds NaN or infinite voxels".into(),
         ));

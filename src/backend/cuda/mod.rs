@@ -25,6 +25,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use half::f16;
+use rayon::prelude::*;
 
 use crate::backend::{
     Backend, BackendTensor, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, LabelAssignment,
@@ -424,7 +425,7 @@ impl<E: Element> Backend for CudaBackend<E> {
             .map_err(driver)?;
         Tensor::new(
             tensor.shape.clone(),
-            values.into_iter().map(E::to_f32).collect(),
+            values.par_iter().map(|&v| v.to_f32()).collect(),
         )
     }
 
