@@ -9,7 +9,6 @@
 
 use std::time::Instant;
 
-use half::f16;
 use rayon::prelude::*;
 
 use crate::backend::Backend;
@@ -64,33 +63,27 @@ fn check_ensemble<B: Backend>(models: &[&Model<B>]) -> Result<()> {
     Ok(())
 }
 
-fn round_to_f16(t: &Tensor) -> Tensor {
-    let data = t
-        .data()
-        .par_iter()
-        .map(|&v| f16::from_f32(v).to_f32())
-        .collect();
-    Tensor::new(t.shape().to_vec(), data).expect("same shape")
-}
-
 /// nnU-Net's `convert_predicted_logits_to_segmentation_with_correct_shape`.
 pub fn export_segmentation(
     logits: &Tensor,
     pre: &Preprocessed,
     info: &ModelInfo,
 ) -> Result<Vec<Label>> {
-    let rounded = round_to_f16(logits);
-    // On a grid of the cropped image's shape, resampling back is the identity and rounding the
-    // rounded values again changes nothing: both passes (a copy and a pass over the logits) are
-    // skipped.
-    let back = if logits.shape()[1..] == pre.crop.size {
-        rounded
+    // The argmax rounds to f16 as it compares. On a grid of the cropped image's shape,
+    // resampling back is the identity: the logits go straight to it.
+    let labels = if logits.shape()[1..] == pre.crop.size {
+        CpuBackend.argmax_channels_f16(logits)?
     } else {
         let resampling =
             Resampling::from_plans(&info.configuration.raw, "resampling_fn_probabilities")?;
-        round_to_f16(&resampling.apply(&rounded, pre.crop.size, pre.target_spacing, pre.spacing)?)
+        let back = resampling.apply(
+            &CpuBackend.round_to_f16(logits),
+            pre.crop.size,
+            pre.target_spacing,
+            pre.spacing,
+        )?;
+        CpuBackend.argmax_channels_f16(&back)?
     };
-    let labels = CpuBackend.argmax_channels(&back)?;
     Ok(pre.cropped_labels_to_image(&labels))
 }
 

@@ -20,6 +20,8 @@ mod packed_linear;
 mod vector_math;
 mod volume;
 
+use rayon::prelude::*;
+
 use crate::backend::{
     Backend, BackendTensor, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, LabelAssignment,
     LayerNorm, Linear, Mlp,
@@ -31,6 +33,24 @@ use crate::tensor::Tensor;
 /// The CPU backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS` sets the count).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
+
+impl CpuBackend {
+    /// `argmax_channels` of x's values rounded to f16, without a rounded copy: nnU-Net's export
+    /// takes the argmax of f16 logits, so values that round to the same f16 tie, and the first
+    /// channel wins.
+    pub fn argmax_channels_f16(&self, x: &Tensor) -> Result<Vec<Label>> {
+        volume::argmax_channels_with(x, volume::round_to_f16)
+    }
+
+    /// x's values rounded to f16 and back (vectorised, in parallel blocks).
+    pub fn round_to_f16(&self, x: &Tensor) -> Tensor {
+        let mut out = vec![0f32; x.data().len()];
+        out.par_chunks_mut(volume::VOXEL_BLOCK)
+            .zip(x.data().par_chunks(volume::VOXEL_BLOCK))
+            .for_each(|(dst, src)| volume::round_to_f16(src, dst));
+        Tensor::new(x.shape().to_vec(), out).expect("the same shape")
+    }
+}
 
 impl BackendTensor for Tensor {
     fn shape(&self) -> &[usize] {

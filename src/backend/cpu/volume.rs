@@ -2,6 +2,7 @@
 //! accumulation, softmax and argmax over channels, tokens of a region, the trilinear positional
 //! encoding, row gathers. Work is split over channels or over blocks of voxels.
 
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::backend::shapes;
@@ -10,7 +11,7 @@ use crate::geometry::{Label, Region};
 use crate::tensor::Tensor;
 
 /// Voxels per task for per-voxel work.
-const VOXEL_BLOCK: usize = 4096;
+pub(super) const VOXEL_BLOCK: usize = 4096;
 
 /// Calls `f(z, y, row)` for each (z, y) line of `region` in a grid of `dims`, `row` the range of
 /// flat indices of that line.
@@ -156,6 +157,15 @@ pub fn softmax_channels(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn argmax_channels(x: &Tensor) -> Result<Vec<Label>> {
+    argmax_channels_with(x, |src, dst| dst.copy_from_slice(src))
+}
+
+/// Per voxel, the channel with the greatest value once `values(block, out)` has mapped each
+/// block of a channel's values (at most VOXEL_BLOCK), the first channel on ties.
+pub fn argmax_channels_with(
+    x: &Tensor,
+    values: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> Result<Vec<Label>> {
     let (channels, dims) = shapes::volume(x, "argmax_channels")?;
     shapes::label_classes(channels)?;
     let voxels: usize = dims.iter().product();
@@ -164,20 +174,34 @@ pub fn argmax_channels(x: &Tensor) -> Result<Vec<Label>> {
     labels
         .par_chunks_mut(VOXEL_BLOCK)
         .enumerate()
-        .for_each(|(block, dest)| {
-            let v0 = block * VOXEL_BLOCK;
-            let mut best = src[v0..v0 + dest.len()].to_vec();
-            for c in 1..channels {
-                let row = &src[c * voxels + v0..][..dest.len()];
-                for ((l, b), &v) in dest.iter_mut().zip(best.iter_mut()).zip(row) {
-                    if v > *b {
-                        *b = v;
-                        *l = c as Label;
+        .for_each_init(
+            || (vec![0f32; VOXEL_BLOCK], vec![0f32; VOXEL_BLOCK]),
+            |(best, row), (block, dest)| {
+                let (v0, n) = (block * VOXEL_BLOCK, dest.len());
+                values(&src[v0..v0 + n], &mut best[..n]);
+                for c in 1..channels {
+                    values(&src[c * voxels + v0..][..n], &mut row[..n]);
+                    for ((l, b), &v) in dest.iter_mut().zip(best.iter_mut()).zip(&row[..n]) {
+                        if v > *b {
+                            *b = v;
+                            *l = c as Label;
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
     Ok(labels)
+}
+
+/// dst = src rounded to f16 and back, by `half`'s vectorised slice conversions (F16C where the
+/// CPU has it), VOXEL_BLOCK values at a time.
+pub fn round_to_f16(src: &[f32], dst: &mut [f32]) {
+    let mut halves = [half::f16::ZERO; VOXEL_BLOCK];
+    for (s, d) in src.chunks(VOXEL_BLOCK).zip(dst.chunks_mut(VOXEL_BLOCK)) {
+        let h = &mut halves[..s.len()];
+        h.convert_from_f32_slice(s);
+        h.convert_to_f32_slice(d);
+    }
 }
 
 pub fn argmax_rows(x: &Tensor) -> Result<Vec<Label>> {
