@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use tis::io::nifti::read_image;
 use tis::pipeline::preprocess::preprocess;
+use tis::pipeline::sliding_window::Outputs;
 use tis::{CpuBackend, Model};
 
 /// A minimal uncompressed NIfTI-1 file: 348-byte header, 4 bytes of extension flag, f32 voxels.
@@ -186,8 +187,11 @@ fn memory_beyond_the_machine_is_refused_with_the_numbers() {
         .to_string();
     assert!(err.contains("GiB") && err.contains("free"), "{err}");
     // The encoder's estimate grows with the grid; a grid far beyond any machine is refused.
-    let small = tis::pipeline::session::encoding_memory(&model, [64, 64, 64]);
-    let huge = tis::pipeline::session::encoding_memory(&model, [4000, 4000, 4000]);
+    let memory = |grid, outputs| tis::pipeline::session::encoding_memory(&model, grid, outputs);
+    let small = memory([64, 64, 64], Outputs::LogitsAndFeatures);
+    let huge = memory([4000, 4000, 4000], Outputs::LogitsAndFeatures);
     assert!(huge > 1000 * small && huge > 1 << 40);
+    // An automatic segmentation keeps no features, and needs less.
+    assert!(memory([64, 64, 64], Outputs::Logits) < small);
     std::fs::remove_file(path).unwrap();
 }

@@ -23,7 +23,7 @@ use tis::backend::{
 use tis::model::Bundle;
 use tis::model::bundle::TensorFile;
 use tis::pipeline::session::{encoding_memory, refine_region};
-use tis::pipeline::sliding_window::gaussian_weights;
+use tis::pipeline::sliding_window::{Outputs, gaussian_weights};
 use tis::random::Rng;
 use tis::{CpuBackend, Model, Region, Session, SessionOptions, Tensor};
 
@@ -914,7 +914,7 @@ fn out_of_memory_is_an_error_not_a_panic() {
     let volume = Rng::new(7).tensor(&[1, 64, 128, 128], 1.0);
     let s = volume.shape();
     let model = fixture_model("iso", g.clone());
-    let needed = encoding_memory(&model, [s[1], s[2], s[3]]);
+    let needed = encoding_memory(&model, [s[1], s[2], s[3]], Outputs::LogitsAndFeatures);
     assert!(needed > 32 << 20, "the session needs only {needed} bytes");
     let free = || {
         g.available_memory()

@@ -15,6 +15,7 @@ use tis::pipeline::predictor::predict;
 use tis::pipeline::preprocess::{fill_holes, preprocess};
 use tis::pipeline::resample::Resampling;
 use tis::pipeline::session::{SessionOptions, encode};
+use tis::pipeline::sliding_window::Outputs;
 use tis::{CpuBackend, Model, Region, Tensor};
 
 /// Preprocessing is exact arithmetic on the same f64 path as nnU-Net.
@@ -172,6 +173,7 @@ fn sliding_window_logits_match_nnunet() {
             &model,
             &golden.f32("preprocessed").unwrap(),
             &SessionOptions::default(),
+            Outputs::Logits,
             &mut |_, _| {},
         )
         .unwrap();

@@ -9,7 +9,7 @@ use tis::backend::Backend;
 use tis::model::Bundle;
 use tis::model::bundle::TensorFile;
 use tis::pipeline::session::refine_region;
-use tis::pipeline::sliding_window::{DEFAULT_STEP, predict_sliding_window};
+use tis::pipeline::sliding_window::{DEFAULT_STEP, Outputs, predict_sliding_window};
 use tis::{CpuBackend, Model};
 
 const CONFIGS: [&str; 2] = ["iso", "aniso"];
@@ -87,16 +87,24 @@ fn sliding_window_matches_pytorch() {
         for window in ["window0", "window1"] {
             let input = golden.f32(&format!("{window}.input")).unwrap();
             let patch = model.info.configuration.patch_size;
-            let out = predict_sliding_window(
-                &model.backend,
-                &model.network,
-                patch,
-                &input,
-                &model.info.mirror_axes,
-                DEFAULT_STEP,
-                &mut |_, _| {},
-            )
-            .unwrap();
+            let window_of = |outputs| {
+                predict_sliding_window(
+                    &model.backend,
+                    &model.network,
+                    patch,
+                    &input,
+                    &model.info.mirror_axes,
+                    DEFAULT_STEP,
+                    outputs,
+                    &mut |_, _| {},
+                )
+                .unwrap()
+            };
+            let out = window_of(Outputs::LogitsAndFeatures);
+            // Without the features, the same logits, and no features.
+            let logits_only = window_of(Outputs::Logits);
+            assert!(logits_only.features.is_none());
+            assert_eq!(logits_only.logits.data(), out.logits.data());
             let what = format!(
                 "{config} {window} (grid {:?}, patch {patch:?})",
                 &input.shape()[1..]
@@ -108,7 +116,7 @@ fn sliding_window_matches_pytorch() {
             );
             let f = assert_parity(
                 &format!("{what} features"),
-                &out.features,
+                out.features.as_ref().expect("features were asked for"),
                 &golden.f32(&format!("{window}.features")).unwrap(),
             );
             println!("{what}: logits {l:e}, features {f:e}");

@@ -13,6 +13,7 @@ use crate::model::Model;
 use crate::pipeline::predictor::export_segmentation;
 use crate::pipeline::preprocess::{Preprocessed, nearest_index, preprocess};
 use crate::pipeline::session::{Session, SessionOptions, encode};
+use crate::pipeline::sliding_window::Outputs;
 use crate::tensor::Tensor;
 
 pub struct ImageSession<'m, B: Backend> {
@@ -44,7 +45,13 @@ impl<'m, B: Backend> ImageSession<'m, B> {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let pre = preprocess(image, spacing, &model.info)?;
-        let encoded = encode(model, &pre.volume, options, progress)?;
+        let encoded = encode(
+            model,
+            &pre.volume,
+            options,
+            Outputs::LogitsAndFeatures,
+            progress,
+        )?;
         let logits = model.backend.download(&encoded.logits)?;
         let auto_labels = export_segmentation(&logits, &pre, &model.info)?;
         let s = image.shape();

@@ -19,6 +19,7 @@ use crate::model::{Model, ModelInfo};
 use crate::pipeline::preprocess::{Preprocessed, preprocess};
 use crate::pipeline::resample::Resampling;
 use crate::pipeline::session::{SessionOptions, encode};
+use crate::pipeline::sliding_window::Outputs;
 use crate::tensor::Tensor;
 
 /// An image's automatic segmentation and what led to it.
@@ -109,7 +110,7 @@ pub fn predict<B: Backend>(
     seconds.preprocessing = lap();
     let mut sum: Option<Tensor> = None;
     for model in models {
-        let encoded = encode(model, &pre.volume, options, progress)?;
+        let encoded = encode(model, &pre.volume, options, Outputs::Logits, progress)?;
         let logits = model.backend.download(&encoded.logits)?;
         match &mut sum {
             None => sum = Some(logits),

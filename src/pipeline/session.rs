@@ -11,9 +11,8 @@ use crate::error::{Error, Result, bytes_in_words};
 use crate::geometry::{Click, Label, Region};
 use crate::model::Model;
 use crate::model::tis_head::TisHead;
-use crate::model::unet::TileOutput;
 use crate::pipeline::roi::roi_for_clicks;
-use crate::pipeline::sliding_window::{DEFAULT_STEP, predict_sliding_window};
+use crate::pipeline::sliding_window::{DEFAULT_STEP, Encoded, Outputs, predict_sliding_window};
 use crate::tensor::Tensor;
 
 /// How a session runs the encoder.
@@ -38,16 +37,16 @@ impl Default for SessionOptions {
 /// the padded input, the logit, feature and weight sums (f32 on every backend) and their
 /// quotients, the probabilities and features the session keeps, and one tile's activations
 /// (every stage's output at the widest point of the U, counted twice for the skip and the next
-/// stage, plus a mirrored copy).
-pub fn encoding_memory<B: Backend>(model: &Model<B>, grid: [usize; 3]) -> u64 {
+/// stage, plus a mirrored copy). Without features (`Outputs::Logits`), their share is left out.
+pub fn encoding_memory<B: Backend>(model: &Model<B>, grid: [usize; 3], outputs: Outputs) -> u64 {
     let net = &model.info.configuration.network;
     let patch = model.info.configuration.patch_size;
     let padded: u64 = (0..3).map(|a| grid[a].max(patch[a]) as u64).product();
-    let (k, c_in, c_f) = (
-        net.classes as u64,
-        net.in_channels as u64,
-        net.feature_channels() as u64,
-    );
+    let c_f = match outputs {
+        Outputs::Logits => 0,
+        Outputs::LogitsAndFeatures => net.feature_channels() as u64,
+    };
+    let (k, c_in) = (net.classes as u64, net.in_channels as u64);
     let stored =
         padded * (c_in + k + c_f) + grid.iter().map(|&g| g as u64).product::<u64>() * (k + c_f);
     let sums = padded * (k + c_f + 1);
@@ -60,17 +59,19 @@ pub fn encoding_memory<B: Backend>(model: &Model<B>, grid: [usize; 3]) -> u64 {
     model.backend.bytes_per_value() * (stored + 2 * tile) + 4 * sums
 }
 
-/// The model's logits and penultimate features over a whole preprocessed volume (C × grid):
-/// nnU-Net's sliding window, with mirroring over the bundle's axes when the options ask for it.
-/// Refused, with the numbers, when the backend reports less free memory than it would need.
+/// The model's logits and, for `Outputs::LogitsAndFeatures`, penultimate features over a whole
+/// preprocessed volume (C × grid): nnU-Net's sliding window, with mirroring over the bundle's
+/// axes when the options ask for it. Refused, with the numbers, when the backend reports less
+/// free memory than it would need.
 pub fn encode<B: Backend>(
     model: &Model<B>,
     volume: &Tensor,
     options: &SessionOptions,
+    outputs: Outputs,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<TileOutput<B::Tensor>> {
+) -> Result<Encoded<B::Tensor>> {
     if let [_, z, y, x] = *volume.shape() {
-        let needed = encoding_memory(model, [z, y, x]);
+        let needed = encoding_memory(model, [z, y, x], outputs);
         if let Some(available) = model.backend.available_memory().filter(|&a| a < needed) {
             return Err(Error::Backend {
                 backend: model.backend.name(),
@@ -94,6 +95,7 @@ pub fn encode<B: Backend>(
         volume,
         mirror_axes,
         options.step,
+        outputs,
         progress,
     )
 }
@@ -184,12 +186,15 @@ impl<'m, B: Backend> Session<'m, B> {
         options: &SessionOptions,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        let encoded = encode(model, volume, options, progress)?;
+        let encoded = encode(model, volume, options, Outputs::LogitsAndFeatures, progress)?;
         Self::from_encoded(model, encoded)
     }
 
-    /// A session over what the encoder gave for a volume (`encode`).
-    pub fn from_encoded(model: &'m Model<B>, encoded: TileOutput<B::Tensor>) -> Result<Self> {
+    /// A session over what the encoder gave for a volume (`encode` with the features).
+    pub fn from_encoded(model: &'m Model<B>, encoded: Encoded<B::Tensor>) -> Result<Self> {
+        let features = encoded.features.ok_or_else(|| {
+            Error::Session("a session needs the encoder's features, and none were kept".into())
+        })?;
         let backend = &model.backend;
         let grid = match *encoded.logits.shape() {
             [_, z, y, x] => [z, y, x],
@@ -204,7 +209,7 @@ impl<'m, B: Backend> Session<'m, B> {
         Ok(Session {
             model,
             grid,
-            features: encoded.features,
+            features,
             probs,
             labels: auto_labels.clone(),
             auto_labels,

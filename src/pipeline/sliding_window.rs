@@ -78,24 +78,49 @@ pub fn mirror_combinations(axes: &[usize]) -> Vec<Vec<usize>> {
     out
 }
 
+/// What the sliding window sums over the tiles: the logits alone (an automatic segmentation),
+/// or the penultimate features too (a session, whose head reads them). Features are C_f
+/// channels against K logits (32 against 3 for the MSD Pancreas plan), so summing them is most
+/// of the window's work outside the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outputs {
+    Logits,
+    LogitsAndFeatures,
+}
+
+/// Logits (K × grid) and, where asked for, features (C_f × grid) of a whole volume.
+pub struct Encoded<T> {
+    pub logits: T,
+    pub features: Option<T>,
+}
+
 /// One tile predicted plainly and under each mirror combination, averaged.
 pub fn predict_tile_mirrored<B: Backend>(
     backend: &B,
     network: &UNet<B>,
     tile: &B::Tensor,
     mirror_axes: &[usize],
-) -> Result<TileOutput<B::Tensor>> {
-    let mut sum = network.forward(backend, tile)?;
+    outputs: Outputs,
+) -> Result<Encoded<B::Tensor>> {
+    let TileOutput {
+        mut logits,
+        features,
+    } = network.forward(backend, tile)?;
+    let mut features = (outputs == Outputs::LogitsAndFeatures).then_some(features);
     let combinations = mirror_combinations(mirror_axes);
     for axes in &combinations {
         let mirrored = network.forward(backend, &backend.flip(tile, axes)?)?;
-        backend.add_assign(&mut sum.logits, &backend.flip(&mirrored.logits, axes)?)?;
-        backend.add_assign(&mut sum.features, &backend.flip(&mirrored.features, axes)?)?;
+        backend.add_assign(&mut logits, &backend.flip(&mirrored.logits, axes)?)?;
+        if let Some(sum) = &mut features {
+            backend.add_assign(sum, &backend.flip(&mirrored.features, axes)?)?;
+        }
     }
     let factor = 1.0 / (combinations.len() + 1) as f32;
-    backend.scale(&mut sum.logits, factor)?;
-    backend.scale(&mut sum.features, factor)?;
-    Ok(sum)
+    backend.scale(&mut logits, factor)?;
+    if let Some(sum) = &mut features {
+        backend.scale(sum, factor)?;
+    }
+    Ok(Encoded { logits, features })
 }
 
 /// Zero-pads a C × Z × Y × X volume up to `patch` where it is smaller; returns the padded
@@ -128,8 +153,9 @@ fn pad_to_patch(volume: &Tensor, patch: [usize; 3]) -> (Tensor, Region) {
     (out, inner)
 }
 
-/// Logits (K × grid) and features (C_f × grid) of a preprocessed volume (C × grid).
-/// `progress(done, total)` is called after every tile.
+/// Logits (K × grid) and, for `Outputs::LogitsAndFeatures`, features (C_f × grid) of a
+/// preprocessed volume (C × grid). `progress(done, total)` is called after every tile.
+#[allow(clippy::too_many_arguments)]
 pub fn predict_sliding_window<B: Backend>(
     backend: &B,
     network: &UNet<B>,
@@ -137,8 +163,9 @@ pub fn predict_sliding_window<B: Backend>(
     volume: &Tensor,
     mirror_axes: &[usize],
     step: f64,
+    outputs: Outputs,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<TileOutput<B::Tensor>> {
+) -> Result<Encoded<B::Tensor>> {
     let plan = network.plan();
     if volume.shape().len() != 4 || volume.shape()[0] != plan.in_channels || volume.is_empty() {
         return Err(Error::Shape(format!(
@@ -175,23 +202,34 @@ pub fn predict_sliding_window<B: Backend>(
     )?)?;
     let mut weight_sum = backend.accumulator(&[1, dims[0], dims[1], dims[2]])?;
     let mut logits_sum = backend.accumulator(&[plan.classes, dims[0], dims[1], dims[2]])?;
-    let mut features_sum =
-        backend.accumulator(&[plan.feature_channels(), dims[0], dims[1], dims[2]])?;
+    let mut features_sum = match outputs {
+        Outputs::Logits => None,
+        Outputs::LogitsAndFeatures => {
+            Some(backend.accumulator(&[plan.feature_channels(), dims[0], dims[1], dims[2]])?)
+        }
+    };
     for (done, tile) in tiles.iter().enumerate() {
-        let out =
-            predict_tile_mirrored(backend, network, &backend.crop(&input, tile)?, mirror_axes)?;
+        let crop = backend.crop(&input, tile)?;
+        let out = predict_tile_mirrored(backend, network, &crop, mirror_axes, outputs)?;
         backend.accumulate_weighted(&mut logits_sum, &out.logits, &weights, tile)?;
-        backend.accumulate_weighted(&mut features_sum, &out.features, &weights, tile)?;
+        if let (Some(sum), Some(features)) = (&mut features_sum, &out.features) {
+            backend.accumulate_weighted(sum, features, &weights, tile)?;
+        }
         backend.accumulate_weighted(&mut weight_sum, &ones, &weights, tile)?;
         progress(done + 1, tiles.len());
     }
-    let mut logits = backend.divide_by_weights(logits_sum, &weight_sum)?;
-    let mut features = backend.divide_by_weights(features_sum, &weight_sum)?;
-    if inner.size != dims {
-        logits = backend.crop(&logits, &inner)?;
-        features = backend.crop(&features, &inner)?;
-    }
-    Ok(TileOutput { logits, features })
+    let quotient = |sum| -> Result<B::Tensor> {
+        let mean = backend.divide_by_weights(sum, &weight_sum)?;
+        if inner.size == dims {
+            Ok(mean)
+        } else {
+            backend.crop(&mean, &inner)
+        }
+    };
+    Ok(Encoded {
+        logits: quotient(logits_sum)?,
+        features: features_sum.map(quotient).transpose()?,
+    })
 }
 
 #[cfg(test)]
