@@ -344,6 +344,15 @@ impl<E: Element> CudaBackend<E> {
             })?;
         let bytes = shared(rows);
         self.allow_shared_memory(function, bytes)?;
+        // Their blocks are sized so that two share a multiprocessor (kernels/mma.cuh): ask for
+        // the largest shared-memory carveout, which the driver would otherwise choose per launch
+        // (a hint: it may still pick another split).
+        function
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                100,
+            )
+            .map_err(driver)?;
         Ok(LaunchConfig {
             grid_dim: (tokens.div_ceil(rows) as u32, 1, 1),
             block_dim: (2 * rows as u32, 1, 1),
