@@ -8,19 +8,25 @@
 // - `linear_mma_f16`: tensor cores through WMMA (16×16×16 f16 fragments, f32 accumulators);
 //   4 warps, each owning a 32 × 32 quarter of the block (2 × 2 fragments), K in steps of 32.
 //   Shared rows are padded by 8 halves so that fragment loads avoid bank conflicts. The f32
-//   accumulators go through shared memory for the epilogue.
+//   accumulators go through shared memory for the epilogue, which stores 8 outputs a thread
+//   with one 16-byte store where the rows allow it.
 // Loads are bounds-checked and zero-filled, so any M, N, K work (the click side has M = 10);
 // the tensor-core kernel's move 8 halves at a time where K comes in eights (load_slab).
 #include "mma.cuh"
 
 enum Epilogue { PLAIN = 0, GELU = 1, RESIDUAL = 2 };
 
-template <typename T>
-__device__ __forceinline__ void store_output(T* y, int64_t index, float value, float bias, int epilogue) {
+// The stored value of an output: value + bias, then GELU, or plus the value it replaces (`old`).
+__device__ __forceinline__ float epilogue_value(float value, float bias, float old, int epilogue) {
     value += bias;
     if (epilogue == GELU) value = gelu(value);
-    if (epilogue == RESIDUAL) value += to_f32(y[index]);
-    y[index] = from_f32<T>(value);
+    if (epilogue == RESIDUAL) value += old;
+    return value;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_output(T* y, int64_t index, float value, float bias, int epilogue) {
+    y[index] = from_f32<T>(epilogue_value(value, bias, epilogue == RESIDUAL ? to_f32(y[index]) : 0.f, epilogue));
 }
 
 constexpr int TILE = 64;
@@ -93,10 +99,25 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
     }
     store_warp_tile(&out[0][0], TILE + 4, acc, wr, wc);
     __syncthreads();
-    for (int l = threadIdx.x; l < TILE * TILE; l += blockDim.x) {
-        int r = l / TILE, c = l % TILE;
-        if (row0 + r < m && col0 + c < n)
-            store_output(y, (row0 + r) * n + col0 + c, out[r][c], bias ? __half2float(bias[col0 + c]) : 0.f, epilogue);
+    // Eight columns of a row a thread: one 16-byte store of y (and load, for the residual) where
+    // the rows come in eights and y is 16-byte aligned, else value by value.
+    const bool by8 = n % 8 == 0 && (uintptr_t)y % 16 == 0;
+    for (int l = threadIdx.x; l < TILE * TILE / 8; l += blockDim.x) {
+        const int r = l / (TILE / 8), c = l % (TILE / 8) * 8;
+        const int64_t row = row0 + r, col = col0 + c;
+        if (row >= m || col >= n) continue;
+        auto bias_at = [&](int i) { return bias ? __half2float(bias[col + i]) : 0.f; };
+        if (by8) {
+            uint4* dst = (uint4*)&y[row * n + col];
+            __align__(16) __half values[8];
+            *(uint4*)values = epilogue == RESIDUAL ? *dst : uint4{0, 0, 0, 0};
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                values[i] = __float2half_rn(epilogue_value(out[r][c + i], bias_at(i), __half2float(values[i]), epilogue));
+            *dst = *(const uint4*)values;
+        } else {
+            for (int i = 0; i < 8 && col + i < n; ++i) store_output(y, row * n + col + i, out[r][c + i], bias_at(i), epilogue);
+        }
     }
 }
 
