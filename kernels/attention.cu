@@ -195,50 +195,22 @@ __device__ void cross_partial_mma(const __half* x, const __half* gamma, const __
         }
         const int valid = (int)min((int64_t)T, end - t0);
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            float tile_max = -INFINITY;
+        for (int j = 0; j < T / 8; ++j)
 #pragma unroll
-            for (int j = 0; j < T / 8; ++j)
-#pragma unroll
-                for (int i = 2 * half; i < 2 * half + 2; ++i) {
-                    s[j][i] = 8 * j + 2 * t + i % 2 < valid ? s[j][i] + bias[half] : -INFINITY;
-                    tile_max = fmaxf(tile_max, s[j][i]);
-                }
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-            // The tile's first voxel is valid, so the new max is finite and the first correction 0.
-            const float new_max = fmaxf(run_max[half], tile_max), correction = __expf(run_max[half] - new_max);
-            run_max[half] = new_max;
-            float sum = 0.f;
-#pragma unroll
-            for (int j = 0; j < T / 8; ++j)
-#pragma unroll
-                for (int i = 2 * half; i < 2 * half + 2; ++i) {
-                    // The weights O is summed with, rounded as they are (0 past the valid voxels).
-                    s[j][i] = __half2float(__float2half_rn(__expf(s[j][i] - new_max)));
-                    sum += s[j][i];
-                }
-            run_sum[half] = run_sum[half] * correction + sum;  // this lane's voxels; the quad adds up at the end
-#pragma unroll
-            for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-                for (int i = 2 * half; i < 2 * half + 2; ++i) o[j][i] *= correction;
-        }
+            for (int i = 0; i < 4; ++i) s[j][i] = 8 * j + 2 * t + i % 2 < valid ? s[j][i] + bias[i / 2] : -INFINITY;
+        online_softmax_block(s, run_max, run_sum, o, [](float v) { return __expf(v); });
         // O += P·LN(x): P's A fragments are S's C tiles 2k and 2k + 1 (voxels 16k to 16k + 15).
 #pragma unroll
         for (int k = 0; k < T / 16; ++k) {
-            const uint32_t p[4] = {pack_half2(s[2 * k][0], s[2 * k][1]), pack_half2(s[2 * k][2], s[2 * k][3]),
-                                   pack_half2(s[2 * k + 1][0], s[2 * k + 1][1]),
-                                   pack_half2(s[2 * k + 1][2], s[2 * k + 1][3])};
+            uint32_t p[4];
+            tiles_as_a_fragment(p, s[2 * k], s[2 * k + 1]);
             mma_rows_k16<D, true>(o, p, ln, L::LD, 16 * k);
         }
     }
     const int64_t slot = (int64_t)blockIdx.x * columns;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-        float sum = run_sum[half];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float sum = quad_sum(run_sum[half]);
         const int64_t c = col0 + g + 8 * half;
         if (c >= columns) continue;
         if (t == 0) {
@@ -503,36 +475,14 @@ __device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, 
                           pack_halves(click_value(keys, c, e + 8), click_value(keys, c, e + 9)));
             }
         }
+        // Click c0 is in the chunk, so every row has a finite score.
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            float chunk_max = -INFINITY;
+        for (int tile = 0; tile < 2; ++tile)
 #pragma unroll
-            for (int tile = 0; tile < 2; ++tile)
-#pragma unroll
-                for (int i = 2 * half; i < 2 * half + 2; ++i) {
-                    const bool valid = c0 + 8 * tile + 2 * t + i % 2 < clicks;
-                    s[tile][i] = valid ? s[tile][i] * scale : -INFINITY;
-                    chunk_max = fmaxf(chunk_max, s[tile][i]);
-                }
-            chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, 1));
-            chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, 2));
-            // Click c0 is in the chunk, so the row's maximum is finite and the first correction 0.
-            const float new_max = fmaxf(max[half], chunk_max), correction = approx_exp2(max[half] - new_max);
-            max[half] = new_max;
-            sum[half] *= correction;
-#pragma unroll
-            for (int j = 0; j < 2 * STEPS; ++j)
-                for (int i = 2 * half; i < 2 * half + 2; ++i) o[j][i] *= correction;
-#pragma unroll
-            for (int tile = 0; tile < 2; ++tile)
-#pragma unroll
-                for (int i = 2 * half; i < 2 * half + 2; ++i) {
-                    s[tile][i] = approx_exp2(s[tile][i] - new_max);  // 0 for the clicks past the end
-                    sum[half] += s[tile][i];
-                }
-        }
-        const uint32_t pa[4] = {pack_half2(s[0][0], s[0][1]), pack_half2(s[0][2], s[0][3]),
-                                pack_half2(s[1][0], s[1][1]), pack_half2(s[1][2], s[1][3])};
+            for (int i = 0; i < 4; ++i) s[tile][i] = c0 + 8 * tile + 2 * t + i % 2 < clicks ? s[tile][i] * scale : -INFINITY;
+        online_softmax_block(s, max, sum, o, approx_exp2);
+        uint32_t pa[4];
+        tiles_as_a_fragment(pa, s[0], s[1]);
         // V's B fragments: clicks c0 + 2t, c0 + 2t + 1 (and 8 on) of head column 8j + g.
 #pragma unroll
         for (int j = 0; j < 2 * STEPS; ++j) {
@@ -542,17 +492,13 @@ __device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, 
                       pack_halves(click_value(values, c + 8, e), click_value(values, c + 9, e)));
         }
     }
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        sum[half] += __shfl_xor_sync(0xffffffffu, sum[half], 1);
-        sum[half] += __shfl_xor_sync(0xffffffffu, sum[half], 2);
-    }
+    const float total[2] = {quad_sum(sum[0]), quad_sum(sum[1])};
 #pragma unroll
     for (int j = 0; j < 2 * STEPS; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int e = 8 * j + 2 * t + i % 2;
-            if (e < dh) store(g + 8 * (i / 2), e, o[j][i] / sum[i / 2]);
+            if (e < dh) store(g + 8 * (i / 2), e, o[j][i] / total[i / 2]);
         }
 }
 

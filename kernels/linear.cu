@@ -201,8 +201,8 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
 #pragma unroll
                 for (int i = 0; i < 4; ++i) v[tile][i] = gelu_fast(h[2 * k + tile][i] + (i % 2 ? bias1 : bias0));
             }
-            const uint32_t a[4] = {pack_half2(v[0][0], v[0][1]), pack_half2(v[0][2], v[0][3]),
-                                   pack_half2(v[1][0], v[1][1]), pack_half2(v[1][2], v[1][3])};
+            uint32_t a[4];
+            tiles_as_a_fragment(a, v[0], v[1]);
             mma_rows_k16<D>(y, a, w2c, L::LH, 16 * k);
         }
         __syncthreads();  // every warp is done with this buffer, which the next chunk's prefetch refills

@@ -182,6 +182,58 @@ __device__ __forceinline__ uint32_t pack_halves(__half lo, __half hi) {
     return *(uint32_t*)&pair;
 }
 
+// Two C tiles of a warp (columns 8j to 8j + 7 and the next eight), rounded to f16, as the A
+// fragment of those 16 columns: the layouts line up, so a product's columns become the next
+// product's K without leaving registers.
+__device__ __forceinline__ void tiles_as_a_fragment(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+    a[0] = pack_half2(lo[0], lo[1]);
+    a[1] = pack_half2(lo[2], lo[3]);
+    a[2] = pack_half2(hi[0], hi[1]);
+    a[3] = pack_half2(hi[2], hi[3]);
+}
+
+// The sum and the maximum of v over the quad of lanes (4g to 4g + 3) that holds a row of C tiles.
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// One block of keys of an online softmax (flash attention) over the rows of a warp's score
+// tiles s (rows g and g + 8: elements 0, 1 and 2, 3; keys to leave out already −∞, each row with
+// at least one finite score, so that the first correction is 0): each row's running max and this
+// lane's share of its sum updated (quad_sum adds the shares up at the end), the rows of the
+// output tiles o rescaled where the max grew, and s replaced by the weights exp(s − max) rounded
+// to f16, as P will be in O += P·V, so that the sum is that of the weights O is summed with.
+// `exp` is the exponential of the scores' units (e^x, or 2^x for scores in log2 units).
+template <int S_TILES, int O_TILES, typename Exp>
+__device__ __forceinline__ void online_softmax_block(float (&s)[S_TILES][4], float (&max)[2], float (&sum)[2],
+                                                     float (&o)[O_TILES][4], Exp exp) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        float block_max = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < S_TILES; ++j) block_max = fmaxf(block_max, fmaxf(s[j][2 * half], s[j][2 * half + 1]));
+        const float new_max = fmaxf(max[half], quad_max(block_max)), correction = exp(max[half] - new_max);
+        max[half] = new_max;
+        sum[half] *= correction;
+#pragma unroll
+        for (int j = 0; j < S_TILES; ++j)
+#pragma unroll
+            for (int i = 2 * half; i < 2 * half + 2; ++i) {
+                s[j][i] = __half2float(__float2half_rn(exp(s[j][i] - new_max)));  // 0 for the keys left out
+                sum[half] += s[j][i];
+            }
+#pragma unroll
+        for (int j = 0; j < O_TILES; ++j)
+#pragma unroll
+            for (int i = 2 * half; i < 2 * half + 2; ++i) o[j][i] *= correction;
+    }
+}
+
 // The A fragment of the warp's 16 rows (from `rows`, row stride ld halves), columns k0 to k0 + 15.
 __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const __half* rows, int ld, int k0) {
     const int lane = threadIdx.x % 32, matrix = lane / 8;
