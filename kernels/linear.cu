@@ -63,8 +63,11 @@ __device__ void linear_simt(const T* x, const T* w, const T* bias, T* y, int64_t
         }
         __syncthreads();
     }
+    // Unrolled, so that acc stays in registers (indexed at run time, it went to local memory).
+#pragma unroll
     for (int i = 0; i < 4; ++i) {
         int64_t r = row0 + tr * 4 + i;
+#pragma unroll
         for (int j = 0; j < 4; ++j) {
             int64_t c = col0 + tc * 4 + j;
             if (r < m && c < n) store_output(y, r * n + c, acc[i][j], bias ? to_f32(bias[c]) : 0.f, epilogue);
