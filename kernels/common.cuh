@@ -109,6 +109,19 @@ __device__ __forceinline__ float gelu_fast(float x) {
     return x * (x >= 0.f ? 1.f - half_tail : half_tail);
 }
 
+// a·b in 64 bits, of two 32-bit factors: one IMAD.WIDE (mul.wide.s32). Written as
+// (int64_t)a * b, nvcc multiplied 64 × 64 bits (four instructions and two sign extensions) in
+// the implicit GEMM's address of every piece.
+__device__ __forceinline__ int64_t wide_product(int a, int b) {
+#ifdef TIS_CUDA_EMULATOR
+    return (int64_t)a * b;
+#else
+    int64_t product;
+    asm("mul.wide.s32 %0, %1, %2;" : "=l"(product) : "r"(a), "r"(b));
+    return product;
+#endif
+}
+
 // A grid of 3 extents, passed by value to kernels.
 struct Dims3 {
     int64_t z, y, x;

@@ -20,15 +20,18 @@
 //   without the copy); B[k, co] = packed[co][k]. It runs when every channel count is a multiple
 //   of 8 (every layer of an nnU-Net plan but the first). Tiled like linear_mma_f16: a 64 × 64
 //   output block (voxels × channels; 128 × 32 or 128 × 64 where the layer suits them, see
-//   IgemmTile) per 4 warps, each warp 32 × 32 (2 × 2 WMMA 16×16×16 f16 fragments, f32
-//   accumulators; 64 × 32 in the 128 × 64 tile), K in steps of 32, both slabs row-major with
-//   rows padded by 8 halves. A step's slabs are rows of 4 pieces of 16 bytes (8 consecutive
-//   columns are 8 channels of one tap in one input), 4 to 6 pieces per thread, copied with
-//   cp.async (A's through L1, where the other taps find them again; B's past it) into a 3-stage
-//   ring: the copies of step t + 2 fly while step t multiplies, one barrier per step. Each thread
-//   copies the same 8 columns of the same rows at every step: its window origins are decoded
-//   once and its column (tap offsets, channel, input) follows from step to step without
-//   division; padding and the ragged ends of M, N and K are the copies' zero fill. The epilogue
+//   IgemmTile) per 4 warps, each warp 32 × 32 (2 × 4 mma.sync C tiles of 16 × 8, f32
+//   accumulators; 64 × 32 in the 128 × 64 tile, warp_tile_mma), K in steps of 32, both slabs
+//   row-major with rows padded by 8 halves. A step's slabs are rows of 4 pieces of 16 bytes (8
+//   consecutive columns are 8 channels of one tap in one input), 4 to 6 pieces per thread,
+//   copied with cp.async (A's through L1, where the other taps find them again; B's past it)
+//   into a 3-stage ring: the copies of step t + 2 fly while step t multiplies, one barrier per
+//   step. Each thread copies the same 8 columns of the same rows at every step: its rows'
+//   windows (32-bit voxel indices) and weight rows are worked out once, and its column (tap,
+//   channel, input) follows from step to step without division, so that a piece costs a few
+//   instructions (three unsigned bounds tests, one address): run A's kernel issued about 500
+//   instructions a step for its 32 mma.sync, recomputing 64-bit addresses and bounds for every
+//   piece. Padding and the ragged ends of M, N and K are the copies' zero fill. The epilogue
 //   stages the accumulators row-major in shared memory (reusing the ring's bytes: 32 KB of
 //   static shared memory in all; 39 and 47 KB for the 128-row tiles) and writes y[m][co] + b[co],
 //   consecutive threads on consecutive channels. Voxel blocks are on blockIdx.x (a volume can
@@ -90,32 +93,59 @@ constexpr int MMA_THREADS = 128;
 // Halves per 16-byte load.
 constexpr int VECTOR = 8;
 
+// One output voxel's window in the input: its origin (negative at the padding) and the
+// origin's voxel index in the input (which may lie outside it: only a tap that lands inside is
+// read). A voxel past the output (the last block's rows past M) gets an origin that no tap
+// brings into the input, so that it reads zeros like the padding, with no test of its own.
+// Voxel indices are 32-bit: the backend refuses volumes of 2³¹ voxels or more.
+struct Window {
+    int z, y, x, voxel;
+};
+
+__device__ __forceinline__ Window window_of(int64_t v, int64_t m, Dims3 in, Dims3 out, Dims3 stride, Dims3 pad) {
+    if (v >= m) return Window{-(1 << 29), 0, 0, 0};  // far below any tap's reach, without overflow
+    const int z = (int)(v / (out.y * out.x) * stride.z - pad.z), y = (int)(v / out.x % out.y * stride.y - pad.y),
+              x = (int)(v % out.x * stride.x - pad.x);
+    return Window{z, y, x, (z * (int)in.y + y) * (int)in.x + x};
+}
+
 // Column k = tap·cin + ci of the implicit A (for the direct kernel, tap `tap` of input channel
-// ci): the tap's offsets in the window and where channel ci lies: in the first input, or (the
-// decoder's convolutions read the channel concatenation [first; second] in place) in the
-// second, as channel ci − first_channels.
-struct Column {
-    int z, y, x;
-    int channel;
-    bool second;
+// ci) in two parts. The tap: its place in the window (z, y, x) and its offset from the window's
+// origin in voxels of the input.
+struct Tap {
+    int z, y, x, offset;
 };
 
-// The window origin of one output voxel in the input (negative at the padding), and whether the
-// voxel exists (the last block's rows past M do not).
-struct Origin {
-    int z, y, x;
-    bool exists;
+__device__ __forceinline__ Tap tap_of(int z, int y, int x, Dims3 in) {
+    return Tap{z, y, x, (z * (int)in.y + y) * (int)in.x + x};
+}
+
+// And where channel ci lies: channel ci of the first input, or (the decoder's convolutions read
+// the channel concatenation [first; second] in place) channel ci − first_channels of the second.
+// `source` points at that channel of the input's voxel 0, `voxel_bytes` is the input's bytes per
+// voxel (its channels).
+struct Channel {
+    const __half* source;
+    int voxel_bytes;
 };
 
-// Where A[voxel, column] lies (channels-last inputs of first_channels and cin − first_channels
-// channels), or null outside the input: a zero.
-__device__ __forceinline__ const __half* a_source(const Origin& o, const Column& c, const __half* x,
-                                                  const __half* second, Dims3 in, int64_t cin,
-                                                  int64_t first_channels) {
-    int64_t iz = o.z + c.z, iy = o.y + c.y, ix = o.x + c.x;
-    if (!o.exists || iz < 0 || iz >= in.z || iy < 0 || iy >= in.y || ix < 0 || ix >= in.x) return nullptr;
-    int64_t voxel = (iz * in.y + iy) * in.x + ix;
-    return c.second ? second + voxel * (cin - first_channels) + c.channel : x + voxel * first_channels + c.channel;
+__device__ __forceinline__ Channel channel_of(int ci, const __half* x, const __half* second, int cin,
+                                              int first_channels) {
+    const bool in_second = ci >= first_channels;
+    return Channel{in_second ? second + (ci - first_channels) : x + ci,
+                   (int)sizeof(__half) * (in_second ? cin - first_channels : first_channels)};
+}
+
+// Whether A[voxel, column] lies inside the input (else it is a zero), and where (channels-last
+// inputs). The three bounds are one unsigned comparison each (a negative coordinate wraps past
+// the extent).
+__device__ __forceinline__ bool a_source(const Window& window, const Tap& tap, const Channel& channel, Dims3 in,
+                                         const __half*& source) {
+    // In bytes, so that the product and the sum are one IMAD.WIDE.
+    source = (const __half*)((const char*)channel.source +
+                             wide_product(window.voxel + tap.offset, channel.voxel_bytes));
+    return (unsigned)(window.z + tap.z) < (unsigned)in.z && (unsigned)(window.y + tap.y) < (unsigned)in.y &&
+           (unsigned)(window.x + tap.x) < (unsigned)in.x;
 }
 
 // Copies 16 bytes from global to shared memory asynchronously, or 16 zeros when `zero`, keeping
@@ -133,12 +163,6 @@ __device__ __forceinline__ void copy_16_async_cached(void* dst, const void* src,
 #endif
 }
 
-// Output voxel v's window origin in the input.
-__device__ __forceinline__ Origin origin_of(int64_t v, int64_t m, Dims3 out, Dims3 stride, Dims3 pad) {
-    return Origin{(int)(v / (out.y * out.x) * stride.z - pad.z), (int)(v / out.x % out.y * stride.y - pad.y),
-                  (int)(v % out.x * stride.x - pad.x), v < m};
-}
-
 // One thread's column in the pipelined path, followed from step to step without division: the
 // thread loads columns kk…kk + 7 of every step, kk fixed, i.e. k = k0 + kk.
 struct ColumnCursor {
@@ -153,17 +177,13 @@ struct ColumnCursor {
     }
     __device__ __forceinline__ void advance(int step, int cin, Dims3 kernel) {
         for (ci += step; ci >= cin; ci -= cin)
-            if (++x == kernel.x) {
+            if (++x == (int)kernel.x) {
                 x = 0;
-                if (++y == kernel.y) {
+                if (++y == (int)kernel.y) {
                     y = 0;
                     ++z;
                 }
             }
-    }
-    __device__ __forceinline__ Column column(int64_t first_channels) const {
-        bool second = ci >= first_channels;
-        return Column{z, y, x, (int)(second ? ci - first_channels : ci), second};
     }
 };
 
@@ -214,15 +234,15 @@ __device__ __forceinline__ void store_block(float* staged, int ld, const __half*
 constexpr int STAGES = 3;
 
 // The implicit GEMM's block tile: 4 warps, WARPS_M along the voxels and 4 / WARPS_M along the
-// channels, each with FM × FN fragments of 16 × 16 outputs.
+// channels, each with FM × FN blocks of 16 × 16 outputs (FM × 2·FN mma.sync C tiles).
 // - 64 × 64 (2 × 2 warps of 32 × 32): any layer.
 // - 128 × 32 (4 × 1 warps of 32 × 32) where cout ≤ 32 (a plan's first stage, encoder and
 //   decoder: 15 % of a Pancreas forward's multiply-accumulates, 50 % of the generic 128³
 //   plan's), where a 64-channel tile would compute half zeros.
 // - 128 × 64 (2 × 2 warps of 64 × 32) where cout > 32 and the volume gives enough blocks: each
 //   staged B row serves 128 voxels instead of 64 (a step moves 12 KB for 262 k MACs instead of
-//   8 KB for 131 k), and each loaded fragment feeds more products (6 fragment loads per 8 MMAs
-//   instead of 4 per 4).
+//   8 KB for 131 k), and each loaded fragment feeds more products (6 ldmatrix per 16 mma.sync
+//   instead of 4 per 8).
 template <int WARPS_M, int FM, int FN> struct IgemmTile {
     static constexpr int WARPS_N = 4 / WARPS_M, ROWS = WARPS_M * 16 * FM, COLUMNS = WARPS_N * 16 * FN;
     // STAGES slabs of A (ROWS × MMA_K) and B (COLUMNS × MMA_K) while the K loop runs, then (the
@@ -247,56 +267,74 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
     const int64_t m = out.count(), n = cout, k = cin * kernel.count();
     int64_t row0 = (int64_t)blockIdx.x * ROWS, col0 = (int64_t)blockIdx.y * COLUMNS;
     int warp = threadIdx.x / 32, wr = warp / Tile::WARPS_N * 16 * FM, wc = warp % Tile::WARPS_N * 16 * FN;
-    Accumulator acc[FM][FN];
-    zero_warp_tile(acc);
+    float acc[FM][2 * FN][4] = {};
     // Split K (gridDim.z > 1): this block multiplies steps [first, last) of the K loop and
-    // leaves its raw sums in split_sums[blockIdx.z][m][n] for conv3d_split_sum_f16.
-    const int64_t all_steps = (k + MMA_K - 1) / MMA_K, per_split = (all_steps + gridDim.z - 1) / gridDim.z;
-    const int64_t first = blockIdx.z * per_split, last = min(all_steps, first + per_split);
+    // leaves its raw sums in split_sums[blockIdx.z][m][n] for conv3d_split_sum_f16. Step
+    // counts, channels and K are 32-bit (K = cin·taps is a few thousand).
+    const int steps = (int)((k + MMA_K - 1) / MMA_K), per_split = (steps + gridDim.z - 1) / gridDim.z;
+    const int first = blockIdx.z * per_split, last = min(steps, first + per_split);
     // 8 consecutive columns are 8 channels of one tap in one input: 16 aligned bytes, copied
     // asynchronously STAGES − 1 steps ahead. Thread t copies columns kk…kk + 7 of rows t / 4 +
-    // 32j of both slabs (ROWS / 32 of A, COLUMNS / 32 of B), at every step.
+    // 32j of both slabs (ROWS / 32 of A, COLUMNS / 32 of B), at every step. Everything about
+    // its rows is worked out here, once: its voxels' windows, its weight rows' addresses; a step
+    // then moves the column on (the cursor) and costs a few instructions a copy: the column's
+    // tap offset and input once, and per A row three unsigned bounds tests and one address.
     constexpr int THREAD_ROWS = MMA_THREADS / (MMA_K / VECTOR);
     static_assert(THREAD_ROWS == 32, "a slab's rows in groups of 32, a row of 4 pieces per 4 threads");
     const int row = threadIdx.x / (MMA_K / VECTOR), kk = threadIdx.x % (MMA_K / VECTOR) * VECTOR;
-    Origin origins[ROWS / THREAD_ROWS];
+    Window windows[ROWS / THREAD_ROWS];
+#pragma unroll
     for (int j = 0; j < ROWS / THREAD_ROWS; ++j)
-        origins[j] = origin_of(row0 + row + j * THREAD_ROWS, m, out, stride, pad);
-    ColumnCursor cursor((int)(first * MMA_K) + kk, (int)cin, kernel);
+        windows[j] = window_of(row0 + row + j * THREAD_ROWS, m, in, out, stride, pad);
+    const __half* weight_rows[COLUMNS / THREAD_ROWS];
+    bool weight_row_exists[COLUMNS / THREAD_ROWS];  // not past N
+#pragma unroll
+    for (int j = 0; j < COLUMNS / THREAD_ROWS; ++j) {
+        const int64_t c = col0 + row + j * THREAD_ROWS;
+        weight_row_exists[j] = c < n;
+        weight_rows[j] = w + (weight_row_exists[j] ? c : 0) * k + kk;
+    }
+    ColumnCursor cursor(first * MMA_K + kk, (int)cin, kernel);
     // Copies step `step`'s slabs into stage `stage` (zeros outside the input and the matrices),
     // commits them as one group, and moves the cursor to the next step.
-    auto issue = [&](int64_t step, int stage) {
-        int64_t k0 = step * MMA_K;
-        bool in_k = k0 + kk < k;
-        Column column = cursor.column(first_channels);
+    auto issue = [&](int step, int stage) {
+        const int k0 = step * MMA_K;
+        const bool in_k = k0 + kk < (int)k;
+        const Tap tap = tap_of(cursor.z, cursor.y, cursor.x, in);
+        const Channel channel = channel_of(cursor.ci, x, second, (int)cin, (int)first_channels);
+#pragma unroll
         for (int j = 0; j < ROWS / THREAD_ROWS; ++j) {
-            const __half* a = in_k ? a_source(origins[j], column, x, second, in, cin, first_channels) : nullptr;
-            copy_16_async_cached(&xs[stage][row + j * THREAD_ROWS][kk], a ? a : x, !a);
+            const __half* a;
+            const bool inside = a_source(windows[j], tap, channel, in, a) && in_k;
+            copy_16_async_cached(&xs[stage][row + j * THREAD_ROWS][kk], inside ? a : x, !inside);
         }
+#pragma unroll
         for (int j = 0; j < COLUMNS / THREAD_ROWS; ++j) {
-            int64_t c = col0 + row + j * THREAD_ROWS;
-            bool inside = in_k && c < n;
-            __pipeline_memcpy_async(&ws[stage][row + j * THREAD_ROWS][kk], inside ? w + c * k + k0 + kk : w, 16,
+            const bool inside = in_k && weight_row_exists[j];
+            __pipeline_memcpy_async(&ws[stage][row + j * THREAD_ROWS][kk], inside ? weight_rows[j] + k0 : w, 16,
                                     inside ? 0 : 16);
         }
         __pipeline_commit();
         cursor.advance(MMA_K, (int)cin, kernel);
     };
+    // The ring's stages in turn: step t reads stage `reading` while step t + STAGES − 1 fills
+    // stage `filling`, the one step t − 1 read.
+    int reading = 0, filling = STAGES - 1;
+#pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (first + s < last) issue(first + s, s);
         else __pipeline_commit();  // an empty group keeps the count of groups per step
     }
-    for (int64_t t = first; t < last; ++t) {
+    for (int t = first; t < last; ++t) {
         // Step t's group is complete once at most the STAGES − 2 after it are pending; the
-        // barrier shows every thread's copies and retires the stage step t − 1 read, which
-        // step t + STAGES − 1 refills.
+        // barrier shows every thread's copies and retires the stage step t − 1 read.
         __pipeline_wait_prior(STAGES - 2);
         __syncthreads();
-        int64_t next = t + STAGES - 1;
-        if (next < last) issue(next, (next - first) % STAGES);
+        if (t + STAGES - 1 < last) issue(t + STAGES - 1, filling);
         else __pipeline_commit();
-        int stage = (t - first) % STAGES;
-        warp_tile_mma(acc, &xs[stage][0][0], &ws[stage][0][0], wr, wc);
+        warp_tile_mma(acc, &xs[reading][0][0], &ws[reading][0][0], wr, wc);
+        reading = reading == STAGES - 1 ? 0 : reading + 1;
+        filling = filling == STAGES - 1 ? 0 : filling + 1;
     }
     __syncthreads();  // every warp is done with the slabs, whose bytes become `staged`
     store_warp_tile(&staged[0][0], Tile::STAGED_LD, acc, wr, wc);
@@ -354,15 +392,16 @@ extern "C" __global__ void __launch_bounds__(TILE) conv3d_direct_f16(const __hal
                                                                      int64_t first_channels, double* stats,
                                                                      float* /* split_sums: never split */) {
     __shared__ __align__(16) float weights[DIRECT_TAPS][DIRECT_CHANNELS];  // [tap][channel] of one chunk
-    __shared__ Column columns[DIRECT_TAPS];                                // the chunk's taps, channel ci
+    __shared__ Tap chunk_taps[DIRECT_TAPS];                                // the chunk's taps
     __shared__ float staged[TILE][DIRECT_CHANNELS + 1];                    // [voxel][channel], for the epilogue
     const int64_t m = out.count(), taps = kernel.count(), k = cin * taps;
     const int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * DIRECT_CHANNELS;
-    const Origin origin = origin_of(row0 + threadIdx.x, m, out, stride, pad);
+    const Window window = window_of(row0 + threadIdx.x, m, in, out, stride, pad);
     float acc[DIRECT_CHANNELS] = {};
     for (int64_t ci = 0; ci < cin; ++ci) {
+        const Channel channel = channel_of((int)ci, x, second, (int)cin, (int)first_channels);
         for (int64_t t0 = 0; t0 < taps; t0 += DIRECT_TAPS) {
-            __syncthreads();  // every thread is done with the previous chunk's weights and columns
+            __syncthreads();  // every thread is done with the previous chunk's weights and taps
             for (int l = threadIdx.x; l < DIRECT_TAPS * DIRECT_CHANNELS; l += TILE) {
                 int t = l / DIRECT_CHANNELS, c = l % DIRECT_CHANNELS;
                 bool inside = t0 + t < taps && col0 + c < cout;
@@ -370,18 +409,16 @@ extern "C" __global__ void __launch_bounds__(TILE) conv3d_direct_f16(const __hal
             }
             if (threadIdx.x < DIRECT_TAPS) {
                 int64_t tap = t0 + threadIdx.x;  // past the last tap in the last chunk: never read
-                bool in_second = ci >= first_channels;
-                columns[threadIdx.x] = Column{(int)(tap / (kernel.y * kernel.x)), (int)(tap / kernel.x % kernel.y),
-                                              (int)(tap % kernel.x), (int)(in_second ? ci - first_channels : ci),
-                                              in_second};
+                chunk_taps[threadIdx.x] =
+                    tap_of((int)(tap / (kernel.y * kernel.x)), (int)(tap / kernel.x % kernel.y), (int)(tap % kernel.x), in);
             }
             __syncthreads();
             const int chunk = taps - t0 < DIRECT_TAPS ? (int)(taps - t0) : DIRECT_TAPS;
-            float window[DIRECT_TAPS];
+            float values[DIRECT_TAPS];  // the voxel's window
 #pragma unroll
             for (int t = 0; t < DIRECT_TAPS; ++t) {
-                const __half* a = t < chunk ? a_source(origin, columns[t], x, second, in, cin, first_channels) : nullptr;
-                window[t] = a ? __half2float(*a) : 0.f;
+                const __half* a;
+                values[t] = t < chunk && a_source(window, chunk_taps[t], channel, in, a) ? __half2float(*a) : 0.f;
             }
 #pragma unroll
             for (int t = 0; t < DIRECT_TAPS; ++t) {
@@ -389,10 +426,10 @@ extern "C" __global__ void __launch_bounds__(TILE) conv3d_direct_f16(const __hal
 #pragma unroll
                 for (int c = 0; c < DIRECT_CHANNELS; c += 4) {
                     float4 wt = *reinterpret_cast<const float4*>(&weights[t][c]);
-                    acc[c] += window[t] * wt.x;
-                    acc[c + 1] += window[t] * wt.y;
-                    acc[c + 2] += window[t] * wt.z;
-                    acc[c + 3] += window[t] * wt.w;
+                    acc[c] += values[t] * wt.x;
+                    acc[c + 1] += values[t] * wt.y;
+                    acc[c + 2] += values[t] * wt.z;
+                    acc[c + 3] += values[t] * wt.w;
                 }
             }
         }
@@ -424,15 +461,13 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv_transpose3d_mma_f
                                                                                    const __half* bias, __half* y,
                                                                                    int64_t cin, Dims3 in,
                                                                                    int64_t cout, Dims3 stride) {
-    using namespace nvcuda;
     __shared__ __align__(32) __half xs[TILE][SLAB_LD];
     __shared__ __align__(32) __half ws[TILE][SLAB_LD];
     __shared__ __align__(32) float staged[TILE][TILE + 4];
     const int64_t taps = stride.count(), m = in.count(), n = cout * taps, k = cin;
     int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * TILE;
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
-    Accumulator acc[2][2];
-    zero_warp_tile(acc);
+    float acc[2][4][4] = {};  // the warp's 32 × 32: 2 × 4 C tiles
     const __half zero = __float2half(0.f);
     for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
         // A is x itself, a voxel's channels contiguous.

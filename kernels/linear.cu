@@ -5,9 +5,9 @@
 // shared memory, so each loaded value is reused 64 times:
 // - `linear_simt_*`: any storage; 256 threads, each owning a 4 × 4 patch of outputs, K in steps
 //   of 16, f32 throughout. The f32 mode's path (and the oracle's closest GPU twin).
-// - `linear_mma_f16`: tensor cores through WMMA (16×16×16 f16 fragments, f32 accumulators);
-//   4 warps, each owning a 32 × 32 quarter of the block (2 × 2 fragments), K in steps of 32.
-//   Shared rows are padded by 8 halves so that fragment loads avoid bank conflicts. The f32
+// - `linear_mma_f16`: tensor cores through mma.sync (warp_tile_mma, f32 accumulators); 4 warps,
+//   each owning a 32 × 32 quarter of the block (2 × 4 C tiles of 16 × 8), K in steps of 32.
+//   Shared rows are padded by 8 halves so that ldmatrix avoids bank conflicts. The f32
 //   accumulators go through shared memory for the epilogue, which stores 8 outputs a thread
 //   with one 16-byte store where the rows allow it.
 // Loads are bounds-checked and zero-filled, so any M, N, K work (the click side has M = 10);
@@ -85,14 +85,12 @@ FOR_EACH_STORAGE(LINEAR_SIMT)
 extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x, const __half* w,
                                                                    const __half* bias, __half* y, int64_t m,
                                                                    int64_t n, int64_t k, int epilogue) {
-    using namespace nvcuda;
     __shared__ __align__(32) __half xs[TILE][SLAB_LD];
     __shared__ __align__(32) __half ws[TILE][SLAB_LD];
     __shared__ __align__(32) float out[TILE][TILE + 4];
     int64_t row0 = (int64_t)blockIdx.y * TILE, col0 = (int64_t)blockIdx.x * TILE;
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
-    Accumulator acc[2][2];
-    zero_warp_tile(acc);
+    float acc[2][4][4] = {};  // the warp's 32 × 32: 2 × 4 C tiles
     for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
         load_slab<TILE>(&xs[0][0], x, row0, m, k, k0);
         load_slab<TILE>(&ws[0][0], w, col0, n, k, k0);

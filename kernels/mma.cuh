@@ -1,25 +1,24 @@
-// Tensor-core building blocks (f16 operands, f32 accumulators), at two levels.
+// Tensor-core building blocks (f16 operands, f32 accumulators): mma.sync m16n8k16 and ldmatrix
+// through inline PTX (`mma_16816`, `ldmatrix_x4`), whose register layouts the PTX ISA fixes, so
+// that accumulators can be worked on in registers.
 //
-// mma.sync m16n8k16 and ldmatrix through inline PTX (`mma_16816`, `ldmatrix_x4`), whose register
-// layouts the PTX ISA fixes, for the fused head kernels: each warp owns 16 token rows of a block,
-// multiplies them by weights staged in shared memory (`warp_rows_linear`: W stored [out][in] as
-// PyTorch, read as Wᵀ) into C tiles in registers, and works on those there: a bias and GELU
-// applied and the tiles fed to the next GEMM as its A operand (feed_forward_mma), a softmax
-// (the attention kernels), the residual added straight into x (`add_tiles_to_rows`), with no
-// round trip through shared memory. `stage_weights_async` copies a weight block from global
-// memory into such a staging area, zero-filling what lies outside the matrix.
+// - The fused head kernels: each warp owns 16 token rows of a block, multiplies them by weights
+//   staged in shared memory (`warp_rows_linear`: W stored [out][in] as PyTorch, read as Wᵀ)
+//   into C tiles in registers, and works on those there: a bias and GELU applied and the tiles
+//   fed to the next GEMM as its A operand (feed_forward_mma), a softmax (the attention
+//   kernels), the residual added straight into x (`add_tiles_to_rows`), with no round trip
+//   through shared memory. `stage_weights_async` copies a weight block from global memory into
+//   such a staging area, zero-filling what lies outside the matrix.
+// - The block-tile GEMMs of the dense layers and the convolutions (`warp_tile_mma`): each warp
+//   a 32 × 32 or larger part of a 64 × 64 or 128 × 64 output tile, K in slabs of MMA_K, the
+//   epilogue through an f32 staging area (`store_warp_tile`).
 //
-// WMMA (nvcuda::wmma, 16×16×16 fragments whose layout is the compiler's) for the 64 × 64-tile
-// GEMMs of the dense layers and the convolutions (`warp_tile_mma`), whose epilogues go through
-// shared memory anyway.
-//
-// Shared rows are padded by MMA_PAD halves so that fragment loads avoid bank conflicts; every
-// WMMA fragment pointer is 32-byte aligned and every ldmatrix row 16-byte aligned, which the
-// paddings and the callers' layouts keep.
+// Shared rows are padded by MMA_PAD halves so that ldmatrix's eight rows of 16 bytes fall in
+// different banks (a row stride of 80 bytes for the slabs); every ldmatrix row is 16-byte
+// aligned, which the paddings and the callers' layouts keep.
 #pragma once
 
 #include <cuda_pipeline.h>
-#include <mma.h>
 
 #include "common.cuh"
 
@@ -36,45 +35,6 @@ constexpr int SLAB_LD = MMA_K + MMA_PAD;
 // 128), else 64 (a GPU of compute capability 8.6 or 8.9 allows 99 KB; src/backend/cuda/mod.rs).
 constexpr int FUSED_MAX_THREADS = 256;
 __device__ __forceinline__ int fused_rows() { return blockDim.x / 2; }
-
-using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-
-// One K step of a warp's FM × FN fragments of a block tile (linear_mma_f16, the tensor-core
-// convolutions; 2 × 2, a 32 × 32 quarter of a 64 × 64 tile, unless a convolution's tile says
-// otherwise): acc[i][j] += A_i·B_j for the warp's rows wr + 16i and columns wc + 16j. `a` and `b`
-// are the step's slabs in shared memory, rows of MMA_K halves, row stride SLAB_LD: A's rows are
-// the tile's rows; B's are its columns (W stored [n][k]), read column-major as Wᵀ. Each loaded
-// A fragment feeds FN products and each B fragment FM.
-template <int FM, int FN>
-__device__ __forceinline__ void warp_tile_mma(Accumulator (&acc)[FM][FN], const __half* a, const __half* b, int wr,
-                                              int wc) {
-    using namespace nvcuda;
-#pragma unroll
-    for (int kk = 0; kk < MMA_K; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[FM];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[FN];
-        for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], a + (wr + 16 * i) * SLAB_LD + kk, SLAB_LD);
-        for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(fb[j], b + (wc + 16 * j) * SLAB_LD + kk, SLAB_LD);
-        for (int i = 0; i < FM; ++i)
-            for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
-}
-
-// A warp's FM × FN fragments of a block tile's accumulators into an f32 staging area,
-// row-major (row stride lds floats), for the epilogues.
-template <int FM, int FN>
-__device__ __forceinline__ void store_warp_tile(float* staged, int lds, const Accumulator (&acc)[FM][FN], int wr,
-                                                int wc) {
-    for (int i = 0; i < FM; ++i)
-        for (int j = 0; j < FN; ++j)
-            nvcuda::wmma::store_matrix_sync(staged + (wr + 16 * i) * lds + wc + 16 * j, acc[i][j], lds,
-                                            nvcuda::wmma::mem_row_major);
-}
-
-template <int FM, int FN> __device__ __forceinline__ void zero_warp_tile(Accumulator (&acc)[FM][FN]) {
-    for (int i = 0; i < FM; ++i)
-        for (int j = 0; j < FN; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
-}
 
 // dest[r][c] = w[row0 + r][col0 + c] for r < rows, c < cols (row stride ldd halves in dest,
 // `width` in w), zero outside w's `height` × `width`. All threads of the block take part. When
@@ -240,6 +200,16 @@ __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const __half* 
     ldmatrix_x4(a, rows + (lane % 8 + 8 * (matrix % 2)) * ld + k0 + 8 * (matrix / 2));
 }
 
+// The B fragments of columns c0 to c0 + 15 of a K step of 16 from k0, B = Wᵀ with W stored
+// [n][k] in shared memory (row stride ld halves): registers 0 and 1 for columns c0 to c0 + 7,
+// 2 and 3 for the next eight. Matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15),
+// (k 8-15, n 8-15): each lane passes row lane % 8 of its matrix, at K offset 8·(matrix % 2) and
+// N offset 8·(matrix / 2).
+__device__ __forceinline__ void load_b_fragments(uint32_t (&r)[4], const __half* w, int ld, int c0, int k0) {
+    const int lane = threadIdx.x % 32, matrix = lane / 8;
+    ldmatrix_x4(r, w + (c0 + 8 * (matrix / 2) + lane % 8) * ld + k0 + 8 * (matrix % 2));
+}
+
 // acc[j] += a·B[k0 : k0 + 16, 8j : 8j + 8] for j < N / 8: one K step of 16 of the warp's
 // 16 × N product, B in shared memory (row stride ld halves) stored as PyTorch stores a weight,
 // W = Bᵀ ([n][k], the default), or as B itself ([k][n], B_ROW_MAJOR, read by ldmatrix.trans).
@@ -248,16 +218,63 @@ __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const __half* 
 template <int N, bool B_ROW_MAJOR = false>
 __device__ __forceinline__ void mma_rows_k16(float (&acc)[N / 8][4], const uint32_t (&a)[4], const __half* b, int ld,
                                              int k0) {
-    // The lane's row address: row lane % 8 of its matrix, at K offset k and N offset n.
+    // The lane's row address for ldmatrix.trans: row lane % 8 of its matrix, at K offset k and N
+    // offset n.
     const int lane = threadIdx.x % 32, matrix = lane / 8, k = k0 + 8 * (matrix % 2), n = 8 * (matrix / 2);
 #pragma unroll
     for (int j = 0; j < N / 16; ++j) {
         uint32_t r[4];
         if constexpr (B_ROW_MAJOR) ldmatrix_x4<true>(r, b + (k + lane % 8) * ld + 16 * j + n);
-        else ldmatrix_x4(r, b + (16 * j + n + lane % 8) * ld + k);
+        else load_b_fragments(r, b, ld, 16 * j, k0);
         mma_16816(acc[2 * j], a, r[0], r[1]);
         mma_16816(acc[2 * j + 1], a, r[2], r[3]);
     }
+}
+
+// One K step of a warp's FM × NT C tiles of a block tile (linear_mma_f16, the tensor-core
+// convolutions; 2 × 4, a 32 × 32 quarter of a 64 × 64 tile, unless a convolution's tile says
+// otherwise): acc[i][j] += A·B for the warp's rows wr + 16i to wr + 16i + 15 and columns
+// wc + 8j to wc + 8j + 7. `a` and `b` are the step's slabs in shared memory, rows of MMA_K
+// halves, row stride SLAB_LD: A's rows are the tile's rows; B's are its columns (W stored
+// [n][k]). Each A fragment feeds NT products and each pair of B fragments 2·FM: per 16 of K, FM
+// + NT/2 ldmatrix for FM·NT mma.sync.
+template <int FM, int NT>
+__device__ __forceinline__ void warp_tile_mma(float (&acc)[FM][NT][4], const __half* a, const __half* b, int wr,
+                                              int wc) {
+    static_assert(NT % 2 == 0, "column tiles in pairs, one ldmatrix each");
+#pragma unroll
+    for (int k0 = 0; k0 < MMA_K; k0 += 16) {
+        uint32_t fa[FM][4];
+#pragma unroll
+        for (int i = 0; i < FM; ++i) load_a_fragment(fa[i], a + (wr + 16 * i) * SLAB_LD, SLAB_LD, k0);
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {
+            uint32_t fb[4];
+            load_b_fragments(fb, b, SLAB_LD, wc + 8 * j, k0);
+#pragma unroll
+            for (int i = 0; i < FM; ++i) {
+                mma_16816(acc[i][j], fa[i], fb[0], fb[1]);
+                mma_16816(acc[i][j + 1], fa[i], fb[2], fb[3]);
+            }
+        }
+    }
+}
+
+// A warp's FM × NT C tiles of a block tile's accumulators into an f32 staging area, row-major
+// (row stride lds floats, even), for the epilogues: each lane its column pairs of rows g and
+// g + 8 of every tile, 8 bytes a store.
+template <int FM, int NT>
+__device__ __forceinline__ void store_warp_tile(float* staged, int lds, const float (&acc)[FM][NT][4], int wr,
+                                                int wc) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+                *(float2*)&staged[(wr + 16 * i + g + 8 * half) * lds + wc + 8 * j + 2 * t] =
+                    float2{acc[i][j][2 * half], acc[i][j][2 * half + 1]};
 }
 
 // Each C tile of a warp's 16 × N accumulators set to its columns' bias[c] (0 where bias is null).

@@ -27,8 +27,8 @@
 // kernel, block, thread and buffer); fresh allocations and dynamic shared memory are filled with
 // 0xFF bytes (NaN in f32 and f16), so a value read before it was written shows; a block's
 // dynamic shared memory starts 128-byte aligned and is followed by a canary, checked when the
-// block ends, so a write past the launch's size fails the launch. WMMA loads and stores check
-// their alignment. Allocations start 16-byte aligned (up to 15 bytes of padding before the
+// block ends, so a write past the launch's size fails the launch. ldmatrix checks its rows'
+// alignment. Allocations start 16-byte aligned (up to 15 bytes of padding before the
 // guard page). Asynchronous copies (__pipeline_memcpy_async) check their size and alignment and
 // land only when the thread waits for them (or, with TIS_CUDA_EMULATOR_EARLY_COPIES=1, at once:
 // the two ends of the time a copy may take). Copies and memsets are bounds-checked against the
@@ -626,12 +626,6 @@ void pipeline_wait_prior(size_t pending) {
         for (const PendingCopy& c : f.committed.front()) land(c);
         f.committed.erase(f.committed.begin());
     }
-}
-
-void check_fragment_memory(const void* pointer, unsigned ldm, unsigned element_bytes) {
-    if ((uintptr_t)pointer % 32 || ldm * element_bytes % 16)
-        fail("WMMA load or store at " + std::to_string((uintptr_t)pointer) + " with ldm " + std::to_string(ldm) +
-             ": the pointer must be 32-byte aligned and ldm a multiple of 16 bytes");
 }
 
 }  // namespace emu

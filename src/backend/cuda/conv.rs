@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaTensor, Dims3, Element, Layout, driver, layout, norm};
 use crate::backend::{Conv3d, ConvTranspose3d, InstanceNorm, conv_then_norm, shapes};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 const MODULE: &str = "conv";
 /// Channels per 16-byte load of the implicit GEMM (VECTOR): it needs every channel count to be
@@ -187,6 +187,7 @@ fn conv3d_of<E: Element>(
     let voxels: usize = shape.out_dims.iter().product();
     let first_channels = x.shape[0];
     let (name, tile) = if E::TENSOR_CORES {
+        check_voxel_indices(shape)?;
         let (name, tile) = f16_conv3d_kernel(shape, first_channels, b.multiprocessors);
         (name.to_string(), Some(tile))
     } else {
@@ -238,6 +239,25 @@ fn conv3d_of<E: Element>(
         norm::normalize_from_partials(b, &mut y, norm, partials, blocks)?;
     }
     Ok(y)
+}
+
+/// The f16 convolutions index an input's and an output's voxels in 32 bits (kernels/conv.cu's
+/// `Window`): a volume of 2³¹ voxels or more (8 GB of f32 a channel) is refused by name.
+fn check_voxel_indices(shape: &shapes::ConvShape) -> Result<()> {
+    let largest = shape
+        .dims
+        .iter()
+        .product::<usize>()
+        .max(shape.out_dims.iter().product());
+    if largest > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "conv3d of input {:?} to output {:?}: the f16 kernels take volumes of at most {} voxels",
+            shape.dims,
+            shape.out_dims,
+            i32::MAX
+        )));
+    }
+    Ok(())
 }
 
 /// How many parts the 64 × 64 implicit GEMM splits its K loop into: where its blocks would
@@ -362,4 +382,30 @@ pub fn conv_transpose3d<E: Element>(
         f16_inputs: None,
     };
     launch_conv(b, launch, &shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(dims: [usize; 3], out_dims: [usize; 3]) -> shapes::ConvShape {
+        shapes::ConvShape {
+            cin: 8,
+            dims,
+            cout: 8,
+            out_dims,
+            kernel: [3, 3, 3],
+        }
+    }
+
+    #[test]
+    fn volumes_past_32_bit_voxel_indices_are_refused_by_name() {
+        assert!(check_voxel_indices(&shape([1024, 1024, 2047], [1024, 1024, 2047])).is_ok());
+        let huge = [1024, 1024, 2048];
+        for s in [shape(huge, [512, 512, 1024]), shape([8, 8, 8], huge)] {
+            let message = check_voxel_indices(&s).unwrap_err().to_string();
+            assert!(message.contains("[1024, 1024, 2048]"), "{message}");
+            assert!(message.contains("2147483647 voxels"), "{message}");
+        }
+    }
 }

@@ -50,7 +50,7 @@ pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + '
     const SUFFIX: &'static str;
     /// The dense-layer kernel for this type.
     const LINEAR_KERNEL: &'static str;
-    /// Whether this type's GEMMs run on tensor cores (WMMA), with the fused kernels built on them.
+    /// Whether this type's GEMMs run on tensor cores (mma.sync), with the fused kernels built on them.
     const TENSOR_CORES: bool;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
