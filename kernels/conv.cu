@@ -55,8 +55,11 @@
 // [channel][split] layout instance_norm_finalize reduces: the conv block's normalisation then
 // reads its output once (apply) instead of twice (partials, apply).
 // - `conv_transpose3d_mma_f16`: one GEMM, P[i, n] = Σ_ci x[i, ci]·packed[ci, n] with M = input
-//   voxels, N = taps·cout (n = tap·cout + co), K = cin, tiled as above (A is x itself, 16-byte
-//   loads; B staged transposed); the epilogue writes P[i, n] + b[co] to y[i·s + tap][co].
+//   voxels, N = taps·cout (n = tap·cout + co), K = cin, tiled as above: A is x itself, B the
+//   packed weights' rows as they lie ([k][n], 16-byte asynchronous copies where n comes in
+//   eights), read by ldmatrix.trans. The epilogue writes P[i, n] + b[co] to y[i·s + tap][co], 8
+//   channels (16 bytes) a store where cout comes in eights: 8 columns of a row are then 8
+//   consecutive channels of one tap, consecutive in y.
 #include "mma.cuh"
 
 template <typename T>
@@ -95,9 +98,10 @@ constexpr int VECTOR = 8;
 
 // One output voxel's window in the input: its origin (negative at the padding) and the
 // origin's voxel index in the input (which may lie outside it: only a tap that lands inside is
-// read). A voxel past the output (the last block's rows past M) gets an origin that no tap
-// brings into the input, so that it reads zeros like the padding, with no test of its own.
-// Voxel indices are 32-bit: the backend refuses volumes of 2³¹ voxels or more.
+// read). Voxel indices are 32-bit: the backend refuses volumes of 2³¹ voxels or more. A voxel
+// past the output (the last block's rows past M, whose results are never stored) gets an origin
+// no tap brings into the input, so that it reads zeros like the padding: its own window would
+// lie a row or a plane past the output's, whose index can pass 2³¹ in a volume just below it.
 struct Window {
     int z, y, x, voxel;
 };
@@ -189,7 +193,10 @@ struct ColumnCursor {
 
 // The epilogue of the f16 convolutions (THREADS threads, a multiple of COLUMNS):
 // y[row0 + r][col0 + c] = staged[r][c] + b[col0 + c] for the block's ROWS voxels × COLUMNS
-// channels, staged row-major (row stride ld floats), consecutive threads on consecutive channels.
+// channels, staged row-major (row stride ld floats), 8 consecutive channels a thread and
+// consecutive threads on consecutive eights: where n comes in eights, the 8 values are 16
+// aligned bytes of y, all inside the output or all past it, and go as one store (the stores of
+// a 128-row block fall from 64 to 8 a thread), else one at a time.
 // Each thread leaves the values it stored in `staged` (zeros outside the output), so that, given
 // `stats`, InstanceNorm's partial sums of the block are of the stored values: THREADS / COLUMNS
 // threads per channel (t % COLUMNS) each add up as many consecutive voxels, a warp's lanes
@@ -199,12 +206,26 @@ __device__ __forceinline__ void store_block(float* staged, int ld, const __half*
                                             int64_t m, int64_t col0, int64_t n, double* stats) {
     constexpr int PARTS = THREADS / COLUMNS, PART_ROWS = ROWS / PARTS;
     static_assert(PARTS * COLUMNS == THREADS && PARTS * PART_ROWS == ROWS, "whole parts of the block");
-    for (int l = threadIdx.x; l < ROWS * COLUMNS; l += THREADS) {
-        int r = l / COLUMNS, c = l % COLUMNS;
-        bool inside = row0 + r < m && col0 + c < n;
-        __half stored = from_f32<__half>(staged[r * ld + c] + (bias && inside ? __half2float(bias[col0 + c]) : 0.f));
-        staged[r * ld + c] = inside ? __half2float(stored) : 0.f;
-        if (inside) y[(row0 + r) * n + col0 + c] = stored;
+    static_assert(COLUMNS % 8 == 0, "whole eights of channels");
+    const bool by8 = n % 8 == 0 && (uintptr_t)y % 16 == 0;
+    for (int l = threadIdx.x; l < ROWS * COLUMNS / 8; l += THREADS) {
+        const int r = l / (COLUMNS / 8), c = l % (COLUMNS / 8) * 8;
+        const int64_t row = row0 + r, col = col0 + c;
+        float* values = staged + r * ld + c;
+        __half stored[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const bool inside = row < m && col + i < n;
+            stored[i] = from_f32<__half>(values[i] + (bias && inside ? __half2float(bias[col + i]) : 0.f));
+            values[i] = inside ? __half2float(stored[i]) : 0.f;
+        }
+        if (row >= m || col >= n) continue;
+        __half* out = y + row * n + col;
+        if (by8)
+            *(uint4*)out = uint4{pack_halves(stored[0], stored[1]), pack_halves(stored[2], stored[3]),
+                                 pack_halves(stored[4], stored[5]), pack_halves(stored[6], stored[7])};
+        else
+            for (int i = 0; i < 8 && col + i < n; ++i) out[i] = stored[i];
     }
     if (!stats) return;
     __shared__ float parts[PARTS][COLUMNS][2];  // [voxels part][channel][Σy, Σy²]
@@ -248,7 +269,7 @@ template <int WARPS_M, int FM, int FN> struct IgemmTile {
     // STAGES slabs of A (ROWS × MMA_K) and B (COLUMNS × MMA_K) while the K loop runs, then (the
     // same bytes) the f32 accumulators for the epilogue.
     static constexpr int A_BYTES = STAGES * ROWS * SLAB_LD * 2, B_BYTES = STAGES * COLUMNS * SLAB_LD * 2;
-    static constexpr int STAGED_LD = COLUMNS + 4, STAGED_BYTES = ROWS * STAGED_LD * 4;
+    static constexpr int STAGED_LD = COLUMNS + STAGED_PAD, STAGED_BYTES = ROWS * STAGED_LD * 4;
     static constexpr int SHARED_BYTES =
         A_BYTES + B_BYTES > STAGED_BYTES ? A_BYTES + B_BYTES : STAGED_BYTES;
 };
@@ -355,7 +376,7 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_split_sum_f16(const float* split_sums, int64_t splits,
                                                                                const __half* bias, __half* y, int64_t m,
                                                                                int64_t n, double* stats) {
-    __shared__ float staged[TILE][TILE + 4];
+    __shared__ float staged[TILE][TILE + STAGED_PAD];
     const int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * TILE;
     for (int l = threadIdx.x; l < TILE * TILE; l += MMA_THREADS) {
         int r = l / TILE, c = l % TILE;
@@ -365,7 +386,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_split_sum_f16(c
         staged[r][c] = sum;
     }
     __syncthreads();
-    store_block<TILE, TILE, MMA_THREADS>(&staged[0][0], TILE + 4, bias, y, row0, m, col0, n, stats);
+    store_block<TILE, TILE, MMA_THREADS>(&staged[0][0], TILE + STAGED_PAD, bias, y, row0, m, col0, n, stats);
 }
 
 #define CONV3D_IGEMM(WARPS_M, FM, FN, NAME)                                                                     \
@@ -461,25 +482,21 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv_transpose3d_mma_f
                                                                                    const __half* bias, __half* y,
                                                                                    int64_t cin, Dims3 in,
                                                                                    int64_t cout, Dims3 stride) {
-    __shared__ __align__(32) __half xs[TILE][SLAB_LD];
-    __shared__ __align__(32) __half ws[TILE][SLAB_LD];
-    __shared__ __align__(32) float staged[TILE][TILE + 4];
+    constexpr int W_LD = TILE + MMA_PAD;  // 144-byte rows: ldmatrix.trans's 8 rows in different banks
+    __shared__ __align__(16) __half xs[TILE][SLAB_LD];
+    __shared__ __align__(16) __half ws[MMA_K][W_LD];  // [k][n]
+    __shared__ __align__(16) float staged[TILE][TILE + STAGED_PAD];
     const int64_t taps = stride.count(), m = in.count(), n = cout * taps, k = cin;
     int64_t row0 = (int64_t)blockIdx.x * TILE, col0 = (int64_t)blockIdx.y * TILE;
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
     float acc[2][4][4] = {};  // the warp's 32 × 32: 2 × 4 C tiles
-    const __half zero = __float2half(0.f);
     for (int64_t k0 = 0; k0 < k; k0 += MMA_K) {
-        // A is x itself, a voxel's channels contiguous.
         load_slab<TILE>(&xs[0][0], x, row0, m, k, k0);
-        // W ([cin][taps·cout], packed) staged transposed, consecutive threads on consecutive
-        // columns of a row.
-        for (int l = threadIdx.x; l < MMA_K * TILE; l += MMA_THREADS) {
-            int kk = l / TILE, c = l % TILE;
-            ws[c][kk] = k0 + kk < k && col0 + c < n ? w[(k0 + kk) * n + col0 + c] : zero;
-        }
+        stage_weights_async(&ws[0][0], W_LD, w, k, n, k0, col0, MMA_K, TILE);
+        __pipeline_commit();
+        __pipeline_wait_prior(0);
         __syncthreads();
-        warp_tile_mma(acc, &xs[0][0], &ws[0][0], wr, wc);
+        warp_tile_mma<2, 4, true>(acc, &xs[0][0], &ws[0][0], wr, wc, W_LD);
         __syncthreads();
     }
     // Where P[i, n] goes splits into a part of the row and a part of the column: y's index of
@@ -500,12 +517,25 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv_transpose3d_mma_f
                                    : -1;
         column_bias[l] = col < n && bias ? __half2float(bias[co]) : 0.f;
     }
-    store_warp_tile(&staged[0][0], TILE + 4, acc, wr, wc);
+    store_warp_tile(&staged[0][0], TILE + STAGED_PAD, acc, wr, wc);
     __syncthreads();
-    for (int l = threadIdx.x; l < TILE * TILE; l += MMA_THREADS) {
-        int r = l / TILE, c = l % TILE;
-        if (row_base[r] < 0 || column_offset[c] < 0) continue;
-        y[row_base[r] + column_offset[c]] = from_f32<__half>(staged[r][c] + column_bias[c]);
+    // 8 columns a thread. Where cout comes in eights, they are 8 channels of one tap (taps start
+    // at multiples of cout), all inside N or all past it, and 16-byte aligned in y.
+    const bool by8 = cout % 8 == 0 && (uintptr_t)y % 16 == 0;
+    for (int l = threadIdx.x; l < TILE * TILE / 8; l += MMA_THREADS) {
+        const int r = l / (TILE / 8), c = l % (TILE / 8) * 8;
+        if (row_base[r] < 0) continue;
+        if (by8) {
+            if (column_offset[c] < 0) continue;
+            __align__(16) __half values[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) values[i] = __float2half_rn(staged[r][c + i] + column_bias[c + i]);
+            *(uint4*)&y[row_base[r] + column_offset[c]] = *(const uint4*)values;
+        } else {
+            for (int i = 0; i < 8; ++i)
+                if (column_offset[c + i] >= 0)
+                    y[row_base[r] + column_offset[c + i]] = __float2half_rn(staged[r][c + i] + column_bias[c + i]);
+        }
     }
 }
 

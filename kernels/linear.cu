@@ -85,9 +85,9 @@ FOR_EACH_STORAGE(LINEAR_SIMT)
 extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x, const __half* w,
                                                                    const __half* bias, __half* y, int64_t m,
                                                                    int64_t n, int64_t k, int epilogue) {
-    __shared__ __align__(32) __half xs[TILE][SLAB_LD];
-    __shared__ __align__(32) __half ws[TILE][SLAB_LD];
-    __shared__ __align__(32) float out[TILE][TILE + 4];
+    __shared__ __align__(16) __half xs[TILE][SLAB_LD];
+    __shared__ __align__(16) __half ws[TILE][SLAB_LD];
+    __shared__ __align__(16) float out[TILE][TILE + STAGED_PAD];
     int64_t row0 = (int64_t)blockIdx.y * TILE, col0 = (int64_t)blockIdx.x * TILE;
     int warp = threadIdx.x / 32, wr = (warp / 2) * 32, wc = (warp % 2) * 32;
     float acc[2][4][4] = {};  // the warp's 32 × 32: 2 × 4 C tiles
@@ -98,7 +98,7 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
         warp_tile_mma(acc, &xs[0][0], &ws[0][0], wr, wc);
         __syncthreads();
     }
-    store_warp_tile(&out[0][0], TILE + 4, acc, wr, wc);
+    store_warp_tile(&out[0][0], TILE + STAGED_PAD, acc, wr, wc);
     __syncthreads();
     // Eight columns of a row a thread: one 16-byte store of y (and load, for the residual) where
     // the rows come in eights and y is 16-byte aligned, else value by value.

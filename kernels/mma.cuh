@@ -200,32 +200,28 @@ __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const __half* 
     ldmatrix_x4(a, rows + (lane % 8 + 8 * (matrix % 2)) * ld + k0 + 8 * (matrix / 2));
 }
 
-// The B fragments of columns c0 to c0 + 15 of a K step of 16 from k0, B = Wᵀ with W stored
-// [n][k] in shared memory (row stride ld halves): registers 0 and 1 for columns c0 to c0 + 7,
-// 2 and 3 for the next eight. Matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15),
+// The B fragments of columns c0 to c0 + 15 of a K step of 16 from k0, B in shared memory (row
+// stride ld halves) stored as PyTorch stores a weight, W = Bᵀ ([n][k], the default), or as B
+// itself ([k][n], B_ROW_MAJOR, read by ldmatrix.trans): registers 0 and 1 for columns c0 to
+// c0 + 7, 2 and 3 for the next eight. Matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15),
 // (k 8-15, n 8-15): each lane passes row lane % 8 of its matrix, at K offset 8·(matrix % 2) and
-// N offset 8·(matrix / 2).
-__device__ __forceinline__ void load_b_fragments(uint32_t (&r)[4], const __half* w, int ld, int c0, int k0) {
-    const int lane = threadIdx.x % 32, matrix = lane / 8;
-    ldmatrix_x4(r, w + (c0 + 8 * (matrix / 2) + lane % 8) * ld + k0 + 8 * (matrix % 2));
+// N offset 8·(matrix / 2) (a row of W is a column n, a row of B a K index).
+template <bool B_ROW_MAJOR = false>
+__device__ __forceinline__ void load_b_fragments(uint32_t (&r)[4], const __half* b, int ld, int c0, int k0) {
+    const int lane = threadIdx.x % 32, matrix = lane / 8, k = k0 + 8 * (matrix % 2), n = c0 + 8 * (matrix / 2);
+    if constexpr (B_ROW_MAJOR) ldmatrix_x4<true>(r, b + (k + lane % 8) * ld + n);
+    else ldmatrix_x4(r, b + (n + lane % 8) * ld + k);
 }
 
 // acc[j] += a·B[k0 : k0 + 16, 8j : 8j + 8] for j < N / 8: one K step of 16 of the warp's
-// 16 × N product, B in shared memory (row stride ld halves) stored as PyTorch stores a weight,
-// W = Bᵀ ([n][k], the default), or as B itself ([k][n], B_ROW_MAJOR, read by ldmatrix.trans).
-// Each ldmatrix brings the B fragments of two column tiles: matrices (k 0-7, n 0-7),
-// (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15) of the pair.
+// 16 × N product, B in shared memory as load_b_fragments reads it, two column tiles an ldmatrix.
 template <int N, bool B_ROW_MAJOR = false>
 __device__ __forceinline__ void mma_rows_k16(float (&acc)[N / 8][4], const uint32_t (&a)[4], const __half* b, int ld,
                                              int k0) {
-    // The lane's row address for ldmatrix.trans: row lane % 8 of its matrix, at K offset k and N
-    // offset n.
-    const int lane = threadIdx.x % 32, matrix = lane / 8, k = k0 + 8 * (matrix % 2), n = 8 * (matrix / 2);
 #pragma unroll
     for (int j = 0; j < N / 16; ++j) {
         uint32_t r[4];
-        if constexpr (B_ROW_MAJOR) ldmatrix_x4<true>(r, b + (k + lane % 8) * ld + 16 * j + n);
-        else load_b_fragments(r, b, ld, 16 * j, k0);
+        load_b_fragments<B_ROW_MAJOR>(r, b, ld, 16 * j, k0);
         mma_16816(acc[2 * j], a, r[0], r[1]);
         mma_16816(acc[2 * j + 1], a, r[2], r[3]);
     }
@@ -234,13 +230,14 @@ __device__ __forceinline__ void mma_rows_k16(float (&acc)[N / 8][4], const uint3
 // One K step of a warp's FM × NT C tiles of a block tile (linear_mma_f16, the tensor-core
 // convolutions; 2 × 4, a 32 × 32 quarter of a 64 × 64 tile, unless a convolution's tile says
 // otherwise): acc[i][j] += A·B for the warp's rows wr + 16i to wr + 16i + 15 and columns
-// wc + 8j to wc + 8j + 7. `a` and `b` are the step's slabs in shared memory, rows of MMA_K
-// halves, row stride SLAB_LD: A's rows are the tile's rows; B's are its columns (W stored
-// [n][k]). Each A fragment feeds NT products and each pair of B fragments 2·FM: per 16 of K, FM
-// + NT/2 ldmatrix for FM·NT mma.sync.
-template <int FM, int NT>
+// wc + 8j to wc + 8j + 7. `a` and `b` are the step's slabs in shared memory: A's rows are the
+// tile's rows, MMA_K halves each (row stride SLAB_LD); B's rows are its columns (W stored [n][k],
+// row stride SLAB_LD), or with B_ROW_MAJOR its MMA_K rows of K (row stride ldb). Each A fragment
+// feeds NT products and each pair of B fragments 2·FM: per 16 of K, FM + NT/2 ldmatrix for
+// FM·NT mma.sync.
+template <int FM, int NT, bool B_ROW_MAJOR = false>
 __device__ __forceinline__ void warp_tile_mma(float (&acc)[FM][NT][4], const __half* a, const __half* b, int wr,
-                                              int wc) {
+                                              int wc, int ldb = SLAB_LD) {
     static_assert(NT % 2 == 0, "column tiles in pairs, one ldmatrix each");
 #pragma unroll
     for (int k0 = 0; k0 < MMA_K; k0 += 16) {
@@ -250,7 +247,7 @@ __device__ __forceinline__ void warp_tile_mma(float (&acc)[FM][NT][4], const __h
 #pragma unroll
         for (int j = 0; j < NT; j += 2) {
             uint32_t fb[4];
-            load_b_fragments(fb, b, SLAB_LD, wc + 8 * j, k0);
+            load_b_fragments<B_ROW_MAJOR>(fb, b, ldb, wc + 8 * j, k0);
 #pragma unroll
             for (int i = 0; i < FM; ++i) {
                 mma_16816(acc[i][j], fa[i], fb[0], fb[1]);
@@ -259,6 +256,11 @@ __device__ __forceinline__ void warp_tile_mma(float (&acc)[FM][NT][4], const __h
         }
     }
 }
+
+// Padding of the f32 staging rows, in floats: with rows COLUMNS + 8 floats apart (COLUMNS a
+// multiple of 32), the 8-byte stores of a half-warp in store_warp_tile (rows g to g + 3, columns
+// 2t and 2t + 1) fall in 32 different banks.
+constexpr int STAGED_PAD = 8;
 
 // A warp's FM × NT C tiles of a block tile's accumulators into an f32 staging area, row-major
 // (row stride lds floats, even), for the epilogues: each lane its column pairs of rows g and

@@ -5,7 +5,11 @@
 // cancellation in the variance even over millions of voxels); `instance_norm_finalize`, one
 // block per channel, adds up the channel's partials and turns them into an f32 scale and shift
 // (γ/σ, β − μγ/σ); `instance_norm_apply` applies them with LeakyReLU in one memory-bound pass,
-// over channels-first or channels-last values. An f16 conv block skips the first launch: the
+// over channels-first or channels-last values, a value a thread; the f16 network's channels-last
+// activations, whose channels come in eights, take `instance_norm_apply_channels_last_f16`: 8
+// channels of a voxel (16 bytes) a load and a store, with no division per value (the scalar
+// kernel's 64-bit i % channels cost about 40 instructions for each 2-byte value, and a thread
+// had only 2 bytes in flight). An f16 conv block skips the first launch: the
 // convolution's epilogue (kernels/conv.cu) leaves the partials, one split per block of 64 or
 // 128 voxels (tens of thousands of splits, hence a block per channel in finalize).
 //
@@ -80,6 +84,32 @@ __device__ void instance_norm_apply(T* x, const float* scale_shift, int64_t chan
         int64_t c = channels_last ? i % channels : i / voxels;
         float y = to_f32(x[i]) * scale_shift[2 * c] + scale_shift[2 * c + 1];
         x[i] = from_f32<T>(y < 0.f ? y * slope : y);
+    }
+}
+
+// instance_norm_apply over channels-last f16 values of `channels` (a multiple of 8) channels:
+// group g of 8 channels of a voxel (value index 8g) a thread per step, one 16-byte load and
+// store. The group's channels follow from step to step without division: the grid's stride
+// modulo the channel groups is added and wrapped. The arithmetic is instance_norm_apply's.
+extern "C" __global__ void instance_norm_apply_channels_last_f16(__half* x, const float* scale_shift,
+                                                                 int64_t channels, int64_t voxels, float slope) {
+    const int groups = (int)(channels / 8);
+    const int64_t total = groups * voxels, step = (int64_t)gridDim.x * blockDim.x;
+    int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int group = (int)(g % groups);
+    const int group_step = (int)(step % groups);
+    for (; g < total; g += step) {
+        __align__(16) __half values[8];
+        *(uint4*)values = ((const uint4*)x)[g];
+        const float* ss = scale_shift + 16 * group;  // (scale, shift) of channels 8·group…
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float y = __half2float(values[i]) * ss[2 * i] + ss[2 * i + 1];
+            values[i] = __float2half_rn(y < 0.f ? y * slope : y);
+        }
+        ((uint4*)x)[g] = *(const uint4*)values;
+        group += group_step;
+        if (group >= groups) group -= groups;
     }
 }
 

@@ -80,6 +80,22 @@ pub fn normalize_from_partials<E: Element>(
     // SAFETY: matches `instance_norm_finalize_*`; one block per channel, partials checked above.
     unsafe { launch.launch(grid) }.map_err(driver)?;
 
+    // f16 channels-last values in eights of channels: 16 bytes a thread.
+    if E::TENSOR_CORES && x.layout == Layout::ChannelsLast && channels.is_multiple_of(8) {
+        let f = b.function(MODULE, "instance_norm_apply_channels_last_f16")?;
+        let mut launch = b.stream.launch_builder(&f);
+        launch
+            .arg(&mut x.data)
+            .arg(&scale_shift)
+            .arg(&c)
+            .arg(&v)
+            .arg(&slope);
+        // SAFETY: matches `instance_norm_apply_channels_last_f16`: x holds voxels × channels
+        // f16 values (a fresh allocation, 16-byte aligned), channels a multiple of 8, and
+        // scale_shift two values per channel.
+        unsafe { launch.launch(b.elementwise(channels / 8 * voxels)) }.map_err(driver)?;
+        return Ok(());
+    }
     let f = b.kernel(MODULE, "instance_norm_apply")?;
     let mut launch = b.stream.launch_builder(&f);
     let channels_last = i32::from(x.layout == Layout::ChannelsLast);
