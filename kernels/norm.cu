@@ -62,9 +62,24 @@ __device__ void instance_norm_finalize(const double* partials, const T* gamma, c
                                        int64_t voxels, int splits, float eps) {
     int64_t c = blockIdx.x;
     double sum = 0.0, squares = 0.0;
-    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-        sum += partials[(c * splits + s) * 2];
-        squares += partials[(c * splits + s) * 2 + 1];
+    // 8 of a thread's splits loaded at once, then added in order: a conv block's partials are one
+    // split per 64 or 128 voxels (15,680 a channel at the Pancreas plan's first stage, 61 a
+    // thread), and a loop of one load and two dependent adds waits on memory every time.
+    const double* channel = partials + c * splits * 2;
+    int s = threadIdx.x;
+    for (; s + 7 * (int)blockDim.x < splits; s += 8 * blockDim.x) {
+        double2 pair[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) pair[i] = *(const double2*)&channel[(s + i * blockDim.x) * 2];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            sum += pair[i].x;
+            squares += pair[i].y;
+        }
+    }
+    for (; s < splits; s += blockDim.x) {
+        sum += channel[s * 2];
+        squares += channel[s * 2 + 1];
     }
     block_sum_pair(sum, squares);
     if (threadIdx.x != 0) return;

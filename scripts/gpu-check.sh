@@ -134,7 +134,7 @@ if [ "$head_only" != 1 ]; then
 fi
 
 step "profile: Nsight Compute on the Pancreas plan's network kernels and the per-click kernels"
-# Whatever time is left (at most 60 + 40 s): where the kernels stand against the card's peaks, at
+# Whatever time is left (at most 60 + 20 + 40 s): where the kernels stand against the card's peaks, at
 # the clocks the card runs at (--clock-control none: ncu would otherwise lock them to base).
 # The Pancreas bundle is the one step 5 wrote; the full reports stay in the logs.
 sections=(--clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats)
@@ -146,6 +146,14 @@ elif [ -f /tmp/bench-pancreas.safetensors ]; then
         gpu-bin/tis bench --tile --device cuda --precision f16 -m /tmp/bench-pancreas.safetensors --iters 1 \
         --warmup 0 > "$out/ncu-tile.log" 2>&1
     echo "ncu (tile) exit $?"
+    # The first stage's normalisation (finalize and apply of its first two conv blocks: 1 GB
+    # read and written a tile at that stage), separately so that the convolutions above keep
+    # their launch count.
+    bounded "$(within 20 $((RESERVE_SUMMARY + 40)))" ncu "${sections[@]}" --launch-count 4 \
+        --kernel-name regex:'instance_norm_finalize|instance_norm_apply' \
+        gpu-bin/tis bench --tile --device cuda --precision f16 -m /tmp/bench-pancreas.safetensors --iters 1 \
+        --warmup 0 > "$out/ncu-norm.log" 2>&1
+    echo "ncu (norm) exit $?"
 else
     echo "no Pancreas bundle (step 5 did not get to write it): no tile profile"
 fi

@@ -27,6 +27,9 @@ struct __attribute__((aligned(16))) uint4 {
 struct __attribute__((aligned(16))) float4 {
     float x, y, z, w;
 };
+struct __attribute__((aligned(16))) double2 {
+    double x, y;
+};
 
 namespace emu {
 extern thread_local uint3 thread_idx, block_idx, block_dim, grid_dim;
