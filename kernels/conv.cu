@@ -31,13 +31,14 @@
 //   channel, input) follows from step to step without division, so that a piece costs a few
 //   instructions (three unsigned bounds tests, one address): run A's kernel took 492
 //   instructions a warp a step for its 32 mma.sync (223 now, sm_90a SASS), recomputing 64-bit
-//   addresses and bounds for every piece. Padding and the ragged ends of M, N and K are the copies' zero fill. The epilogue
-//   stages the accumulators row-major in shared memory (reusing the ring's bytes: 32 KB of
-//   static shared memory in all; 39 and 47 KB for the 128-row tiles) and writes y[m][co] + b[co],
-//   consecutive threads on consecutive channels. Voxel blocks are on blockIdx.x (a volume can
-//   have more than 65535). Where the 64 × 64 tiles are fewer than the multiprocessors (a plan's
-//   deepest stages: 20 to 80 blocks for an H100's 132), K is split over blockIdx.z: each split
-//   leaves its raw sums in f32, and `conv3d_split_sum_f16` adds them up and runs the epilogue.
+//   addresses and bounds for every piece. Padding and the ragged ends of M, N and K are the
+//   copies' zero fill. The epilogue stages the accumulators row-major in shared memory (reusing
+//   the ring's bytes: 32 KB of static shared memory in all; 39 and 47 KB for the 128-row tiles)
+//   and writes y[m][co] + b[co], 8 channels a thread (store_block). Voxel blocks are on
+//   blockIdx.x (a volume can have more than 65535). Where the 64 × 64 tiles are fewer than the
+//   multiprocessors (a plan's deepest stages: 20 to 80 blocks for an H100's 132), K is split
+//   over blockIdx.z: each split leaves its raw sums in f32, and `conv3d_split_sum_f16` adds them
+//   up and runs the epilogue.
 // - `conv3d_direct_f16`: the convolutions whose channels do not come in eights, above all the
 //   network's first layer (one to a few channels: K = 27·cin would fill a fraction of one
 //   tensor-core step, with nothing to load 16 bytes at a time), on CUDA cores over the same
@@ -46,7 +47,7 @@
 //   taps, the block stages the weights in shared memory as [tap][channel] (warp-uniform float4
 //   reads: one 16-byte load feeds 4 FMAs) and each thread gathers its voxel's window into
 //   registers (zero outside the input), then multiplies. The output is staged in shared memory
-//   and written consecutive threads on consecutive channels.
+//   and written by store_block, as the implicit GEMM's.
 // Both read the input as two volumes' channel concatenation when given `second` and
 // `first_channels`, which spares the decoder's convolutions the concatenated copy. Given
 // `stats`, both epilogues also leave InstanceNorm's partial sums of each block's voxels per
