@@ -186,13 +186,8 @@ __device__ void cross_partial_mma(const __half* x, const __half* gamma, const __
         layer_norm_rows<D>(ln, L::LD, x, gamma, beta, end, t0, T);
         __syncthreads();
         // S: element i of C tile j is voxel t0 + 8j + 2t + i % 2 of column col0 + g + 8·(i / 2).
-        float s[T / 8][4] = {};
-#pragma unroll
-        for (int k0 = 0; k0 < D; k0 += 16) {
-            uint32_t a[4];
-            load_a_fragment(a, fold + 16 * warp * L::LD, L::LD, k0);
-            mma_rows_k16<T>(s, a, ln, L::LD, k0);
-        }
+        float s[T / 8][4];
+        warp_rows_linear<T, D>(s, fold + 16 * warp * L::LD, L::LD, ln, L::LD, nullptr);
         const int valid = (int)min((int64_t)T, end - t0);
 #pragma unroll
         for (int j = 0; j < T / 8; ++j)

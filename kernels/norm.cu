@@ -91,21 +91,26 @@ __device__ void instance_norm_finalize(const double* partials, const T* gamma, c
     scale_shift[2 * c + 1] = (float)(to_f32(beta[c]) - mean * g * inv_std);
 }
 
+// LeakyReLU(v·scale + shift), with scale_shift the channel's (scale, shift) pair.
+__device__ __forceinline__ float normalize_leaky(float v, const float* scale_shift, float slope) {
+    const float y = v * scale_shift[0] + scale_shift[1];
+    return y < 0.f ? y * slope : y;
+}
+
 // x channels-first, or channels-last (the f16 network's activations) where `channels_last`.
 template <typename T>
 __device__ void instance_norm_apply(T* x, const float* scale_shift, int64_t channels, int64_t voxels, float slope,
                                     int channels_last) {
     GRID_LOOP(i, channels * voxels) {
         int64_t c = channels_last ? i % channels : i / voxels;
-        float y = to_f32(x[i]) * scale_shift[2 * c] + scale_shift[2 * c + 1];
-        x[i] = from_f32<T>(y < 0.f ? y * slope : y);
+        x[i] = from_f32<T>(normalize_leaky(to_f32(x[i]), scale_shift + 2 * c, slope));
     }
 }
 
 // instance_norm_apply over channels-last f16 values of `channels` (a multiple of 8) channels:
 // group g of 8 channels of a voxel (value index 8g) a thread per step, one 16-byte load and
 // store. The group's channels follow from step to step without division: the grid's stride
-// modulo the channel groups is added and wrapped. The arithmetic is instance_norm_apply's.
+// modulo the channel groups is added and wrapped.
 extern "C" __global__ void instance_norm_apply_channels_last_f16(__half* x, const float* scale_shift,
                                                                  int64_t channels, int64_t voxels, float slope) {
     const int groups = (int)(channels / 8);
@@ -118,10 +123,7 @@ extern "C" __global__ void instance_norm_apply_channels_last_f16(__half* x, cons
         *(uint4*)values = ((const uint4*)x)[g];
         const float* ss = scale_shift + 16 * group;  // (scale, shift) of channels 8·group…
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const float y = __half2float(values[i]) * ss[2 * i] + ss[2 * i + 1];
-            values[i] = __float2half_rn(y < 0.f ? y * slope : y);
-        }
+        for (int i = 0; i < 8; ++i) values[i] = __float2half_rn(normalize_leaky(__half2float(values[i]), ss + 2 * i, slope));
         ((uint4*)x)[g] = *(const uint4*)values;
         group += group_step;
         if (group >= groups) group -= groups;

@@ -80,34 +80,31 @@ pub fn normalize_from_partials<E: Element>(
     // SAFETY: matches `instance_norm_finalize_*`; one block per channel, partials checked above.
     unsafe { launch.launch(grid) }.map_err(driver)?;
 
-    // f16 channels-last values in eights of channels: 16 bytes a thread.
-    if E::TENSOR_CORES && x.layout == Layout::ChannelsLast && channels.is_multiple_of(8) {
+    // f16 channels-last values in eights of channels take 16 bytes a thread; the rest a value.
+    let by_eight =
+        E::TENSOR_CORES && x.layout == Layout::ChannelsLast && channels.is_multiple_of(8);
+    let (f, threads) = if by_eight {
         let f = b.function(MODULE, "instance_norm_apply_channels_last_f16")?;
-        let mut launch = b.stream.launch_builder(&f);
-        launch
-            .arg(&mut x.data)
-            .arg(&scale_shift)
-            .arg(&c)
-            .arg(&v)
-            .arg(&slope);
-        // SAFETY: matches `instance_norm_apply_channels_last_f16`: x holds voxels × channels
-        // f16 values (a fresh allocation, 16-byte aligned), channels a multiple of 8, and
-        // scale_shift two values per channel.
-        unsafe { launch.launch(b.elementwise(channels / 8 * voxels)) }.map_err(driver)?;
-        return Ok(());
-    }
-    let f = b.kernel(MODULE, "instance_norm_apply")?;
-    let mut launch = b.stream.launch_builder(&f);
+        (f, channels / 8 * voxels)
+    } else {
+        (b.kernel(MODULE, "instance_norm_apply")?, channels * voxels)
+    };
     let channels_last = i32::from(x.layout == Layout::ChannelsLast);
+    let mut launch = b.stream.launch_builder(&f);
     launch
         .arg(&mut x.data)
         .arg(&scale_shift)
         .arg(&c)
         .arg(&v)
-        .arg(&slope)
-        .arg(&channels_last);
-    // SAFETY: matches `instance_norm_apply_*`.
-    unsafe { launch.launch(b.elementwise(channels * voxels)) }.map_err(driver)?;
+        .arg(&slope);
+    if !by_eight {
+        launch.arg(&channels_last);
+    }
+    // SAFETY: matches `instance_norm_apply_*` (x, scale_shift, channels, voxels, slope,
+    // channels_last) and `instance_norm_apply_channels_last_f16` (the same without the last,
+    // taken only for channels-last f16 values, channels a multiple of 8, x a fresh 16-byte
+    // aligned allocation); scale_shift holds two values per channel.
+    unsafe { launch.launch(b.elementwise(threads)) }.map_err(driver)?;
     Ok(())
 }
 
