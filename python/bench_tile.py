@@ -70,7 +70,7 @@ CUDA_MODES = {
     "eager-bf16-cl": (torch.bfloat16, True, False),
     "compile-bf16": (torch.bfloat16, False, True),
 }
-# Most eager forwards run again for a per-step profile (as `tis bench --tile`'s STEP_FORWARDS).
+# Most eager forwards run again for a per-step profile (as `tis bench --tile`'s PROFILED_RUNS).
 STEP_FORWARDS = 5
 # What --json holds for a run in progress: what a run stopped from outside leaves behind.
 UNFINISHED = {"error": "started, did not finish (stopped by the caller's timeout?)"}
@@ -307,7 +307,7 @@ def time_tis_cuda(bundle, args, tmp):
     return {"precision": tis["precision"], "device": tis["device"], "median_ms": tis["median_s"] * 1e3,
             "p10_ms": tis["p10_s"] * 1e3, "p90_ms": tis["p90_s"] * 1e3, "gflop_per_tile": tis["gflop_per_tile"],
             "gflop_per_s": tis["gflop_per_tile"] / tis["median_s"], "peak_rss_mb": tis["peak_rss_mb"],
-            "iters": tis["iters"], "steps": tis["steps"]}
+            "iters": tis["iters"], "steps": tis["steps"], "kernels": tis.get("kernels")}
 
 
 def print_cuda_report(report):

@@ -18,6 +18,8 @@ import sys
 # Measured on the H100 by engine.md: dense bf16 GEMM rate and copy bandwidth.
 PEAK_TFLOPS = 798.0
 BANDWIDTH_TBS = 3.0
+# Kernels of tis's per-kernel profile that the tables show (the JSON has them all).
+KERNEL_ROWS = 8
 
 
 def load(path):
@@ -61,6 +63,21 @@ def head_table(tis_paths, torch_path):
         for mode, m in torch["modes"].items():
             if "median_ms" not in m:
                 print(f"torch {mode}: {m.get('error', 'no result')}")
+    for t in tis:
+        kernel_table(t.get("kernels"), f"tis {t['precision']}, per click")
+
+
+def kernel_table(kernels, what):
+    """The kernels of a `tis bench` report that took the most device time (events around each launch)."""
+    if not kernels:
+        return
+    total = sum(k["ms"] for k in kernels)
+    print(f"  {what}: device time by kernel (sum {total:.2f} ms)")
+    for k in kernels[:KERNEL_ROWS]:
+        print(f"    {k['kernel']:<36}{k['launches']:>7.1f} launches{k['ms']:>10.3f} ms{100 * k['ms'] / total:>6.1f} %")
+    rest = kernels[KERNEL_ROWS:]
+    if rest:
+        print(f"    ({len(rest)} more: {sum(k['ms'] for k in rest):.3f} ms)")
 
 
 def tile_table(path):
@@ -93,6 +110,7 @@ def tile_table(path):
         if missing:
             print(f"  not run (step stopped first?): {', '.join(missing)}")
         step_table(plan)
+        kernel_table(plan.get("tis", {}).get("kernels"), "tis f16, per tile")
 
 
 def step_table(plan):

@@ -17,8 +17,8 @@ use common::read_fixture;
 use half::f16;
 use tis::backend::cuda::{CudaBackend, Element};
 use tis::backend::{
-    Backend, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, LabelAssignment, LayerNorm,
-    Linear, Mlp,
+    Backend, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, KernelTime, LabelAssignment,
+    LayerNorm, Linear, Mlp,
 };
 use tis::model::Bundle;
 use tis::model::bundle::TensorFile;
@@ -978,4 +978,63 @@ fn session_matches_cpu_f32() {
 #[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
 fn session_matches_cpu_f16() {
     session_matches_cpu::<f16>(F16_TOLERANCE);
+}
+
+/// `kernel_times` names every launch of the work it runs, and only those: a dense layer's one
+/// kernel twice and a LayerNorm's once, timed (finite, not negative), and nothing after it.
+fn kernel_times_name_each_launch<E: Element>() {
+    let b = gpu::<E>();
+    let mut n = fresh("kernel times");
+    let x = up(&b, &n.tensor(&[40, 32], 1.0));
+    let linear = linear_on(&b, &random_linear(&mut n, 24, 32));
+    let norm = norm_on(&b, &random_norm(&mut n, 24));
+    let times = b
+        .kernel_times(&mut || {
+            let y = b.linear(&x, &linear)?;
+            b.layer_norm(&y, &norm)?;
+            b.linear(&x, &linear).map(drop)
+        })
+        .unwrap()
+        .expect("the CUDA backend times its kernels");
+    println!("{times:?}");
+    let launches = |name: &str| times.iter().find(|t| t.name == name).map(|t| t.launches);
+    assert_eq!(launches(E::LINEAR_KERNEL), Some(2), "{times:?}");
+    assert_eq!(
+        times.iter().map(|t| t.launches).sum::<usize>(),
+        3,
+        "{times:?}"
+    );
+    assert!(
+        times.iter().all(|t| t.ms.is_finite() && t.ms >= 0.0),
+        "{times:?}"
+    );
+    assert!(
+        times.windows(2).all(|w| w[0].ms >= w[1].ms),
+        "longest first: {times:?}"
+    );
+    // Nested timing is refused, and the launches after the timing are not recorded.
+    let nested = b.kernel_times(&mut || b.kernel_times(&mut || Ok(())).map(drop));
+    assert!(nested.is_err());
+    b.linear(&x, &linear).unwrap();
+    let none: Vec<KernelTime> = b.kernel_times(&mut || Ok(())).unwrap().unwrap();
+    assert!(none.is_empty(), "{none:?}");
+    // The CPU backend has no kernels to time, but runs the work.
+    let mut ran = false;
+    let cpu = CpuBackend.kernel_times(&mut || {
+        ran = true;
+        Ok(())
+    });
+    assert!(ran && cpu.unwrap().is_none());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn kernel_times_name_each_launch_f32() {
+    kernel_times_name_each_launch::<f32>();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --test cuda_backend -- --ignored"]
+fn kernel_times_name_each_launch_f16() {
+    kernel_times_name_each_launch::<f16>();
 }

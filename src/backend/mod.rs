@@ -14,6 +14,17 @@ use crate::error::Result;
 use crate::geometry::{Label, Region};
 use crate::tensor::Tensor;
 
+/// The GPU time of one kernel over some work (`Backend::kernel_times`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    /// The kernel's name (`feed_forward_mma_f16_128`).
+    pub name: String,
+    /// How many times the work launched it.
+    pub launches: usize,
+    /// Its launches' GPU time in all, in milliseconds.
+    pub ms: f64,
+}
+
 /// What every backend tensor can tell without a device round trip.
 pub trait BackendTensor: Send + Sync {
     fn shape(&self) -> &[usize];
@@ -112,6 +123,17 @@ pub trait Backend: Send + Sync {
     /// Waits until every op issued so far has finished (for timing; ops are otherwise ordered).
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Runs `work` with each kernel launch timed on the device (an event before and after it),
+    /// and returns the time per kernel, the longest first: where the work's device time goes
+    /// (`tis bench`). None where the backend launches no kernels (the CPU), having run `work`.
+    fn kernel_times(
+        &self,
+        work: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<Vec<KernelTime>>> {
+        work()?;
+        Ok(None)
     }
 
     /// Bytes this backend can still allocate, when it can tell.

@@ -718,7 +718,7 @@ CUresult cuEventRecord(CUevent event, CUstream) {
 }
 CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
 CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
-CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
+CUresult cuEventElapsedTime_v2(float* ms, CUevent start, CUevent end) {
     *ms = std::chrono::duration<float, std::milli>(end->at - start->at).count();
     return CUDA_SUCCESS;
 }

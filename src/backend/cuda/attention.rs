@@ -1,10 +1,10 @@
 //! Launches of kernels/attention.cu: attention among the clicks, the click cross-attention over
 //! every voxel (fold, partial softmax per block, merge, value projection) and label assignment.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::linear::{Epilogue, gemm};
-use super::{CudaBackend, CudaTensor, Element, driver, norm};
+use super::{CudaBackend, CudaTensor, Element, Kernel, driver, norm};
 use crate::backend::{LabelAssignment, LayerNorm, Linear, shapes};
 use crate::error::{Error, Result};
 
@@ -34,7 +34,7 @@ pub fn attention<E: Element>(
     }
     let f = b.kernel(MODULE, "attention_small")?;
     let (nk, w, h) = (keys as i64, width as i64, heads as i64);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&q.data)
         .arg(&k.data)
@@ -78,7 +78,7 @@ pub fn click_cross_attention<E: Element>(
     let mut folded = b.scratch::<f32>(columns * width)?;
     let mut offset = b.scratch::<f32>(columns)?;
     let f = b.kernel(MODULE, "cross_fold")?;
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&q.data)
         .arg(&key.weight.data)
@@ -109,7 +109,7 @@ pub fn click_cross_attention<E: Element>(
     let mut mean = b.scratch::<f32>(columns * width)?;
     let f = b.function(MODULE, "cross_merge")?;
     let nb = partials.blocks as i64;
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&partials.max)
         .arg(&partials.sum)
@@ -122,7 +122,7 @@ pub fn click_cross_attention<E: Element>(
     unsafe { launch.launch(b.elementwise(columns * width)) }.map_err(driver)?;
 
     let f = b.kernel(MODULE, "cross_project")?;
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&mean)
         .arg(&value.weight.data)
@@ -186,12 +186,12 @@ impl CrossPartials {
     fn launch<E: Element>(
         mut self,
         b: &CudaBackend<E>,
-        f: &CudaFunction,
+        f: &Kernel,
         inputs: &CrossInputs<'_, E>,
         scalars: &[i64],
         grid: LaunchConfig,
     ) -> Result<Self> {
-        let mut launch = b.stream.launch_builder(f);
+        let mut launch = b.launch_builder(f);
         launch
             .arg(&inputs.x.data)
             .arg(&inputs.norm.weight.data)
@@ -323,7 +323,7 @@ pub fn label_assignment<E: Element>(
     let f = b.function(MODULE, &format!("assign_mix_{}_{max_dh}", E::SUFFIX))?;
     let (tokens, nc, h, alpha) = (n as i64, clicks as i64, params.heads as i64, params.alpha);
     let dh = dh as i32;
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&queries.data)
         .arg(&click_keys.data)
@@ -360,7 +360,7 @@ fn fused_label_assignment<E: Element>(
     let (tokens, nc, nk) = (n as i64, clicks as i64, classes as i64);
     let (heads, alpha) = (params.heads as i32, params.alpha);
     let mlp = params.label_mlp;
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&mut x.data)
         .arg(&params.norm_q.weight.data)

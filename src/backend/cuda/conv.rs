@@ -134,7 +134,7 @@ fn launch_conv<E: Element>(
     let f = b.function(MODULE, conv.name)?;
     let (cin, cout) = (shape.cin as i64, shape.cout as i64);
     let input = Dims3::from(shape.dims);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch.arg(&x.data).arg(&weight.data);
     push_bias(&mut launch, conv.bias);
     launch.arg(&mut y.data).arg(&cin).arg(&input).arg(&cout);
@@ -293,7 +293,7 @@ fn sum_splits<E: Element>(
         y.shape[0] as i64,
     );
     let splits = splits as i64;
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch.arg(sums).arg(&splits);
     push_bias(&mut launch, &conv.bias);
     launch.arg(&mut y.data).arg(&m).arg(&n);

@@ -44,7 +44,7 @@ fn swap_inner_axes<E: Element>(
     y.layout = layout;
     let f = b.kernel(MODULE, "swap_inner_axes")?;
     let (m, i) = (middle as i64, inner as i64);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch.arg(&x.data).arg(&mut y.data).arg(&m).arg(&i);
     let grid = LaunchConfig {
         grid_dim: (tiles as u32, outer as u32, 1),

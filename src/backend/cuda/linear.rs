@@ -32,7 +32,7 @@ pub(super) fn gemm<E: Element>(
     let out = shapes::linear(linear, width)?;
     let f = b.function(MODULE, E::LINEAR_KERNEL)?;
     let (m, n, k, e) = (rows as i64, out as i64, width as i64, epilogue as i32);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&x.data)
         .arg(&linear.weight.data)
@@ -122,7 +122,7 @@ fn fused_feed_forward<E: Element>(
         fused_feed_forward_shared_bytes(width, block_rows)
     })?;
     let (n, h) = (rows as i64, hidden as i64);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&mut x.data)
         .arg(&ffn.norm.weight.data)

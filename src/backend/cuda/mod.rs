@@ -16,20 +16,23 @@ mod volume;
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute, CUmemPool_attribute};
+use cudarc::driver::sys::{
+    self, CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUmemPool_attribute,
+};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr,
-    DriverError, LaunchConfig, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut,
+    DeviceRepr, DriverError, LaunchArgs, LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use half::f16;
 use rayon::prelude::*;
 
 use crate::backend::{
-    Backend, BackendTensor, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, LabelAssignment,
-    LayerNorm, Linear, Mlp,
+    Backend, BackendTensor, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, KernelTime,
+    LabelAssignment, LayerNorm, Linear, Mlp,
 };
 use crate::error::{Error, Result};
 use crate::geometry::{Label, Region};
@@ -137,6 +140,66 @@ fn default_pool(ctx: &CudaContext) -> Result<sys::CUmemoryPool> {
     Ok(pool)
 }
 
+/// A loaded kernel and its name (for `kernel_times`).
+#[derive(Clone)]
+pub(crate) struct Kernel {
+    function: CudaFunction,
+    name: Arc<str>,
+}
+
+impl Deref for Kernel {
+    type Target = CudaFunction;
+    fn deref(&self) -> &CudaFunction {
+        &self.function
+    }
+}
+
+/// The launches timed by `kernel_times`: each kernel's name and the events around it.
+type TimedLaunches = Vec<(Arc<str>, CudaEvent, CudaEvent)>;
+
+/// A launch being built (cudarc's builder, whose `arg` it takes), timed while the backend
+/// times kernels.
+pub(crate) struct Launch<'a> {
+    args: LaunchArgs<'a>,
+    name: &'a Arc<str>,
+    timed: &'a Mutex<Option<TimedLaunches>>,
+}
+
+impl<'a> Deref for Launch<'a> {
+    type Target = LaunchArgs<'a>;
+    fn deref(&self) -> &LaunchArgs<'a> {
+        &self.args
+    }
+}
+
+impl DerefMut for Launch<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.args
+    }
+}
+
+impl Launch<'_> {
+    /// Launches the kernel with the arguments given.
+    ///
+    /// # Safety
+    /// As cudarc's `LaunchArgs::launch`: the arguments are the kernel's, in its order and types,
+    /// and `cfg` is a launch it supports on the buffers given.
+    pub(crate) unsafe fn launch(
+        mut self,
+        cfg: LaunchConfig,
+    ) -> std::result::Result<(), DriverError> {
+        // SAFETY: the caller's.
+        let events = unsafe { self.args.launch(cfg) }?;
+        if let Some((start, end)) = events {
+            let mut timed = self.timed.lock().expect("kernel timing lock");
+            if let Some(launches) = timed.as_mut() {
+                launches.push((self.name.clone(), start, end));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The CUDA backend on one GPU, storing tensors as `E`. Clones share the stream and the kernel
 /// caches (several models on one GPU).
 #[derive(Clone)]
@@ -147,7 +210,9 @@ pub struct CudaBackend<E: Element = f16> {
     /// Shared memory a block may have once its kernel allows it (bytes).
     shared_memory_optin: usize,
     modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
-    functions: Arc<Mutex<HashMap<String, CudaFunction>>>,
+    functions: Arc<Mutex<HashMap<String, Kernel>>>,
+    /// The launches of the work `kernel_times` runs, while it runs.
+    timed: Arc<Mutex<Option<TimedLaunches>>>,
     poison: bool,
     _storage: PhantomData<E>,
 }
@@ -210,6 +275,7 @@ impl<E: Element> CudaBackend<E> {
             shared_memory_optin,
             modules: Arc::new(Mutex::new(HashMap::new())),
             functions: Arc::new(Mutex::new(HashMap::new())),
+            timed: Arc::new(Mutex::new(None)),
             poison: false,
             _storage: PhantomData,
         })
@@ -227,7 +293,7 @@ impl<E: Element> CudaBackend<E> {
     }
 
     /// A kernel of `kernels/{module}.cu`, loaded once and cached.
-    fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+    fn function(&self, module: &'static str, name: &str) -> Result<Kernel> {
         let mut functions = self.functions.lock().expect("kernel cache lock");
         if let Some(f) = functions.get(name) {
             return Ok(f.clone());
@@ -254,14 +320,30 @@ impl<E: Element> CudaBackend<E> {
                 m
             }
         };
-        let f = loaded.load_function(name).map_err(driver)?;
+        let f = Kernel {
+            function: loaded.load_function(name).map_err(driver)?,
+            name: name.into(),
+        };
         functions.insert(name.to_string(), f.clone());
         Ok(f)
     }
 
     /// The storage-typed instance of a kernel template (`crop` → `crop_f16`).
-    fn kernel(&self, module: &'static str, base: &str) -> Result<CudaFunction> {
+    fn kernel(&self, module: &'static str, base: &str) -> Result<Kernel> {
         self.function(module, &format!("{base}_{}", E::SUFFIX))
+    }
+
+    /// A launch of `kernel` on the backend's stream, its arguments to be given.
+    fn launch_builder<'a>(&'a self, kernel: &'a Kernel) -> Launch<'a> {
+        let mut args = self.stream.launch_builder(&kernel.function);
+        if self.timed.lock().expect("kernel timing lock").is_some() {
+            args.record_kernel_launch(CUevent_flags::CU_EVENT_DEFAULT);
+        }
+        Launch {
+            args,
+            name: &kernel.name,
+            timed: &self.timed,
+        }
     }
 
     /// An uninitialised buffer (NaN when poisoning), for outputs kernels overwrite entirely.
@@ -325,7 +407,7 @@ impl<E: Element> CudaBackend<E> {
     fn fused_launch(
         &self,
         name: &str,
-        function: &CudaFunction,
+        function: &Kernel,
         tokens: usize,
         shared: impl Fn(usize) -> usize,
     ) -> Result<LaunchConfig> {
@@ -361,7 +443,7 @@ impl<E: Element> CudaBackend<E> {
     }
 
     /// Allows `function` up to `bytes` of dynamic shared memory.
-    fn allow_shared_memory(&self, function: &CudaFunction, bytes: usize) -> Result<()> {
+    fn allow_shared_memory(&self, function: &Kernel, bytes: usize) -> Result<()> {
         function
             .set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -385,6 +467,59 @@ impl<E: Element> Backend for CudaBackend<E> {
 
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(driver)
+    }
+
+    fn kernel_times(
+        &self,
+        work: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<Vec<KernelTime>>> {
+        // cudarc reads the times through cuEventElapsedTime_v2, which drivers have from CUDA 13 on
+        // (its loader panics on a missing symbol).
+        let mut version = 0;
+        // SAFETY: writes the driver's version into `version`.
+        unsafe { sys::cuDriverGetVersion(&mut version) }
+            .result()
+            .map_err(driver)?;
+        if version < 13000 {
+            return Err(Error::Backend {
+                backend: "cuda",
+                message: format!(
+                    "timing kernels needs a CUDA 13 driver; this one is CUDA {}.{}",
+                    version / 1000,
+                    version % 1000 / 10
+                ),
+            });
+        }
+        {
+            let mut timed = self.timed.lock().expect("kernel timing lock");
+            if timed.is_some() {
+                return Err(Error::Session(
+                    "kernel times are already being taken".into(),
+                ));
+            }
+            *timed = Some(Vec::new());
+        }
+        let worked = work();
+        let launches = self.timed.lock().expect("kernel timing lock").take();
+        worked?;
+        self.synchronize()?;
+        let mut times: Vec<KernelTime> = Vec::new();
+        for (name, start, end) in launches.unwrap_or_default() {
+            let ms = f64::from(start.elapsed_ms(&end).map_err(driver)?);
+            match times.iter_mut().find(|t| *t.name == *name) {
+                Some(t) => {
+                    t.launches += 1;
+                    t.ms += ms;
+                }
+                None => times.push(KernelTime {
+                    name: name.to_string(),
+                    launches: 1,
+                    ms,
+                }),
+            }
+        }
+        times.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(Some(times))
     }
 
     fn available_memory(&self) -> Option<u64> {

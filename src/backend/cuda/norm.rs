@@ -26,7 +26,7 @@ pub fn instance_norm_leaky_relu<E: Element>(
     let mut partials = b.scratch::<f64>(channels * splits * 2)?;
     let (v, s) = (voxels as i64, splits as i32);
     let f = b.kernel(MODULE, "instance_norm_partials")?;
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch.arg(&x.data).arg(&mut partials).arg(&v).arg(&s);
     let grid = LaunchConfig {
         grid_dim: (splits as u32, channels as u32, 1),
@@ -65,7 +65,7 @@ pub fn normalize_from_partials<E: Element>(
         norm.negative_slope,
     );
     let f = b.kernel(MODULE, "instance_norm_finalize")?;
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(partials)
         .arg(&norm.weight.data)
@@ -90,7 +90,7 @@ pub fn normalize_from_partials<E: Element>(
         (b.kernel(MODULE, "instance_norm_apply")?, channels * voxels)
     };
     let channels_last = i32::from(x.layout == Layout::ChannelsLast);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&mut x.data)
         .arg(&scale_shift)
@@ -129,7 +129,7 @@ pub fn layer_norm_linear<E: Element>(
     let mut y = b.output(vec![rows, outputs])?;
     let f = b.kernel(MODULE, "layer_norm_project")?;
     let (r, w, o) = (rows as i64, width as i64, outputs as i64);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&x.data)
         .arg(&norm.weight.data)
@@ -154,7 +154,7 @@ pub fn layer_norm<E: Element>(
     let mut y = b.output(x.shape.clone())?;
     let f = b.kernel(MODULE, "layer_norm")?;
     let (r, w) = (rows as i64, width as i64);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&x.data)
         .arg(&mut y.data)

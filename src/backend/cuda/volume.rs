@@ -27,7 +27,7 @@ fn launch_over_region<E: Element>(
     let f = b.kernel(MODULE, kernel)?;
     let c = channels as i64;
     let [d, start, size] = [dims, region.start, region.size].map(Dims3::from);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&volume.data)
         .arg(&mut out.data)
@@ -67,7 +67,7 @@ pub fn flip<E: Element>(
     let mut y = b.output(x.shape.clone())?;
     let f = b.kernel(MODULE, "flip")?;
     let (c, d) = (channels as i64, Dims3::from(dims));
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&x.data)
         .arg(&mut y.data)
@@ -112,7 +112,7 @@ pub fn add_assign<E: Element>(
     shapes::same(acc, x, "add")?;
     let n = shapes::numel(x) as i64;
     let f = b.kernel(MODULE, "add_assign")?;
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch.arg(&mut acc.data).arg(&x.data).arg(&n);
     // SAFETY: matches `add_assign_*`; both hold n values.
     unsafe { launch.launch(b.elementwise(n as usize)) }.map_err(driver)?;
@@ -122,7 +122,7 @@ pub fn add_assign<E: Element>(
 pub fn scale<E: Element>(b: &CudaBackend<E>, x: &mut CudaTensor<E>, factor: f32) -> Result<()> {
     let n = shapes::numel(x) as i64;
     let f = b.kernel(MODULE, "scale")?;
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch.arg(&mut x.data).arg(&n).arg(&factor);
     // SAFETY: matches `scale_*`.
     unsafe { launch.launch(b.elementwise(n as usize)) }.map_err(driver)?;
@@ -146,7 +146,7 @@ pub fn accumulate_weighted<E: Element>(
         Dims3::from(region.start),
         Dims3::from(region.size),
     );
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&mut acc.data)
         .arg(&tile.data)
@@ -169,7 +169,7 @@ pub fn divide_by_weights<E: Element>(
     let mut y = b.output(acc.shape.clone())?;
     let f = b.kernel(MODULE, "divide_by_weights")?;
     let (c, v) = (channels as i64, voxels as i64);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&acc.data)
         .arg(&weight_sum.data)
@@ -193,7 +193,7 @@ pub fn softmax_channels<E: Element>(
     let mut y = b.output(x.shape.clone())?;
     let f = b.kernel(MODULE, "softmax_channels")?;
     let (c, v) = (channels as i64, voxels as i64);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch.arg(&x.data).arg(&mut y.data).arg(&c).arg(&v);
     // SAFETY: matches `softmax_channels_*`.
     unsafe { launch.launch(b.elementwise(voxels)) }.map_err(driver)?;
@@ -212,7 +212,7 @@ fn labels<E: Element>(
     let mut out = b.scratch::<u16>(items)?;
     let f = b.kernel(MODULE, kernel)?;
     let (n, c) = (items as i64, classes as i64);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch.arg(&x.data).arg(&mut out).arg(&c).arg(&n);
     // SAFETY: matches `argmax_channels_*` / `argmax_rows_*`; out holds one label per item.
     unsafe { launch.launch(b.elementwise(items)) }.map_err(driver)?;
@@ -266,7 +266,7 @@ pub fn add_positional_encoding<E: Element>(
     let tokens: usize = shape.iter().product();
     let f = b.kernel(MODULE, "add_positional_encoding")?;
     let (w, g, s) = (width as i64, Dims3::from(gdims), Dims3::from(shape));
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&mut x.data)
         .arg(&grid.data)
@@ -292,7 +292,7 @@ pub fn gather_rows<E: Element>(
     let indices = b.stream.clone_htod(&indices).map_err(driver)?;
     let f = b.kernel(MODULE, "gather_rows")?;
     let (n, w) = (rows.len() as i64, width as i64);
-    let mut launch = b.stream.launch_builder(&f);
+    let mut launch = b.launch_builder(&f);
     launch
         .arg(&x.data)
         .arg(&indices)

@@ -1,7 +1,8 @@
 //! `tis bench`: per-click latency of the refinement head on the contract's TIS-B configuration
 //! with random weights, as a whole and per stage, on the CPU or the GPU; with `--tile`, one
 //! nnU-Net tile forward of a bundle's network instead (python/bench_tile.py runs PyTorch on the
-//! same bundle beside it).
+//! same bundle beside it), per step. On the GPU, a few more clicks or forwards say where the
+//! device time goes kernel by kernel (an event before and after each launch).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,8 +11,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use half::f16;
 use serde_json::json;
-use tis::backend::Backend;
 use tis::backend::cuda::CudaBackend;
+use tis::backend::{Backend, KernelTime};
 use tis::bench::{CLASSES, FEATURE_CHANNELS, HeadBench, peak_rss_mb};
 use tis::model::TisConfig;
 use tis::model::tis_head::Stage;
@@ -58,8 +59,10 @@ pub struct BenchArgs {
     model: Option<PathBuf>,
 }
 
-/// Most forwards `--tile` runs again for its per-step profile.
-const STEP_FORWARDS: usize = 5;
+/// Most clicks or forwards run again for the profiles (per step, per kernel).
+const PROFILED_RUNS: usize = 5;
+/// Kernels the per-kernel profile prints (the JSON has them all).
+const KERNEL_ROWS: usize = 12;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -67,6 +70,43 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// The device time per kernel of one run of `work`, from `runs` runs with every launch timed
+/// (None where the backend has no kernels), printed (the longest first) and as JSON.
+fn kernel_profile<B: Backend>(
+    backend: &B,
+    runs: usize,
+    what: &str,
+    work: &mut dyn FnMut() -> tis::Result<()>,
+) -> tis::Result<serde_json::Value> {
+    let Some(times) = backend.kernel_times(&mut || (0..runs).try_for_each(|_| work()))? else {
+        return Ok(serde_json::Value::Null);
+    };
+    let per_run = |t: &KernelTime| (t.launches as f64 / runs as f64, t.ms / runs as f64);
+    let total: f64 = times.iter().map(|t| per_run(t).1).sum();
+    println!(
+        "per kernel   device time per {what} (events around each launch), means of {runs} (sum {total:.2} ms)"
+    );
+    for t in times.iter().take(KERNEL_ROWS) {
+        let (launches, ms) = per_run(t);
+        println!(
+            "  {:<36} {launches:>6.1} launches {ms:>9.3} ms {:>5.1} %",
+            t.name,
+            100.0 * ms / total
+        );
+    }
+    if let Some(rest) = times.get(KERNEL_ROWS..).filter(|rest| !rest.is_empty()) {
+        let ms: f64 = rest.iter().map(|t| per_run(t).1).sum();
+        println!("  ({} more kernels: {ms:.3} ms)", rest.len());
+    }
+    Ok(times
+        .iter()
+        .map(|t| {
+            let (launches, ms) = per_run(t);
+            json!({"kernel": t.name, "launches": launches, "ms": ms})
+        })
+        .collect())
 }
 
 fn run<B: Backend>(
@@ -115,6 +155,9 @@ fn run<B: Backend>(
             percentile(times, 0.5)
         );
     }
+    let kernels = kernel_profile(backend, args.iters.min(PROFILED_RUNS), "click", &mut || {
+        bench.click().map(drop)
+    })?;
     write_report(
         args,
         device,
@@ -127,6 +170,7 @@ fn run<B: Backend>(
             "p90_ms": percentile(&totals, 0.9),
             "gflop_per_click": gflop,
             "stages_median_ms": stages.iter().map(|(s, t)| (s.name(), percentile(t, 0.5))).collect::<BTreeMap<_, _>>(),
+            "kernels": kernels,
         }),
     )
 }
@@ -190,11 +234,12 @@ fn run_tile<B: Backend>(
     let median = percentile(&seconds, 0.5);
     let gflop = 2.0 * plan.macs(patch) as f64 / 1e9;
 
-    // The profile: as many forwards again (at most STEP_FORWARDS), the backend synchronised
+    // The profile: as many forwards again (at most PROFILED_RUNS), the backend synchronised
     // after each step, which the timed forwards above are not.
+    let profiled = args.iters.min(PROFILED_RUNS);
     let steps = plan.step_macs(patch);
     let mut step_seconds = vec![Vec::new(); steps.len()];
-    for _ in 0..args.iters.min(STEP_FORWARDS) {
+    for _ in 0..profiled {
         model.backend.synchronize()?;
         let (mut done, mut last) = (0, std::time::Instant::now());
         model
@@ -231,8 +276,7 @@ fn run_tile<B: Backend>(
     );
     let steps_total: f64 = step_medians.iter().map(|(_, ms, _)| ms).sum();
     println!(
-        "per step     medians of {} forwards synchronised after each step (sum {steps_total:.1} ms)",
-        args.iters.min(STEP_FORWARDS)
+        "per step     medians of {profiled} forwards synchronised after each step (sum {steps_total:.1} ms)"
     );
     for (step, ms, gflop) in &step_medians {
         println!(
@@ -241,6 +285,9 @@ fn run_tile<B: Backend>(
             gflop / ms * 1e3,
         );
     }
+    let kernels = kernel_profile(&model.backend, profiled, "tile", &mut || {
+        model.network.forward(&model.backend, &tile).map(drop)
+    })?;
     write_report(
         args,
         device,
@@ -254,6 +301,7 @@ fn run_tile<B: Backend>(
             "p90_s": percentile(&seconds, 0.9),
             "gflop_per_tile": gflop,
             "steps": step_medians.iter().map(|(step, ms, gflop)| json!({"step": step, "median_ms": ms, "gflop": gflop})).collect::<Vec<_>>(),
+            "kernels": kernels,
         }),
     )
 }
