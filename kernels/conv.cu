@@ -30,10 +30,16 @@
 //   windows (32-bit voxel indices) and weight rows are worked out once, and its column (tap,
 //   channel, input) follows from step to step without division, so that a piece costs a few
 //   instructions (three unsigned bounds tests, one address): run A's kernel took 492
-//   instructions a warp a step for its 32 mma.sync (223 now, sm_90a SASS), recomputing 64-bit
-//   addresses and bounds for every piece. Padding and the ragged ends of M, N and K are the
-//   copies' zero fill. The epilogue stages the accumulators row-major in shared memory (reusing
-//   the ring's bytes: 32 KB of static shared memory in all; 39 and 47 KB for the 128-row tiles)
+//   instructions a warp a step for its 32 mma.sync (230 now, sm_90a SASS of the 128 × 64 tile),
+//   recomputing 64-bit addresses and bounds for every piece. Padding and the ragged ends of M, N
+//   and K are the copies' zero fill. In sm_90a cubins (and the CUDA emulator posing as an H100)
+//   the 4 warps are one warpgroup and the products are wgmma.mma_async (mma.cuh): the slabs lie
+//   as wgmma's core matrices (unpadded), and a K step of the 128 × 64 tile is 4 asynchronous
+//   64 × 64 × 16 products, waited for before the next barrier, instead of 32 mma.sync and 12
+//   ldmatrix a warp: 198 instructions a warp a step, nearly all of them the copies' (SASS
+//   counts, not timings). The epilogue stages the accumulators row-major in shared memory (reusing
+//   the ring's bytes: 32 KB of static shared memory in all; 39 and 47 KB for the 128-row tiles,
+//   less with wgmma's unpadded slabs)
 //   and writes y[m][co] + b[co], 8 channels a thread (store_block). Voxel blocks are on
 //   blockIdx.x (a volume can have more than 65535). Where the 64 × 64 tiles are fewer than the
 //   multiprocessors (a plan's deepest stages: 20 to 80 blocks for an H100's 132), K is split
@@ -265,31 +271,63 @@ constexpr int STAGES = 3;
 //   staged B row serves 128 voxels instead of 64 (a step moves 12 KB for 262 k MACs instead of
 //   8 KB for 131 k), and each loaded fragment feeds more products (6 ldmatrix per 16 mma.sync
 //   instead of 4 per 8).
-template <int WARPS_M, int FM, int FN> struct IgemmTile {
+// With WGMMA (sm_90a), the 4 warps are one warpgroup and the tile's ROWS / 64 blocks of 64 rows
+// are wgmma.mma_async products of N = COLUMNS, both slabs in wgmma's core-matrix layout
+// (unpadded) instead of padded rows.
+template <int WARPS_M, int FM, int FN, bool WGMMA> struct IgemmTile {
     static constexpr int WARPS_N = 4 / WARPS_M, ROWS = WARPS_M * 16 * FM, COLUMNS = WARPS_N * 16 * FN;
+    static_assert(!WGMMA || ROWS % 64 == 0, "whole warpgroup products of 64 rows");
+    // A slab's row stride in halves, and where column kk of row r of a slab lies.
+    static constexpr int SLAB_HALVES = WGMMA ? MMA_K : SLAB_LD;
+    __device__ static constexpr int slab_offset(int r, int kk) {
+        return WGMMA ? core_matrix_offset<MMA_K>(r, kk) : r * SLAB_LD + kk;
+    }
     // STAGES slabs of A (ROWS × MMA_K) and B (COLUMNS × MMA_K) while the K loop runs, then (the
     // same bytes) the f32 accumulators for the epilogue.
-    static constexpr int A_BYTES = STAGES * ROWS * SLAB_LD * 2, B_BYTES = STAGES * COLUMNS * SLAB_LD * 2;
+    static constexpr int A_BYTES = STAGES * ROWS * SLAB_HALVES * 2, B_BYTES = STAGES * COLUMNS * SLAB_HALVES * 2;
     static constexpr int STAGED_LD = COLUMNS + STAGED_PAD, STAGED_BYTES = ROWS * STAGED_LD * 4;
     static constexpr int SHARED_BYTES =
         A_BYTES + B_BYTES > STAGED_BYTES ? A_BYTES + B_BYTES : STAGED_BYTES;
 };
 
-template <int WARPS_M, int FM, int FN>
+// The K step of a warpgroup's wgmma products (WGMMA): acc[i] += A[64i : 64i + 64]·B for the
+// slabs of one stage, two K steps of 16 per block of 64 rows, waited for before the next barrier
+// lets the stage be refilled.
+template <int ROWS, int COLUMNS>
+__device__ __forceinline__ void wgmma_slabs(float (&acc)[ROWS / 64][COLUMNS / 8][4], const SharedOperand& a,
+                                            const SharedOperand& b) {
+#pragma unroll
+    for (int i = 0; i < ROWS / 64; ++i) wgmma_fence_operands(acc[i]);
+    wgmma_fence();
+#pragma unroll
+    for (int k0 = 0; k0 < MMA_K; k0 += 16)
+#pragma unroll
+        for (int i = 0; i < ROWS / 64; ++i)
+            wgmma_ss<COLUMNS>(acc[i], a.at(core_matrix_offset<MMA_K>(64 * i, k0)), b.at(core_matrix_offset<MMA_K>(0, k0)),
+                              true);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < ROWS / 64; ++i) wgmma_fence_operands(acc[i]);
+}
+
+template <int WARPS_M, int FM, int FN, bool WGMMA>
 __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, const __half* bias, __half* y,
                                              int64_t cin, Dims3 in, int64_t cout, Dims3 out, Dims3 kernel,
                                              Dims3 stride, Dims3 pad, const __half* second, int64_t first_channels,
                                              double* stats, float* split_sums) {
-    using Tile = IgemmTile<WARPS_M, FM, FN>;
+    using Tile = IgemmTile<WARPS_M, FM, FN, WGMMA>;
     constexpr int ROWS = Tile::ROWS, COLUMNS = Tile::COLUMNS;
     __shared__ __align__(128) unsigned char shared[Tile::SHARED_BYTES];
-    auto xs = reinterpret_cast<__half(*)[ROWS][SLAB_LD]>(shared);                       // [stage][voxel][k]
-    auto ws = reinterpret_cast<__half(*)[COLUMNS][SLAB_LD]>(shared + Tile::A_BYTES);   // [stage][channel][k]
-    auto staged = reinterpret_cast<float(*)[Tile::STAGED_LD]>(shared);                 // after the K loop
+    __half* const xs = reinterpret_cast<__half*>(shared);                  // [stage]: ROWS × MMA_K of A
+    __half* const ws = reinterpret_cast<__half*>(shared + Tile::A_BYTES);  // [stage]: COLUMNS × MMA_K of B
+    auto staged = reinterpret_cast<float(*)[Tile::STAGED_LD]>(shared);     // after the K loop
+    constexpr int A_STAGE = ROWS * Tile::SLAB_HALVES, B_STAGE = COLUMNS * Tile::SLAB_HALVES;
     const int64_t m = out.count(), n = cout, k = cin * kernel.count();
     int64_t row0 = (int64_t)blockIdx.x * ROWS, col0 = (int64_t)blockIdx.y * COLUMNS;
     int warp = threadIdx.x / 32, wr = warp / Tile::WARPS_N * 16 * FM, wc = warp % Tile::WARPS_N * 16 * FN;
-    float acc[FM][2 * FN][4] = {};
+    // mma.sync: the warp's FM × 2FN C tiles; wgmma: the warpgroup's ROWS / 64 products' share.
+    float acc[WGMMA ? ROWS / 64 : FM][WGMMA ? COLUMNS / 8 : 2 * FN][4] = {};
     // Split K (gridDim.z > 1): this block multiplies steps [first, last) of the K loop and
     // leaves its raw sums in split_sums[blockIdx.z][m][n] for conv3d_split_sum_f16. Step
     // counts, channels and K are 32-bit (K = cin·taps is a few thousand).
@@ -316,6 +354,10 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
         weight_row_exists[j] = c < n;
         weight_rows[j] = w + (weight_row_exists[j] ? c : 0) * k + kk;
     }
+    // Where the thread's first piece of a stage goes in either slab; its next ones lie
+    // slab_offset(THREAD_ROWS, 0) halves apart (both layouts are linear in whole 8-row groups).
+    const int piece = Tile::slab_offset(row, kk);
+    constexpr int PIECE_STRIDE = Tile::slab_offset(THREAD_ROWS, 0);
     ColumnCursor cursor(first * MMA_K + kk, (int)cin, kernel);
     // Copies step `step`'s slabs into stage `stage` (zeros outside the input and the matrices),
     // commits them as one group, and moves the cursor to the next step.
@@ -328,17 +370,19 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
         for (int j = 0; j < ROWS / THREAD_ROWS; ++j) {
             const __half* a;
             const bool inside = a_source(windows[j], tap, channel, in, a) && in_k;
-            copy_16_async_cached(&xs[stage][row + j * THREAD_ROWS][kk], inside ? a : x, !inside);
+            copy_16_async_cached(xs + stage * A_STAGE + piece + j * PIECE_STRIDE, inside ? a : x, !inside);
         }
 #pragma unroll
         for (int j = 0; j < COLUMNS / THREAD_ROWS; ++j) {
             const bool inside = in_k && weight_row_exists[j];
-            __pipeline_memcpy_async(&ws[stage][row + j * THREAD_ROWS][kk], inside ? weight_rows[j] + k0 : w, 16,
-                                    inside ? 0 : 16);
+            __pipeline_memcpy_async(ws + stage * B_STAGE + piece + j * PIECE_STRIDE, inside ? weight_rows[j] + k0 : w,
+                                    16, inside ? 0 : 16);
         }
         __pipeline_commit();
         cursor.advance(MMA_K, (int)cin, kernel);
     };
+    // wgmma's view of the slabs (WGMMA): their descriptors, made once.
+    const SharedOperand a_slabs = core_matrices<MMA_K>(xs), b_slabs = core_matrices<MMA_K>(ws);
     // The ring's stages in turn: step t reads stage `reading` while step t + STAGES − 1 fills
     // stage `filling`, the one step t − 1 read.
     int reading = 0, filling = STAGES - 1;
@@ -349,17 +393,22 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
     }
     for (int t = first; t < last; ++t) {
         // Step t's group is complete once at most the STAGES − 2 after it are pending; the
-        // barrier shows every thread's copies and retires the stage step t − 1 read.
+        // barrier shows every thread's copies (to wgmma too, each thread's fenced towards it)
+        // and retires the stage step t − 1 read (its wgmma waited for).
         __pipeline_wait_prior(STAGES - 2);
+        if constexpr (WGMMA) fence_proxy_async();
         __syncthreads();
         if (t + STAGES - 1 < last) issue(t + STAGES - 1, filling);
         else __pipeline_commit();
-        warp_tile_mma(acc, &xs[reading][0][0], &ws[reading][0][0], wr, wc);
+        if constexpr (WGMMA)
+            wgmma_slabs<ROWS, COLUMNS>(acc, a_slabs.at(reading * A_STAGE), b_slabs.at(reading * B_STAGE));
+        else warp_tile_mma(acc, xs + reading * A_STAGE, ws + reading * B_STAGE, wr, wc);
         reading = reading == STAGES - 1 ? 0 : reading + 1;
         filling = filling == STAGES - 1 ? 0 : filling + 1;
     }
     __syncthreads();  // every warp is done with the slabs, whose bytes become `staged`
-    store_warp_tile(&staged[0][0], Tile::STAGED_LD, acc, wr, wc);
+    if constexpr (WGMMA) store_warp_tile<ROWS / 64, COLUMNS / 8, 64>(&staged[0][0], Tile::STAGED_LD, acc, 16 * warp, 0);
+    else store_warp_tile(&staged[0][0], Tile::STAGED_LD, acc, wr, wc);
     __syncthreads();
     if (gridDim.z == 1) {
         store_block<ROWS, COLUMNS, MMA_THREADS>(&staged[0][0], Tile::STAGED_LD, bias, y, row0, m, col0, n, stats);
@@ -395,8 +444,10 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_split_sum_f16(c
         NAME(const __half* x, const __half* w, const __half* b, __half* y, int64_t cin, Dims3 in, int64_t cout, \
              Dims3 out, Dims3 k, Dims3 s, Dims3 p, const __half* second, int64_t first_channels, double* stats,    \
              float* split_sums) {                                                                                 \
-        conv3d_igemm<WARPS_M, FM, FN>(x, w, b, y, cin, in, cout, out, k, s, p, second, first_channels, stats,    \
-                                      split_sums);                                                                \
+        with_wgmma([&](auto wgmma) {                                                                              \
+            conv3d_igemm<WARPS_M, FM, FN, decltype(wgmma)::value>(x, w, b, y, cin, in, cout, out, k, s, p, second,  \
+                                                                  first_channels, stats, split_sums);             \
+        });                                                                                                       \
     }
 CONV3D_IGEMM(2, 2, 2, conv3d_igemm_f16_64x64)
 CONV3D_IGEMM(4, 2, 2, conv3d_igemm_f16_128x32)

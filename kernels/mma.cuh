@@ -20,6 +20,8 @@
 
 #include <cuda_pipeline.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 
 constexpr int MMA_PAD = 8;
@@ -257,6 +259,136 @@ __device__ __forceinline__ void warp_tile_mma(float (&acc)[FM][NT][4], const __h
     }
 }
 
+// ---- wgmma (sm_90a's warpgroup MMA): a warpgroup (4 warps, 128 threads) multiplies a 64 × 16
+// tile of A by a 16 × N tile of B, both in shared memory, into f32 accumulators in registers,
+// asynchronously: the tensor cores read the operands while the warps go on, so a K step costs a
+// few instructions where mma.sync costs one per 16 × 8 × 16 product and its fragments' ldmatrix.
+// Only sm_90a cubins have it (TIS_WGMMA: nvcc's __CUDA_ARCH_FEAT_SM90_ALL); the CUDA emulator
+// runs it when it poses as a GPU of compute capability 9.0. Kernels keep the mma.sync path for
+// the other targets (sm_80, the PTX fallback).
+//
+// Operands lie in shared memory as wgmma's canonical K-major layout without swizzle: core
+// matrices of 8 rows × 8 halves, each 128 contiguous bytes (row r of the core matrix at byte
+// 16r), the core matrices next to each other along K `lbo` bytes apart and groups of 8 rows `sbo`
+// bytes apart (core_matrix_offset, SharedOperand). A matrix's rows are A's rows (M) or B's columns (N, a weight
+// stored [n][k] as PyTorch stores it). The accumulators of warp w of the warpgroup are rows
+// 16w to 16w + 15 of the 64, held as mma.sync's C tiles (d[j]: columns 8j to 8j + 7).
+// Ordering: every thread fences its shared-memory writes of the operands towards the tensor
+// cores (`fence_proxy_async`) before the barrier after which they are read; `wgmma_fence`
+// precedes the first wgmma after the accumulators were touched otherwise; `wgmma_commit` closes
+// a group and `wgmma_wait<G>` waits until at most G groups are in flight, after which the
+// accumulators may be read and the operands' shared memory reused.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(TIS_CUDA_EMULATOR)
+#define TIS_WGMMA 1
+#endif
+
+// Where the 8-row group `row / 8`, core matrix `k / 8` of a block of core matrices starts, in
+// halves: 8 halves a row, groups of K_HALVES / 8 core matrices (lbo 128 bytes, sbo K_HALVES · 16
+// bytes), so that a block of rows × K_HALVES halves is dense.
+template <int K_HALVES> __device__ __forceinline__ constexpr int core_matrix_offset(int row, int k) {
+    return row / 8 * (K_HALVES * 8) + k / 8 * 64 + row % 8 * 8 + k % 8;
+}
+
+// A shared-memory operand of wgmma: its 64-bit matrix descriptor (bits 0-13 the start address,
+// 16-29 the leading-dimension byte offset lbo, 32-45 the stride byte offset sbo, all in units of
+// 16 bytes; base offset 0 and swizzle mode 0, none, in bits 49-51 and 62-63), and the start it
+// describes, which only the CUDA emulator reads (to check one against the other; the compiler
+// drops it elsewhere). The descriptor of a block of core matrices is made once; the operands in
+// it are `at` offsets from it, a constant added to its address bits.
+struct SharedOperand {
+    uint64_t descriptor;
+    const __half* start;
+    // The operand `halves` further on (a multiple of 8: the address bits count 16 bytes).
+    __device__ __forceinline__ SharedOperand at(int halves) const {
+        return SharedOperand{descriptor + (uint64_t)(halves / 8), start + halves};
+    }
+};
+
+// The operand at the start of a block laid out by core_matrix_offset<K_HALVES>.
+template <int K_HALVES> __device__ __forceinline__ SharedOperand core_matrices(const __half* block) {
+    const uint32_t address = (uint32_t)__cvta_generic_to_shared(block);
+    constexpr uint64_t lbo = 128 / 16, sbo = K_HALVES * 16 / 16;
+    return SharedOperand{(uint64_t)((address & 0x3FFFF) >> 4) | lbo << 16 | sbo << 32, block};
+}
+
+#ifdef TIS_CUDA_EMULATOR
+__device__ __forceinline__ void wgmma_fence() { emu::wgmma_fence(); }
+__device__ __forceinline__ void wgmma_commit() { emu::wgmma_commit(); }
+template <int GROUPS> __device__ __forceinline__ void wgmma_wait() { emu::wgmma_wait(GROUPS); }
+__device__ __forceinline__ void fence_proxy_async() {}
+template <int T> __device__ __forceinline__ void wgmma_fence_operands(float (&)[T][4]) {}
+// d (+)= A·B for the warpgroup: A 64 × 16, B 16 × N (its N rows of 16 K values).
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], const SharedOperand& a, const SharedOperand& b,
+                                         bool accumulate) {
+    emu::wgmma_ss(&d[0][0], N, {a.start, a.descriptor}, {b.start, b.descriptor}, accumulate);
+}
+#elif defined(TIS_WGMMA)
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int GROUPS> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(GROUPS) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Pins the accumulators in place around wgmma_fence and wgmma_wait: the compiler sees neither
+// instruction touch them, so that without this it could move their reads and writes across.
+template <int T> __device__ __forceinline__ void wgmma_fence_operands(float (&d)[T][4]) {
+#pragma unroll
+    for (int j = 0; j < T; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(d[j][i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], const SharedOperand& a, const SharedOperand& b,
+                                         bool accumulate);
+// One instantiation per N: the instruction names N, and each accumulator is an operand.
+#define TIS_TILE_OPERANDS(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define TIS_WGMMA_SS(N, REGISTERS, A, B, SCALE, ...)                                                          \
+    template <>                                                                                               \
+    __device__ __forceinline__ void wgmma_ss<N>(float (&d)[N / 8][4], const SharedOperand& a,                 \
+                                                const SharedOperand& b, bool accumulate) {                    \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" SCALE ", 0;\n"                                      \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 {" REGISTERS "}, %" A ", %" B    \
+                     ", p, 1, 1, 0, 0;\n}\n"                                                                  \
+                     : __VA_ARGS__                                                                            \
+                     : "l"(a.descriptor), "l"(b.descriptor), "r"((int)accumulate));                           \
+    }
+#define TIS_REGISTERS_16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+TIS_WGMMA_SS(32, TIS_REGISTERS_16, "16", "17", "18", TIS_TILE_OPERANDS(0), TIS_TILE_OPERANDS(1),
+             TIS_TILE_OPERANDS(2), TIS_TILE_OPERANDS(3))
+TIS_WGMMA_SS(64, TIS_REGISTERS_16 ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31",
+             "32", "33", "34", TIS_TILE_OPERANDS(0), TIS_TILE_OPERANDS(1), TIS_TILE_OPERANDS(2),
+             TIS_TILE_OPERANDS(3), TIS_TILE_OPERANDS(4), TIS_TILE_OPERANDS(5), TIS_TILE_OPERANDS(6),
+             TIS_TILE_OPERANDS(7))
+#undef TIS_WGMMA_SS
+#undef TIS_REGISTERS_16
+#undef TIS_TILE_OPERANDS
+#else
+// Declared only: the kernels' wgmma paths are templates that these targets never instantiate.
+__device__ void wgmma_fence();
+__device__ void wgmma_commit();
+template <int GROUPS> __device__ void wgmma_wait();
+__device__ void fence_proxy_async();
+template <int T> __device__ void wgmma_fence_operands(float (&d)[T][4]);
+template <int N>
+__device__ void wgmma_ss(float (&d)[N / 8][4], const SharedOperand& a, const SharedOperand& b, bool accumulate);
+#endif
+
+// Calls call(std::bool_constant<WGMMA>) with the path a kernel takes: wgmma in an sm_90a cubin,
+// mma.sync in the others (sm_80, the PTX fallback), which compile only that one; the CUDA
+// emulator compiles both and decides at run time (posing as a GPU of compute capability 9.0 or
+// not).
+template <typename Call> __device__ __forceinline__ void with_wgmma(Call call) {
+#if defined(TIS_CUDA_EMULATOR)
+    if (emu::compute_capability() >= 90) call(std::true_type{});
+    else call(std::false_type{});
+#elif defined(TIS_WGMMA)
+    call(std::true_type{});
+#else
+    call(std::false_type{});
+#endif
+}
+
 // Padding of the f32 staging rows, in floats: with rows COLUMNS + 8 floats apart (COLUMNS a
 // multiple of 32), the 8-byte stores of a half-warp in store_warp_tile (rows g to g + 3, columns
 // 2t and 2t + 1) fall in 32 different banks.
@@ -264,8 +396,9 @@ constexpr int STAGED_PAD = 8;
 
 // A warp's FM × NT C tiles of a block tile's accumulators into an f32 staging area, row-major
 // (row stride lds floats, even), for the epilogues: each lane its column pairs of rows g and
-// g + 8 of every tile, 8 bytes a store.
-template <int FM, int NT>
+// g + 8 of every tile, 8 bytes a store. The warp's tiles i are ROW_STEP rows apart from wr on:
+// 16 for mma.sync's, 64 for a warpgroup's wgmma accumulators (wr = 16 · its warp).
+template <int FM, int NT, int ROW_STEP = 16>
 __device__ __forceinline__ void store_warp_tile(float* staged, int lds, const float (&acc)[FM][NT][4], int wr,
                                                 int wc) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -275,7 +408,7 @@ __device__ __forceinline__ void store_warp_tile(float* staged, int lds, const fl
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int half = 0; half < 2; ++half)
-                *(float2*)&staged[(wr + 16 * i + g + 8 * half) * lds + wc + 8 * j + 2 * t] =
+                *(float2*)&staged[(wr + ROW_STEP * i + g + 8 * half) * lds + wc + 8 * j + 2 * t] =
                     float2{acc[i][j][2 * half], acc[i][j][2 * half + 1]};
 }
 

@@ -42,12 +42,14 @@ echo "CUDA emulator: $build/libcuda.so ($(grep -c '&' "$build"/register_*.cpp | 
 NVCC="$(scripts/install-cuda-toolchain.sh)"
 export NVCC TIS_REQUIRE_KERNELS=1
 # One test at a time, as on the GPU: the out-of-memory test fills the device. Twice: posing as
-# an H100, with the asynchronous copies landing when the thread waits for them (a slab read
-# before its wait shows); then posing as a GPU of compute capability 8.6 or 8.9 (99 KB of shared
-# memory a block: the fused label assignment takes 64-token blocks at width 128), with the copies
-# landing at once (a copy into a buffer that other threads still read shows).
+# an H100 (compute capability 9.0: the kernels' wgmma paths, as in the sm_90a cubins), with the
+# asynchronous copies and wgmma products carried out when the thread waits for them (a slab or
+# an accumulator read before its wait shows); then posing as a GPU of compute capability 8.6 (no
+# wgmma: the mma.sync paths of the sm_80 cubins; 99 KB of shared memory a block: the fused label
+# assignment takes 64-token blocks at width 128), with the copies landing at once (a copy into a
+# buffer that other threads still read shows).
 tests=(cargo test --release --test cuda_backend -- --ignored --test-threads 1 "$@")
 LD_LIBRARY_PATH="$PWD/$build" "${tests[@]}"
-echo "CUDA emulator again: 99 KB of shared memory a block, asynchronous copies landing at once"
+echo "CUDA emulator again: compute capability 8.6 (no wgmma), 99 KB of shared memory a block, asynchronous copies landing at once"
 LD_LIBRARY_PATH="$PWD/$build" TIS_CUDA_EMULATOR_EARLY_COPIES=1 TIS_CUDA_EMULATOR_SHARED_OPTIN=101376 \
-    "${tests[@]}"
+    TIS_CUDA_EMULATOR_CAPABILITY=86 "${tests[@]}"

@@ -139,6 +139,13 @@ unsigned optin_shared_bytes() {
     return bytes;
 }
 
+// The compute capability it poses as, major · 10 + minor: an H100's 90, or
+// TIS_CUDA_EMULATOR_CAPABILITY (86: no wgmma, whose kernels then take their mma.sync path).
+int capability() {
+    static const int value = (int)env_size("TIS_CUDA_EMULATOR_CAPABILITY", 90);
+    return value;
+}
+
 // The allocation holding [ptr, ptr + bytes), if one does.
 const Allocation* find_allocation(uintptr_t ptr, size_t bytes) {
     auto it = allocations.upper_bound(ptr);
@@ -213,6 +220,15 @@ struct PendingCopy {
     size_t bytes, zero_fill;
 };
 
+// A wgmma not yet carried out: where its accumulators are (the issuing thread's registers),
+// its operands, and the warp of the warpgroup that issued it (its 16 rows of the 64).
+struct PendingWgmma {
+    float* d;
+    int n;
+    emu::WgmmaOperand a, b;
+    bool accumulate;
+};
+
 struct Fiber {
     void* stack;
     uint3 thread;
@@ -226,6 +242,13 @@ struct Fiber {
     // they read next.
     std::vector<PendingCopy> issued;
     std::vector<std::vector<PendingCopy>> committed;
+    // The thread's wgmma operations, likewise: issued since its last wgmma.commit_group, and
+    // committed groups in order, carried out when wgmma.wait_group lets them (reading the
+    // operands' shared memory then, as the tensor cores may). Whether a wgmma.fence came since
+    // the thread last waited for a group (after which it may have touched the accumulators).
+    std::vector<PendingWgmma> wgmma_issued;
+    std::vector<std::vector<PendingWgmma>> wgmma_committed;
+    bool wgmma_fenced = false;
 };
 
 // One host thread's current block.
@@ -303,6 +326,8 @@ void fiber_main() {
     BlockRun& b = *run;
     b.function->kernel.invoke(b.function->kernel.function, b.params);
     Fiber& f = *b.current;
+    if (!f.wgmma_issued.empty() || !f.wgmma_committed.empty())
+        fail("the kernel ended with wgmma operations it never waited for (wgmma.wait_group)");
     f.done = true;
     --b.alive;
     --b.warp_alive[f.warp];
@@ -484,6 +509,8 @@ namespace emu {
 
 thread_local uint3 thread_idx, block_idx, block_dim, grid_dim;
 
+int compute_capability() { return capability(); }
+
 void register_kernel(Kernel kernel) { kernels()[kernel.name] = FunctionState{kernel}; }
 
 void sync_threads() {
@@ -593,6 +620,90 @@ std::array<float, 4> mma_m16n8k16(const std::array<float, 4>& c, const uint32_t 
     });
 }
 
+// sm_90a's wgmma.mma_async.sync.aligned.m64nNk16.f32.f16.f16 with both operands in shared
+// memory, in the PTX ISA's layouts: each operand is core matrices of 8 rows × 16 bytes (row r at
+// byte 16r), the descriptor's `lbo` bytes apart along K and its `sbo` bytes apart per 8 rows (no
+// swizzle, K-major); A has the warpgroup's 64 rows, B's rows are its N columns. Warp w of the
+// warpgroup accumulates rows 16w to 16w + 15 as mma.sync's C tiles: d[4j + i] is row
+// g + 8·(i / 2), column 8j + 2t + i % 2. The operation is queued on the thread and carried out
+// when wgmma_wait releases its group, so that a kernel that reads its accumulators, or
+// overwrites its operands, before waiting shows. The descriptor is decoded as the hardware
+// would (its address bits must be those of the start the kernel names beside it).
+struct Descriptor {
+    uint32_t lbo, sbo, base_offset, swizzle;
+};
+
+Descriptor decode(uint64_t bits) {
+    return Descriptor{(uint32_t)(bits >> 16 & 0x3FFF) << 4, (uint32_t)(bits >> 32 & 0x3FFF) << 4,
+                      (uint32_t)(bits >> 49 & 7), (uint32_t)(bits >> 62)};
+}
+
+// The address bits are compared modulo 2^14 (units of 16 bytes): a block's shared variables are
+// host thread-locals here, whose addresses' low 18 bits, unlike a GPU's shared addresses (below
+// 228 KB), may carry into the reserved bits 14-15 when a kernel adds an offset to a descriptor.
+void check_operand(const char* which, const WgmmaOperand& m) {
+    const Descriptor d = decode(m.descriptor);
+    const uintptr_t start = (uintptr_t)m.start;
+    if (start % 16) fail(std::string("wgmma operand ") + which + " starts at a shared address not 16-byte aligned");
+    if (((m.descriptor & 0xFFFF) - (start >> 4)) % (1 << 14) != 0)
+        fail(std::string("wgmma operand ") + which + ": its descriptor's address is not the start the kernel names");
+    if (d.swizzle || d.base_offset || m.descriptor >> 46 & 7 || m.descriptor >> 52 & 0x3FF || m.descriptor >> 30 & 3)
+        fail(std::string("wgmma operand ") + which + ": a descriptor with swizzling, a base offset or stray bits");
+    if (d.lbo == 0 || d.sbo == 0) fail(std::string("wgmma operand ") + which + ": lbo or sbo of 0");
+}
+
+void wgmma_ss(float* d, int n, WgmmaOperand a, WgmmaOperand b, bool accumulate) {
+    if (compute_capability() < 90)
+        fail("wgmma on a GPU of compute capability " + std::to_string(compute_capability()) + " (sm_90a only)");
+    if (block_dim.x % 128 || block_dim.y * block_dim.z != 1)
+        fail("wgmma in a block that is not whole warpgroups along x (" + std::to_string(block_dim.x) + " threads)");
+    if (n % 8 || n < 8 || n > 256) fail("wgmma with N = " + std::to_string(n));
+    check_operand("A", a);
+    check_operand("B", b);
+    Fiber& f = *run->current;
+    if (!f.wgmma_fenced) fail("wgmma.mma_async without a wgmma.fence since the thread last waited for a group");
+    full_warp_barrier("wgmma.mma_async");
+    f.wgmma_issued.push_back(PendingWgmma{d, n, a, b, accumulate});
+}
+
+void wgmma_fence() {
+    full_warp_barrier("wgmma.fence");
+    run->current->wgmma_fenced = true;
+}
+
+void wgmma_commit() {
+    full_warp_barrier("wgmma.commit_group");
+    Fiber& f = *run->current;
+    f.wgmma_committed.push_back(std::move(f.wgmma_issued));
+    f.wgmma_issued.clear();
+}
+
+float core_matrix_value(const WgmmaOperand& m, int row, int k) {
+    const Descriptor d = decode(m.descriptor);
+    const char* at = (const char*)m.start + row / 8 * d.sbo + k / 8 * d.lbo + row % 8 * 16 + k % 8 * 2;
+    uint16_t bits;
+    memcpy(&bits, at, 2);
+    return half_at(bits, 0);
+}
+
+void wgmma_wait(int groups) {
+    full_warp_barrier("wgmma.wait_group");
+    Fiber& f = *run->current;
+    const int g = f.lane / 4, t = f.lane % 4, row0 = 16 * (f.warp % 4);
+    while ((int)f.wgmma_committed.size() > groups) {
+        for (const PendingWgmma& op : f.wgmma_committed.front())
+            for (int j = 0; j < op.n / 8; ++j)
+                for (int i = 0; i < 4; ++i) {
+                    const int row = row0 + g + 8 * (i / 2), col = 8 * j + 2 * t + i % 2;
+                    float sum = op.accumulate ? op.d[4 * j + i] : 0.f;
+                    for (int k = 0; k < 16; ++k) sum += core_matrix_value(op.a, row, k) * core_matrix_value(op.b, col, k);
+                    op.d[4 * j + i] = sum;
+                }
+        f.wgmma_committed.erase(f.wgmma_committed.begin());
+    }
+    f.wgmma_fenced = false;
+}
+
 void* dynamic_shared() { return run->shared; }
 
 void land(const PendingCopy& c) {
@@ -666,8 +777,8 @@ CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
 CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
     switch (attribute) {
     case ATTRIBUTE_MULTIPROCESSOR_COUNT: *value = MULTIPROCESSORS; break;
-    case ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = 9; break;
-    case ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *value = 0; break;
+    case ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = capability() / 10; break;
+    case ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *value = capability() % 10; break;
     case ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *value = DEFAULT_SHARED_BYTES; break;
     case ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *value = (int)optin_shared_bytes(); break;
     default: *value = 0;  // features it does not have (memory pools, ...)

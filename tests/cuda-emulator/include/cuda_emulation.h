@@ -42,6 +42,19 @@ void* dynamic_shared();
 // a GPU (ldmatrix.x4 and its .trans, mma.sync m16n8k16 with f32 accumulators), in the PTX ISA's layouts.
 std::array<uint32_t, 4> ldmatrix_x4(const void* row, bool transposed);
 std::array<float, 4> mma_m16n8k16(const std::array<float, 4>& c, const uint32_t (&a)[4], const uint32_t (&b)[2]);
+// sm_90a's wgmma (kernels/mma.cuh): a shared-memory operand, its descriptor and the start the
+// kernel means it to describe (the emulator reads the operand where the descriptor says, and
+// checks its address bits against that start).
+struct WgmmaOperand {
+    const void* start;
+    uint64_t descriptor;
+};
+void wgmma_ss(float* d, int n, WgmmaOperand a, WgmmaOperand b, bool accumulate);
+// The compute capability the emulator poses as (major · 10 + minor): wgmma from 90 on.
+int compute_capability();
+void wgmma_fence();
+void wgmma_commit();
+void wgmma_wait(int groups);
 }  // namespace emu
 
 // kernels/*.cuh take the emulator's ldmatrix and mma.sync, and host arithmetic, instead of inline PTX.
@@ -66,6 +79,9 @@ inline int __any_sync(unsigned, int predicate) { return emu::any_lane(predicate 
 // Every lane of the warp (the only mask the kernels use).
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
 inline float __expf(float x) { return expf(x); }
+// A shared-memory address as the kernels encode it in wgmma descriptors (the emulator checks
+// the encoding against the pointer the kernel names beside it).
+inline size_t __cvta_generic_to_shared(const void* p) { return (size_t)(uintptr_t)p; }
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 
 // CUDA's integer min/max take mixed argument types, as built-in arithmetic would.
