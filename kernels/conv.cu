@@ -34,12 +34,13 @@
 //   recomputing 64-bit addresses and bounds for every piece. Padding and the ragged ends of M, N
 //   and K are the copies' zero fill. In sm_90a cubins (and the CUDA emulator posing as an H100)
 //   the 4 warps are one warpgroup and the products are wgmma.mma_async (mma.cuh): the slabs lie
-//   as wgmma's core matrices (unpadded), and a K step of the 128 × 64 tile is 4 asynchronous
-//   64 × 64 × 16 products, waited for before the next barrier, instead of 32 mma.sync and 12
-//   ldmatrix a warp: 198 instructions a warp a step, nearly all of them the copies' (SASS
-//   counts, not timings). The epilogue stages the accumulators row-major in shared memory (reusing
-//   the ring's bytes: 32 KB of static shared memory in all; 39 and 47 KB for the 128-row tiles,
-//   less with wgmma's unpadded slabs)
+//   as wgmma's core matrices (unpadded), a K step is 64 wide, and a step of the 128 × 64 tile is
+//   8 asynchronous 64 × 64 × 16 products, waited for before the next barrier, where mma.sync
+//   takes 64 and 24 ldmatrix a warp: 326 instructions a warp for 64 of K, nearly all of them
+//   the copies', against 2 × 230 (SASS counts, not timings). The epilogue stages the
+//   accumulators row-major in shared memory (reusing the ring's bytes; dynamic shared memory:
+//   31, 39 and 47 KB for the 64 × 64, 128 × 32 and 128 × 64 tiles with mma.sync, 48, 60 and
+//   72 KB with wgmma)
 //   and writes y[m][co] + b[co], 8 channels a thread (store_block). Voxel blocks are on
 //   blockIdx.x (a volume can have more than 65535). Where the 64 × 64 tiles are fewer than the
 //   multiprocessors (a plan's deepest stages: 20 to 80 blocks for an H100's 132), K is split
@@ -179,6 +180,8 @@ __device__ __forceinline__ void copy_16_async_cached(void* dst, const void* src,
 struct ColumnCursor {
     int z, y, x, ci;
 
+    ColumnCursor() = default;
+
     __device__ __forceinline__ ColumnCursor(int k, int cin, Dims3 kernel) {
         int tap = k / cin;
         z = tap / (int)(kernel.y * kernel.x);
@@ -273,17 +276,21 @@ constexpr int STAGES = 3;
 //   instead of 4 per 8).
 // With WGMMA (sm_90a), the 4 warps are one warpgroup and the tile's ROWS / 64 blocks of 64 rows
 // are wgmma.mma_async products of N = COLUMNS, both slabs in wgmma's core-matrix layout
-// (unpadded) instead of padded rows.
+// (unpadded) instead of padded rows, and a K step is 64 wide (STEP_K) instead of 32: wgmma
+// leaves the copies most of the issue slots, and a wider step spreads each step's fixed cost
+// (barrier, cursor, descriptors) over twice the products.
 template <int WARPS_M, int FM, int FN, bool WGMMA> struct IgemmTile {
     static constexpr int WARPS_N = 4 / WARPS_M, ROWS = WARPS_M * 16 * FM, COLUMNS = WARPS_N * 16 * FN;
     static_assert(!WGMMA || ROWS % 64 == 0, "whole warpgroup products of 64 rows");
+    static constexpr int STEP_K = WGMMA ? 2 * MMA_K : MMA_K;
     // A slab's row stride in halves, and where column kk of row r of a slab lies.
-    static constexpr int SLAB_HALVES = WGMMA ? MMA_K : SLAB_LD;
+    static constexpr int SLAB_HALVES = WGMMA ? STEP_K : SLAB_LD;
     __device__ static constexpr int slab_offset(int r, int kk) {
-        return WGMMA ? core_matrix_offset<MMA_K>(r, kk) : r * SLAB_LD + kk;
+        return WGMMA ? core_matrix_offset<STEP_K>(r, kk) : r * SLAB_LD + kk;
     }
-    // STAGES slabs of A (ROWS × MMA_K) and B (COLUMNS × MMA_K) while the K loop runs, then (the
-    // same bytes) the f32 accumulators for the epilogue.
+    // STAGES slabs of A (ROWS × STEP_K) and B (COLUMNS × STEP_K) while the K loop runs, then (the
+    // same bytes) the f32 accumulators for the epilogue: dynamic shared memory (72 KB for the
+    // wgmma 128 × 64 tile), sized alike by igemm_shared_bytes in src/backend/cuda/conv.rs.
     static constexpr int A_BYTES = STAGES * ROWS * SLAB_HALVES * 2, B_BYTES = STAGES * COLUMNS * SLAB_HALVES * 2;
     static constexpr int STAGED_LD = COLUMNS + STAGED_PAD, STAGED_BYTES = ROWS * STAGED_LD * 4;
     static constexpr int SHARED_BYTES =
@@ -291,20 +298,20 @@ template <int WARPS_M, int FM, int FN, bool WGMMA> struct IgemmTile {
 };
 
 // The K step of a warpgroup's wgmma products (WGMMA): acc[i] += A[64i : 64i + 64]·B for the
-// slabs of one stage, two K steps of 16 per block of 64 rows, waited for before the next barrier
-// lets the stage be refilled.
-template <int ROWS, int COLUMNS>
+// slabs of one stage (STEP_K wide), a product per 16 of K and block of 64 rows, waited for
+// before the next barrier lets the stage be refilled.
+template <int ROWS, int COLUMNS, int STEP_K>
 __device__ __forceinline__ void wgmma_slabs(float (&acc)[ROWS / 64][COLUMNS / 8][4], const SharedOperand& a,
                                             const SharedOperand& b) {
 #pragma unroll
     for (int i = 0; i < ROWS / 64; ++i) wgmma_fence_operands(acc[i]);
     wgmma_fence();
 #pragma unroll
-    for (int k0 = 0; k0 < MMA_K; k0 += 16)
+    for (int k0 = 0; k0 < STEP_K; k0 += 16)
 #pragma unroll
         for (int i = 0; i < ROWS / 64; ++i)
-            wgmma_ss<COLUMNS>(acc[i], a.at(core_matrix_offset<MMA_K>(64 * i, k0)), b.at(core_matrix_offset<MMA_K>(0, k0)),
-                              true);
+            wgmma_ss<COLUMNS>(acc[i], a.at(core_matrix_offset<STEP_K>(64 * i, k0)),
+                              b.at(core_matrix_offset<STEP_K>(0, k0)), true);
     wgmma_commit();
     wgmma_wait<0>();
 #pragma unroll
@@ -317,10 +324,11 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
                                              Dims3 stride, Dims3 pad, const __half* second, int64_t first_channels,
                                              double* stats, float* split_sums) {
     using Tile = IgemmTile<WARPS_M, FM, FN, WGMMA>;
-    constexpr int ROWS = Tile::ROWS, COLUMNS = Tile::COLUMNS;
-    __shared__ __align__(128) unsigned char shared[Tile::SHARED_BYTES];
-    __half* const xs = reinterpret_cast<__half*>(shared);                  // [stage]: ROWS × MMA_K of A
-    __half* const ws = reinterpret_cast<__half*>(shared + Tile::A_BYTES);  // [stage]: COLUMNS × MMA_K of B
+    constexpr int ROWS = Tile::ROWS, COLUMNS = Tile::COLUMNS, STEP_K = Tile::STEP_K;
+    extern __shared__ float4 igemm_shared[];
+    unsigned char* const shared = reinterpret_cast<unsigned char*>(igemm_shared);
+    __half* const xs = reinterpret_cast<__half*>(shared);                  // [stage]: ROWS × STEP_K of A
+    __half* const ws = reinterpret_cast<__half*>(shared + Tile::A_BYTES);  // [stage]: COLUMNS × STEP_K of B
     auto staged = reinterpret_cast<float(*)[Tile::STAGED_LD]>(shared);     // after the K loop
     constexpr int A_STAGE = ROWS * Tile::SLAB_HALVES, B_STAGE = COLUMNS * Tile::SLAB_HALVES;
     const int64_t m = out.count(), n = cout, k = cin * kernel.count();
@@ -331,14 +339,15 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
     // Split K (gridDim.z > 1): this block multiplies steps [first, last) of the K loop and
     // leaves its raw sums in split_sums[blockIdx.z][m][n] for conv3d_split_sum_f16. Step
     // counts, channels and K are 32-bit (K = cin·taps is a few thousand).
-    const int steps = (int)((k + MMA_K - 1) / MMA_K), per_split = (steps + gridDim.z - 1) / gridDim.z;
+    const int steps = (int)((k + STEP_K - 1) / STEP_K), per_split = (steps + gridDim.z - 1) / gridDim.z;
     const int first = blockIdx.z * per_split, last = min(steps, first + per_split);
     // 8 consecutive columns are 8 channels of one tap in one input: 16 aligned bytes, copied
-    // asynchronously STAGES − 1 steps ahead. Thread t copies columns kk…kk + 7 of rows t / 4 +
-    // 32j of both slabs (ROWS / 32 of A, COLUMNS / 32 of B), at every step. Everything about
-    // its rows is worked out here, once: its voxels' windows, its weight rows' addresses; a step
-    // then moves the column on (the cursor) and costs a few instructions a copy: the column's
-    // tap offset and input once, and per A row three unsigned bounds tests and one address.
+    // asynchronously STAGES − 1 steps ahead. Thread t copies columns kk…kk + 7 (and, in a step
+    // 64 wide, kk + 32…kk + 39) of rows t / 4 + 32j of both slabs (ROWS / 32 of A, COLUMNS / 32
+    // of B), at every step. Everything about its rows is worked out here, once: its voxels'
+    // windows, its weight rows' addresses; a step then moves each column on (a cursor) and costs
+    // a few instructions a copy: the column's tap offset and input once, and per A row three
+    // unsigned bounds tests and one address.
     constexpr int THREAD_ROWS = MMA_THREADS / (MMA_K / VECTOR);
     static_assert(THREAD_ROWS == 32, "a slab's rows in groups of 32, a row of 4 pieces per 4 threads");
     const int row = threadIdx.x / (MMA_K / VECTOR), kk = threadIdx.x % (MMA_K / VECTOR) * VECTOR;
@@ -354,35 +363,44 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
         weight_row_exists[j] = c < n;
         weight_rows[j] = w + (weight_row_exists[j] ? c : 0) * k + kk;
     }
-    // Where the thread's first piece of a stage goes in either slab; its next ones lie
-    // slab_offset(THREAD_ROWS, 0) halves apart (both layouts are linear in whole 8-row groups).
+    // Where the thread's first piece of a stage goes in either slab; its next rows' lie
+    // slab_offset(THREAD_ROWS, 0) halves apart (both layouts are linear in whole 8-row groups),
+    // its second column's slab_offset(0, MMA_K) apart.
     const int piece = Tile::slab_offset(row, kk);
-    constexpr int PIECE_STRIDE = Tile::slab_offset(THREAD_ROWS, 0);
-    ColumnCursor cursor(first * MMA_K + kk, (int)cin, kernel);
+    constexpr int PIECE_STRIDE = Tile::slab_offset(THREAD_ROWS, 0), COLUMN_STRIDE = Tile::slab_offset(0, MMA_K);
+    constexpr int COLUMNS_A_THREAD = STEP_K / MMA_K;
+    ColumnCursor cursors[COLUMNS_A_THREAD];
+#pragma unroll
+    for (int c = 0; c < COLUMNS_A_THREAD; ++c)
+        cursors[c] = ColumnCursor(first * STEP_K + c * MMA_K + kk, (int)cin, kernel);
     // Copies step `step`'s slabs into stage `stage` (zeros outside the input and the matrices),
-    // commits them as one group, and moves the cursor to the next step.
+    // commits them as one group, and moves the cursors to the next step.
     auto issue = [&](int step, int stage) {
-        const int k0 = step * MMA_K;
-        const bool in_k = k0 + kk < (int)k;
-        const Tap tap = tap_of(cursor.z, cursor.y, cursor.x, in);
-        const Channel channel = channel_of(cursor.ci, x, second, (int)cin, (int)first_channels);
 #pragma unroll
-        for (int j = 0; j < ROWS / THREAD_ROWS; ++j) {
-            const __half* a;
-            const bool inside = a_source(windows[j], tap, channel, in, a) && in_k;
-            copy_16_async_cached(xs + stage * A_STAGE + piece + j * PIECE_STRIDE, inside ? a : x, !inside);
-        }
+        for (int c = 0; c < COLUMNS_A_THREAD; ++c) {
+            const int k0 = step * STEP_K + c * MMA_K;
+            const bool in_k = k0 + kk < (int)k;
+            const Tap tap = tap_of(cursors[c].z, cursors[c].y, cursors[c].x, in);
+            const Channel channel = channel_of(cursors[c].ci, x, second, (int)cin, (int)first_channels);
+            const int dest = piece + c * COLUMN_STRIDE;
 #pragma unroll
-        for (int j = 0; j < COLUMNS / THREAD_ROWS; ++j) {
-            const bool inside = in_k && weight_row_exists[j];
-            __pipeline_memcpy_async(ws + stage * B_STAGE + piece + j * PIECE_STRIDE, inside ? weight_rows[j] + k0 : w,
-                                    16, inside ? 0 : 16);
+            for (int j = 0; j < ROWS / THREAD_ROWS; ++j) {
+                const __half* a;
+                const bool inside = a_source(windows[j], tap, channel, in, a) && in_k;
+                copy_16_async_cached(xs + stage * A_STAGE + dest + j * PIECE_STRIDE, inside ? a : x, !inside);
+            }
+#pragma unroll
+            for (int j = 0; j < COLUMNS / THREAD_ROWS; ++j) {
+                const bool inside = in_k && weight_row_exists[j];
+                __pipeline_memcpy_async(ws + stage * B_STAGE + dest + j * PIECE_STRIDE,
+                                        inside ? weight_rows[j] + k0 : w, 16, inside ? 0 : 16);
+            }
+            cursors[c].advance(STEP_K, (int)cin, kernel);
         }
         __pipeline_commit();
-        cursor.advance(MMA_K, (int)cin, kernel);
     };
     // wgmma's view of the slabs (WGMMA): their descriptors, made once.
-    const SharedOperand a_slabs = core_matrices<MMA_K>(xs), b_slabs = core_matrices<MMA_K>(ws);
+    const SharedOperand a_slabs = core_matrices<STEP_K>(xs), b_slabs = core_matrices<STEP_K>(ws);
     // The ring's stages in turn: step t reads stage `reading` while step t + STAGES − 1 fills
     // stage `filling`, the one step t − 1 read.
     int reading = 0, filling = STAGES - 1;
@@ -401,7 +419,7 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
         if (t + STAGES - 1 < last) issue(t + STAGES - 1, filling);
         else __pipeline_commit();
         if constexpr (WGMMA)
-            wgmma_slabs<ROWS, COLUMNS>(acc, a_slabs.at(reading * A_STAGE), b_slabs.at(reading * B_STAGE));
+            wgmma_slabs<ROWS, COLUMNS, STEP_K>(acc, a_slabs.at(reading * A_STAGE), b_slabs.at(reading * B_STAGE));
         else warp_tile_mma(acc, xs + reading * A_STAGE, ws + reading * B_STAGE, wr, wc);
         reading = reading == STAGES - 1 ? 0 : reading + 1;
         filling = filling == STAGES - 1 ? 0 : filling + 1;

@@ -8,8 +8,11 @@
 // block and thread by thread, with barriers and warp shuffles honoured. The tensor-core
 // instructions that kernels issue as inline PTX (ldmatrix, mma.sync m16n8k16) are warp-wide
 // exchanges here, each lane's registers read and written in the layouts of NVIDIA's PTX ISA
-// document, so a kernel that puts a value in the wrong register fails here as on a GPU; both
-// sides rest on one reading of that document, which only a GPU run confirms. What it does not: the
+// document, so a kernel that puts a value in the wrong register fails here as on a GPU; sm_90a's
+// wgmma (both operands in shared memory) reads its operands where their descriptors say, in the
+// same document's core-matrix layout, when the kernel waits for it (TIS_CUDA_EMULATOR_CAPABILITY
+// below 90 makes it a device without wgmma). Both sides rest on one reading of that document,
+// which only a GPU run confirms; shared-memory proxy fences are not modelled. What it does not: the
 // hardware's memory model, races, timing, the tensor cores' exact accumulation order, and
 // anything about speed. A result from here is an emulator result, never a GPU result.
 //

@@ -73,6 +73,16 @@ fn f16_conv3d_kernel(
     }
 }
 
+/// Dynamic shared memory of an implicit-GEMM block (IgemmTile in kernels/conv.cu): a ring of 3
+/// stages of A (rows) and B (columns) slabs of one K step, or the epilogue's f32 staging rows
+/// (columns + 8 floats), whichever is larger. With wgmma (sm_90a) a step is 64 of K in unpadded
+/// core matrices, with mma.sync 32 in rows padded by 8 halves.
+fn igemm_shared_bytes(tile: BlockTile, wgmma: bool) -> usize {
+    let slab_halves = if wgmma { 64 } else { 32 + 8 };
+    let ring = 3 * (tile.rows + tile.columns) * slab_halves * 2;
+    ring.max(tile.rows * (tile.columns + 8) * 4)
+}
+
 /// A null device pointer, for a kernel's optional arguments.
 const NULL: u64 = 0;
 
@@ -132,6 +142,9 @@ fn launch_conv<E: Element>(
         )
     };
     let f = b.function(MODULE, conv.name)?;
+    if let Some(blocks) = conv.blocks.filter(|g| g.shared_mem_bytes > 0) {
+        b.allow_shared_memory(&f, blocks.shared_mem_bytes as usize)?;
+    }
     let (cin, cout) = (shape.cin as i64, shape.cout as i64);
     let input = Dims3::from(shape.dims);
     let mut launch = b.launch_builder(&f);
@@ -198,7 +211,13 @@ fn conv3d_of<E: Element>(
         (Some(_), Some(blocks)) => Some(b.scratch::<f64>(shape.cout * blocks * 2)?),
         _ => None,
     };
-    let mut grid = tile.map(|tile| tile.grid(voxels, shape.cout));
+    let mut grid = tile.map(|tile| {
+        let mut grid = tile.grid(voxels, shape.cout);
+        if name.starts_with("conv3d_igemm") {
+            grid.shared_mem_bytes = igemm_shared_bytes(tile, b.wgmma) as u32;
+        }
+        grid
+    });
     let splits = match grid {
         Some(g) if name == "conv3d_igemm_f16_64x64" => k_splits(
             g.grid_dim,
@@ -262,8 +281,8 @@ fn check_voxel_indices(shape: &shapes::ConvShape) -> Result<()> {
 
 /// How many parts the 64 × 64 implicit GEMM splits its K loop into: where its blocks would
 /// leave most multiprocessors idle (a plan's deepest stages: 20 to 80 blocks on an H100's 132),
-/// enough parts for about two blocks per multiprocessor, each with at least 8 of the K loop's
-/// steps of 32, at most 16.
+/// enough parts for about two blocks per multiprocessor, each with at least 8 steps of 32 of K
+/// (4 of the wgmma path's steps of 64), at most 16.
 fn k_splits(grid: (u32, u32, u32), k: usize, multiprocessors: usize) -> usize {
     let blocks = grid.0 as usize * grid.1 as usize;
     if blocks >= multiprocessors {

@@ -209,6 +209,9 @@ pub struct CudaBackend<E: Element = f16> {
     multiprocessors: usize,
     /// Shared memory a block may have once its kernel allows it (bytes).
     shared_memory_optin: usize,
+    /// Whether the GPU runs the sm_90a cubins, whose kernels take their wgmma paths (compute
+    /// capability 9.0 exactly: the driver picks them only there).
+    wgmma: bool,
     modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
     functions: Arc<Mutex<HashMap<String, Kernel>>>,
     /// The launches of the work `kernel_times` runs, while it runs.
@@ -268,11 +271,16 @@ impl<E: Element> CudaBackend<E> {
             attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let shared_memory_optin =
             attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let capability = (
+            attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
         Ok(CudaBackend {
             device: ctx.name().map_err(driver)?,
             stream: ctx.default_stream(),
             multiprocessors,
             shared_memory_optin,
+            wgmma: capability == (9, 0),
             modules: Arc::new(Mutex::new(HashMap::new())),
             functions: Arc::new(Mutex::new(HashMap::new())),
             timed: Arc::new(Mutex::new(None)),
