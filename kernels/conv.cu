@@ -46,10 +46,12 @@
 //   multiprocessors (a plan's deepest stages: 20 to 80 blocks for an H100's 132), K is split
 //   over blockIdx.z: each split leaves its raw sums in f32, and `conv3d_split_sum_f16` adds them
 //   up and runs the epilogue.
-// - `conv3d_direct_f16`: the convolutions whose channels do not come in eights, above all the
-//   network's first layer (one to a few channels: K = 27·cin would fill a fraction of one
-//   tensor-core step, with nothing to load 16 bytes at a time), on CUDA cores over the same
-//   layouts. A block of 64 threads has 64 output voxels and 32 output channels (blockIdx.y),
+// - `conv3d_direct_f16`: a concatenation whose parts' channels do not come in eights, on CUDA
+//   cores over the same layouts. (A single input of 1 to 7 channels, a network's first layer,
+//   runs on the implicit GEMM instead, its channels and weights padded with zeros to 8 by
+//   `pad_inner_axis_f16` in kernels/volume.cu: 8 times the multiply-adds, on tensor cores, where
+//   this kernel took run A 0.34 ms for the Pancreas plan's first layer, all of it on CUDA cores
+//   and per-block weight staging.) A block of 64 threads has 64 output voxels and 32 output channels (blockIdx.y),
 //   each thread one voxel and its 32 f32 accumulators. Per input channel and chunk of up to 27
 //   taps, the block stages the weights in shared memory as [tap][channel] (warp-uniform float4
 //   reads: one 16-byte load feeds 4 FMAs) and each thread gathers its voxel's window into
@@ -457,15 +459,34 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) conv3d_split_sum_f16(c
     store_block<TILE, TILE, MMA_THREADS>(&staged[0][0], TILE + STAGED_PAD, bias, y, row0, m, col0, n, stats);
 }
 
+// The kernels' entry: `wgmma` (nonzero) takes the wgmma path, which the backend asks for on a GPU
+// of compute capability 9.0 (running the sm_90a cubin) unless TIS_CUDA_WGMMA=0, so that one run
+// can time both; the other cubins have only the mma.sync path and ignore it. The launch's
+// shared memory is the path's (igemm_shared_bytes).
+template <int WARPS_M, int FM, int FN>
+__device__ __forceinline__ void conv3d_igemm_path(const __half* x, const __half* w, const __half* bias, __half* y,
+                                                  int64_t cin, Dims3 in, int64_t cout, Dims3 out, Dims3 kernel,
+                                                  Dims3 stride, Dims3 pad, const __half* second,
+                                                  int64_t first_channels, double* stats, float* split_sums,
+                                                  int wgmma) {
+#ifdef TIS_WGMMA
+    if (wgmma) {
+        conv3d_igemm<WARPS_M, FM, FN, true>(x, w, bias, y, cin, in, cout, out, kernel, stride, pad, second,
+                                            first_channels, stats, split_sums);
+        return;
+    }
+#endif
+    conv3d_igemm<WARPS_M, FM, FN, false>(x, w, bias, y, cin, in, cout, out, kernel, stride, pad, second,
+                                         first_channels, stats, split_sums);
+}
+
 #define CONV3D_IGEMM(WARPS_M, FM, FN, NAME)                                                                     \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                   \
         NAME(const __half* x, const __half* w, const __half* b, __half* y, int64_t cin, Dims3 in, int64_t cout, \
              Dims3 out, Dims3 k, Dims3 s, Dims3 p, const __half* second, int64_t first_channels, double* stats,    \
-             float* split_sums) {                                                                                 \
-        with_wgmma([&](auto wgmma) {                                                                              \
-            conv3d_igemm<WARPS_M, FM, FN, decltype(wgmma)::value>(x, w, b, y, cin, in, cout, out, k, s, p, second,  \
-                                                                  first_channels, stats, split_sums);             \
-        });                                                                                                       \
+             float* split_sums, int wgmma) {                                                                      \
+        conv3d_igemm_path<WARPS_M, FM, FN>(x, w, b, y, cin, in, cout, out, k, s, p, second, first_channels,      \
+                                           stats, split_sums, wgmma);                                            \
     }
 CONV3D_IGEMM(2, 2, 2, conv3d_igemm_f16_64x64)
 CONV3D_IGEMM(4, 2, 2, conv3d_igemm_f16_128x32)
@@ -481,7 +502,8 @@ extern "C" __global__ void __launch_bounds__(TILE) conv3d_direct_f16(const __hal
                                                                      Dims3 in, int64_t cout, Dims3 out, Dims3 kernel,
                                                                      Dims3 stride, Dims3 pad, const __half* second,
                                                                      int64_t first_channels, double* stats,
-                                                                     float* /* split_sums: never split */) {
+                                                                     float* /* split_sums: never split */,
+                                                                     int /* wgmma: none */) {
     __shared__ __align__(16) float weights[DIRECT_TAPS][DIRECT_CHANNELS];  // [tap][channel] of one chunk
     __shared__ Tap chunk_taps[DIRECT_TAPS];                                // the chunk's taps
     __shared__ float staged[TILE][DIRECT_CHANNELS + 1];                    // [voxel][channel], for the epilogue

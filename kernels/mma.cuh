@@ -12,6 +12,8 @@
 // - The block-tile GEMMs of the dense layers and the convolutions (`warp_tile_mma`): each warp
 //   a 32 × 32 or larger part of a 64 × 64 or 128 × 64 output tile, K in slabs of MMA_K, the
 //   epilogue through an f32 staging area (`store_warp_tile`).
+// - On sm_90a, wgmma.mma_async (`wgmma_ss`, below): a warpgroup's 64 × N × 16 products read
+//   straight from shared memory, asynchronously: the implicit GEMM's path on an H100.
 //
 // Shared rows are padded by MMA_PAD halves so that ldmatrix's eight rows of 16 bytes fall in
 // different banks (a row stride of 80 bytes for the slabs); every ldmatrix row is 16-byte
@@ -19,8 +21,6 @@
 #pragma once
 
 #include <cuda_pipeline.h>
-
-#include <type_traits>
 
 #include "common.cuh"
 
@@ -263,16 +263,17 @@ __device__ __forceinline__ void warp_tile_mma(float (&acc)[FM][NT][4], const __h
 // tile of A by a 16 × N tile of B, both in shared memory, into f32 accumulators in registers,
 // asynchronously: the tensor cores read the operands while the warps go on, so a K step costs a
 // few instructions where mma.sync costs one per 16 × 8 × 16 product and its fragments' ldmatrix.
-// Only sm_90a cubins have it (TIS_WGMMA: nvcc's __CUDA_ARCH_FEAT_SM90_ALL); the CUDA emulator
-// runs it when it poses as a GPU of compute capability 9.0. Kernels keep the mma.sync path for
-// the other targets (sm_80, the PTX fallback).
+// Only sm_90a cubins have it (TIS_WGMMA: nvcc's __CUDA_ARCH_FEAT_SM90_ALL), and the CUDA
+// emulator, which runs it when it poses as a GPU of compute capability 9.0. Kernels keep the
+// mma.sync path beside it, the only one of the other targets (sm_80, the PTX fallback).
 //
 // Operands lie in shared memory as wgmma's canonical K-major layout without swizzle: core
 // matrices of 8 rows × 8 halves, each 128 contiguous bytes (row r of the core matrix at byte
-// 16r), the core matrices next to each other along K `lbo` bytes apart and groups of 8 rows `sbo`
-// bytes apart (core_matrix_offset, SharedOperand). A matrix's rows are A's rows (M) or B's columns (N, a weight
-// stored [n][k] as PyTorch stores it). The accumulators of warp w of the warpgroup are rows
-// 16w to 16w + 15 of the 64, held as mma.sync's C tiles (d[j]: columns 8j to 8j + 7).
+// 16r), the core matrices next to each other along K `lbo` bytes apart and groups of 8 rows
+// `sbo` bytes apart (core_matrix_offset, SharedOperand). A matrix's rows are A's rows (M) or B's
+// columns (N, a weight stored [n][k] as PyTorch stores it). The accumulators of warp w of the
+// warpgroup are rows 16w to 16w + 15 of the 64, held as mma.sync's C tiles (d[j]: columns 8j to
+// 8j + 7).
 // Ordering: every thread fences its shared-memory writes of the operands towards the tensor
 // cores (`fence_proxy_async`) before the barrier after which they are read; `wgmma_fence`
 // precedes the first wgmma after the accumulators were touched otherwise; `wgmma_commit` closes
@@ -373,21 +374,6 @@ template <int T> __device__ void wgmma_fence_operands(float (&d)[T][4]);
 template <int N>
 __device__ void wgmma_ss(float (&d)[N / 8][4], const SharedOperand& a, const SharedOperand& b, bool accumulate);
 #endif
-
-// Calls call(std::bool_constant<WGMMA>) with the path a kernel takes: wgmma in an sm_90a cubin,
-// mma.sync in the others (sm_80, the PTX fallback), which compile only that one; the CUDA
-// emulator compiles both and decides at run time (posing as a GPU of compute capability 9.0 or
-// not).
-template <typename Call> __device__ __forceinline__ void with_wgmma(Call call) {
-#if defined(TIS_CUDA_EMULATOR)
-    if (emu::compute_capability() >= 90) call(std::true_type{});
-    else call(std::false_type{});
-#elif defined(TIS_WGMMA)
-    call(std::true_type{});
-#else
-    call(std::false_type{});
-#endif
-}
 
 // Padding of the f32 staging rows, in floats: with rows COLUMNS + 8 floats apart (COLUMNS a
 // multiple of 32), the 8-byte stores of a half-warp in store_warp_tile (rows g to g + 3, columns

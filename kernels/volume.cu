@@ -1,14 +1,14 @@
 // Data movement and per-voxel ops: the sliding window's crops, flips and weighted accumulation,
 // softmax and argmax over channels, tokens of a region, the trilinear positional encoding, row
-// gathers and argmax over rows.
+// gathers and argmax over rows, and the f16 convolutions' channel padding.
 //
 // All are memory-bound one-pass kernels, one thread per output element in a grid-stride loop,
 // the innermost (x) index fastest so that neighbouring threads touch neighbouring addresses of
-// the larger side, except three: `swap_inner_axes` and `region_tokens`, tiled transposes
-// through shared memory (both sides coalesce), and `add_positional_encoding`, a warp per token,
-// its lanes on the token's channels (the write side's consecutive addresses), so that the
-// token's place in the region (64-bit divisions, a few hundred instructions) is worked out once
-// per token and not once per value.
+// the larger side, except four: `pad_inner_axis_f16`, a thread a row; `swap_inner_axes` and
+// `region_tokens`, tiled transposes through shared memory (both sides coalesce); and
+// `add_positional_encoding`, a warp per token, its lanes on the token's channels (the write
+// side's consecutive addresses), so that the token's place in the region (64-bit divisions, a
+// few hundred instructions) is worked out once per token and not once per value.
 // Volumes are channels first (C × Z × Y × X); token matrices row-major (N × width). The f16
 // network's channels-last volumes (kernels/conv.cu) come here through `swap_inner_axes`.
 #include "common.cuh"
@@ -226,3 +226,14 @@ __device__ void region_tokens(const T* volume, T* tokens, int64_t channels, Dims
     }
 
 FOR_EACH_STORAGE(VOLUME_KERNELS)
+
+// y[r][c] = x[r][c] for c < inner, 0 for inner ≤ c < padded: rows widened with zeros, a thread a
+// row. The f16 convolutions' channel counts must come in eights; a first layer of 1 to 7
+// channels runs on the implicit GEMM with its channels-last input and packed weights padded so
+// (the zero channels multiply nothing). f16 only: the f32 convolutions read channels-first.
+extern "C" __global__ void pad_inner_axis_f16(const __half* x, __half* y, int64_t rows, int64_t inner,
+                                              int64_t padded) {
+    GRID_LOOP(r, rows) {
+        for (int64_t c = 0; c < padded; ++c) y[r * padded + c] = c < inner ? x[r * inner + c] : __float2half(0.f);
+    }
+}

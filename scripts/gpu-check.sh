@@ -12,12 +12,14 @@
 #   5. issue 7: whole-volume segmentation of a synthetic 96×512×512 CT (Pancreas plan), `tis
 #      segment --device cuda` against nnUNetPredictor on the GPU, end to end, no test-time
 #      mirroring for either (the bench model allows none) — python/bench_predictor.py;
+#      then the implicit GEMM's mma.sync path on this card (TIS_CUDA_WGMMA=0: its parity, and a
+#      Pancreas tile forward per path, back to back: paths.log);
 #   6. with the time left, Nsight Compute over the network's and the click's kernels
 #      (scripts/ncu_summary.py prints a line per kernel);
 # then the tables. Full logs and JSON go to $OUT (or out/gpu-check); where OUT is set (the device
 # machine, which brings back at most 8 files from it) the logs end up in $OUT/logs.tar.gz. The
-# exit status is 1 when parity, memcheck or racecheck fails (the benchmarks' exits are reported,
-# as before).
+# exit status is 1 when parity (either path), memcheck or racecheck fails (the benchmarks' exits
+# are reported, as before).
 #
 # Time: every step runs under `timeout`, its cap below, cut shorter where needed so that the
 # steps after it keep their minimum (RESERVE_*) and the script ends by the deadline; a step with
@@ -73,7 +75,7 @@ else
     reserve_checks=$((RESERVE_TILE + RESERVE_PREDICTOR + RESERVE_SUMMARY)) reserve_bench=$reserve_checks torch_iters=()
     race_tests=(token_ops_match_cpu_f16 network_ops_match_cpu_f16)
 fi
-tile=124 predictor=124
+tile=124 predictor=124 paths=124
 
 step "GPU"
 timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
@@ -131,6 +133,27 @@ if [ "$head_only" != 1 ]; then
         --make-bundle /tmp/bench-pancreas.safetensors --tis gpu-bin/tis --repeats 2 \
         --tis-timeout $((limit > 105 ? limit - 75 : 30)) --json "$out/predictor.json" 2>&1 | tee "$out/predictor.log"
     predictor=$?
+
+    step "issue 7: the implicit GEMM's two paths on this card (TIS_CUDA_WGMMA=0: mma.sync on an H100)"
+    # The mma.sync path's parity on this card, then one Pancreas tile forward per path, back to
+    # back (tis alone; the wgmma path is the default above). On a GPU without wgmma (not compute
+    # capability 9.0) both runs take mma.sync.
+    if [ -f /tmp/bench-pancreas.safetensors ]; then
+        TIS_CUDA_WGMMA=0 bounded "$(within 60 $((RESERVE_SUMMARY + 40)))" gpu-bin/cuda_backend --ignored \
+            --test-threads 1 network_ops_match_cpu_f16 tile_forward_matches_cpu_f16 > "$out/paths.log" 2>&1
+        paths=$?
+        grep -E "^test |test result" "$out/paths.log" | tail -4
+        [ $paths -eq 0 ] || status=1
+        for wgmma in 1 0; do
+            echo "TIS_CUDA_WGMMA=$wgmma" >> "$out/paths.log"
+            TIS_CUDA_WGMMA=$wgmma bounded "$(within 30 $((RESERVE_SUMMARY + 40)))" gpu-bin/tis bench --tile \
+                --device cuda --precision f16 -m /tmp/bench-pancreas.safetensors --iters 5 --warmup 1 \
+                >> "$out/paths.log" 2>&1
+            echo "TIS_CUDA_WGMMA=$wgmma: $(grep -E '^per tile' "$out/paths.log" | tail -1)"
+        done
+    else
+        echo "no Pancreas bundle (the predictor step did not get to write it): no comparison"
+    fi
 fi
 
 step "profile: Nsight Compute on the Pancreas plan's network kernels and the per-click kernels"
@@ -166,7 +189,7 @@ echo "ncu (click) exit $?"
 timeout 10 python3 scripts/ncu_summary.py "$out"/ncu-*.log
 
 step "summary"
-echo "parity exit $parity, memcheck exit $memcheck, racecheck exit $racecheck, tile exit $tile, predictor exit $predictor (124: timed out or skipped)"
+echo "parity exit $parity, memcheck exit $memcheck, racecheck exit $racecheck, tile exit $tile, predictor exit $predictor, mma.sync path parity exit $paths (124: timed out or skipped)"
 network=()
 [ "$head_only" = 1 ] || network=(--tile "$out/tile.json" --predictor "$out/predictor.json")
 timeout 30 python3 scripts/bench_table.py "$out/tis-f16.json" "$out/tis-f32.json" "$out/torch.json" "${network[@]}"

@@ -262,10 +262,11 @@ fn network_ops<E: Element>(tolerance: f64) {
     // 1287 voxels on the emulator's 4): channel counts off the tile's grid, voxel counts leaving
     // partial blocks, many K steps (40 · 27 = 1080), no bias, and K split where the blocks are
     // fewer than the multiprocessors (64 → 40 over 90 voxels: 2 blocks, 4 splits of its 54 steps
-    // of 32, 27 of 64 on the wgmma path, on the emulator; on a GPU every small case here); the
-    // direct kernel elsewhere: one input
-    // channel (the first layer), a few, 40 split 13 + 27 (output channels in 1 to 3 blocks of 32),
-    // and a kernel of more taps (45) than its window holds (27). The 1 × 1 × 1 case over 266,240
+    // of 32, 27 of 64 on the wgmma path, on the emulator; on a GPU every small case here). Where
+    // channel counts are not in eights: one input padded with zero channels to 8 onto the
+    // implicit GEMM (one channel, the first layer; a few; a kernel of 45 taps), a concatenation
+    // on the direct kernel (each case's split inputs; 40 split 13 + 27, output channels in 1 to 3
+    // blocks of 32; 45 taps, more than its window holds, 27). The 1 × 1 × 1 case over 266,240
     // voxels leaves 2080 blocks of InstanceNorm partials a channel, past the 2048 (8 a thread)
     // that instance_norm_finalize loads at once.
     for (cin, cout, dims, kernel, stride, bias) in [

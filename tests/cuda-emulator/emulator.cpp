@@ -512,8 +512,6 @@ namespace emu {
 
 thread_local uint3 thread_idx, block_idx, block_dim, grid_dim;
 
-int compute_capability() { return capability(); }
-
 void register_kernel(Kernel kernel) { kernels()[kernel.name] = FunctionState{kernel}; }
 
 void sync_threads() {
@@ -656,8 +654,8 @@ void check_operand(const char* which, const WgmmaOperand& m) {
 }
 
 void wgmma_ss(float* d, int n, WgmmaOperand a, WgmmaOperand b, bool accumulate) {
-    if (compute_capability() < 90)
-        fail("wgmma on a GPU of compute capability " + std::to_string(compute_capability()) + " (sm_90a only)");
+    if (capability() < 90)
+        fail("wgmma on a GPU of compute capability " + std::to_string(capability()) + " (sm_90a only)");
     if (block_dim.x % 128 || block_dim.y * block_dim.z != 1)
         fail("wgmma in a block that is not whole warpgroups along x (" + std::to_string(block_dim.x) + " threads)");
     if (n % 8 || n < 8 || n > 256) fail("wgmma with N = " + std::to_string(n));

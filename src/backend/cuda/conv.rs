@@ -48,9 +48,10 @@ const GEMM_64X64: BlockTile = BlockTile {
 
 /// The f16 3D convolution's kernel for `shape` with the input's first `first_channels` channels
 /// in one volume, and its block (IgemmTile in kernels/conv.cu says why each): the direct kernel
-/// (one thread per voxel, 32 output channels) unless every channel count is a multiple of 8,
-/// else the implicit GEMM on 128 × 32 tiles where cout ≤ 32, on 128 × 64 tiles where they still
-/// make two blocks per multiprocessor, else on 64 × 64 tiles.
+/// (one thread per voxel, 32 output channels) unless every channel count is a multiple of 8
+/// (after `pad_channels`, only a concatenation's parts can have other counts), else the
+/// implicit GEMM on 128 × 32 tiles where cout ≤ 32, on 128 × 64 tiles where they still make two
+/// blocks per multiprocessor, else on 64 × 64 tiles.
 fn f16_conv3d_kernel(
     shape: &shapes::ConvShape,
     first_channels: usize,
@@ -155,6 +156,7 @@ fn launch_conv<E: Element>(
         launch.arg(d);
     }
     let mut f16_inputs = conv.f16_inputs;
+    let wgmma = i32::from(b.wgmma);
     if let Some(inputs) = &mut f16_inputs {
         let second = layout::volume_as(b, inputs.second, &mut second_slot, Layout::ChannelsLast)?;
         launch.arg(&second.data).arg(&inputs.first_channels);
@@ -166,6 +168,7 @@ fn launch_conv<E: Element>(
             Some(sums) => launch.arg(&mut **sums),
             None => launch.arg(&NULL),
         };
+        launch.arg(&wgmma);
     }
     let grid = match conv.blocks {
         Some(blocks) => blocks,
@@ -173,7 +176,8 @@ fn launch_conv<E: Element>(
     };
     // SAFETY: argument order matches `conv3d_*` (x, w, b, y, cin, in, cout, out, kernel, stride,
     // pad), `conv3d_igemm_f16_*` and `conv3d_direct_f16` (the same, then second, first_channels,
-    // stats; the implicit GEMM only with channel counts in eights) and
+    // stats, split_sums, wgmma; the implicit GEMM only with channel counts in eights, its shared
+    // memory that of the path `wgmma` picks) and
     // `conv_transpose3d_*` / `conv_transpose3d_mma_f16` (x, w, b, y, cin, in, cout, stride);
     // shapes checked, a concatenation's inputs share their spatial extent, the inputs and weights
     // are stored as the kernel reads them (converted above), the partials hold two values per
@@ -196,6 +200,16 @@ fn conv3d_of<E: Element>(
     shape: &shapes::ConvShape,
     norm: Option<&InstanceNorm<CudaTensor<E>>>,
 ) -> Result<CudaTensor<E>> {
+    // A first layer of 1 to 7 channels (f16, one input): the implicit GEMM on its input and
+    // weights padded with zero channels to the next eight, which multiply nothing.
+    let padded;
+    let (x, weight, shape) =
+        if E::TENSOR_CORES && second.is_none() && !shape.cin.is_multiple_of(VECTOR) {
+            padded = pad_channels(b, x, &conv.weight, shape)?;
+            (&padded.0, &padded.1, &padded.2)
+        } else {
+            (x, &conv.weight, shape)
+        };
     let extra = [shape.out_dims, shape.kernel, conv.stride, conv.padding].map(Dims3::from);
     let voxels: usize = shape.out_dims.iter().product();
     let first_channels = x.shape[0];
@@ -239,7 +253,7 @@ fn conv3d_of<E: Element>(
     let launch = ConvLaunch {
         name: &name,
         x,
-        weight: &conv.weight,
+        weight,
         bias: &conv.bias,
         extra: &extra,
         blocks: grid,
@@ -258,6 +272,46 @@ fn conv3d_of<E: Element>(
         norm::normalize_from_partials(b, &mut y, norm, partials, blocks)?;
     }
     Ok(y)
+}
+
+/// `x` (channels-last) and the packed `weight` with their cin channels padded by zeros to the
+/// next multiple of 8, and the convolution's shape with that many input channels.
+fn pad_channels<E: Element>(
+    b: &CudaBackend<E>,
+    x: &CudaTensor<E>,
+    weight: &CudaTensor<E>,
+    shape: &shapes::ConvShape,
+) -> Result<(CudaTensor<E>, CudaTensor<E>, shapes::ConvShape)> {
+    let (cin, padded) = (shape.cin, shape.cin.next_multiple_of(VECTOR));
+    let (mut x_slot, mut w_slot) = (None, None);
+    let x = layout::volume_as(b, x, &mut x_slot, Layout::ChannelsLast)?;
+    let weight = layout::packed_weights(b, weight, &mut w_slot)?;
+    let voxels: usize = shape.dims.iter().product();
+    let taps: usize = shape.kernel.iter().product();
+    let [z, y, w] = shape.dims;
+    let [kz, ky, kx] = shape.kernel;
+    let x = layout::pad_inner_axis(
+        b,
+        x,
+        [voxels, cin, padded],
+        vec![padded, z, y, w],
+        Layout::ChannelsLast,
+    )?;
+    let weight = layout::pad_inner_axis(
+        b,
+        weight,
+        [shape.cout * taps, cin, padded],
+        vec![shape.cout, padded, kz, ky, kx],
+        Layout::PackedWeights,
+    )?;
+    Ok((
+        x,
+        weight,
+        shapes::ConvShape {
+            cin: padded,
+            ..*shape
+        },
+    ))
 }
 
 /// The f16 convolutions index an input's and an output's voxels in 32 bits (kernels/conv.cu's

@@ -124,6 +124,35 @@ pub fn packed_weights<'a, E: Element>(
     }
 }
 
+/// A copy of `x` whose rows of `inner` values (a channels-last volume's voxels, packed weights'
+/// [a][tap] rows) are widened to `padded` by zeros, as `shape` (its logical shape with the
+/// channels padded) stored as `layout` (`pad_inner_axis_f16` in kernels/volume.cu): the f16
+/// convolutions take their channels in eights.
+pub fn pad_inner_axis<E: Element>(
+    b: &CudaBackend<E>,
+    x: &CudaTensor<E>,
+    [rows, inner, padded]: [usize; 3],
+    shape: Vec<usize>,
+    layout: Layout,
+) -> Result<CudaTensor<E>> {
+    if !E::TENSOR_CORES {
+        return Err(Error::Shape(
+            "channel padding is for the f16 convolutions' layouts".into(),
+        ));
+    }
+    let mut y = b.output(shape)?;
+    y.layout = layout;
+    let f = b.function(MODULE, "pad_inner_axis_f16")?;
+    let (r, i, p) = (rows as i64, inner as i64, padded as i64);
+    let mut launch = b.launch_builder(&f);
+    launch.arg(&x.data).arg(&mut y.data).arg(&r).arg(&i).arg(&p);
+    // SAFETY: matches `pad_inner_axis_f16`; x holds rows × inner values and y, shaped by the
+    // caller, rows × padded; the kernel exists for f16, which the caller (the f16 convolutions)
+    // stores.
+    unsafe { launch.launch(b.elementwise(rows)) }.map_err(driver)?;
+    Ok(y)
+}
+
 /// `w` packed for the f16 convolutions, if this storage type runs them.
 pub fn pack_weights<E: Element>(b: &CudaBackend<E>, w: CudaTensor<E>) -> Result<CudaTensor<E>> {
     if !E::TENSOR_CORES {

@@ -209,8 +209,9 @@ pub struct CudaBackend<E: Element = f16> {
     multiprocessors: usize,
     /// Shared memory a block may have once its kernel allows it (bytes).
     shared_memory_optin: usize,
-    /// Whether the GPU runs the sm_90a cubins, whose kernels take their wgmma paths (compute
-    /// capability 9.0 exactly: the driver picks them only there).
+    /// Whether the kernels with a wgmma path take it: the GPU runs the sm_90a cubins (compute
+    /// capability 9.0 exactly: the driver picks them only there), and TIS_CUDA_WGMMA is not 0
+    /// (which keeps them on mma.sync, to time one against the other on the same card).
     wgmma: bool,
     modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
     functions: Arc<Mutex<HashMap<String, Kernel>>>,
@@ -280,7 +281,7 @@ impl<E: Element> CudaBackend<E> {
             stream: ctx.default_stream(),
             multiprocessors,
             shared_memory_optin,
-            wgmma: capability == (9, 0),
+            wgmma: capability == (9, 0) && std::env::var("TIS_CUDA_WGMMA").as_deref() != Ok("0"),
             modules: Arc::new(Mutex::new(HashMap::new())),
             functions: Arc::new(Mutex::new(HashMap::new())),
             timed: Arc::new(Mutex::new(None)),

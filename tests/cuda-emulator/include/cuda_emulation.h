@@ -50,8 +50,6 @@ struct WgmmaOperand {
     uint64_t descriptor;
 };
 void wgmma_ss(float* d, int n, WgmmaOperand a, WgmmaOperand b, bool accumulate);
-// The compute capability the emulator poses as (major · 10 + minor): wgmma from 90 on.
-int compute_capability();
 void wgmma_fence();
 void wgmma_commit();
 void wgmma_wait(int groups);
