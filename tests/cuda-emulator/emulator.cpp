@@ -679,8 +679,7 @@ void wgmma_commit() {
     f.wgmma_issued.clear();
 }
 
-float core_matrix_value(const WgmmaOperand& m, int row, int k) {
-    const Descriptor d = decode(m.descriptor);
+float core_matrix_value(const WgmmaOperand& m, const Descriptor& d, int row, int k) {
     const char* at = (const char*)m.start + row / 8 * d.sbo + k / 8 * d.lbo + row % 8 * 16 + k % 8 * 2;
     uint16_t bits;
     memcpy(&bits, at, 2);
@@ -692,14 +691,23 @@ void wgmma_wait(int groups) {
     Fiber& f = *run->current;
     const int g = f.lane / 4, t = f.lane % 4, row0 = 16 * (f.warp % 4);
     while ((int)f.wgmma_committed.size() > groups) {
-        for (const PendingWgmma& op : f.wgmma_committed.front())
+        for (const PendingWgmma& op : f.wgmma_committed.front()) {
+            // The lane's rows g and g + 8 of A, then each of its columns of B, read once.
+            const Descriptor da = decode(op.a.descriptor), db = decode(op.b.descriptor);
+            float a[2][16], b[16];
+            for (int h = 0; h < 2; ++h)
+                for (int k = 0; k < 16; ++k) a[h][k] = core_matrix_value(op.a, da, row0 + g + 8 * h, k);
             for (int j = 0; j < op.n / 8; ++j)
-                for (int i = 0; i < 4; ++i) {
-                    const int row = row0 + g + 8 * (i / 2), col = 8 * j + 2 * t + i % 2;
-                    float sum = op.accumulate ? op.d[4 * j + i] : 0.f;
-                    for (int k = 0; k < 16; ++k) sum += core_matrix_value(op.a, row, k) * core_matrix_value(op.b, col, k);
-                    op.d[4 * j + i] = sum;
+                for (int c = 0; c < 2; ++c) {
+                    for (int k = 0; k < 16; ++k) b[k] = core_matrix_value(op.b, db, 8 * j + 2 * t + c, k);
+                    for (int h = 0; h < 2; ++h) {
+                        float& d = op.d[4 * j + 2 * h + c];  // row g + 8h, column 8j + 2t + c
+                        float sum = op.accumulate ? d : 0.f;
+                        for (int k = 0; k < 16; ++k) sum += a[h][k] * b[k];
+                        d = sum;
+                    }
                 }
+        }
         f.wgmma_committed.erase(f.wgmma_committed.begin());
     }
     f.wgmma_fenced = false;
