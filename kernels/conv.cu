@@ -40,19 +40,18 @@
 //   the copies', against 2 × 230 (SASS counts, not timings). The epilogue stages the
 //   accumulators row-major in shared memory (reusing the ring's bytes; dynamic shared memory:
 //   31, 39 and 47 KB for the 64 × 64, 128 × 32 and 128 × 64 tiles with mma.sync, 48, 60 and
-//   72 KB with wgmma)
-//   and writes y[m][co] + b[co], 8 channels a thread (store_block). Voxel blocks are on
-//   blockIdx.x (a volume can have more than 65535). Where the 64 × 64 tiles are fewer than the
-//   multiprocessors (a plan's deepest stages: 20 to 80 blocks for an H100's 132), K is split
-//   over blockIdx.z: each split leaves its raw sums in f32, and `conv3d_split_sum_f16` adds them
-//   up and runs the epilogue.
+//   72 KB with wgmma) and writes y[m][co] + b[co], 8 channels a thread (store_block). Voxel
+//   blocks are on blockIdx.x (a volume can have more than 65535). Where the 64 × 64 tiles are
+//   fewer than the multiprocessors (a plan's deepest stages: 20 to 80 blocks for an H100's 132),
+//   K is split over blockIdx.z: each split leaves its raw sums in f32, and
+//   `conv3d_split_sum_f16` adds them up and runs the epilogue.
 // - `conv3d_direct_f16`: a concatenation whose parts' channels do not come in eights, on CUDA
 //   cores over the same layouts. (A single input of 1 to 7 channels, a network's first layer,
 //   runs on the implicit GEMM instead, its channels and weights padded with zeros to 8 by
 //   `pad_inner_axis_f16` in kernels/volume.cu: 8 times the multiply-adds, on tensor cores, where
 //   this kernel took run A 0.34 ms for the Pancreas plan's first layer, all of it on CUDA cores
-//   and per-block weight staging.) A block of 64 threads has 64 output voxels and 32 output channels (blockIdx.y),
-//   each thread one voxel and its 32 f32 accumulators. Per input channel and chunk of up to 27
+//   and per-block weight staging.) A block of 64 threads has 64 output voxels and 32 output
+//   channels (blockIdx.y), each thread one voxel and its 32 f32 accumulators. Per input channel and chunk of up to 27
 //   taps, the block stages the weights in shared memory as [tap][channel] (warp-uniform float4
 //   reads: one 16-byte load feeds 4 FMAs) and each thread gathers its voxel's window into
 //   registers (zero outside the input), then multiplies. The output is staged in shared memory

@@ -223,8 +223,9 @@ struct PendingCopy {
     size_t bytes, zero_fill;
 };
 
-// A wgmma not yet carried out: where its accumulators are (the issuing thread's registers),
-// its operands, and the warp of the warpgroup that issued it (its 16 rows of the 64).
+// A wgmma not yet carried out: where its accumulators are (the issuing thread's registers), its
+// N and operands, and whether it adds to the accumulators. The issuing thread's warp says which
+// 16 rows of the 64 it holds.
 struct PendingWgmma {
     float* d;
     int n;
