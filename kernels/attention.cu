@@ -34,7 +34,21 @@
 // D = 128 and 128 rows, two blocks a multiprocessor (registers are held to 128 a thread).
 //
 // `attention_small`: plain attention among the clicks, one block per (query, head).
-#include "mma.cuh"
+//
+// `click_update_f16_{D}` is the click side of a layer after its cross-attention in one block
+// (for up to 128 clicks, heads of at most 64): the cross-attention's output projection and
+// residual, the self-attention sub-layer among the clicks, their FFN (`feed_forward_mma`, as
+// over the voxels) and the label assignment's click keys LN_k(c)·W_kᵀ + b_k. Run as separate
+// launches these were some twelve kernels a layer of one or two blocks each, every one
+// latency-bound (run B's Nsight Compute: about 30 µs for a click-side linear) and waiting for
+// the one before. Here each warp owns 16 click rows, as in the fused kernels over the voxels:
+// its rows of LN(c) give its rows of K and V (shared memory, for every warp's queries) and of Q
+// (written over LN(c)); the attention per head is `copy_click_labels_mma` with K and V read from
+// shared memory, its output written over Q; the projections add their C tiles straight into the
+// clicks' rows. One D × D weight matrix is staged at a time, the next one's copies flying while
+// the CUDA-core steps run. Dynamic shared memory as `ClickShared` says (the FFN lays out its own
+// over the same bytes once the attention is done): 87 KB at D = 128 and 64 rows.
+#include "feed_forward.cuh"
 
 constexpr int ROWS = 32;          // voxels per tile of cross_partial
 constexpr int CROSS_THREADS = 256;
@@ -589,7 +603,7 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
 
     // x += mix·W_outᵀ + b_out.
     warp_rows_linear<D, D>(acc, operand + r0 * L::LD, L::LD, w, L::LD, b_out);
-    add_tiles_to_rows<D>(x, acc, n, row0 + r0);
+    write_tiles_to_rows<D, true>(x, acc, n, row0 + r0);
 }
 
 #define ASSIGN_FUSED(D)                                                                                              \
@@ -602,3 +616,117 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
                         classes, heads, alpha);                                                                      \
     }
 FOR_EACH_FUSED_WIDTH(ASSIGN_FUSED)
+
+template <int D> struct ClickShared {
+    static constexpr int LD = D + MMA_PAD;
+    // Byte offsets for a block of `rows` clicks.
+    int operand, keys, values, weights;
+    __device__ explicit ClickShared(int rows)
+        : operand(0),                     // the cross-attention's output, LN(c), Q, the attention: rows × LD halves
+          keys(rows * LD * 2),            // K: rows × LD halves
+          values(keys + rows * LD * 2),   // V: rows × LD halves
+          weights(values + rows * LD * 2) {}  // one staged D × D matrix: D × LD halves
+};
+
+// A linear layer of the clicks: the warp's 16 rows of `rows` (row stride LD) times the staged
+// weights W (D × D), plus bias, as C tiles, once every thread's copies of W have landed.
+template <int D>
+__device__ __forceinline__ void staged_linear(float (&acc)[D / 8][4], const __half* rows, const __half* w,
+                                              const __half* bias) {
+    constexpr int LD = ClickShared<D>::LD;
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    warp_rows_linear<D, D>(acc, rows, LD, w, LD, bias);
+}
+
+template <int D>
+__device__ void click_update(__half* clicks, const __half* attended, const __half* w_cross_out,
+                             const __half* b_cross_out, const __half* self_gamma, const __half* self_beta,
+                             const __half* wq, const __half* bq, const __half* wk, const __half* bk,
+                             const __half* wv, const __half* bv, const __half* wo, const __half* bo,
+                             const __half* ffn_gamma, const __half* ffn_beta, const __half* w1, const __half* b1,
+                             const __half* w2, const __half* b2, const __half* key_gamma, const __half* key_beta,
+                             const __half* w_key, const __half* b_key, __half* click_keys, int64_t n,
+                             int64_t hidden, int heads) {
+    using L = ClickShared<D>;
+    const int rows = fused_rows();
+    const L layout(rows);
+    extern __shared__ float click_shared[];
+    unsigned char* base = (unsigned char*)click_shared;
+    __half* operand = (__half*)(base + layout.operand);
+    __half* keys = (__half*)(base + layout.keys);
+    __half* values = (__half*)(base + layout.values);
+    __half* w = (__half*)(base + layout.weights);
+    const int r0 = 16 * (threadIdx.x / 32);
+    __half* own = operand + r0 * L::LD;  // the warp's rows of the operand
+    auto stage = [&](const __half* weights) {
+        stage_weights_async(w, L::LD, weights, D, D, 0, 0, D, D);
+        __pipeline_commit();
+    };
+    float acc[D / 8][4];
+
+    // c += attended·W_outᵀ + b_out (the cross-attention's output projection).
+    stage(w_cross_out);
+    for (int l = threadIdx.x; l < rows * D / 8; l += blockDim.x) {  // rows past n are zero
+        const int r = l / (D / 8), c = l % (D / 8) * 8;
+        *(uint4*)&operand[r * L::LD + c] = r < n ? *(const uint4*)&attended[r * D + c] : uint4{0, 0, 0, 0};
+    }
+    staged_linear<D>(acc, own, w, b_cross_out);
+    write_tiles_to_rows<D, true>(clicks, acc, n, r0);
+    __syncthreads();  // W_out read by every warp, the clicks' new rows visible
+
+    // Self-attention: K and V of every row, then the warp's own Q over its LN(c) rows.
+    stage(wk);
+    layer_norm_rows<D>(operand, L::LD, clicks, self_gamma, self_beta, n, 0, rows);
+    staged_linear<D>(acc, own, w, bk);
+    store_tiles<D>(keys + r0 * L::LD, L::LD, acc);
+    __syncthreads();
+    stage(wv);
+    staged_linear<D>(acc, own, w, bv);
+    store_tiles<D>(values + r0 * L::LD, L::LD, acc);
+    __syncthreads();
+    stage(wq);
+    staged_linear<D>(acc, own, w, bq);
+    __syncwarp();
+    store_tiles<D>(own, L::LD, acc);
+    __syncthreads();  // every warp's K and V rows stored, Wq read
+    // W_o flies in while each head's attention runs; a lane writes its share of the head's
+    // output exactly where it read its share of Q_h (copy_click_labels_mma's layouts).
+    stage(wo);
+    constexpr int MAX_DH = D < ASSIGN_MAX_DH ? D : ASSIGN_MAX_DH;
+    const int dh = D / heads;
+    for (int h = 0; h < heads; ++h)
+        copy_click_labels_mma<MAX_DH>(own + h * dh, L::LD, keys + h * dh, values + h * dh, (int)n, L::LD, dh,
+                                      [&](int r, int e, float attended_value) {
+                                          own[r * L::LD + h * dh + e] = __float2half_rn(attended_value);
+                                      });
+    staged_linear<D>(acc, own, w, bo);
+    write_tiles_to_rows<D, true>(clicks, acc, n, r0);
+    __syncthreads();
+
+    feed_forward_mma<D>(clicks, ffn_gamma, ffn_beta, w1, b1, w2, b2, n, hidden);
+    __syncthreads();  // the FFN's residual visible, its shared memory free
+
+    // The label assignment's click keys.
+    stage(w_key);
+    layer_norm_rows<D>(operand, L::LD, clicks, key_gamma, key_beta, n, 0, rows);
+    staged_linear<D>(acc, own, w, b_key);
+    write_tiles_to_rows<D, false>(click_keys, acc, n, r0);
+}
+
+// One block runs alone, so the registers are not for occupancy: capped at 128 a thread (the
+// launch bound's two blocks), ptxas spills nothing, where left the whole register file it kept
+// two values of the 16- and 64-wide kernels in local memory; D = 128 needs 137 and gets them.
+#define CLICK_UPDATE(D)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, D == 128 ? 1 : 2) click_update_f16_##D(                             \
+        __half* clicks, const __half* attended, const __half* w_cross_out, const __half* b_cross_out,                \
+        const __half* self_gamma, const __half* self_beta, const __half* wq, const __half* bq, const __half* wk,     \
+        const __half* bk, const __half* wv, const __half* bv, const __half* wo, const __half* bo,                    \
+        const __half* ffn_gamma, const __half* ffn_beta, const __half* w1, const __half* b1, const __half* w2,       \
+        const __half* b2, const __half* key_gamma, const __half* key_beta, const __half* w_key, const __half* b_key, \
+        __half* click_keys, int64_t n, int64_t hidden, int heads) {                                                  \
+        click_update<D>(clicks, attended, w_cross_out, b_cross_out, self_gamma, self_beta, wq, bq, wk, bk, wv, bv,  \
+                        wo, bo, ffn_gamma, ffn_beta, w1, b1, w2, b2, key_gamma, key_beta, w_key, b_key, click_keys, \
+                        n, hidden, heads);                                                                           \
+    }
+FOR_EACH_FUSED_WIDTH(CLICK_UPDATE)

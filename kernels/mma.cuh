@@ -6,7 +6,7 @@
 //   staged in shared memory (`warp_rows_linear`: W stored [out][in] as PyTorch, read as Wᵀ)
 //   into C tiles in registers, and works on those there: a bias and GELU applied and the tiles
 //   fed to the next GEMM as its A operand (feed_forward_mma), a softmax (the attention
-//   kernels), the residual added straight into x (`add_tiles_to_rows`), with no round trip
+//   kernels), the residual added straight into x (`write_tiles_to_rows`), with no round trip
 //   through shared memory. `stage_weights_async` copies a weight block from global memory into
 //   such a staging area, zero-filling what lies outside the matrix.
 // - The block-tile GEMMs of the dense layers and the convolutions (`warp_tile_mma`): each warp
@@ -434,10 +434,11 @@ template <int N> __device__ __forceinline__ void store_tiles(__half* rows, int l
                 __floats2half2_rn(acc[j][2 * half], acc[j][2 * half + 1]);
 }
 
-// x[row0 + r][c] += the warp's C tiles (16 × N, x's rows N wide), rows past n left alone: each
-// lane its column pairs of rows g and g + 8, as f16 pairs (the residual of the fused kernels).
-template <int N>
-__device__ __forceinline__ void add_tiles_to_rows(__half* x, const float (&acc)[N / 8][4], int64_t n, int64_t row0) {
+// x[row0 + r][c] = the warp's C tiles (16 × N, x's rows N wide), or += with ADD (the residual of
+// the fused kernels), rows past n left alone: each lane its column pairs of rows g and g + 8, as
+// f16 pairs.
+template <int N, bool ADD>
+__device__ __forceinline__ void write_tiles_to_rows(__half* x, const float (&acc)[N / 8][4], int64_t n, int64_t row0) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int j = 0; j < N / 8; ++j)
@@ -446,7 +447,7 @@ __device__ __forceinline__ void add_tiles_to_rows(__half* x, const float (&acc)[
             const int64_t row = row0 + g + 8 * half;
             if (row < n) {
                 __half2* out = (__half2*)&x[row * N + 8 * j + 2 * t];
-                const float2 old = __half22float2(*out);
+                const float2 old = ADD ? __half22float2(*out) : float2{0.f, 0.f};
                 *out = __floats2half2_rn(old.x + acc[j][2 * half], old.y + acc[j][2 * half + 1]);
             }
         }

@@ -17,8 +17,8 @@ use common::read_fixture;
 use half::f16;
 use tis::backend::cuda::{CudaBackend, Element};
 use tis::backend::{
-    Backend, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, KernelTime, LabelAssignment,
-    LayerNorm, Linear, Mlp,
+    Backend, ClickUpdate, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, KernelTime,
+    LabelAssignment, LayerNorm, Linear, Mlp, MultiheadAttention,
 };
 use tis::model::Bundle;
 use tis::model::bundle::TensorFile;
@@ -472,6 +472,11 @@ struct TokenCase {
     value_proj: (Tensor, Tensor),
     label_up: (Tensor, Tensor),
     label_down: (Tensor, Tensor),
+    /// The click side's projections, each its own: the cross-attention's output, self-attention
+    /// q, k, v and output, the label assignment's keys.
+    click_projections: [(Tensor, Tensor); 6],
+    /// The self-attention's and the keys' LayerNorms.
+    click_norms: [(Tensor, Tensor); 2],
     heads: usize,
 }
 
@@ -506,6 +511,8 @@ fn token_case(n: &mut Rng, tokens: usize, width: usize, heads: usize, clicks: us
         value_proj: random_linear(n, width, width),
         label_up: random_linear(n, width, classes),
         label_down: random_linear(n, width, width),
+        click_projections: std::array::from_fn(|_| random_linear(n, width, width)),
+        click_norms: std::array::from_fn(|_| random_norm(n, width)),
         heads,
     }
 }
@@ -606,17 +613,50 @@ fn label_assignment_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
     down(b, &x)
 }
 
+/// The click side of a layer after its cross-attention: the updated clicks and their keys.
+fn click_update_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
+    let mut clicks = up(b, &c.q);
+    let [cross_out, q, k, v, out, key] = c.click_projections.each_ref().map(|l| linear_on(b, l));
+    let [self_norm, key_norm] = c.click_norms.each_ref().map(|l| norm_on(b, l));
+    let ffn = FeedForward {
+        norm: norm_on(b, &c.norm),
+        mlp: Mlp {
+            up: linear_on(b, &c.up),
+            down: linear_on(b, &c.down),
+        },
+    };
+    let update = ClickUpdate {
+        cross_out: &cross_out,
+        self_norm: &self_norm,
+        self_attention: &MultiheadAttention { q, k, v, out },
+        ffn: &ffn,
+        key_norm: &key_norm,
+        key: &key,
+        heads: c.heads,
+    };
+    let keys = b
+        .click_update(&mut clicks, &up(b, &c.values), &update)
+        .unwrap();
+    let mut all = down(b, &clicks).into_data();
+    all.extend(down(b, &keys).into_data());
+    Tensor::new(vec![all.len()], all).unwrap()
+}
+
 fn token_ops<E: Element>(tolerance: f64) {
     // TIS-B widths (d 128, 8 heads of 16) with odd token counts, the default model's (d 48, 4
     // heads of 12), a narrow head of width 8, 40 clicks of 4 heads (160 columns: the tensor-core
     // cross-attention splits them over two blocks of 5 warps; the tensor-core label copy takes
-    // them 16 at a time), and heads of 64 (the widest the label copy takes) with 20 clicks.
+    // them 16 at a time), and heads of 64 (the widest the label copy takes) with 20 clicks. The
+    // click update runs in one block of 64 rows for up to 64 clicks, of 128 up to 128 (100
+    // clicks of 8 heads), and op by op beyond (130 clicks).
     for (tokens, width, heads, clicks) in [
         (5003, 128, 8, 10),
         (1111, 48, 4, 6),
         (777, 24, 3, 4),
         (2100, 64, 4, 40),
         (1500, 128, 2, 20),
+        (600, 128, 8, 100),
+        (300, 32, 2, 130),
     ] {
         let case = token_case(&mut fresh("token ops"), tokens, width, heads, clicks);
         let tag = format!("N {tokens} d {width} h {heads} clicks {clicks}");
@@ -661,6 +701,13 @@ fn token_ops<E: Element>(tolerance: f64) {
             &case,
             cross_attention_on,
             cross_attention_on,
+        );
+        check::<E, _>(
+            &format!("click update, {tag}"),
+            tolerance,
+            &case,
+            click_update_on,
+            click_update_on,
         );
         check::<E, _>(
             &format!("label assignment, {tag}"),

@@ -54,6 +54,29 @@ pub struct FeedForward<T> {
     pub mlp: Mlp<T>,
 }
 
+/// The q, k and v projections of a `torch.nn.MultiheadAttention` (its `in_proj` split by rows)
+/// and its output projection.
+pub struct MultiheadAttention<T> {
+    pub q: Linear<T>,
+    pub k: Linear<T>,
+    pub v: Linear<T>,
+    pub out: Linear<T>,
+}
+
+/// The click side of a TIS head layer after its cross-attention over the voxels (contract,
+/// "click encoding"), and the click keys of the label assignment that follows.
+pub struct ClickUpdate<'a, T> {
+    /// The cross-attention's output projection.
+    pub cross_out: &'a Linear<T>,
+    pub self_norm: &'a LayerNorm<T>,
+    pub self_attention: &'a MultiheadAttention<T>,
+    pub ffn: &'a FeedForward<T>,
+    /// The label assignment's key norm and projection.
+    pub key_norm: &'a LayerNorm<T>,
+    pub key: &'a Linear<T>,
+    pub heads: usize,
+}
+
 /// A 3D convolution of PyTorch layout `[out, in, kz, ky, kx]` with optional bias.
 pub struct Conv3d<T> {
     pub weight: T,
@@ -108,6 +131,29 @@ pub fn conv_then_norm<B: Backend + ?Sized>(
     };
     backend.instance_norm_leaky_relu(&mut y, norm)?;
     Ok(y)
+}
+
+/// [`Backend::click_update`] as its parts, an op each: the default of every backend, and the
+/// CUDA backend's where its one-block kernel does not apply.
+pub fn click_update_in_parts<B: Backend + ?Sized>(
+    backend: &B,
+    clicks: &mut B::Tensor,
+    attended: &B::Tensor,
+    update: &ClickUpdate<'_, B::Tensor>,
+) -> Result<B::Tensor> {
+    shapes::click_update(clicks, attended, update)?;
+    backend.add_assign(clicks, &backend.linear(attended, update.cross_out)?)?;
+    let own = update.self_attention;
+    let normed = backend.layer_norm(clicks, update.self_norm)?;
+    let attended = backend.attention(
+        &backend.linear(&normed, &own.q)?,
+        &backend.linear(&normed, &own.k)?,
+        &backend.linear(&normed, &own.v)?,
+        update.heads,
+    )?;
+    backend.add_assign(clicks, &backend.linear(&attended, &own.out)?)?;
+    backend.feed_forward(clicks, update.ffn)?;
+    backend.linear(&backend.layer_norm(clicks, update.key_norm)?, update.key)
 }
 
 pub trait Backend: Send + Sync {
@@ -274,6 +320,19 @@ pub trait Backend: Send + Sync {
         value: &Linear<Self::Tensor>,
         heads: usize,
     ) -> Result<Self::Tensor>;
+    /// The click side of a head layer after its cross-attention, in place on the click
+    /// embeddings (N_c × d): `c ← c + attended·W_outᵀ + b_out`, then the self-attention
+    /// sub-layer `c ← c + MHA(LN(c))` and the FFN sub-layer; returns the label assignment's
+    /// click keys `LN_k(c)·W_kᵀ + b_k` (N_c × d). A backend may run it all as one kernel: it is
+    /// a dozen small ops a layer, each too small to fill a GPU.
+    fn click_update(
+        &self,
+        clicks: &mut Self::Tensor,
+        attended: &Self::Tensor,
+        update: &ClickUpdate<'_, Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        click_update_in_parts(self, clicks, attended, update)
+    }
     /// In place: `x ← x + ((1 − α)·U + α·label_mlp(probs))·W_outᵀ + b_out`, where per head
     /// `U = softmax_over_clicks(Q·Kcᵀ/√d_h)·Vc` and `Q = LN_q(x)·W_qᵀ + b_q`.
     /// `click_keys` and `click_values` are N_c × d, `probs` is N × K.

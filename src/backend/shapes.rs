@@ -2,8 +2,8 @@
 //! first, so a wrong shape is the same clear error on every backend and never reaches a kernel.
 
 use super::{
-    BackendTensor, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, LabelAssignment, LayerNorm,
-    Linear, Mlp,
+    BackendTensor, ClickUpdate, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm,
+    LabelAssignment, LayerNorm, Linear, Mlp,
 };
 use crate::error::{Error, Result};
 use crate::geometry::{Label, Region};
@@ -334,6 +334,36 @@ pub fn click_cross_attention<T: BackendTensor>(
     }
     head_width(width, heads)?;
     Ok((n, clicks, width))
+}
+
+/// `(clicks, width, hidden)` of the click side of a head layer (`Backend::click_update`).
+pub fn click_update<T: BackendTensor>(
+    clicks: &T,
+    attended: &T,
+    update: &ClickUpdate<'_, T>,
+) -> Result<(usize, usize, usize)> {
+    same(clicks, attended, "click_update")?;
+    let (n, width, hidden) = feed_forward(clicks, update.ffn)?;
+    layer_norm(update.self_norm, width)?;
+    layer_norm(update.key_norm, width)?;
+    let own = update.self_attention;
+    for projection in [
+        update.cross_out,
+        &own.q,
+        &own.k,
+        &own.v,
+        &own.out,
+        update.key,
+    ] {
+        if linear(projection, width)? != width {
+            return Err(shape_err(format!(
+                "click projection {:?} does not map width {width} to itself",
+                projection.weight.shape()
+            )));
+        }
+    }
+    head_width(width, update.heads)?;
+    Ok((n, width, hidden))
 }
 
 /// `(tokens, clicks, width, classes)` of a label assignment.

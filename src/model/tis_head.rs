@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::{Backend, FeedForward, LabelAssignment, LayerNorm, Linear, Mlp};
+use crate::backend::{
+    Backend, ClickUpdate, FeedForward, LabelAssignment, LayerNorm, Linear, Mlp, MultiheadAttention,
+};
 use crate::error::{Error, Result};
 use crate::geometry::{Click, Region};
 use crate::model::config::TisConfig;
@@ -18,7 +20,8 @@ use crate::tensor::Tensor;
 pub enum Stage {
     /// Input projection, positional encoding, click and label embeddings.
     Tokens,
-    /// Cross-attention over the voxels, self-attention and FFN of the clicks.
+    /// Cross-attention over the voxels, self-attention and FFN of the clicks, and their keys for
+    /// the label assignment.
     ClickEncoding,
     /// Every voxel's comparison with the clicks and copy of their labels.
     LabelAssignment,
@@ -48,21 +51,12 @@ impl Stage {
     }
 }
 
-/// q, k and v projections of a `torch.nn.MultiheadAttention` (its `in_proj` split by rows) and
-/// its output projection.
-struct Attention<T> {
-    q: Linear<T>,
-    k: Linear<T>,
-    v: Linear<T>,
-    out: Linear<T>,
-}
-
 struct HeadLayer<T> {
     cross_norm_q: LayerNorm<T>,
     cross_norm_kv: LayerNorm<T>,
-    cross: Attention<T>,
+    cross: MultiheadAttention<T>,
     self_norm: LayerNorm<T>,
-    self_attention: Attention<T>,
+    self_attention: MultiheadAttention<T>,
     click_ffn: FeedForward<T>,
     assign_norm_q: LayerNorm<T>,
     assign_norm_k: LayerNorm<T>,
@@ -132,7 +126,7 @@ impl<B: Backend> Loader<'_, B> {
         })
     }
 
-    fn attention(&mut self, prefix: &str, d: usize) -> Result<Attention<B::Tensor>> {
+    fn attention(&mut self, prefix: &str, d: usize) -> Result<MultiheadAttention<B::Tensor>> {
         let weight = self.host(&format!("{prefix}.in_proj_weight"))?;
         let bias = self.host(&format!("{prefix}.in_proj_bias"))?;
         let part = |i: usize| -> Result<Linear<B::Tensor>> {
@@ -143,7 +137,7 @@ impl<B: Backend> Loader<'_, B> {
                 bias: self.backend.upload(&bias.slice_rows(i * d, (i + 1) * d)?)?,
             })
         };
-        Ok(Attention {
+        Ok(MultiheadAttention {
             q: part(0)?,
             k: part(1)?,
             v: part(2)?,
@@ -274,7 +268,7 @@ impl<B: Backend> TisHead<B> {
         stage_done(Stage::Tokens)?;
 
         for layer in &self.layers {
-            // Click encoding: cross-attention over the voxels, self-attention, FFN.
+            // Click encoding: cross-attention over the voxels, self-attention, FFN, the keys.
             let cross = &layer.cross;
             let q = backend.linear(
                 &backend.layer_norm(&clicks_e, &layer.cross_norm_q)?,
@@ -288,25 +282,22 @@ impl<B: Backend> TisHead<B> {
                 &cross.v,
                 heads,
             )?;
-            backend.add_assign(&mut clicks_e, &backend.linear(&attended, &cross.out)?)?;
-
-            let own = &layer.self_attention;
-            let normed = backend.layer_norm(&clicks_e, &layer.self_norm)?;
-            let attended = backend.attention(
-                &backend.linear(&normed, &own.q)?,
-                &backend.linear(&normed, &own.k)?,
-                &backend.linear(&normed, &own.v)?,
-                heads,
+            let click_keys = backend.click_update(
+                &mut clicks_e,
+                &attended,
+                &ClickUpdate {
+                    cross_out: &cross.out,
+                    self_norm: &layer.self_norm,
+                    self_attention: &layer.self_attention,
+                    ffn: &layer.click_ffn,
+                    key_norm: &layer.assign_norm_k,
+                    key: &layer.assign_k,
+                    heads,
+                },
             )?;
-            backend.add_assign(&mut clicks_e, &backend.linear(&attended, &own.out)?)?;
-            backend.feed_forward(&mut clicks_e, &layer.click_ffn)?;
             stage_done(Stage::ClickEncoding)?;
 
             // Label assignment: every voxel copies the labels of the clicks it resembles.
-            let click_keys = backend.linear(
-                &backend.layer_norm(&clicks_e, &layer.assign_norm_k)?,
-                &layer.assign_k,
-            )?;
             backend.label_assignment(
                 &mut x,
                 &click_keys,

@@ -1,11 +1,14 @@
 //! Launches of kernels/attention.cu: attention among the clicks, the click cross-attention over
-//! every voxel (fold, partial softmax per block, merge, value projection) and label assignment.
+//! every voxel (fold, partial softmax per block, merge, value projection), the rest of the click
+//! side of a layer in one block, and label assignment.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::linear::{Epilogue, gemm};
-use super::{CudaBackend, CudaTensor, Element, Kernel, driver, norm};
-use crate::backend::{LabelAssignment, LayerNorm, Linear, shapes};
+use super::linear::{Epilogue, fused_feed_forward_shared_bytes, gemm};
+use super::{CudaBackend, CudaTensor, Element, FUSED_ROWS, Kernel, driver, norm};
+use crate::backend::{
+    ClickUpdate, LabelAssignment, LayerNorm, Linear, click_update_in_parts, shapes,
+};
 use crate::error::{Error, Result};
 
 const MODULE: &str = "attention";
@@ -280,6 +283,70 @@ fn cross_partial_mma<E: Element>(
     };
     let scalars = [n, columns, tokens_per_block].map(|v| v as i64);
     partials.launch(b, &f, inputs, &scalars, grid)
+}
+
+/// The click side of a layer after its cross-attention (`Backend::click_update`): one block of
+/// `click_update_f16_{width}` where the fused kernels' widths, heads of at most 64 and up to 128
+/// clicks allow it (a warp per 16 clicks, the fewest of FUSED_ROWS that holds them all and whose
+/// shared memory the device allows), else op by op.
+pub fn click_update<E: Element>(
+    b: &CudaBackend<E>,
+    clicks: &mut CudaTensor<E>,
+    attended: &CudaTensor<E>,
+    update: &ClickUpdate<'_, CudaTensor<E>>,
+) -> Result<CudaTensor<E>> {
+    let (n, width, hidden) = shapes::click_update(clicks, attended, update)?;
+    // ClickShared in kernels/attention.cu (the operand, K, V and one weight matrix), or the
+    // FFN's own layout where that is larger.
+    let shared = |rows: usize| {
+        (2 * (3 * rows + width) * (width + 8)).max(fused_feed_forward_shared_bytes(width, rows))
+    };
+    let rows = FUSED_ROWS
+        .into_iter()
+        .rev()
+        .find(|&rows| n <= rows && shared(rows) <= b.shared_memory_optin);
+    let max_head_width = ASSIGN_HEAD_WIDTHS[ASSIGN_HEAD_WIDTHS.len() - 1];
+    let Some(rows) = rows.filter(|_| {
+        n > 0 && CudaBackend::<E>::fused_head_width(width) && width / update.heads <= max_head_width
+    }) else {
+        return click_update_in_parts(b, clicks, attended, update);
+    };
+    let mut keys = b.output(vec![n, width])?;
+    let f = b.function(MODULE, &format!("click_update_f16_{width}"))?;
+    b.allow_shared_memory(&f, shared(rows))?;
+    let (nc, h, heads) = (n as i64, hidden as i64, update.heads as i32);
+    let (own, ffn) = (update.self_attention, update.ffn);
+    let mut launch = b.launch_builder(&f);
+    launch.arg(&mut clicks.data).arg(&attended.data);
+    // Every weight with its bias (a LayerNorm's scale with its shift), in the kernel's order.
+    let pairs = [
+        (&update.cross_out.weight, &update.cross_out.bias),
+        (&update.self_norm.weight, &update.self_norm.bias),
+        (&own.q.weight, &own.q.bias),
+        (&own.k.weight, &own.k.bias),
+        (&own.v.weight, &own.v.bias),
+        (&own.out.weight, &own.out.bias),
+        (&ffn.norm.weight, &ffn.norm.bias),
+        (&ffn.mlp.up.weight, &ffn.mlp.up.bias),
+        (&ffn.mlp.down.weight, &ffn.mlp.down.bias),
+        (&update.key_norm.weight, &update.key_norm.bias),
+        (&update.key.weight, &update.key.bias),
+    ];
+    for (weight, bias) in pairs {
+        launch.arg(&weight.data).arg(&bias.data);
+    }
+    launch.arg(&mut keys.data).arg(&nc).arg(&h).arg(&heads);
+    let grid = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (2 * rows as u32, 1, 1),
+        shared_mem_bytes: shared(rows) as u32,
+    };
+    // SAFETY: matches `click_update_f16_*`'s arguments in order; the storage is f16
+    // (fused_head_width), every shape was checked by shapes::click_update, the block's rows
+    // hold every click, the heads are at most 64 wide (ASSIGN_MAX_DH), and the shared memory is
+    // what the kernel lays out for `rows` rows.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
+    Ok(keys)
 }
 
 pub fn label_assignment<E: Element>(

@@ -86,7 +86,7 @@ const FFN_CHUNK: usize = 32;
 /// Bytes of dynamic shared memory `feed_forward_mma_f16_{width}` lays out (`FfnShared` in
 /// kernels/linear.cu): LN(x), two chunks of W1 and two of W2 (halves, rows padded by 8), for
 /// blocks of `rows` tokens (71 KB at width 128 and 128 rows: two blocks a multiprocessor).
-fn fused_feed_forward_shared_bytes(width: usize, rows: usize) -> usize {
+pub(super) fn fused_feed_forward_shared_bytes(width: usize, rows: usize) -> usize {
     let (ld, lh) = (width + 8, FFN_CHUNK + 8);
     2 * (rows * ld + 2 * FFN_CHUNK * ld + 2 * width * lh)
 }

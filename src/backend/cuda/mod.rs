@@ -31,8 +31,8 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::backend::{
-    Backend, BackendTensor, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm, KernelTime,
-    LabelAssignment, LayerNorm, Linear, Mlp,
+    Backend, BackendTensor, ClickUpdate, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm,
+    KernelTime, LabelAssignment, LayerNorm, Linear, Mlp,
 };
 use crate::error::{Error, Result};
 use crate::geometry::{Label, Region};
@@ -741,6 +741,15 @@ impl<E: Element> Backend for CudaBackend<E> {
         heads: usize,
     ) -> Result<CudaTensor<E>> {
         attention::click_cross_attention(self, x, q, norm, key, value, heads)
+    }
+
+    fn click_update(
+        &self,
+        clicks: &mut CudaTensor<E>,
+        attended: &CudaTensor<E>,
+        update: &ClickUpdate<'_, CudaTensor<E>>,
+    ) -> Result<CudaTensor<E>> {
+        attention::click_update(self, clicks, attended, update)
     }
 
     fn label_assignment(

@@ -1,0 +1,95 @@
+// The feed-forward sub-layer of the TIS head as a block-level device function, shared by
+// `feed_forward_mma_f16_*` (kernels/linear.cu) and the click side's `click_update_f16_*`
+// (kernels/attention.cu), which runs it over the clicks inside its one block.
+#pragma once
+
+#include "mma.cuh"
+
+// The feed-forward sub-layer in one kernel: x ← x + W2·GELU(W1·LN(x) + b1) + b2, per block of
+// fused_rows() tokens, f16 on tensor cores through mma.sync (mma.cuh). Warp w owns rows
+// 16w..16w+15 throughout, so after LN(x) (into shared memory, one warp per row) the warps share
+// nothing but the staged weights. The hidden layer goes FFN_CHUNK units at a time: the warp's
+// H = LN(x)·W1ᵀ for one chunk (16 × 32, four f32 C tiles in registers), then b1 and GELU applied
+// in registers and the C tiles packed as f16 into the A fragments of Y += H·W2ᵀ over that chunk
+// (the C and A layouts line up; mma.cuh). H never leaves the registers and Y (16 × D, D/8 C
+// tiles) stays there until the residual, which each lane adds to its own x values (f16 pairs).
+// x is read twice (LN, residual) and written once. Each chunk of W1 (32 × D) and W2 (D × 32) is
+// staged in shared memory for the block's warps, double-buffered: the next chunk's copies
+// (cp.async) fly while this one multiplies, and the first chunk's while LN(x) is computed; every
+// block reads the weights from L2 once (256 KB per 128 tokens for TIS-B, D 128 and hidden 512).
+// Shared memory, laid out as `FfnShared` says, is 71 KB at D 128 and 128 rows, and registers stay
+// within 128 a thread (__launch_bounds__), so that two blocks (16 warps) share a multiprocessor.
+// Per warp and chunk that is 64 mma.sync against 40 ldmatrix and 16 GELUs a lane (gelu_fast).
+// The WMMA version before it spent more issue slots on the GELU's erff, on the accumulators'
+// round trips through shared memory and on fragment loads than on its 64 products, with one
+// block of 8 warps a multiprocessor (5.94 ms a layer on an H200, 69 TFLOP/s).
+constexpr int FFN_CHUNK = 32;
+
+template <int D> struct FfnShared {
+    static constexpr int LD = D + MMA_PAD, LH = FFN_CHUNK + MMA_PAD;
+    static constexpr int W1_HALVES = FFN_CHUNK * LD, W2_HALVES = D * LH;
+    // Byte offsets for a block of `rows` tokens.
+    int normed, w1, w2;
+    __device__ explicit FfnShared(int rows)
+        : normed(0),                       // LN(x): rows × LD halves
+          w1(normed + rows * LD * 2),      // W1 chunks: 2 × FFN_CHUNK × LD halves
+          w2(w1 + 2 * W1_HALVES * 2) {}    // W2 chunks: 2 × D × LH halves
+};
+
+template <int D>
+__device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* beta, const __half* w1,
+                                 const __half* b1, const __half* w2, const __half* b2, int64_t n, int64_t hidden) {
+    using L = FfnShared<D>;
+    const L layout(fused_rows());
+    extern __shared__ float ffn_shared[];
+    unsigned char* base = (unsigned char*)ffn_shared;
+    __half* normed = (__half*)(base + layout.normed);
+    __half* w1s = (__half*)(base + layout.w1);
+    __half* w2s = (__half*)(base + layout.w2);
+    const int64_t row0 = (int64_t)blockIdx.x * fused_rows();
+    const int lane = threadIdx.x % 32, r0 = 16 * (threadIdx.x / 32), t = lane % 4;
+    // Copies chunk c0's W1 and W2 blocks into buffer `buffer` as one group of cp.async copies.
+    auto prefetch = [&](int64_t c0, int buffer) {
+        stage_weights_async(w1s + buffer * L::W1_HALVES, L::LD, w1, hidden, D, c0, 0, FFN_CHUNK, D);
+        stage_weights_async(w2s + buffer * L::W2_HALVES, L::LH, w2, D, hidden, 0, c0, D, FFN_CHUNK);
+        __pipeline_commit();
+    };
+    prefetch(0, 0);
+    layer_norm_rows<D>(normed, L::LD, x, gamma, beta, n, row0, fused_rows());
+
+    float y[D / 8][4];  // Y, b2 added from the start
+    fill_tiles_with_bias<D>(y, b2);
+    for (int64_t c0 = 0, chunk = 0; c0 < hidden; c0 += FFN_CHUNK, ++chunk) {
+        const int buffer = chunk % 2;
+        const __half* w1c = w1s + buffer * L::W1_HALVES;
+        const __half* w2c = w2s + buffer * L::W2_HALVES;
+        // The other buffer was last read by the previous chunk, which every warp has finished
+        // (the barrier ending it).
+        if (c0 + FFN_CHUNK < hidden) prefetch(c0 + FFN_CHUNK, 1 - buffer);
+        else __pipeline_commit();  // an empty group: this chunk's is always the one before last
+        __pipeline_wait_prior(1);
+        __syncthreads();  // every thread's copies of this chunk (and, at first, LN(x)) are visible
+
+        float h[FFN_CHUNK / 8][4];
+        warp_rows_linear<FFN_CHUNK, D>(h, normed + r0 * L::LD, L::LD, w1c, L::LD, nullptr);
+        // GELU(H + b1) into the A fragments of the second product, 16 hidden units (two C tiles)
+        // at a time. Units past `hidden` have zero weights on both sides.
+#pragma unroll
+        for (int k = 0; k < FFN_CHUNK / 16; ++k) {
+            float v[2][4];
+#pragma unroll
+            for (int tile = 0; tile < 2; ++tile) {
+                const int64_t unit = c0 + 16 * k + 8 * tile + 2 * t;
+                const float bias0 = unit < hidden ? __half2float(b1[unit]) : 0.f;
+                const float bias1 = unit + 1 < hidden ? __half2float(b1[unit + 1]) : 0.f;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) v[tile][i] = gelu_fast(h[2 * k + tile][i] + (i % 2 ? bias1 : bias0));
+            }
+            uint32_t a[4];
+            tiles_as_a_fragment(a, v[0], v[1]);
+            mma_rows_k16<D>(y, a, w2c, L::LH, 16 * k);
+        }
+        __syncthreads();  // every warp is done with this buffer, which the next chunk's prefetch refills
+    }
+    write_tiles_to_rows<D, true>(x, y, n, row0 + r0);
+}
