@@ -17,6 +17,8 @@ const ROWS: usize = 32;
 const CROSS_THREADS: u32 = 256;
 /// Voxels per tile of `cross_partial_mma_f16_*` (CROSS_MMA_TOKENS).
 const CROSS_MMA_TOKENS: usize = 64;
+/// Warps per block of `cross_merge` (MERGE_WARPS).
+const MERGE_WARPS: u32 = 8;
 /// Dynamic shared memory `cross_partial` may use; columns are split over blockIdx.y to fit.
 const CROSS_SHARED_BYTES: usize = 96 * 1024;
 /// Bounds on the head width that `assign_mix` is instantiated for (it takes any width up to
@@ -121,8 +123,13 @@ pub fn click_cross_attention<E: Element>(
         .arg(&nb)
         .arg(&cols)
         .arg(&w);
-    // SAFETY: matches `cross_merge`.
-    unsafe { launch.launch(b.elementwise(columns * width)) }.map_err(driver)?;
+    let grid = LaunchConfig {
+        grid_dim: (columns as u32, width.div_ceil(32) as u32, 1),
+        block_dim: (32 * MERGE_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `cross_merge`: a block per column and 32 of the width, MERGE_WARPS warps.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
 
     let f = b.kernel(MODULE, "cross_project")?;
     let mut launch = b.launch_builder(&f);
