@@ -121,7 +121,10 @@ __device__ __forceinline__ Tap align_corners_tap(int64_t in, int64_t out, int64_
     return t;
 }
 
-// x[n, c] += trilinear(grid[c], position of token n in `shape`); a warp per token.
+// x[n, c] += trilinear(grid[c], position of token n in `shape`); a warp per token, its lanes on
+// the channels. The grid comes channels-last (gz × gy × gx × width), so that the lanes' values
+// of a corner are consecutive: one or two cache lines a load, where the channels-first grid put
+// every lane's value in a line of its own (32 lines a load, 8 loads a value).
 template <typename T>
 __device__ void add_positional_encoding(T* x, const T* grid, int64_t width, Dims3 grid_dims, Dims3 shape) {
     const int lane = threadIdx.x % 32;
@@ -130,8 +133,9 @@ __device__ void add_positional_encoding(T* x, const T* grid, int64_t width, Dims
         Tap ty = align_corners_tap(grid_dims.y, shape.y, (n / shape.x) % shape.y);
         Tap tx = align_corners_tap(grid_dims.x, shape.x, n % shape.x);
         for (int64_t c = lane; c < width; c += 32) {
-            const T* g = grid + c * grid_dims.count();
-            auto at = [&](int64_t z, int64_t y, int64_t xx) { return to_f32(g[(z * grid_dims.y + y) * grid_dims.x + xx]); };
+            auto at = [&](int64_t z, int64_t y, int64_t xx) {
+                return to_f32(grid[((z * grid_dims.y + y) * grid_dims.x + xx) * width + c]);
+            };
             auto lerp_x = [&](int64_t z, int64_t y) { return (1.f - tx.lambda) * at(z, y, tx.i0) + tx.lambda * at(z, y, tx.i1); };
             auto lerp_y = [&](int64_t z) { return (1.f - ty.lambda) * lerp_x(z, ty.i0) + ty.lambda * lerp_x(z, ty.i1); };
             T* out = x + n * width + c;

@@ -264,6 +264,9 @@ pub fn add_positional_encoding<E: Element>(
 ) -> Result<()> {
     let (width, gdims) = shapes::positional(x, grid, shape)?;
     let tokens: usize = shape.iter().product();
+    // The kernel reads the grid channels-last (a small transpose: d × 512 values for TIS-B).
+    let mut slot = None;
+    let grid = layout::volume_as(b, grid, &mut slot, Layout::ChannelsLast)?;
     let f = b.kernel(MODULE, "add_positional_encoding")?;
     let (w, g, s) = (width as i64, Dims3::from(gdims), Dims3::from(shape));
     let mut launch = b.launch_builder(&f);
