@@ -177,10 +177,8 @@ __device__ void cross_partial_mma(const __half* x, const __half* gamma, const __
     using L = CrossShared<D>;
     constexpr int T = CROSS_MMA_TOKENS;
     const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    extern __shared__ float cross_shared[];
-    unsigned char* base = (unsigned char*)cross_shared;
-    __half* ln = (__half*)(base + L::ln);
-    __half* fold = (__half*)(base + L::fold);
+    __half* ln = shared_halves(L::ln);
+    __half* fold = shared_halves(L::fold);
     const int64_t col0 = (int64_t)blockIdx.y * 16 * warps + 16 * warp;  // the warp's first column
     for (int l = threadIdx.x; l < 16 * warps * D; l += blockDim.x) {
         int64_t c = (int64_t)blockIdx.y * 16 * warps + l / D;
@@ -557,11 +555,9 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     using L = AssignShared<D>;
     const int rows = fused_rows();
     const L layout(rows);
-    extern __shared__ float assign_shared[];
-    unsigned char* base = (unsigned char*)assign_shared;
-    __half* operand = (__half*)(base + layout.operand);
-    __half* w = (__half*)(base + layout.weights);
-    __half* q = (__half*)(base + layout.q);
+    __half* operand = shared_halves(layout.operand);
+    __half* w = shared_halves(layout.weights);
+    __half* q = shared_halves(layout.q);
     const int64_t row0 = (int64_t)blockIdx.x * rows;
     const int r0 = 16 * (threadIdx.x / 32), lane = threadIdx.x % 32;
     float acc[D / 8][4];  // the warp's 16 rows of each projection, C tiles (mma.cuh)
@@ -676,12 +672,10 @@ __device__ void click_update(__half* clicks, const __half* attended, const __hal
     using L = ClickShared<D>;
     const int rows = fused_rows();
     const L layout(rows);
-    extern __shared__ float click_shared[];
-    unsigned char* base = (unsigned char*)click_shared;
-    __half* operand = (__half*)(base + layout.operand);
-    __half* keys = (__half*)(base + layout.keys);
-    __half* values = (__half*)(base + layout.values);
-    __half* w = (__half*)(base + layout.weights);
+    __half* operand = shared_halves(layout.operand);
+    __half* keys = shared_halves(layout.keys);
+    __half* values = shared_halves(layout.values);
+    __half* w = shared_halves(layout.weights);
     const int r0 = 16 * (threadIdx.x / 32);
     __half* own = operand + r0 * L::LD;  // the warp's rows of the operand
     auto stage = [&](const __half* weights) {
@@ -739,19 +733,19 @@ __device__ void click_update(__half* clicks, const __half* attended, const __hal
     write_tiles_to_rows<D, false>(click_keys, acc, n, r0);
 }
 
-// One block runs alone, so the registers are not for occupancy: capped at 128 a thread (the
-// launch bound's two blocks), ptxas spills nothing, where left the whole register file it kept
-// two values of the 16- and 64-wide kernels in local memory; D = 128 needs 137 and gets them.
+// One block runs alone, so the registers are not for occupancy. ptxas (CUDA 13.0) spilled a few
+// bytes of the narrow kernels when allowed the whole register file, and of the 96- and 112-wide
+// ones when capped at 128 (the launch bound's two blocks): the cap is for widths up to 80 only.
 #define CLICK_UPDATE(D)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, D == 128 ? 1 : 2) click_update_f16_##D(                             \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, D > 80 ? 1 : 2) click_update_f16_##D(            \
         __half* clicks, const __half* attended, const __half* w_cross_out, const __half* b_cross_out,                \
         const __half* self_gamma, const __half* self_beta, const __half* wq, const __half* bq, const __half* wk,     \
         const __half* bk, const __half* wv, const __half* bv, const __half* wo, const __half* bo,                    \
         const __half* ffn_gamma, const __half* ffn_beta, const __half* w1, const __half* b1, const __half* w2,       \
         const __half* b2, const __half* key_gamma, const __half* key_beta, const __half* w_key, const __half* b_key, \
         __half* click_keys, int64_t n, int64_t hidden, int heads) {                                                  \
-        click_update<D>(clicks, attended, w_cross_out, b_cross_out, self_gamma, self_beta, wq, bq, wk, bk, wv, bv,  \
-                        wo, bo, ffn_gamma, ffn_beta, w1, b1, w2, b2, key_gamma, key_beta, w_key, b_key, click_keys, \
+        click_update<D>(clicks, attended, w_cross_out, b_cross_out, self_gamma, self_beta, wq, bq, wk, bk, wv, bv,   \
+                        wo, bo, ffn_gamma, ffn_beta, w1, b1, w2, b2, key_gamma, key_beta, w_key, b_key, click_keys,  \
                         n, hidden, heads);                                                                           \
     }
 FOR_EACH_FUSED_WIDTH(CLICK_UPDATE)

@@ -41,11 +41,9 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
                                  const __half* b1, const __half* w2, const __half* b2, int64_t n, int64_t hidden) {
     using L = FfnShared<D>;
     const L layout(fused_rows());
-    extern __shared__ float ffn_shared[];
-    unsigned char* base = (unsigned char*)ffn_shared;
-    __half* normed = (__half*)(base + layout.normed);
-    __half* w1s = (__half*)(base + layout.w1);
-    __half* w2s = (__half*)(base + layout.w2);
+    __half* normed = shared_halves(layout.normed);
+    __half* w1s = shared_halves(layout.w1);
+    __half* w2s = shared_halves(layout.w2);
     const int64_t row0 = (int64_t)blockIdx.x * fused_rows();
     const int lane = threadIdx.x % 32, r0 = 16 * (threadIdx.x / 32), t = lane % 4;
     // Copies chunk c0's W1 and W2 blocks into buffer `buffer` as one group of cp.async copies.

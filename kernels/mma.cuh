@@ -38,6 +38,13 @@ constexpr int SLAB_LD = MMA_K + MMA_PAD;
 constexpr int FUSED_MAX_THREADS = 256;
 __device__ __forceinline__ int fused_rows() { return blockDim.x / 2; }
 
+// The halves at `offset` bytes into the block's dynamic shared memory, which the fused kernels
+// lay out as their `*Shared` structs say (byte offsets, 16-byte aligned).
+__device__ __forceinline__ __half* shared_halves(int offset) {
+    extern __shared__ float fused_shared[];
+    return (__half*)((unsigned char*)fused_shared + offset);
+}
+
 // dest[r][c] = w[row0 + r][col0 + c] for r < rows, c < cols (row stride ldd halves in dest,
 // `width` in w), zero outside w's `height` × `width`. All threads of the block take part. When
 // every row starts 16-byte aligned on both sides and the columns come in eights (the fused
