@@ -670,7 +670,7 @@ __device__ void click_update(__half* clicks, const __half* attended, const __hal
                              const __half* w_key, const __half* b_key, __half* click_keys, int64_t n,
                              int64_t hidden, int heads) {
     using L = ClickShared<D>;
-    const int rows = fused_rows();
+    const int rows = fused_rows();  // every click's row, and zero rows past n
     const L layout(rows);
     __half* operand = shared_halves(layout.operand);
     __half* keys = shared_halves(layout.keys);
