@@ -127,3 +127,14 @@ struct Dims3 {
     int64_t z, y, x;
     __device__ __forceinline__ int64_t count() const { return z * y * x; }
 };
+
+// Source index pair and weight of an align_corners = True resize, as PyTorch computes them
+// (the positional encoding's trilinear resize).
+struct ResizeTap { int64_t i0, i1; float lambda; };
+__device__ __forceinline__ ResizeTap align_corners_tap(int64_t in, int64_t out, int64_t o) {
+    float scale = out > 1 ? (float)(in - 1) / (float)(out - 1) : 0.f;
+    float real = scale * (float)o;
+    int64_t i0 = min((int64_t)real, in - 1);
+    ResizeTap t{i0, i0 < in - 1 ? i0 + 1 : i0, fminf(fmaxf(real - (float)i0, 0.f), 1.f)};
+    return t;
+}

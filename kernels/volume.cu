@@ -111,16 +111,6 @@ __device__ void gather_rows(const T* x, const int64_t* rows, T* y, int64_t n_row
     GRID_LOOP(i, n_rows * width) y[i] = x[rows[i / width] * width + i % width];
 }
 
-// Source index pair and weight of an align_corners = True resize, as PyTorch computes them.
-struct Tap { int64_t i0, i1; float lambda; };
-__device__ __forceinline__ Tap align_corners_tap(int64_t in, int64_t out, int64_t o) {
-    float scale = out > 1 ? (float)(in - 1) / (float)(out - 1) : 0.f;
-    float real = scale * (float)o;
-    int64_t i0 = min((int64_t)real, in - 1);
-    Tap t{i0, i0 < in - 1 ? i0 + 1 : i0, fminf(fmaxf(real - (float)i0, 0.f), 1.f)};
-    return t;
-}
-
 // x[n, c] += trilinear(grid[c], position of token n in `shape`); a warp per token, its lanes on
 // the channels. The grid comes channels-last (gz × gy × gx × width), so that the lanes' values
 // of a corner are consecutive: one or two cache lines a load, where the channels-first grid put
@@ -129,9 +119,9 @@ template <typename T>
 __device__ void add_positional_encoding(T* x, const T* grid, int64_t width, Dims3 grid_dims, Dims3 shape) {
     const int lane = threadIdx.x % 32;
     WARP_LOOP(n, shape.count()) {
-        Tap tz = align_corners_tap(grid_dims.z, shape.z, n / (shape.x * shape.y));
-        Tap ty = align_corners_tap(grid_dims.y, shape.y, (n / shape.x) % shape.y);
-        Tap tx = align_corners_tap(grid_dims.x, shape.x, n % shape.x);
+        ResizeTap tz = align_corners_tap(grid_dims.z, shape.z, n / (shape.x * shape.y));
+        ResizeTap ty = align_corners_tap(grid_dims.y, shape.y, (n / shape.x) % shape.y);
+        ResizeTap tx = align_corners_tap(grid_dims.x, shape.x, n % shape.x);
         for (int64_t c = lane; c < width; c += 32) {
             auto at = [&](int64_t z, int64_t y, int64_t xx) {
                 return to_f32(grid[((z * grid_dims.y + y) * grid_dims.x + xx) * width + c]);

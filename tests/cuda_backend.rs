@@ -456,6 +456,10 @@ fn sliding_window_ops<E: Element>(tolerance: f64) {
 
 struct TokenCase {
     volume: Tensor,
+    /// A second volume of 32 channels (TIS-B's C_f), for the input tokens.
+    features: Tensor,
+    /// The input projections of `volume`'s 7 channels and of `features`' 32.
+    input_projections: [(Tensor, Tensor); 2],
     region: Region,
     grid: Tensor,
     x: Tensor,
@@ -488,6 +492,8 @@ fn token_case(n: &mut Rng, tokens: usize, width: usize, heads: usize, clicks: us
         .unwrap();
     TokenCase {
         volume: n.tensor(&[7, 12, 19, 23], 1.0),
+        features: n.tensor(&[32, 12, 19, 23], 1.0),
+        input_projections: [random_linear(n, width, 7), random_linear(n, width, 32)],
         region: Region {
             start: [3, 2, 5],
             size: [8, 13, 17],
@@ -528,6 +534,19 @@ fn region_tokens_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
     let mut all = down(b, &tokens).into_data();
     all.extend(down(b, &gathered).into_data());
     all.extend(down(b, &encoding).into_data());
+    Tensor::new(vec![all.len()], all).unwrap()
+}
+
+/// The head's input tokens (the CUDA backend's one pass) of both volumes.
+fn input_tokens_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
+    let grid = up(b, &c.grid);
+    let mut all = Vec::new();
+    for (volume, projection) in [&c.volume, &c.features].iter().zip(&c.input_projections) {
+        let x = b
+            .input_tokens(&up(b, volume), &c.region, &linear_on(b, projection), &grid)
+            .unwrap();
+        all.extend(down(b, &x).into_data());
+    }
     Tensor::new(vec![all.len()], all).unwrap()
 }
 
@@ -666,6 +685,13 @@ fn token_ops<E: Element>(tolerance: f64) {
             &case,
             region_tokens_on,
             region_tokens_on,
+        );
+        check::<E, _>(
+            &format!("input tokens, {tag}"),
+            tolerance,
+            &case,
+            input_tokens_on,
+            input_tokens_on,
         );
         check::<E, _>(
             &format!("linear/layer norm/mlp, {tag}"),

@@ -281,6 +281,21 @@ pub trait Backend: Send + Sync {
         grid: &Self::Tensor,
         shape: [usize; 3],
     ) -> Result<()>;
+    /// The head's input tokens: `linear(region_tokens(features, roi), projection)` plus the
+    /// positional encoding of the ROI's shape (`add_positional_encoding`). A backend may do it
+    /// in one pass, never writing the region's raw tokens.
+    fn input_tokens(
+        &self,
+        features: &Self::Tensor,
+        roi: &Region,
+        projection: &Linear<Self::Tensor>,
+        pos_grid: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        shapes::input_tokens(features, roi, projection, pos_grid)?;
+        let mut x = self.linear(&self.region_tokens(features, roi)?, projection)?;
+        self.add_positional_encoding(&mut x, pos_grid, roi.size)?;
+        Ok(x)
+    }
     /// The given rows, in the given order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     fn linear(&self, x: &Self::Tensor, linear: &Linear<Self::Tensor>) -> Result<Self::Tensor>;

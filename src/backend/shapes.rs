@@ -231,6 +231,27 @@ pub fn positional<T: BackendTensor>(
     Ok((width, gdims))
 }
 
+/// `(channels, volume dims, width, grid dims)` of the head's input tokens
+/// (`Backend::input_tokens`): the features' channels projected to `width`, the positional grid
+/// `width` channels wide.
+pub fn input_tokens<T: BackendTensor>(
+    features: &T,
+    region: &Region,
+    projection: &Linear<T>,
+    grid: &T,
+) -> Result<(usize, [usize; 3], usize, [usize; 3])> {
+    let (channels, dims) = crop(features, region)?;
+    let width = linear(projection, channels)?;
+    let (grid_width, grid_dims) = volume(grid, "positional grid")?;
+    if grid_width != width || grid_dims.contains(&0) {
+        return Err(shape_err(format!(
+            "positional grid {:?} cannot encode tokens of width {width}",
+            grid.shape()
+        )));
+    }
+    Ok((channels, dims, width, grid_dims))
+}
+
 pub fn gather_rows(x: &impl BackendTensor, rows: &[usize]) -> Result<(usize, usize)> {
     let (n, width) = tokens(x, "gather_rows")?;
     if let Some(r) = rows.iter().find(|&&r| r >= n) {

@@ -259,8 +259,7 @@ impl<B: Backend> TisHead<B> {
         }
         let heads = self.config.n_heads;
 
-        let mut x = backend.linear(&backend.region_tokens(features, roi)?, &self.input_proj)?;
-        backend.add_positional_encoding(&mut x, &self.pos_grid, roi.size)?;
+        let mut x = backend.input_tokens(features, roi, &self.input_proj, &self.pos_grid)?;
         let mut clicks_e = backend.gather_rows(&x, &rows)?;
         let onehot = backend.upload(&Tensor::new(vec![clicks.len(), self.classes], onehot)?)?;
         let click_values = backend.mlp(&onehot, &self.label_mlp)?;

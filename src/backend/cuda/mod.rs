@@ -12,6 +12,7 @@ mod conv;
 mod layout;
 mod linear;
 mod norm;
+mod tokens;
 mod volume;
 
 use std::collections::HashMap;
@@ -673,6 +674,16 @@ impl<E: Element> Backend for CudaBackend<E> {
 
     fn argmax_channels(&self, x: &CudaTensor<E>) -> Result<Vec<Label>> {
         volume::argmax_channels(self, x)
+    }
+
+    fn input_tokens(
+        &self,
+        features: &CudaTensor<E>,
+        roi: &Region,
+        projection: &Linear<CudaTensor<E>>,
+        pos_grid: &CudaTensor<E>,
+    ) -> Result<CudaTensor<E>> {
+        tokens::input_tokens(self, features, roi, projection, pos_grid)
     }
 
     fn region_tokens(&self, volume: &CudaTensor<E>, region: &Region) -> Result<CudaTensor<E>> {
