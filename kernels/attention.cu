@@ -160,14 +160,17 @@ __device__ void cross_partial(const T* x, const T* gamma, const T* beta, const f
 // O += P·LN(x) (16 × D, K = 64; LN(x) read transposed by ldmatrix.trans). Per voxel and column
 // that is 2·D multiply-accumulates on tensor cores. The WMMA version before it took S and O
 // through shared memory and gave the softmax two lanes a column, 32 exponentials in a row
-// (1.62 ms a layer for TIS-B on an H200).
+// (1.62 ms a layer for TIS-B on an H200). A block walks some 47 tiles (TIS-B), so the next
+// tile's x is copied into shared memory (cp.async) while the warps work on this one, and LN(x)
+// reads it from there: where each tile's LayerNorm loaded x from global memory itself, the
+// block waited out a memory round trip for every pair of rows a warp normalised.
 constexpr int CROSS_MMA_TOKENS = 64;
 
 template <int D> struct CrossShared {
     static constexpr int T = CROSS_MMA_TOKENS, LD = D + MMA_PAD;
-    // Byte offsets: LN(x) of the tile (T × LD halves), then the group's folded queries
-    // (16·warps × LD halves).
-    static constexpr int ln = 0, fold = T * LD * 2;
+    // Byte offsets: LN(x) of the tile (T × LD halves), the next tile's x as it lies (T × D
+    // halves), then the group's folded queries (16·warps × LD halves).
+    static constexpr int ln = 0, next = T * LD * 2, fold = next + T * D * 2;
 };
 
 template <int D>
@@ -178,6 +181,7 @@ __device__ void cross_partial_mma(const __half* x, const __half* gamma, const __
     constexpr int T = CROSS_MMA_TOKENS;
     const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     __half* ln = shared_halves(L::ln);
+    __half* next = shared_halves(L::next);
     __half* fold = shared_halves(L::fold);
     const int64_t col0 = (int64_t)blockIdx.y * 16 * warps + 16 * warp;  // the warp's first column
     for (int l = threadIdx.x; l < 16 * warps * D; l += blockDim.x) {
@@ -193,10 +197,18 @@ __device__ void cross_partial_mma(const __half* x, const __half* gamma, const __
     }
     float o[D / 8][4] = {};
     const int64_t begin = (int64_t)blockIdx.x * tokens_per_block, end = min(n, begin + tokens_per_block);
+    // The tile from t0 on into `next`, zero past the block's voxels, as one group of copies.
+    auto prefetch = [&](int64_t t0) {
+        stage_weights_async(next, D, x, end, D, t0, 0, T, D);
+        __pipeline_commit();
+    };
+    if (begin < end) prefetch(begin);
     for (int64_t t0 = begin; t0 < end; t0 += T) {
-        __syncthreads();  // every warp is done with the previous tile's LN(x) (and, at first, the fold)
-        layer_norm_rows<D>(ln, L::LD, x, gamma, beta, end, t0, T);
-        __syncthreads();
+        __pipeline_wait_prior(0);
+        __syncthreads();  // the tile's x has landed; every warp is done with the previous LN(x)
+        layer_norm_rows<D>(ln, L::LD, next, gamma, beta, min((int64_t)T, end - t0), 0, T);
+        __syncthreads();  // LN(x) is ready and `next` free for the tile after
+        if (t0 + T < end) prefetch(t0 + T);
         // S: element i of C tile j is voxel t0 + 8j + 2t + i % 2 of column col0 + g + 8·(i / 2).
         float s[T / 8][4];
         warp_rows_linear<T, D>(s, fold + 16 * warp * L::LD, L::LD, ln, L::LD, nullptr);

@@ -937,6 +937,17 @@ CUresult cuFuncGetAttribute(int* value, int attribute, CUfunction function) {
     return CUDA_SUCCESS;
 }
 
+// Blocks of a kernel one multiprocessor holds at once, as the driver counts them from threads and
+// shared memory (an H100's 2048 threads, 32 blocks and 228 KB a multiprocessor, 1 KB of it
+// reserved a block); the emulator knows no register counts, so they limit nothing here.
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, CUfunction function, int block_size,
+                                                              size_t dynamic_shared, unsigned) {
+    if (!function || block_size <= 0 || block_size > 1024) return CUDA_ERROR_INVALID_VALUE;
+    const size_t per_block = dynamic_shared + 1024, per_multiprocessor = optin_shared_bytes() + 1024;
+    *blocks = (int)std::min(std::min<size_t>(32, 2048 / block_size), per_multiprocessor / per_block);
+    return CUDA_SUCCESS;
+}
+
 CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared_bytes, CUstream, void** params, void** extra) {
     if (!function) return CUDA_ERROR_INVALID_HANDLE;

@@ -169,18 +169,21 @@ struct CrossPartials {
 }
 
 impl CrossPartials {
-    /// The voxels split into blocks of whole tiles, about four blocks per multiprocessor over
-    /// the column groups, with their partial buffers.
+    /// The voxels split into blocks of whole tiles, as many over the column groups as the GPU
+    /// runs at once (`per_multiprocessor` blocks on each multiprocessor: one wave), with their
+    /// partial buffers. Run B's grid assumed four blocks a multiprocessor where the registers
+    /// allowed three, and ran in two waves, the second a third full.
     fn split<E: Element>(
         b: &CudaBackend<E>,
         inputs: &CrossInputs<'_, E>,
         tile: usize,
         groups: usize,
+        per_multiprocessor: usize,
     ) -> Result<(Self, usize)> {
         let (n, columns, width) = (inputs.n, inputs.columns, inputs.width);
         let blocks = n
             .div_ceil(tile)
-            .clamp(1, (4 * b.multiprocessors).div_ceil(groups).max(1));
+            .clamp(1, (per_multiprocessor * b.multiprocessors / groups).max(1));
         let tokens_per_block = (n.div_ceil(blocks).div_ceil(tile) * tile).max(tile);
         let blocks = n.div_ceil(tokens_per_block);
         let partials = CrossPartials {
@@ -241,10 +244,12 @@ fn cross_partial<E: Element>(
     }
     let group = group.min(columns);
     let groups = columns.div_ceil(group);
-    let (partials, tokens_per_block) = CrossPartials::split(b, inputs, ROWS, groups)?;
     let shared = 4 * (ROWS * (width + 1) + group * per_column);
     let f = b.kernel(MODULE, "cross_partial")?;
     b.allow_shared_memory(&f, shared)?;
+    let per_multiprocessor = f.blocks_per_multiprocessor(CROSS_THREADS, shared)?;
+    let (partials, tokens_per_block) =
+        CrossPartials::split(b, inputs, ROWS, groups, per_multiprocessor)?;
     let grid = LaunchConfig {
         grid_dim: (partials.blocks as u32, groups as u32, 1),
         block_dim: (CROSS_THREADS, 1, 1),
@@ -263,7 +268,9 @@ fn cross_partial_mma<E: Element>(
 ) -> Result<CrossPartials> {
     let (n, columns, width) = (inputs.n, inputs.columns, inputs.width);
     let ld = width + 8;
-    let shared = |warps: usize| 2 * (CROSS_MMA_TOKENS + 16 * warps) * ld;
+    // CrossShared: LN(x) of a tile, the next tile's x, the folded queries of 16 columns a warp.
+    let shared =
+        |warps: usize| 2 * ((CROSS_MMA_TOKENS + 16 * warps) * ld + CROSS_MMA_TOKENS * width);
     let column_blocks = columns.div_ceil(16);
     let (groups, warps) = [8, 4, 2, 1]
         .into_iter()
@@ -280,9 +287,11 @@ fn cross_partial_mma<E: Element>(
                 b.shared_memory_optin
             ),
         })?;
-    let (partials, tokens_per_block) = CrossPartials::split(b, inputs, CROSS_MMA_TOKENS, groups)?;
     let f = b.function(MODULE, &format!("cross_partial_mma_f16_{width}"))?;
     b.allow_shared_memory(&f, shared(warps))?;
+    let per_multiprocessor = f.blocks_per_multiprocessor(32 * warps as u32, shared(warps))?;
+    let (partials, tokens_per_block) =
+        CrossPartials::split(b, inputs, CROSS_MMA_TOKENS, groups, per_multiprocessor)?;
     let grid = LaunchConfig {
         grid_dim: (partials.blocks as u32, groups as u32, 1),
         block_dim: (32 * warps as u32, 1, 1),

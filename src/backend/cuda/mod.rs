@@ -148,6 +148,19 @@ pub(crate) struct Kernel {
     name: Arc<str>,
 }
 
+impl Kernel {
+    /// How many of its blocks (of `threads` threads and `shared` bytes of dynamic shared memory)
+    /// one multiprocessor runs at once, registers included: the driver's occupancy count, at
+    /// least 1.
+    fn blocks_per_multiprocessor(&self, threads: u32, shared: usize) -> Result<usize> {
+        let blocks = self
+            .function
+            .occupancy_max_active_blocks_per_multiprocessor(threads, shared, None)
+            .map_err(driver)?;
+        Ok((blocks as usize).max(1))
+    }
+}
+
 impl Deref for Kernel {
     type Target = CudaFunction;
     fn deref(&self) -> &CudaFunction {
