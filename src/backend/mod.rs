@@ -133,6 +133,21 @@ pub fn conv_then_norm<B: Backend + ?Sized>(
     Ok(y)
 }
 
+/// [`Backend::input_tokens`] as its three ops: the default of every backend, and the CUDA
+/// backend's where its one-pass kernel does not apply.
+pub fn input_tokens_in_parts<B: Backend + ?Sized>(
+    backend: &B,
+    features: &B::Tensor,
+    roi: &Region,
+    projection: &Linear<B::Tensor>,
+    pos_grid: &B::Tensor,
+) -> Result<B::Tensor> {
+    shapes::input_tokens(features, roi, projection, pos_grid)?;
+    let mut x = backend.linear(&backend.region_tokens(features, roi)?, projection)?;
+    backend.add_positional_encoding(&mut x, pos_grid, roi.size)?;
+    Ok(x)
+}
+
 /// [`Backend::click_update`] as its parts, an op each: the default of every backend, and the
 /// CUDA backend's where its one-block kernel does not apply.
 pub fn click_update_in_parts<B: Backend + ?Sized>(
@@ -291,10 +306,7 @@ pub trait Backend: Send + Sync {
         projection: &Linear<Self::Tensor>,
         pos_grid: &Self::Tensor,
     ) -> Result<Self::Tensor> {
-        shapes::input_tokens(features, roi, projection, pos_grid)?;
-        let mut x = self.linear(&self.region_tokens(features, roi)?, projection)?;
-        self.add_positional_encoding(&mut x, pos_grid, roi.size)?;
-        Ok(x)
+        input_tokens_in_parts(self, features, roi, projection, pos_grid)
     }
     /// The given rows, in the given order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;

@@ -4,7 +4,7 @@
 use cudarc::driver::PushKernelArg;
 
 use super::{CudaBackend, CudaTensor, Dims3, Element, Layout, driver, layout};
-use crate::backend::{Backend, Linear, shapes};
+use crate::backend::{Linear, input_tokens_in_parts, shapes};
 use crate::error::Result;
 use crate::geometry::Region;
 
@@ -25,9 +25,7 @@ pub fn input_tokens<E: Element>(
     let (channels, dims, width, grid_dims) =
         shapes::input_tokens(features, roi, projection, pos_grid)?;
     if !CudaBackend::<E>::fused_head_width(width) || channels > MAX_FEATURES {
-        let mut x = b.linear(&b.region_tokens(features, roi)?, projection)?;
-        b.add_positional_encoding(&mut x, pos_grid, roi.size)?;
-        return Ok(x);
+        return input_tokens_in_parts(b, features, roi, projection, pos_grid);
     }
     let mut slots = (None, None);
     let features = layout::volume_as(b, features, &mut slots.0, Layout::Standard)?;
