@@ -698,10 +698,8 @@ __device__ void click_update(__half* clicks, const __half* attended, const __hal
 
     // c += attended·W_outᵀ + b_out (the cross-attention's output projection).
     stage(w_cross_out);
-    for (int l = threadIdx.x; l < rows * D / 8; l += blockDim.x) {  // rows past n are zero
-        const int r = l / (D / 8), c = l % (D / 8) * 8;
-        *(uint4*)&operand[r * L::LD + c] = r < n ? *(const uint4*)&attended[r * D + c] : uint4{0, 0, 0, 0};
-    }
+    stage_weights_async(operand, L::LD, attended, n, D, 0, 0, rows, D);  // rows past n are zero
+    __pipeline_commit();
     staged_linear<D>(acc, own, w, b_cross_out);
     write_tiles_to_rows<D, true>(clicks, acc, n, r0);
     __syncthreads();  // W_out read by every warp, the clicks' new rows visible
@@ -746,8 +744,9 @@ __device__ void click_update(__half* clicks, const __half* attended, const __hal
 }
 
 // One block runs alone, so the registers are not for occupancy. ptxas (CUDA 13.0) spilled a few
-// bytes of the narrow kernels when allowed the whole register file, and of the 96- and 112-wide
-// ones when capped at 128 (the launch bound's two blocks): the cap is for widths up to 80 only.
+// bytes of some kernels when allowed the whole register file (widths 16, 64, 96 and 112 for
+// sm_90a), and of the 96- to 128-wide ones when capped at 128 (the launch bound's two blocks):
+// the cap is for widths up to 80 only, which spills none.
 #define CLICK_UPDATE(D)                                                                                              \
     extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, D > 80 ? 1 : 2) click_update_f16_##D(            \
         __half* clicks, const __half* attended, const __half* w_cross_out, const __half* b_cross_out,                \
