@@ -32,6 +32,10 @@
 // with cp.async while the CUDA-core step before its GEMM runs (LN_q; the MLP's first layer; the
 // softmax, copy and mix). Dynamic shared memory, laid out as `AssignShared` says: 102 KB at
 // D = 128 and 128 rows, two blocks a multiprocessor (registers are held to 128 a thread).
+// `assign_wgmma_f16_{64,128}` is the same sub-layer for sm_90a, its three D × D products as
+// warpgroup products (wgmma, 64 rows a warpgroup, the operand and the weights as core matrices):
+// mma.sync feeds an H100's tensor cores at about half their rate, and these products are a
+// quarter of a click's FLOPs (0.9 of 3.8 TFLOP for TIS-B at 96×128×128).
 //
 // `attention_small`: plain attention among the clicks, one block per (query, head).
 //
@@ -546,25 +550,41 @@ __device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, 
         }
 }
 
-template <int D> struct AssignShared {
+// Where the label assignment's operands lie. mma.sync (`assign_fused_f16_*`): f16 rows padded by
+// 8 halves, blocks of fused_rows() tokens. wgmma (sm_90a, `assign_wgmma_f16_*`, widths that are
+// multiples of 64): the operand rows and the staged weights as wgmma's core matrices along D
+// (unpadded), blocks of 128 tokens, a warpgroup's products over 64 rows; Q stays in padded rows,
+// which only the label copy reads.
+template <int D, bool WGMMA> struct AssignShared {
     static constexpr int LD = D + MMA_PAD;
     // Byte offsets for a block of `rows` tokens.
     int operand, weights, q;
     __device__ explicit AssignShared(int rows)
-        : operand(0),                 // LN(x), the MLP's hidden layer, the label embedding, the mix: rows × LD halves
-          weights(rows * LD * 2),     // one staged D × D matrix: D × LD halves
-          q(weights + D * LD * 2) {}  // Q: rows × LD halves
+        : operand(0),                                     // LN(x), the MLP's hidden layer, the label embedding, the mix
+          weights(rows * (WGMMA ? D : LD) * 2),           // one staged D × D matrix
+          q(weights + D * (WGMMA ? D : LD) * 2) {}        // Q: rows × LD halves
+    // The place of operand value (r, f), in halves.
+    __device__ static int at(int r, int f) { return WGMMA ? core_matrix_offset<D>(r, f) : r * LD + f; }
 };
 
 // The heads are at most this wide (the Rust side checks).
 constexpr int ASSIGN_MAX_DH = 64;
 
-template <int D>
-__device__ void assign_fused(__half* x, const __half* gamma, const __half* beta, const __half* wq, const __half* bq,
-                             const __half* keys, const __half* values, const __half* probs, const __half* w_up,
-                             const __half* b_up, const __half* w_down, const __half* b_down, const __half* w_out,
-                             const __half* b_out, int64_t n, int64_t clicks, int64_t classes, int heads, float alpha) {
-    using L = AssignShared<D>;
+// The whole label assignment sub-layer for a block of tokens: x += mix·W_outᵀ + b_out, the mix
+// made of the clicks' label embeddings (softmax over the clicks of Q = LN_q(x)·Wqᵀ + bq against
+// their keys) and the automatic segmentation's (label_mlp(P)). Each D × D weight matrix is
+// staged in turn, the next one's copies flying while the block works on what needs no weights.
+// mma.sync: warp w multiplies its own 16 rows (warp_rows_linear). wgmma: each warpgroup's 64
+// rows are one product (warpgroup_product) whose accumulators are the same C tiles per warp, so
+// the rest is the same code; the threads fence their shared-memory writes of an operand towards
+// the tensor cores before the barrier after which it is read.
+template <int D, bool WGMMA>
+__device__ void assign_sublayer(__half* x, const __half* gamma, const __half* beta, const __half* wq,
+                                const __half* bq, const __half* keys, const __half* values, const __half* probs,
+                                const __half* w_up, const __half* b_up, const __half* w_down, const __half* b_down,
+                                const __half* w_out, const __half* b_out, int64_t n, int64_t clicks, int64_t classes,
+                                int heads, float alpha) {
+    using L = AssignShared<D, WGMMA>;
     const int rows = fused_rows();
     const L layout(rows);
     __half* operand = shared_halves(layout.operand);
@@ -573,21 +593,39 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     const int64_t row0 = (int64_t)blockIdx.x * rows;
     const int r0 = 16 * (threadIdx.x / 32), lane = threadIdx.x % 32;
     float acc[D / 8][4];  // the warp's 16 rows of each projection, C tiles (mma.cuh)
+    auto stage = [&](const __half* weights) {
+        if constexpr (WGMMA) stage_core_matrices_async<D>(w, weights, D, D, 0, 0, D);
+        else stage_weights_async(w, L::LD, weights, D, D, 0, 0, D, D);
+        __pipeline_commit();
+    };
+    // The staged weights and the operand's new values visible to every warp (and to wgmma).
+    auto staged = [&] {
+        __pipeline_wait_prior(0);
+        if constexpr (WGMMA) fence_proxy_async();
+        __syncthreads();
+    };
+    // acc = operand·Wᵀ + bias for the warp's rows.
+    auto project = [&](const __half* bias) {
+        if constexpr (WGMMA) {
+            fill_tiles_with_bias<D>(acc, bias);
+            warpgroup_product<D, D>(acc, core_matrices<D>(operand).at(core_matrix_offset<D>(r0 / 64 * 64, 0)),
+                                    core_matrices<D>(w));
+        } else {
+            warp_rows_linear<D, D>(acc, operand + r0 * L::LD, L::LD, w, L::LD, bias);
+        }
+    };
 
     // Q = LN_q(x)·Wqᵀ + bq, Wq's copies flying while LN_q(x) is computed.
-    stage_weights_async(w, L::LD, wq, D, D, 0, 0, D, D);
-    __pipeline_commit();
-    layer_norm_rows<D>(operand, L::LD, x, gamma, beta, n, row0, rows);
-    __pipeline_wait_prior(0);
-    __syncthreads();
-    warp_rows_linear<D, D>(acc, operand + r0 * L::LD, L::LD, w, L::LD, bq);
+    stage(wq);
+    layer_norm_rows_at<D>(operand, [](int r, int f) { return L::at(r, f); }, x, gamma, beta, n, row0, rows);
+    staged();
+    project(bq);
     store_tiles<D>(q + r0 * L::LD, L::LD, acc);
     __syncthreads();  // every warp is done with Wq and LN_q(x)
     // The MLP's second layer flies in while its first layer is computed: GELU(P·W_upᵀ + b_up)
     // for the warp's 16 rows, a lane per column and 8 rows at a time, so that the column's
     // weights are loaded once for 8 rows and their sums go on side by side in registers.
-    stage_weights_async(w, L::LD, w_down, D, D, 0, 0, D, D);
-    __pipeline_commit();
+    stage(w_down);
     for (int c = lane; c < D; c += 32) {
         const float bias_up = __half2float(b_up[c]);
         for (int r8 = r0; r8 < r0 + 16; r8 += 8) {
@@ -602,20 +640,20 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
             }
 #pragma unroll
             for (int r = 0; r < 8; ++r)
-                operand[(r8 + r) * L::LD + c] = __float2half_rn(row0 + r8 + r < n ? gelu_fast(hidden[r]) : 0.f);
+                operand[L::at(r8 + r, c)] = __float2half_rn(row0 + r8 + r < n ? gelu_fast(hidden[r]) : 0.f);
         }
     }
-    __pipeline_wait_prior(0);
-    __syncthreads();
+    staged();
     // The automatic segmentation's label embedding, label_mlp(P), replaces the hidden layer in
-    // the warp's own rows once the warp has read them.
-    warp_rows_linear<D, D>(acc, operand + r0 * L::LD, L::LD, w, L::LD, b_down);
-    __syncwarp();
-    store_tiles<D>(operand + r0 * L::LD, L::LD, acc);
+    // the warp's own rows once the rows' product has read them (the warp's own, or with wgmma
+    // its warpgroup's).
+    project(b_down);
+    if constexpr (WGMMA) __syncthreads();
+    else __syncwarp();
+    store_tiles_at<D>(operand, [](int r, int f) { return L::at(r, f); }, r0, acc);
     __syncthreads();  // every warp is done with W_down
     // W_out flies in while the clicks' labels are copied and mixed.
-    stage_weights_async(w, L::LD, w_out, D, D, 0, 0, D, D);
-    __pipeline_commit();
+    stage(w_out);
 
     // Per head, for the warp's rows: softmax over the clicks, their label embeddings copied
     // (tensor cores), mixed by α with the automatic segmentation's embedding, which each value
@@ -625,30 +663,45 @@ __device__ void assign_fused(__half* x, const __half* gamma, const __half* beta,
     for (int h = 0; h < heads; ++h)
         copy_click_labels_mma<MAX_DH>(q + r0 * L::LD + h * dh, L::LD, keys + h * dh, values + h * dh, (int)clicks, D,
                                       dh, [&](int r, int e, float copied) {
-                                          __half* mix = &operand[(r0 + r) * L::LD + h * dh + e];
+                                          __half* mix = &operand[L::at(r0 + r, h * dh + e)];
                                           const float auto_embedding = __half2float(*mix);
                                           *mix = __float2half_rn(row0 + r0 + r < n
                                                                      ? (1.f - alpha) * copied + alpha * auto_embedding
                                                                      : 0.f);
                                       });
-    __pipeline_wait_prior(0);
-    __syncthreads();
+    staged();
 
     // x += mix·W_outᵀ + b_out.
-    warp_rows_linear<D, D>(acc, operand + r0 * L::LD, L::LD, w, L::LD, b_out);
+    project(b_out);
     write_tiles_to_rows<D, true>(x, acc, n, row0 + r0);
 }
 
+#define ASSIGN_ARGUMENTS                                                                                             \
+    __half *x, const __half *g, const __half *b, const __half *wq, const __half *bq, const __half *keys,             \
+        const __half *values, const __half *probs, const __half *w_up, const __half *b_up, const __half *w_down,     \
+        const __half *b_down, const __half *w_out, const __half *b_out, int64_t n, int64_t clicks, int64_t classes,  \
+        int heads, float alpha
+#define ASSIGN_PASSED x, g, b, wq, bq, keys, values, probs, w_up, b_up, w_down, b_down, w_out, b_out, n, clicks, classes, heads, alpha
 #define ASSIGN_FUSED(D)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, 2) assign_fused_f16_##D(                            \
-        __half* x, const __half* g, const __half* b, const __half* wq, const __half* bq, const __half* keys,         \
-        const __half* values, const __half* probs, const __half* w_up, const __half* b_up, const __half* w_down,     \
-        const __half* b_down, const __half* w_out, const __half* b_out, int64_t n, int64_t clicks, int64_t classes,  \
-        int heads, float alpha) {                                                                                    \
-        assign_fused<D>(x, g, b, wq, bq, keys, values, probs, w_up, b_up, w_down, b_down, w_out, b_out, n, clicks,   \
-                        classes, heads, alpha);                                                                      \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, 2) assign_fused_f16_##D(ASSIGN_ARGUMENTS) {      \
+        assign_sublayer<D, false>(ASSIGN_PASSED);                                                                    \
     }
 FOR_EACH_FUSED_WIDTH(ASSIGN_FUSED)
+// The wgmma path, for widths that are multiples of 64 (blocks of 128 tokens), a kernel of its own
+// as the FFN's (kernels/linear.cu): the backend launches it only on a GPU that runs the sm_90a
+// cubins, and other targets compile it as the mma.sync path (whose shared memory is no larger).
+#ifdef TIS_WGMMA
+#define ASSIGN_WGMMA_PATH true
+#else
+#define ASSIGN_WGMMA_PATH false
+#endif
+#define ASSIGN_WGMMA(D)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, 2) assign_wgmma_f16_##D(ASSIGN_ARGUMENTS) {      \
+        assign_sublayer<D, ASSIGN_WGMMA_PATH>(ASSIGN_PASSED);                                                        \
+    }
+ASSIGN_WGMMA(64)
+ASSIGN_WGMMA(128)
+#undef ASSIGN_WGMMA_PATH
 
 template <int D> struct ClickShared {
     static constexpr int LD = D + MMA_PAD;

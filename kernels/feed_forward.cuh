@@ -91,3 +91,94 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
     }
     write_tiles_to_rows<D, true>(x, y, n, row0 + r0);
 }
+
+// With wgmma (sm_90a, widths that are multiples of 64, blocks of 128 tokens), the same sub-layer
+// as warpgroup products, which mma.sync cannot keep an H100's tensor cores busy enough for (about
+// half their rate where nothing else runs; the FFN is two thirds of a click's FLOPs). The two
+// warpgroups of a block own 64 rows each. LN(x) goes into shared memory as wgmma's core matrices
+// (K = D); the hidden layer goes FFN_WGMMA_CHUNK units at a time, each chunk of W1 (64 × D) and
+// W2 (D × 64) staged as core matrices, double-buffered as above. Per chunk a warpgroup's
+// H = LN(x)·W1ᵀ is D/16 wgmma of 64 × 64 × 16 into registers (b1 there from the start); b1 + GELU
+// applied there, H goes as f16 core matrices into the warpgroup's own 8 KB of shared memory (the
+// A operand of the next product: wgmma reads A from shared memory or from registers, and
+// shared memory is the form the CUDA emulator checks), and Y += GELU(H)·W2ᵀ is 4 · D/64 wgmma of
+// 64 × 64 × 16, Y (64 × D, D/2 f32 a thread) staying in registers until the residual. The
+// accumulators of warp w of a warpgroup are its rows 16w to 16w + 15 as mma.sync's C tiles
+// (mma.cuh), so the bias, GELU and residual code is the mma.sync path's. Each product is waited
+// for at once; the two blocks a multiprocessor takes (112 KB of shared memory each at D 128) fill
+// one another's GELU and copies. Every thread fences its shared-memory writes (copies, LN, H)
+// towards the tensor cores before the barrier after which wgmma reads them.
+constexpr int FFN_WGMMA_CHUNK = 64;
+
+template <int D> struct FfnWgmmaShared {
+    static constexpr int ROWS = 128, CH = FFN_WGMMA_CHUNK;
+    static constexpr int W1_HALVES = CH * D, W2_HALVES = D * CH, H_HALVES = 64 * CH;
+    // Byte offsets.
+    static constexpr int normed = 0;                      // LN(x): ROWS × D, core matrices along D
+    static constexpr int w1 = normed + ROWS * D * 2;      // W1 chunks: 2 × CH × D, along D
+    static constexpr int w2 = w1 + 2 * W1_HALVES * 2;     // W2 chunks: 2 × D × CH, along CH
+    static constexpr int h = w2 + 2 * W2_HALVES * 2;      // GELU(H) of each warpgroup: 2 × 64 × CH
+    static constexpr int bytes = h + 2 * H_HALVES * 2;
+};
+
+#ifdef TIS_WGMMA
+template <int D>
+__device__ void feed_forward_wgmma(__half* x, const __half* gamma, const __half* beta, const __half* w1,
+                                   const __half* b1, const __half* w2, const __half* b2, int64_t n, int64_t hidden) {
+    using L = FfnWgmmaShared<D>;
+    constexpr int CH = L::CH;
+    __half* normed = shared_halves(L::normed);
+    __half* w1s = shared_halves(L::w1);
+    __half* w2s = shared_halves(L::w2);
+    const int warp = threadIdx.x / 32, group = warp / 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    __half* hs = shared_halves(L::h) + group * L::H_HALVES;
+    const int64_t row0 = (int64_t)blockIdx.x * L::ROWS;
+    // Copies chunk c0's W1 and W2 blocks into buffer `buffer` as one group of cp.async copies.
+    auto prefetch = [&](int64_t c0, int buffer) {
+        stage_core_matrices_async<D>(w1s + buffer * L::W1_HALVES, w1, hidden, D, c0, 0, CH);
+        stage_core_matrices_async<CH>(w2s + buffer * L::W2_HALVES, w2, D, hidden, 0, c0, D);
+        __pipeline_commit();
+    };
+    prefetch(0, 0);
+    layer_norm_rows_at<D>(
+        normed, [](int r, int f) { return core_matrix_offset<D>(r, f); }, x, gamma, beta, n, row0, L::ROWS);
+    const SharedOperand normed_rows = core_matrices<D>(normed).at(core_matrix_offset<D>(64 * group, 0));
+    const SharedOperand h_rows = core_matrices<CH>(hs);
+
+    float y[D / 8][4];  // Y, b2 added from the start
+    fill_tiles_with_bias<D>(y, b2);
+    for (int64_t c0 = 0, chunk = 0; c0 < hidden; c0 += CH, ++chunk) {
+        const int buffer = chunk % 2;
+        if (c0 + CH < hidden) prefetch(c0 + CH, 1 - buffer);
+        else __pipeline_commit();  // an empty group: this chunk's is always the one before last
+        __pipeline_wait_prior(1);
+        fence_proxy_async();
+        __syncthreads();  // every thread's copies of this chunk (and, at first, LN(x)) are visible
+
+        float h[CH / 8][4];  // H, b1 added from the start; units past `hidden` have zero weights
+#pragma unroll
+        for (int j = 0; j < CH / 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int64_t unit = c0 + 8 * j + 2 * t + i % 2;
+                h[j][i] = unit < hidden ? __half2float(b1[unit]) : 0.f;
+            }
+        warpgroup_product<CH, D>(h, normed_rows, core_matrices<D>(w1s + buffer * L::W1_HALVES));
+        // GELU(H) as f16 into the warpgroup's A operand: each lane its column pairs of rows r and
+        // r + 8 of every C tile, 4 bytes a store (a warp's store fills one core matrix).
+        const int r = 16 * (warp % 4) + g;
+#pragma unroll
+        for (int j = 0; j < CH / 8; ++j)
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+                *(__half2*)&hs[core_matrix_offset<CH>(r + 8 * half, 8 * j + 2 * t)] =
+                    __floats2half2_rn(gelu_fast(h[j][2 * half]), gelu_fast(h[j][2 * half + 1]));
+        fence_proxy_async();
+        __syncthreads();  // the warpgroups' GELU(H) written
+
+        warpgroup_product<D, CH>(y, h_rows, core_matrices<CH>(w2s + buffer * L::W2_HALVES));
+        __syncthreads();  // both warpgroups are done with this buffer and their H
+    }
+    write_tiles_to_rows<D, true>(x, y, n, row0 + 16 * warp);
+}
+#endif

@@ -12,8 +12,9 @@
 //   with one 16-byte store where the rows allow it.
 // Loads are bounds-checked and zero-filled, so any M, N, K work (the click side has M = 10);
 // the tensor-core kernel's move 8 halves at a time where K comes in eights (load_slab).
-// `feed_forward_mma_f16_{D}`, the whole FFN sub-layer of the head's tokens, is instantiated here
-// from kernels/feed_forward.cuh, which says how it is shaped.
+// `feed_forward_mma_f16_{D}` and `feed_forward_wgmma_f16_{D}`, the whole FFN sub-layer of the
+// head's tokens on mma.sync and on sm_90a's wgmma, are instantiated here from
+// kernels/feed_forward.cuh, which says how they are shaped.
 #include "feed_forward.cuh"
 
 enum Epilogue { PLAIN = 0, GELU = 1, RESIDUAL = 2 };
@@ -131,3 +132,23 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
         feed_forward_mma<D>(x, g, b, w1, b1, w2, b2, n, hidden);                                             \
     }
 FOR_EACH_FUSED_WIDTH(FEED_FORWARD_MMA)
+
+// Its wgmma path, for the widths that are multiples of 64 (blocks of 128 tokens, FfnWgmmaShared's
+// shared memory), a kernel of its own so that each path keeps its registers (sharing one
+// function, ptxas spilled the mma.sync path's) and the profiles name the path. The backend
+// launches it only on a GPU that runs the sm_90a cubins; other targets compile it as the mma.sync
+// path, which the larger shared memory also holds.
+#ifdef TIS_WGMMA
+#define FFN_WGMMA_BODY(D) feed_forward_wgmma<D>(x, g, b, w1, b1, w2, b2, n, hidden)
+#else
+#define FFN_WGMMA_BODY(D) feed_forward_mma<D>(x, g, b, w1, b1, w2, b2, n, hidden)
+#endif
+#define FEED_FORWARD_WGMMA(D)                                                                                \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, 2) feed_forward_wgmma_f16_##D(           \
+        __half* x, const __half* g, const __half* b, const __half* w1, const __half* b1, const __half* w2,   \
+        const __half* b2, int64_t n, int64_t hidden) {                                                       \
+        FFN_WGMMA_BODY(D);                                                                                   \
+    }
+FEED_FORWARD_WGMMA(64)
+FEED_FORWARD_WGMMA(128)
+#undef FFN_WGMMA_BODY

@@ -319,6 +319,33 @@ template <int K_HALVES> __device__ __forceinline__ SharedOperand core_matrices(c
     return SharedOperand{(uint64_t)((address & 0x3FFFF) >> 4) | lbo << 16 | sbo << 32, block};
 }
 
+// dest, a block of core matrices (core_matrix_offset<K_HALVES>), = w[row0 + r][col0 + k] for
+// r < rows (a multiple of 8), k < K_HALVES, zero outside w's `height` × `width`: a weight block
+// as wgmma's B operand (its rows the products' N). All threads of the block take part. Where w's rows start
+// 16-byte aligned (width a multiple of 8), a 16-byte piece (8 values of a row) is one
+// asynchronous copy that joins the thread's current group, as in stage_weights_async; consecutive
+// threads take the 8 rows of one core matrix, so that a warp's copies land in 4 whole core
+// matrices (512 contiguous bytes, no bank conflicts). Other widths are copied value by value.
+template <int K_HALVES>
+__device__ __forceinline__ void stage_core_matrices_async(__half* dest, const __half* w, int64_t height,
+                                                          int64_t width, int64_t row0, int64_t col0, int rows) {
+    constexpr int PIECES = K_HALVES / 8;
+    if (width % 8 == 0 && col0 % 8 == 0 && (uintptr_t)w % 16 == 0) {
+        for (int l = threadIdx.x; l < rows * PIECES; l += blockDim.x) {
+            const int r = l / (8 * PIECES) * 8 + l % 8, k = l / 8 % PIECES * 8;
+            const bool inside = row0 + r < height && col0 + k < width;
+            __pipeline_memcpy_async(&dest[core_matrix_offset<K_HALVES>(r, k)],
+                                    inside ? &w[(row0 + r) * width + col0 + k] : w, 16, inside ? 0 : 16);
+        }
+        return;
+    }
+    for (int l = threadIdx.x; l < rows * K_HALVES; l += blockDim.x) {
+        const int r = l / K_HALVES, k = l % K_HALVES;
+        const bool inside = row0 + r < height && col0 + k < width;
+        dest[core_matrix_offset<K_HALVES>(r, k)] = inside ? w[(row0 + r) * width + col0 + k] : __float2half(0.f);
+    }
+}
+
 #ifdef TIS_CUDA_EMULATOR
 __device__ __forceinline__ void wgmma_fence() { emu::wgmma_fence(); }
 __device__ __forceinline__ void wgmma_commit() { emu::wgmma_commit(); }
@@ -382,6 +409,26 @@ template <int N>
 __device__ void wgmma_ss(float (&d)[N / 8][4], const SharedOperand& a, const SharedOperand& b, bool accumulate);
 #endif
 
+// acc += the warpgroup's 64 × N product of A (its 64 rows × K, core matrices along K at `a`) by
+// Wᵀ (W N × K, core matrices along K at `w`), N a multiple of 64: K/16 · N/64 wgmma of
+// 64 × 64 × 16, waited for. acc is the calling warp's share: its 16 rows of the 64 as N/8 C tiles.
+template <int N, int K>
+__device__ __forceinline__ void warpgroup_product(float (&acc)[N / 8][4], const SharedOperand& a,
+                                                  const SharedOperand& w) {
+    static_assert(N % 64 == 0 && K % 16 == 0, "whole 64 × 64 × 16 products");
+    wgmma_fence_operands(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < K; k += 16)
+#pragma unroll
+        for (int p = 0; p < N / 64; ++p)
+            wgmma_ss<64>(*reinterpret_cast<float(*)[8][4]>(&acc[8 * p]), a.at(core_matrix_offset<K>(0, k)),
+                         w.at(core_matrix_offset<K>(64 * p, k)), true);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc);
+}
+
 // Padding of the f32 staging rows, in floats: with rows COLUMNS + 8 floats apart (COLUMNS a
 // multiple of 32), the 8-byte stores of a half-warp in store_warp_tile (rows g to g + 3, columns
 // 2t and 2t + 1) fall in 32 different banks.
@@ -429,16 +476,23 @@ __device__ __forceinline__ void warp_rows_linear(float (&acc)[N / 8][4], const _
     }
 }
 
-// The warp's C tiles (16 × N) as f16 rows in shared memory (from `rows`, row stride ld halves):
-// each lane its column pairs of rows g and g + 8.
-template <int N> __device__ __forceinline__ void store_tiles(__half* rows, int ld, const float (&acc)[N / 8][4]) {
+// The warp's C tiles (16 × N, rows r0 to r0 + 15) as f16 in shared memory, value (r, c) at
+// dest[at(r, c)] (values c and c + 1 of a row next to each other, c even): each lane its column
+// pairs of rows r0 + g and r0 + g + 8.
+template <int N, class At>
+__device__ __forceinline__ void store_tiles_at(__half* dest, At at, int r0, const float (&acc)[N / 8][4]) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int j = 0; j < N / 8; ++j)
 #pragma unroll
         for (int half = 0; half < 2; ++half)
-            *(__half2*)&rows[(g + 8 * half) * ld + 8 * j + 2 * t] =
+            *(__half2*)&dest[at(r0 + g + 8 * half, 8 * j + 2 * t)] =
                 __floats2half2_rn(acc[j][2 * half], acc[j][2 * half + 1]);
+}
+
+// The same into f16 rows (from `rows`, row stride ld halves).
+template <int N> __device__ __forceinline__ void store_tiles(__half* rows, int ld, const float (&acc)[N / 8][4]) {
+    store_tiles_at<N>(rows, [ld](int r, int c) { return r * ld + c; }, 0, acc);
 }
 
 // x[row0 + r][c] = the warp's C tiles (16 × N, x's rows N wide), or += with ADD (the residual of
@@ -463,14 +517,14 @@ __device__ __forceinline__ void write_tiles_to_rows(__half* x, const float (&acc
 // The fused kernels' widths: multiples of 16 up to 128 (one instantiation each).
 #define FOR_EACH_FUSED_WIDTH(X) X(16) X(32) X(48) X(64) X(80) X(96) X(112) X(128)
 
-// LayerNorm of `rows` rows of x (N × D) from row0 on into f16 shared rows (stride ld halves),
-// one warp per row; rows past n are zero. The arithmetic is warp_layer_norm's (common.cuh), but
-// each lane keeps its D/32 values of the row in registers, so x is read once and not three
-// times, gamma and beta are loaded once for all the warp's rows, and two rows are unrolled
-// together so that one row's loads fly while the other's sums go round the warp.
-template <int D>
-__device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __half* x, const __half* gamma,
-                                                const __half* beta, int64_t n, int64_t row0, int rows) {
+// LayerNorm of `rows` rows of x (N × D) from row0 on into f16 shared memory, value (r, f) at
+// dest[at(r, f)], one warp per row; rows past n are zero. The arithmetic is warp_layer_norm's
+// (common.cuh), but each lane keeps its D/32 values of the row in registers, so x is read once
+// and not three times, gamma and beta are loaded once for all the warp's rows, and two rows are
+// unrolled together so that one row's loads fly while the other's sums go round the warp.
+template <int D, class At>
+__device__ __forceinline__ void layer_norm_rows_at(__half* dest, At at, const __half* x, const __half* gamma,
+                                                   const __half* beta, int64_t n, int64_t row0, int rows) {
     constexpr int V = (D + 31) / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float g[V], b[V];
@@ -493,7 +547,14 @@ __device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __ha
 #pragma unroll
         for (int i = 0; i < V; ++i) {
             int f = lane + 32 * i;
-            if (f < D) dest[r * ld + f] = __float2half_rn(inside ? (v[i] - mean) * inv_std * g[i] + b[i] : 0.f);
+            if (f < D) dest[at(r, f)] = __float2half_rn(inside ? (v[i] - mean) * inv_std * g[i] + b[i] : 0.f);
         }
     }
+}
+
+// The same into shared rows `ld` halves apart.
+template <int D>
+__device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __half* x, const __half* gamma,
+                                                const __half* beta, int64_t n, int64_t row0, int rows) {
+    layer_norm_rows_at<D>(dest, [ld](int r, int f) { return r * ld + f; }, x, gamma, beta, n, row0, rows);
 }

@@ -67,17 +67,21 @@ def head_table(tis_paths, torch_path):
         kernel_table(t.get("kernels"), f"tis {t['precision']}, per click")
 
 
-def kernel_table(kernels, what):
-    """The kernels of a `tis bench` report that took the most device time (events around each launch)."""
-    if not kernels:
+def kernel_table(profile, what):
+    """The kernels of a `tis bench` report that took the most device time (events around each
+    launch), and the time of the median run outside them (gaps between launches, copies, host)."""
+    if not profile:
         return
-    total = sum(k["ms"] for k in kernels)
+    kernels = profile["by_kernel"]
+    total = profile["device_ms"]
     print(f"  {what}: device time by kernel (sum {total:.2f} ms)")
     for k in kernels[:KERNEL_ROWS]:
         print(f"    {k['kernel']:<36}{k['launches']:>7.1f} launches{k['ms']:>10.3f} ms{100 * k['ms'] / total:>6.1f} %")
     rest = kernels[KERNEL_ROWS:]
     if rest:
         print(f"    ({len(rest)} more: {sum(k['ms'] for k in rest):.3f} ms)")
+    outside = profile["outside_kernels_ms"]
+    print(f"    outside the kernels: {outside:.3f} ms of the median {total + outside:.3f} ms (launch gaps, copies, host work)")
 
 
 def tile_table(path):

@@ -12,8 +12,8 @@
 #   5. issue 7: whole-volume segmentation of a synthetic 96×512×512 CT (Pancreas plan), `tis
 #      segment --device cuda` against nnUNetPredictor on the GPU, end to end, no test-time
 #      mirroring for either (the bench model allows none) — python/bench_predictor.py;
-#      then the implicit GEMM's mma.sync path on this card (TIS_CUDA_WGMMA=0: its parity, and a
-#      Pancreas tile forward per path, back to back: paths.log);
+#      then the mma.sync paths on this card (TIS_CUDA_WGMMA=0): the implicit GEMM's and the
+#      head FFN's parity, a click and a Pancreas tile forward per path, back to back (paths.log);
 #   6. with the time left, Nsight Compute over the network's and the click's kernels
 #      (scripts/ncu_summary.py prints a line per kernel);
 # then the tables. Full logs and JSON go to $OUT (or out/gpu-check); where OUT is set (the device
@@ -134,16 +134,25 @@ if [ "$head_only" != 1 ]; then
         --tis-timeout $((limit > 105 ? limit - 75 : 30)) --json "$out/predictor.json" 2>&1 | tee "$out/predictor.log"
     predictor=$?
 
-    step "issue 7: the implicit GEMM's two paths on this card (TIS_CUDA_WGMMA=0: mma.sync on an H100)"
-    # The mma.sync path's parity on this card, then one Pancreas tile forward per path, back to
-    # back (tis alone; the wgmma path is the default above). On a GPU without wgmma (not compute
-    # capability 9.0) both runs take mma.sync.
+    step "issues 3 and 7: the kernels' two paths on this card (TIS_CUDA_WGMMA=0: mma.sync on an H100)"
+    # The mma.sync paths' parity on this card (the implicit GEMM's, and the head's FFN at TIS-B's
+    # width), a click per path (TIS-B, 10 clicks each, the per-kernel table names the FFN's
+    # path), then one Pancreas tile forward per path, back to back (tis alone; the wgmma paths
+    # are the default above). On a GPU without wgmma (not compute capability 9.0) both runs of
+    # each take mma.sync.
+    TIS_CUDA_WGMMA=0 bounded "$(within 60 $((RESERVE_SUMMARY + 40)))" gpu-bin/cuda_backend --ignored \
+        --test-threads 1 network_ops_match_cpu_f16 tile_forward_matches_cpu_f16 token_ops_match_cpu_f16 \
+        > "$out/paths.log" 2>&1
+    paths=$?
+    grep -E "^test |test result" "$out/paths.log" | tail -4
+    [ $paths -eq 0 ] || status=1
+    for wgmma in 1 0; do
+        echo "TIS_CUDA_WGMMA=$wgmma (click)" >> "$out/paths.log"
+        TIS_CUDA_WGMMA=$wgmma bounded "$(within 20 $((RESERVE_SUMMARY + 40)))" gpu-bin/tis bench --device cuda \
+            --precision f16 --iters 10 --warmup 2 >> "$out/paths.log" 2>&1
+        echo "TIS_CUDA_WGMMA=$wgmma: $(grep -E '^per click|feed_forward' "$out/paths.log" | tail -2 | tr -s ' ' | tr '\n' ';')"
+    done
     if [ -f /tmp/bench-pancreas.safetensors ]; then
-        TIS_CUDA_WGMMA=0 bounded "$(within 60 $((RESERVE_SUMMARY + 40)))" gpu-bin/cuda_backend --ignored \
-            --test-threads 1 network_ops_match_cpu_f16 tile_forward_matches_cpu_f16 > "$out/paths.log" 2>&1
-        paths=$?
-        grep -E "^test |test result" "$out/paths.log" | tail -4
-        [ $paths -eq 0 ] || status=1
         for wgmma in 1 0; do
             echo "TIS_CUDA_WGMMA=$wgmma" >> "$out/paths.log"
             TIS_CUDA_WGMMA=$wgmma bounded "$(within 30 $((RESERVE_SUMMARY + 40)))" gpu-bin/tis bench --tile \
@@ -152,7 +161,7 @@ if [ "$head_only" != 1 ]; then
             echo "TIS_CUDA_WGMMA=$wgmma: $(grep -E '^per tile' "$out/paths.log" | tail -1)"
         done
     else
-        echo "no Pancreas bundle (the predictor step did not get to write it): no comparison"
+        echo "no Pancreas bundle (the predictor step did not get to write it): no tile comparison"
     fi
 fi
 
@@ -180,10 +189,12 @@ elif [ -f /tmp/bench-pancreas.safetensors ]; then
 else
     echo "no Pancreas bundle (step 5 did not get to write it): no tile profile"
 fi
-# The click's first 20 matching launches: its tokens (region tokens, input projection, positional
-# encoding) and its first layer, label assignment and FFN included.
+# The click's first 20 matching launches: its tokens (`input_tokens`, one pass at f16 and TIS-B's
+# width) and its first layers: the cross-attention over the voxels and its merge, the click
+# side's block (`click_update`), the label assignment and the FFN. (The clicks' small query
+# launches are in `tis bench`'s per-kernel table.)
 bounded "$(within 40 $RESERVE_SUMMARY)" ncu "${sections[@]}" --launch-count 20 \
-    --kernel-name regex:'region_tokens|add_positional_encoding|cross_partial|cross_merge|assign_fused|feed_forward_mma|linear_mma' \
+    --kernel-name regex:'input_tokens|cross_partial|cross_merge|click_update|assign_fused|feed_forward_mma|layer_norm_project' \
     gpu-bin/tis bench --device cuda --precision f16 --iters 1 --warmup 0 > "$out/ncu-click.log" 2>&1
 echo "ncu (click) exit $?"
 timeout 10 python3 scripts/ncu_summary.py "$out"/ncu-*.log

@@ -424,10 +424,13 @@ pub fn label_assignment<E: Element>(
     gemm(b, &mixed, params.out, x, Epilogue::Residual)
 }
 
-/// The whole sub-layer in one launch (`assign_fused_f16_{width}`): widths that are multiples of
-/// 16 up to 128, on tensor cores. Its dynamic shared memory is `AssignShared` in
-/// kernels/attention.cu: the f16 operand rows, one staged D × D weight matrix and the f16 rows
-/// of Q (rows padded by 8 halves).
+/// The whole sub-layer in one launch, on tensor cores: `assign_wgmma_f16_{width}` where the GPU
+/// runs the sm_90a cubins and the width is a multiple of 64 (blocks of 128 tokens), else
+/// `assign_fused_f16_{width}` (widths that are multiples of 16 up to 128, mma.sync). Their
+/// dynamic shared memory is `AssignShared` in kernels/attention.cu: the f16 operand, one staged
+/// D × D weight matrix (both rows padded by 8 halves for mma.sync, wgmma's core matrices
+/// otherwise) and the f16 rows of Q (padded). The wgmma kernel gets the larger of the two
+/// layouts, which its mma.sync build for other targets would take.
 fn fused_label_assignment<E: Element>(
     b: &CudaBackend<E>,
     x: &mut CudaTensor<E>,
@@ -436,10 +439,23 @@ fn fused_label_assignment<E: Element>(
     [n, clicks, width, classes]: [usize; 4],
 ) -> Result<()> {
     let ld = width + 8;
-    let shared = |rows| 2 * (2 * rows + width) * ld;
-    let name = format!("assign_fused_f16_{width}");
+    let padded = |rows: usize| 2 * (2 * rows + width) * ld;
+    let wgmma_bytes = padded(128).max(2 * (128 * width + width * width + 128 * ld));
+    let wgmma = b.wgmma && width.is_multiple_of(64) && wgmma_bytes <= b.shared_memory_optin;
+    let name = format!(
+        "assign_{}_f16_{width}",
+        if wgmma { "wgmma" } else { "fused" }
+    );
     let f = b.function(MODULE, &name)?;
-    let grid = b.fused_launch(&name, &f, n, shared)?;
+    // The wgmma kernel's shared memory fits, so its blocks are the first size tried, 128 tokens.
+    let grid = b.fused_launch(
+        &name,
+        &f,
+        n,
+        |rows| {
+            if wgmma { wgmma_bytes } else { padded(rows) }
+        },
+    )?;
     let (tokens, nc, nk) = (n as i64, clicks as i64, classes as i64);
     let (heads, alpha) = (params.heads as i32, params.alpha);
     let mlp = params.label_mlp;
@@ -464,9 +480,10 @@ fn fused_label_assignment<E: Element>(
         .arg(&nk)
         .arg(&heads)
         .arg(&alpha);
-    // SAFETY: matches `assign_fused_f16_*`'s arguments in order; the storage is f16
+    // SAFETY: matches `assign_{fused,wgmma}_f16_*`'s arguments in order; the storage is f16
     // (TENSOR_CORES); every tensor's shape was checked by shapes::label_assignment, the head
-    // width is at most 64 (ASSIGN_MAX_DH), and the shared memory is AssignShared<width>::bytes.
+    // width is at most 64 (ASSIGN_MAX_DH), and the shared memory holds the kernel's AssignShared
+    // for the block's rows.
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(())
 }

@@ -84,7 +84,7 @@ pub fn mlp<E: Element>(
 const FFN_CHUNK: usize = 32;
 
 /// Bytes of dynamic shared memory `feed_forward_mma_f16_{width}` lays out (`FfnShared` in
-/// kernels/linear.cu): LN(x), two chunks of W1 and two of W2 (halves, rows padded by 8), for
+/// kernels/feed_forward.cuh): LN(x), two chunks of W1 and two of W2 (halves, rows padded by 8), for
 /// blocks of `rows` tokens (71 KB at width 128 and 128 rows: two blocks a multiprocessor).
 pub(super) fn fused_feed_forward_shared_bytes(width: usize, rows: usize) -> usize {
     let (ld, lh) = (width + 8, FFN_CHUNK + 8);
@@ -108,18 +108,40 @@ pub fn feed_forward<E: Element>(
     gemm(b, &hidden, &ffn.mlp.down, x, Epilogue::Residual)
 }
 
-/// The whole sub-layer in one launch (`feed_forward_mma_f16_{width}`): widths that are multiples
-/// of 16 up to 128, on tensor cores.
+/// Hidden units per chunk of the wgmma path (FFN_WGMMA_CHUNK), whose blocks are 128 tokens.
+const FFN_WGMMA_CHUNK: usize = 64;
+
+/// Bytes of dynamic shared memory `feed_forward_wgmma_f16_{width}` lays out (`FfnWgmmaShared`
+/// in kernels/feed_forward.cuh): LN(x) of 128 rows, two chunks of W1 and two of W2, and each
+/// warpgroup's GELU(H), all unpadded (112 KB at width 128).
+fn wgmma_feed_forward_shared_bytes(width: usize) -> usize {
+    2 * (128 * width + 4 * FFN_WGMMA_CHUNK * width + 2 * 64 * FFN_WGMMA_CHUNK)
+}
+
+/// The whole sub-layer in one launch, on tensor cores: `feed_forward_wgmma_f16_{width}` where
+/// the GPU runs the sm_90a cubins and the width is a multiple of 64 (blocks of 128 tokens), else
+/// `feed_forward_mma_f16_{width}` (widths that are multiples of 16 up to 128).
 fn fused_feed_forward<E: Element>(
     b: &CudaBackend<E>,
     x: &mut CudaTensor<E>,
     ffn: &FeedForward<CudaTensor<E>>,
     [rows, width, hidden]: [usize; 3],
 ) -> Result<()> {
-    let name = format!("feed_forward_mma_f16_{width}");
+    let wgmma = b.wgmma
+        && width.is_multiple_of(64)
+        && wgmma_feed_forward_shared_bytes(width) <= b.shared_memory_optin;
+    let name = format!(
+        "feed_forward_{}_f16_{width}",
+        if wgmma { "wgmma" } else { "mma" }
+    );
     let f = b.function(MODULE, &name)?;
+    // The wgmma path's shared memory fits, so its blocks are the first size tried, 128 tokens.
     let grid = b.fused_launch(&name, &f, rows, |block_rows| {
-        fused_feed_forward_shared_bytes(width, block_rows)
+        if wgmma {
+            wgmma_feed_forward_shared_bytes(width)
+        } else {
+            fused_feed_forward_shared_bytes(width, block_rows)
+        }
     })?;
     let (n, h) = (rows as i64, hidden as i64);
     let mut launch = b.launch_builder(&f);
@@ -134,9 +156,10 @@ fn fused_feed_forward<E: Element>(
         .arg(&ffn.mlp.down.bias.data)
         .arg(&n)
         .arg(&h);
-    // SAFETY: matches `feed_forward_mma_f16_*` (x, gamma, beta, w1, b1, w2, b2, n, hidden); the
-    // storage is f16 (TENSOR_CORES), x holds rows × width values and the weights were checked
-    // against width and hidden; the shared memory is the kernel's FfnShared<width>::bytes.
+    // SAFETY: matches `feed_forward_{mma,wgmma}_f16_*` (x, gamma, beta, w1, b1, w2, b2, n,
+    // hidden); the storage is f16 (TENSOR_CORES), x holds rows × width values and the weights
+    // were checked against width and hidden; the shared memory is the kernel's (FfnWgmmaShared,
+    // blocks of 128 tokens; FfnShared<width> for the rows chosen).
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(())
 }

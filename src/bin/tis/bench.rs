@@ -73,11 +73,14 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The device time per kernel of one run of `work`, from `runs` runs with every launch timed
-/// (None where the backend has no kernels), printed (the longest first) and as JSON.
+/// (None where the backend has no kernels), printed (the longest first) and as JSON; and what
+/// the timed runs' median (`median_ms`, without the events) spent outside the kernels: the gaps
+/// between launches, copies and host work, which a CUDA graph could shorten at most.
 fn kernel_profile<B: Backend>(
     backend: &B,
     runs: usize,
     what: &str,
+    median_ms: f64,
     work: &mut dyn FnMut() -> tis::Result<()>,
 ) -> tis::Result<serde_json::Value> {
     let Some(times) = backend.kernel_times(&mut || (0..runs).try_for_each(|_| work()))? else {
@@ -100,13 +103,22 @@ fn kernel_profile<B: Backend>(
         let ms: f64 = rest.iter().map(|t| per_run(t).1).sum();
         println!("  ({} more kernels: {ms:.3} ms)", rest.len());
     }
-    Ok(times
-        .iter()
-        .map(|t| {
-            let (launches, ms) = per_run(t);
-            json!({"kernel": t.name, "launches": launches, "ms": ms})
-        })
-        .collect())
+    println!(
+        "  outside the kernels: {:.3} ms of the median {median_ms:.3} ms ({:.1} %: gaps between launches, copies, host work)",
+        median_ms - total,
+        100.0 * (median_ms - total) / median_ms
+    );
+    Ok(json!({
+        "device_ms": total,
+        "outside_kernels_ms": median_ms - total,
+        "by_kernel": times
+            .iter()
+            .map(|t| {
+                let (launches, ms) = per_run(t);
+                json!({"kernel": t.name, "launches": launches, "ms": ms})
+            })
+            .collect::<Vec<_>>(),
+    }))
 }
 
 fn run<B: Backend>(
@@ -155,9 +167,13 @@ fn run<B: Backend>(
             percentile(times, 0.5)
         );
     }
-    let kernels = kernel_profile(backend, args.iters.min(PROFILED_RUNS), "click", &mut || {
-        bench.click().map(drop)
-    })?;
+    let kernels = kernel_profile(
+        backend,
+        args.iters.min(PROFILED_RUNS),
+        "click",
+        median,
+        &mut || bench.click().map(drop),
+    )?;
     write_report(
         args,
         device,
@@ -285,7 +301,7 @@ fn run_tile<B: Backend>(
             gflop / ms * 1e3,
         );
     }
-    let kernels = kernel_profile(&model.backend, profiled, "tile", &mut || {
+    let kernels = kernel_profile(&model.backend, profiled, "tile", median * 1e3, &mut || {
         model.network.forward(&model.backend, &tile).map(drop)
     })?;
     write_report(
