@@ -292,9 +292,12 @@ __device__ __forceinline__ void warp_tile_mma(float (&acc)[FM][NT][4], const __h
 
 // Where the 8-row group `row / 8`, core matrix `k / 8` of a block of core matrices starts, in
 // halves: 8 halves a row, groups of K_HALVES / 8 core matrices (lbo 128 bytes, sbo K_HALVES · 16
-// bytes), so that a block of rows × K_HALVES halves is dense.
+// bytes), so that a block of rows × K_HALVES halves is dense. row and k are never negative: as
+// unsigned values, their divisions and remainders are shifts and masks (signed, each took a
+// correction for negative values).
 template <int K_HALVES> __device__ __forceinline__ constexpr int core_matrix_offset(int row, int k) {
-    return row / 8 * (K_HALVES * 8) + k / 8 * 64 + row % 8 * 8 + k % 8;
+    const unsigned r = row, c = k;
+    return (int)(r / 8 * (K_HALVES * 8) + c / 8 * 64 + r % 8 * 8 + c % 8);
 }
 
 // A shared-memory operand of wgmma: its 64-bit matrix descriptor (bits 0-13 the start address,
@@ -320,29 +323,36 @@ template <int K_HALVES> __device__ __forceinline__ SharedOperand core_matrices(c
 }
 
 // dest, a block of core matrices (core_matrix_offset<K_HALVES>), = w[row0 + r][col0 + k] for
-// r < rows (a multiple of 8), k < K_HALVES, zero outside w's `height` × `width`: a weight block
-// as wgmma's B operand (its rows the products' N). All threads of the block take part. Where w's rows start
-// 16-byte aligned (width a multiple of 8), a 16-byte piece (8 values of a row) is one
-// asynchronous copy that joins the thread's current group, as in stage_weights_async; consecutive
-// threads take the 8 rows of one core matrix, so that a warp's copies land in 4 whole core
-// matrices (512 contiguous bytes, no bank conflicts). Other widths are copied value by value.
+// r < rows (a multiple of 8), k < K_HALVES, zero outside w's `height` × `width` (a weight: fewer
+// than 2³¹ values a row): a weight block as wgmma's B operand (its rows the products' N). All
+// threads of the block take part. Where w's rows start 16-byte aligned (width a multiple of 8), a
+// 16-byte piece (8 values of a row) is one asynchronous copy that joins the thread's current
+// group, as in stage_weights_async; consecutive threads take the 8 rows of one core matrix, so
+// that a warp's copies land in 4 whole core matrices (512 contiguous bytes, no bank conflicts).
+// A piece's place is worked out in 32-bit unsigned arithmetic against the rows and columns left
+// in w from (row0, col0) (the FFN stages 8 pieces a thread per chunk of hidden units). Other
+// widths are copied value by value.
 template <int K_HALVES>
 __device__ __forceinline__ void stage_core_matrices_async(__half* dest, const __half* w, int64_t height,
                                                           int64_t width, int64_t row0, int64_t col0, int rows) {
-    constexpr int PIECES = K_HALVES / 8;
-    if (width % 8 == 0 && col0 % 8 == 0 && (uintptr_t)w % 16 == 0) {
-        for (int l = threadIdx.x; l < rows * PIECES; l += blockDim.x) {
-            const int r = l / (8 * PIECES) * 8 + l % 8, k = l / 8 % PIECES * 8;
-            const bool inside = row0 + r < height && col0 + k < width;
+    constexpr unsigned PIECES = K_HALVES / 8;
+    const unsigned rows_left = (unsigned)max(min(height - row0, (int64_t)rows), (int64_t)0);
+    const unsigned cols_left = (unsigned)max(min(width - col0, (int64_t)K_HALVES), (int64_t)0);
+    const int ld = (int)width;
+    const __half* origin = rows_left && cols_left ? w + row0 * width + col0 : w;
+    if (ld % 8 == 0 && col0 % 8 == 0 && (uintptr_t)w % 16 == 0) {
+        for (unsigned l = threadIdx.x; l < rows * PIECES; l += blockDim.x) {
+            const unsigned r = l / (8 * PIECES) * 8 + l % 8, k = l / 8 % PIECES * 8;
+            const bool inside = r < rows_left && k < cols_left;
             __pipeline_memcpy_async(&dest[core_matrix_offset<K_HALVES>(r, k)],
-                                    inside ? &w[(row0 + r) * width + col0 + k] : w, 16, inside ? 0 : 16);
+                                    inside ? origin + wide_product(r, ld) + k : w, 16, inside ? 0 : 16);
         }
         return;
     }
-    for (int l = threadIdx.x; l < rows * K_HALVES; l += blockDim.x) {
-        const int r = l / K_HALVES, k = l % K_HALVES;
-        const bool inside = row0 + r < height && col0 + k < width;
-        dest[core_matrix_offset<K_HALVES>(r, k)] = inside ? w[(row0 + r) * width + col0 + k] : __float2half(0.f);
+    for (unsigned l = threadIdx.x; l < rows * K_HALVES; l += blockDim.x) {
+        const unsigned r = l / K_HALVES, k = l % K_HALVES;
+        dest[core_matrix_offset<K_HALVES>(r, k)] =
+            r < rows_left && k < cols_left ? origin[wide_product(r, ld) + k] : __float2half(0.f);
     }
 }
 
