@@ -98,7 +98,7 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
 // warpgroups of a block own 64 rows each. LN(x) goes into shared memory as wgmma's core matrices
 // (K = D); the hidden layer goes FFN_WGMMA_CHUNK units at a time, each chunk of W1 (64 × D) and
 // W2 (D × 64) staged as core matrices, double-buffered as above. Per chunk a warpgroup's
-// H = LN(x)·W1ᵀ is D/16 wgmma of 64 × 64 × 16 into registers (b1 there from the start); b1 + GELU
+// H = LN(x)·W1ᵀ is D/16 wgmma of 64 × 64 × 16 into registers (b1 there from the start); GELU
 // applied there, H goes as f16 core matrices into the warpgroup's own 8 KB of shared memory (the
 // A operand of the next product: wgmma reads A from shared memory or from registers, and
 // shared memory is the form the CUDA emulator checks), and Y += GELU(H)·W2ᵀ is 4 · D/64 wgmma of
@@ -118,7 +118,6 @@ template <int D> struct FfnWgmmaShared {
     static constexpr int w1 = normed + ROWS * D * 2;      // W1 chunks: 2 × CH × D, along D
     static constexpr int w2 = w1 + 2 * W1_HALVES * 2;     // W2 chunks: 2 × D × CH, along CH
     static constexpr int h = w2 + 2 * W2_HALVES * 2;      // GELU(H) of each warpgroup: 2 × 64 × CH
-    static constexpr int bytes = h + 2 * H_HALVES * 2;
 };
 
 #ifdef TIS_WGMMA
