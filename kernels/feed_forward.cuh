@@ -101,8 +101,9 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
 // H = LN(x)·W1ᵀ is D/16 wgmma of 64 × 64 × 16 into registers (b1 there from the start); GELU
 // applied there, H goes as f16 core matrices into the warpgroup's own 8 KB of shared memory (the
 // A operand of the next product: wgmma reads A from shared memory or from registers, and
-// shared memory is the form the CUDA emulator checks), and Y += GELU(H)·W2ᵀ is 4 · D/64 wgmma of
-// 64 × 64 × 16, Y (64 × D, D/2 f32 a thread) staying in registers until the residual. The
+// shared memory is the form the CUDA emulator checks), and Y += GELU(H)·W2ᵀ is 4 wgmma of
+// 64 × D × 16 (two of 64 × 64 × 16 each at D 64; warpgroup_product), Y (64 × D, D/2 f32 a
+// thread) staying in registers until the residual. The
 // accumulators of warp w of a warpgroup are its rows 16w to 16w + 15 as mma.sync's C tiles
 // (mma.cuh), so the bias, GELU and residual code is the mma.sync path's. Each product is waited
 // for at once; the two blocks a multiprocessor takes (112 KB of shared memory each at D 128) fill

@@ -405,7 +405,15 @@ TIS_WGMMA_SS(64, TIS_REGISTERS_16 ", %16, %17, %18, %19, %20, %21, %22, %23, %24
              "32", "33", "34", TIS_TILE_OPERANDS(0), TIS_TILE_OPERANDS(1), TIS_TILE_OPERANDS(2),
              TIS_TILE_OPERANDS(3), TIS_TILE_OPERANDS(4), TIS_TILE_OPERANDS(5), TIS_TILE_OPERANDS(6),
              TIS_TILE_OPERANDS(7))
+#define TIS_REGISTERS_32 TIS_REGISTERS_16 ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+TIS_WGMMA_SS(128, TIS_REGISTERS_32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63",
+             "64", "65", "66", TIS_TILE_OPERANDS(0), TIS_TILE_OPERANDS(1), TIS_TILE_OPERANDS(2),
+             TIS_TILE_OPERANDS(3), TIS_TILE_OPERANDS(4), TIS_TILE_OPERANDS(5), TIS_TILE_OPERANDS(6),
+             TIS_TILE_OPERANDS(7), TIS_TILE_OPERANDS(8), TIS_TILE_OPERANDS(9), TIS_TILE_OPERANDS(10),
+             TIS_TILE_OPERANDS(11), TIS_TILE_OPERANDS(12), TIS_TILE_OPERANDS(13), TIS_TILE_OPERANDS(14),
+             TIS_TILE_OPERANDS(15))
 #undef TIS_WGMMA_SS
+#undef TIS_REGISTERS_32
 #undef TIS_REGISTERS_16
 #undef TIS_TILE_OPERANDS
 #else
@@ -420,20 +428,24 @@ __device__ void wgmma_ss(float (&d)[N / 8][4], const SharedOperand& a, const Sha
 #endif
 
 // acc += the warpgroup's 64 × N product of A (its 64 rows × K, core matrices along K at `a`) by
-// Wᵀ (W N × K, core matrices along K at `w`), N a multiple of 64: K/16 · N/64 wgmma of
-// 64 × 64 × 16, waited for. acc is the calling warp's share: its 16 rows of the 64 as N/8 C tiles.
+// Wᵀ (W N × K, core matrices along K at `w`), N a multiple of 64: K/16 wgmma of 64 × 128 × 16
+// where N comes in 128s, else of 64 × 64 × 16 (a wider product reads its A once for more
+// columns: wgmma's operands come from shared memory, whose 128 bytes a cycle a multiprocessor
+// are about what 64 × 64 × 16 products at the tensor cores' rate read), waited for. acc is the
+// calling warp's share: its 16 rows of the 64 as N/8 C tiles.
 template <int N, int K>
 __device__ __forceinline__ void warpgroup_product(float (&acc)[N / 8][4], const SharedOperand& a,
                                                   const SharedOperand& w) {
     static_assert(N % 64 == 0 && K % 16 == 0, "whole 64 × 64 × 16 products");
+    constexpr int PIECE = N % 128 == 0 ? 128 : 64;
     wgmma_fence_operands(acc);
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < K; k += 16)
 #pragma unroll
-        for (int p = 0; p < N / 64; ++p)
-            wgmma_ss<64>(*reinterpret_cast<float(*)[8][4]>(&acc[8 * p]), a.at(core_matrix_offset<K>(0, k)),
-                         w.at(core_matrix_offset<K>(64 * p, k)), true);
+        for (int p = 0; p < N / PIECE; ++p)
+            wgmma_ss<PIECE>(*reinterpret_cast<float(*)[PIECE / 8][4]>(&acc[PIECE / 8 * p]),
+                            a.at(core_matrix_offset<K>(0, k)), w.at(core_matrix_offset<K>(PIECE * p, k)), true);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(acc);
