@@ -34,7 +34,7 @@
 // D = 128 and 128 rows, two blocks a multiprocessor (registers are held to 128 a thread).
 // `assign_wgmma_f16_{64,128}` is the same sub-layer for sm_90a, its three D × D products as
 // warpgroup products (wgmma, 64 rows a warpgroup, the operand and the weights as core matrices):
-// mma.sync feeds an H100's tensor cores at about half their rate, and these products are a
+// mma.sync reaches about half of an H100's dense f16 rate, and these products are a
 // quarter of a click's FLOPs (0.9 of 3.8 TFLOP for TIS-B at 96×128×128).
 //
 // `attention_small`: plain attention among the clicks, one block per (query, head).

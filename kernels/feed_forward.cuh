@@ -93,8 +93,8 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
 }
 
 // With wgmma (sm_90a, widths that are multiples of 64, blocks of 128 tokens), the same sub-layer
-// as warpgroup products, which mma.sync cannot keep an H100's tensor cores busy enough for (about
-// half their rate where nothing else runs; the FFN is two thirds of a click's FLOPs). The two
+// as warpgroup products: mma.sync reaches about half of an H100's dense f16 rate (public
+// microbenchmarks; the full rate takes wgmma), and the FFN is two thirds of a click's FLOPs. The two
 // warpgroups of a block own 64 rows each. LN(x) goes into shared memory as wgmma's core matrices
 // (K = D); the hidden layer goes FFN_WGMMA_CHUNK units at a time, each chunk of W1 (64 × D) and
 // W2 (D × 64) staged as core matrices, double-buffered as above. Per chunk a warpgroup's
