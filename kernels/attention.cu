@@ -593,6 +593,7 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
     const int64_t row0 = (int64_t)blockIdx.x * rows;
     const int r0 = 16 * (threadIdx.x / 32), lane = threadIdx.x % 32;
     float acc[D / 8][4];  // the warp's 16 rows of each projection, C tiles (mma.cuh)
+    const auto at = [](int r, int f) { return L::at(r, f); };
     auto stage = [&](const __half* weights) {
         if constexpr (WGMMA) stage_core_matrices_async<D>(w, weights, D, D, 0, 0, D);
         else stage_weights_async(w, L::LD, weights, D, D, 0, 0, D, D);
@@ -617,7 +618,7 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
 
     // Q = LN_q(x)·Wqᵀ + bq, Wq's copies flying while LN_q(x) is computed.
     stage(wq);
-    layer_norm_rows_at<D>(operand, [](int r, int f) { return L::at(r, f); }, x, gamma, beta, n, row0, rows);
+    layer_norm_rows_at<D>(operand, at, x, gamma, beta, n, row0, rows);
     staged();
     project(bq);
     store_tiles<D>(q + r0 * L::LD, L::LD, acc);
@@ -640,7 +641,7 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
             }
 #pragma unroll
             for (int r = 0; r < 8; ++r)
-                operand[L::at(r8 + r, c)] = __float2half_rn(row0 + r8 + r < n ? gelu_fast(hidden[r]) : 0.f);
+                operand[at(r8 + r, c)] = __float2half_rn(row0 + r8 + r < n ? gelu_fast(hidden[r]) : 0.f);
         }
     }
     staged();
@@ -650,7 +651,7 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
     project(b_down);
     if constexpr (WGMMA) __syncthreads();
     else __syncwarp();
-    store_tiles_at<D>(operand, [](int r, int f) { return L::at(r, f); }, r0, acc);
+    store_tiles_at<D>(operand, at, r0, acc);
     __syncthreads();  // every warp is done with W_down
     // W_out flies in while the clicks' labels are copied and mixed.
     stage(w_out);
@@ -663,7 +664,7 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
     for (int h = 0; h < heads; ++h)
         copy_click_labels_mma<MAX_DH>(q + r0 * L::LD + h * dh, L::LD, keys + h * dh, values + h * dh, (int)clicks, D,
                                       dh, [&](int r, int e, float copied) {
-                                          __half* mix = &operand[L::at(r0 + r, h * dh + e)];
+                                          __half* mix = &operand[at(r0 + r, h * dh + e)];
                                           const float auto_embedding = __half2float(*mix);
                                           *mix = __float2half_rn(row0 + r0 + r < n
                                                                      ? (1.f - alpha) * copied + alpha * auto_embedding

@@ -440,21 +440,13 @@ fn fused_label_assignment<E: Element>(
 ) -> Result<()> {
     let ld = width + 8;
     let padded = |rows: usize| 2 * (2 * rows + width) * ld;
-    let wgmma_bytes = padded(128).max(2 * (128 * width + width * width + 128 * ld));
-    let wgmma = b.wgmma && width.is_multiple_of(64) && wgmma_bytes <= b.shared_memory_optin;
-    let name = format!(
-        "assign_{}_f16_{width}",
-        if wgmma { "wgmma" } else { "fused" }
-    );
-    let f = b.function(MODULE, &name)?;
-    // The wgmma kernel's shared memory fits, so its blocks are the first size tried, 128 tokens.
-    let grid = b.fused_launch(
-        &name,
-        &f,
+    let (f, grid) = b.fused_head_kernel(
+        MODULE,
+        ["assign_fused", "assign_wgmma"],
+        width,
         n,
-        |rows| {
-            if wgmma { wgmma_bytes } else { padded(rows) }
-        },
+        padded(128).max(2 * (128 * width + width * width + 128 * ld)),
+        padded,
     )?;
     let (tokens, nc, nk) = (n as i64, clicks as i64, classes as i64);
     let (heads, alpha) = (params.heads as i32, params.alpha);

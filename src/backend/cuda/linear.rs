@@ -127,22 +127,14 @@ fn fused_feed_forward<E: Element>(
     ffn: &FeedForward<CudaTensor<E>>,
     [rows, width, hidden]: [usize; 3],
 ) -> Result<()> {
-    let wgmma = b.wgmma
-        && width.is_multiple_of(64)
-        && wgmma_feed_forward_shared_bytes(width) <= b.shared_memory_optin;
-    let name = format!(
-        "feed_forward_{}_f16_{width}",
-        if wgmma { "wgmma" } else { "mma" }
-    );
-    let f = b.function(MODULE, &name)?;
-    // The wgmma path's shared memory fits, so its blocks are the first size tried, 128 tokens.
-    let grid = b.fused_launch(&name, &f, rows, |block_rows| {
-        if wgmma {
-            wgmma_feed_forward_shared_bytes(width)
-        } else {
-            fused_feed_forward_shared_bytes(width, block_rows)
-        }
-    })?;
+    let (f, grid) = b.fused_head_kernel(
+        MODULE,
+        ["feed_forward_mma", "feed_forward_wgmma"],
+        width,
+        rows,
+        wgmma_feed_forward_shared_bytes(width),
+        |block_rows| fused_feed_forward_shared_bytes(width, block_rows),
+    )?;
     let (n, h) = (rows as i64, hidden as i64);
     let mut launch = b.launch_builder(&f);
     launch

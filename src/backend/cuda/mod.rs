@@ -465,6 +465,30 @@ impl<E: Element> CudaBackend<E> {
         })
     }
 
+    /// A fused head kernel with a wgmma twin and its launch over `tokens` tokens:
+    /// `{wgmma}_f16_{width}` where the GPU runs the sm_90a cubins, the width is a multiple of 64
+    /// and its `wgmma_shared` bytes fit (then its blocks are the first of FUSED_ROWS, 128 tokens,
+    /// as the kernel expects), else `{mma}_f16_{width}` in blocks of the first FUSED_ROWS whose
+    /// `shared(rows)` bytes fit.
+    fn fused_head_kernel(
+        &self,
+        module: &'static str,
+        [mma, wgmma]: [&str; 2],
+        width: usize,
+        tokens: usize,
+        wgmma_shared: usize,
+        shared: impl Fn(usize) -> usize,
+    ) -> Result<(Kernel, LaunchConfig)> {
+        let on_wgmma =
+            self.wgmma && width.is_multiple_of(64) && wgmma_shared <= self.shared_memory_optin;
+        let name = format!("{}_f16_{width}", if on_wgmma { wgmma } else { mma });
+        let function = self.function(module, &name)?;
+        let grid = self.fused_launch(&name, &function, tokens, |rows| {
+            if on_wgmma { wgmma_shared } else { shared(rows) }
+        })?;
+        Ok((function, grid))
+    }
+
     /// Allows `function` up to `bytes` of dynamic shared memory.
     fn allow_shared_memory(&self, function: &Kernel, bytes: usize) -> Result<()> {
         function
