@@ -76,7 +76,7 @@ fn volume_phases(c: &mut Criterion) {
         b.iter(|| black_box(preprocess(&image, spacing, &model.info).unwrap()))
     });
     group.bench_function("export", |b| {
-        b.iter(|| black_box(export_segmentation(&logits, &pre, &model.info).unwrap()))
+        b.iter(|| black_box(export_segmentation(&CpuBackend, &logits, &pre, &model.info).unwrap()))
     });
     group.finish();
 }

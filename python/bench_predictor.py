@@ -192,7 +192,9 @@ def run_tis(tis, bundle, image, output, threads, device="cpu", timeout=None):
     wall = time.perf_counter() - start
     report = json.loads(done.stdout)
     times = report["seconds"]
-    # The process's own wall time also counts reading the model, the image and writing the file.
+    # Its phases count what nnU-Net's do (preprocessing reads the image, export writes the
+    # segmentation); the process's own wall time also counts loading the model and starting the
+    # device (the image is read meanwhile).
     times["process"] = wall
     return times, report["grid"]
 
@@ -320,7 +322,7 @@ def print_report(report):
         cells = ("" if times is None or phase not in times else f"{times[phase]:.2f} s" for _, times in columns)
         print(f"{phase:<16}" + "".join(f"{cell:>12}" for cell in cells))
     if tis:
-        print(f"{'tis process':<16}{tis['process']:>10.2f} s   (the command's wall time: model, image, output file included)")
+        print(f"{'tis process':<16}{tis['process']:>10.2f} s   (the command's wall time: model load and device start-up included)")
     else:
         print(f"tis segment: {engines['tis']}")
     if not nnunet:

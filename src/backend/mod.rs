@@ -283,6 +283,9 @@ pub trait Backend: Send + Sync {
     fn softmax_channels(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// Index of the largest channel per voxel, ties to the lower index.
     fn argmax_channels(&self, x: &Self::Tensor) -> Result<Vec<Label>>;
+    /// `argmax_channels` of x's values rounded to f16: nnU-Net's export takes the argmax of f16
+    /// logits, so values that round to the same f16 tie, and the lower channel wins.
+    fn argmax_channels_f16(&self, x: &Self::Tensor) -> Result<Vec<Label>>;
 
     // ---- TIS head: tokens N × width ------------------------------------------------------
 

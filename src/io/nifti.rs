@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array3, ShapeBuilder};
 use nifti::writer::WriterOptions;
 use nifti::{InMemNiftiVolume, IntoNdArray, NiftiHeader, NiftiObject, ReaderOptions};
+use rayon::prelude::*;
 
 use super::replace_atomically;
 use crate::error::{Error, Result};
@@ -143,11 +144,12 @@ pub fn read_image(path: &Path) -> Result<Image> {
     if !header.scl_slope.is_finite() || header.scl_slope == 0.0 {
         header.scl_slope = 0.0; // no scaling, as ITK reads it
     }
-    let volume = InMemNiftiVolume::from_raw_data(&header, object.into_volume().into_raw_data())
-        .and_then(|v| v.into_ndarray::<f32>())
-        .map_err(|e| image_err(path, format!("cannot decode the voxels ({e})")))?;
-    // The array is F-ordered [x, y, z]: its buffer is already C order (z, y, x).
-    let (data, _) = volume.into_raw_vec_and_offset();
+    let data = voxels_as_f32(
+        path,
+        &header,
+        &object.into_volume().into_raw_data(),
+        [nx, ny, nz],
+    )?;
     let spacing = [header.pixdim[3], header.pixdim[2], header.pixdim[1]].map(|s| s.abs() as f64);
     Ok(Image {
         path: path.to_path_buf(),
@@ -155,6 +157,57 @@ pub fn read_image(path: &Path) -> Result<Image> {
         voxels: Tensor::new(vec![1, nz, ny, nx], data)?,
         spacing,
     })
+}
+
+/// z slices converted together by one task of `voxels_as_f32`.
+const SLAB_SLICES: usize = 4;
+
+/// The raw voxels (x fastest) as f32 in C order (z, y, x), scaled by the header's scl_slope and
+/// scl_inter exactly as the nifti crate's `into_ndarray` scales them, since that is what converts
+/// each slab of `SLAB_SLICES` slices; the slabs in parallel. `into_ndarray` alone converts one
+/// value at a time on one thread: 75 ms of a 96 × 512 × 512 CT's read, next to the 190 ms of
+/// inflating it.
+fn voxels_as_f32(
+    path: &Path,
+    header: &NiftiHeader,
+    raw: &[u8],
+    [nx, ny, nz]: [usize; 3],
+) -> Result<Vec<f32>> {
+    let datatype = header.data_type().map_err(|e| unreadable(path, e))?;
+    let slice_voxels = nx * ny;
+    let slice_bytes = slice_voxels * datatype.size_of();
+    if raw.len() != nz * slice_bytes {
+        return Err(image_err(
+            path,
+            format!(
+                "cannot decode the voxels: {} bytes where {nx} × {ny} × {nz} voxels of {datatype:?} take {}",
+                raw.len(),
+                nz * slice_bytes
+            ),
+        ));
+    }
+    let mut data = vec![0f32; nz * slice_voxels];
+    data.par_chunks_mut(SLAB_SLICES * slice_voxels)
+        .zip(raw.par_chunks(SLAB_SLICES * slice_bytes))
+        .try_for_each(|(values, bytes)| {
+            let mut dim = [1; 8];
+            dim[..3].copy_from_slice(&[3, nx as u16, ny as u16]);
+            dim[3] = (values.len() / slice_voxels) as u16;
+            let slab = InMemNiftiVolume::from_raw_fields(
+                dim,
+                datatype,
+                header.scl_slope,
+                header.scl_inter,
+                bytes.to_vec(),
+                header.endianness,
+            )
+            .and_then(|v| v.into_ndarray::<f32>())
+            .map_err(|e| image_err(path, format!("cannot decode the voxels ({e})")))?;
+            // The array is F-ordered [x, y, z]: its buffer is already C order (z, y, x).
+            values.copy_from_slice(&slab.into_raw_vec_and_offset().0);
+            Ok(())
+        })?;
+    Ok(data)
 }
 
 /// Writes a label map (Z × Y × X, C order) with `reference`'s geometry, as uint8 when every label

@@ -52,8 +52,7 @@ impl<'m, B: Backend> ImageSession<'m, B> {
             Outputs::LogitsAndFeatures,
             progress,
         )?;
-        let logits = model.backend.download(&encoded.logits)?;
-        let auto_labels = export_segmentation(&logits, &pre, &model.info)?;
+        let auto_labels = export_segmentation(&model.backend, &encoded.logits, &pre, &model.info)?;
         let s = image.shape();
         Ok(ImageSession {
             image_shape: [s[1], s[2], s[3]],

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, BackendTensor};
 use crate::error::{Error, Result};
 use crate::geometry::Label;
 use crate::model::{Model, ModelInfo};
@@ -25,8 +25,6 @@ use crate::tensor::Tensor;
 /// An image's automatic segmentation and what led to it.
 pub struct Prediction {
     pub pre: Preprocessed,
-    /// Logits on the grid (K × grid), averaged over the ensemble.
-    pub logits: Tensor,
     /// The segmentation in the image's geometry (file C order, z y x).
     pub labels: Vec<Label>,
     /// Wall time of each phase, in seconds.
@@ -64,21 +62,24 @@ fn check_ensemble<B: Backend>(models: &[&Model<B>]) -> Result<()> {
     Ok(())
 }
 
-/// nnU-Net's `convert_predicted_logits_to_segmentation_with_correct_shape`.
-pub fn export_segmentation(
-    logits: &Tensor,
+/// nnU-Net's `convert_predicted_logits_to_segmentation_with_correct_shape`, of logits (K × grid)
+/// held by `backend`.
+pub fn export_segmentation<B: Backend>(
+    backend: &B,
+    logits: &B::Tensor,
     pre: &Preprocessed,
     info: &ModelInfo,
 ) -> Result<Vec<Label>> {
     // The argmax rounds to f16 as it compares. On a grid of the cropped image's shape,
-    // resampling back is the identity: the logits go straight to it.
+    // resampling back is the identity: the argmax is taken where the logits lie (from a GPU,
+    // only the labels come down).
     let labels = if logits.shape()[1..] == pre.crop.size {
-        CpuBackend.argmax_channels_f16(logits)?
+        backend.argmax_channels_f16(logits)?
     } else {
         let resampling =
             Resampling::from_plans(&info.configuration.raw, "resampling_fn_probabilities")?;
         let back = resampling.apply(
-            &CpuBackend.round_to_f16(logits),
+            &CpuBackend.round_to_f16(&backend.download(logits)?),
             pre.crop.size,
             pre.target_spacing,
             pre.spacing,
@@ -108,30 +109,35 @@ pub fn predict<B: Backend>(
     };
     let pre = preprocess(image, spacing, info)?;
     seconds.preprocessing = lap();
-    let mut sum: Option<Tensor> = None;
-    for model in models {
+    let labels = if let [model] = models {
         let encoded = encode(model, &pre.volume, options, Outputs::Logits, progress)?;
-        let logits = model.backend.download(&encoded.logits)?;
-        match &mut sum {
-            None => sum = Some(logits),
-            Some(acc) => acc
-                .data_mut()
-                .par_iter_mut()
-                .zip(logits.data())
-                .for_each(|(a, b)| *a += b),
+        model.backend.synchronize()?;
+        seconds.sliding_window = lap();
+        export_segmentation(&model.backend, &encoded.logits, &pre, info)?
+    } else {
+        // The ensemble's logits are averaged on the host, in f32.
+        let mut sum: Option<Tensor> = None;
+        for model in models {
+            let encoded = encode(model, &pre.volume, options, Outputs::Logits, progress)?;
+            let logits = model.backend.download(&encoded.logits)?;
+            match &mut sum {
+                None => sum = Some(logits),
+                Some(acc) => acc
+                    .data_mut()
+                    .par_iter_mut()
+                    .zip(logits.data())
+                    .for_each(|(a, b)| *a += b),
+            }
         }
-    }
-    let mut logits = sum.expect("at least one model");
-    if models.len() > 1 {
+        let mut sum = sum.expect("an ensemble has models");
         let n = models.len() as f32;
-        logits.data_mut().par_iter_mut().for_each(|v| *v /= n);
-    }
-    seconds.sliding_window = lap();
-    let labels = export_segmentation(&logits, &pre, info)?;
+        sum.data_mut().par_iter_mut().for_each(|v| *v /= n);
+        seconds.sliding_window = lap();
+        export_segmentation(&CpuBackend, &sum, &pre, info)?
+    };
     seconds.export = lap();
     Ok(Prediction {
         pre,
-        logits,
         labels,
         seconds,
     })

@@ -35,13 +35,6 @@ use crate::tensor::Tensor;
 pub struct CpuBackend;
 
 impl CpuBackend {
-    /// `argmax_channels` of x's values rounded to f16, without a rounded copy: nnU-Net's export
-    /// takes the argmax of f16 logits, so values that round to the same f16 tie, and the first
-    /// channel wins.
-    pub fn argmax_channels_f16(&self, x: &Tensor) -> Result<Vec<Label>> {
-        volume::argmax_channels_with(x, volume::round_to_f16)
-    }
-
     /// x's values rounded to f16 and back (vectorised, in parallel blocks).
     pub fn round_to_f16(&self, x: &Tensor) -> Tensor {
         let mut out = vec![0f32; x.data().len()];
@@ -152,6 +145,11 @@ impl Backend for CpuBackend {
 
     fn argmax_channels(&self, x: &Tensor) -> Result<Vec<Label>> {
         volume::argmax_channels(x)
+    }
+
+    /// Rounds a block at a time inside the argmax, without a rounded copy.
+    fn argmax_channels_f16(&self, x: &Tensor) -> Result<Vec<Label>> {
+        volume::argmax_channels_with(x, volume::round_to_f16)
     }
 
     fn region_tokens(&self, volume: &Tensor, region: &Region) -> Result<Tensor> {

@@ -31,6 +31,7 @@ use cudarc::nvrtc::Ptx;
 use half::f16;
 use rayon::prelude::*;
 
+use crate::backend::cpu::CpuBackend;
 use crate::backend::{
     Backend, BackendTensor, ClickUpdate, Conv3d, ConvTranspose3d, FeedForward, InstanceNorm,
     KernelTime, LabelAssignment, LayerNorm, Linear, Mlp,
@@ -711,6 +712,16 @@ impl<E: Element> Backend for CudaBackend<E> {
 
     fn argmax_channels(&self, x: &CudaTensor<E>) -> Result<Vec<Label>> {
         volume::argmax_channels(self, x)
+    }
+
+    /// On the GPU where x is stored in f16 (only the labels come down); f32 storage is rounded
+    /// on the host.
+    fn argmax_channels_f16(&self, x: &CudaTensor<E>) -> Result<Vec<Label>> {
+        if std::any::TypeId::of::<E>() == std::any::TypeId::of::<f16>() {
+            self.argmax_channels(x)
+        } else {
+            CpuBackend.argmax_channels_f16(&self.download(x)?)
+        }
     }
 
     fn input_tokens(

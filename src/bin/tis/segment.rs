@@ -2,6 +2,7 @@
 //! folds, written in the image's geometry.
 
 use std::path::{Path, PathBuf};
+use std::thread::ScopedJoinHandle;
 use std::time::Instant;
 
 use clap::Args;
@@ -78,7 +79,13 @@ pub fn read_channels(paths: &[PathBuf]) -> tis::Result<(Tensor, Image)> {
     ))
 }
 
-fn run<B: Backend + Clone>(backend: B, args: &SegmentArgs) -> tis::Result<()> {
+/// The image's channels and the seconds it took to read them.
+type Reading = tis::Result<((Tensor, Image), f64)>;
+
+fn run<B: Backend + Clone>(
+    backend: B,
+    (args, reading): (&SegmentArgs, ScopedJoinHandle<Reading>),
+) -> tis::Result<()> {
     let models = if args.model.is_empty() {
         vec![Model::default_model(backend)?]
     } else {
@@ -87,9 +94,10 @@ fn run<B: Backend + Clone>(backend: B, args: &SegmentArgs) -> tis::Result<()> {
             .map(|p| Model::load(p, backend.clone()))
             .collect::<tis::Result<Vec<_>>>()?
     };
-    let (volume, image) = read_channels(&args.images)?;
+    let ((volume, image), reading) = reading
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
     let (bar, mut progress) = crate::tile_progress("segmenting");
-    let started = Instant::now();
     let options = SessionOptions {
         step: args.step,
         mirror: !args.no_mirror,
@@ -97,15 +105,21 @@ fn run<B: Backend + Clone>(backend: B, args: &SegmentArgs) -> tis::Result<()> {
     let refs: Vec<&Model<B>> = models.iter().collect();
     let prediction = predict(&refs, &volume, image.spacing, &options, &mut progress)?;
     bar.finish_and_clear();
+    let started = Instant::now();
     write_labels(
         &args.output,
         &prediction.labels,
         image.shape(),
         &image.header,
     )?;
-    let total = started.elapsed().as_secs_f64();
+    let writing = started.elapsed().as_secs_f64();
+    // The phases as nnU-Net's predictor has them (python/bench_predictor.py times those): its
+    // preprocessing reads the image and its export writes the segmentation.
+    let seconds = prediction.seconds;
+    let preprocessing = reading + seconds.preprocessing;
+    let export = seconds.export + writing;
+    let total = preprocessing + seconds.sliding_window + export;
     if args.json {
-        let seconds = prediction.seconds;
         let report = json!({
             "image": args.images[0],
             "image_shape": image.shape(),
@@ -113,10 +127,12 @@ fn run<B: Backend + Clone>(backend: B, args: &SegmentArgs) -> tis::Result<()> {
             "models": models.len(),
             "output": args.output,
             "seconds": {
-                "preprocessing": seconds.preprocessing,
+                "preprocessing": preprocessing,
                 "sliding window": seconds.sliding_window,
-                "export": seconds.export,
+                "export": export,
                 "total": total,
+                "reading the image": reading,
+                "writing the segmentation": writing,
             },
         });
         println!(
@@ -125,11 +141,12 @@ fn run<B: Backend + Clone>(backend: B, args: &SegmentArgs) -> tis::Result<()> {
         );
     } else {
         println!(
-            "segmented {} ({:?} voxels, grid {:?}, {} model(s)) in {total:.2} s → {}",
+            "segmented {} ({:?} voxels, grid {:?}, {} model(s)) in {total:.2} s (reading and preprocessing {preprocessing:.2} s, sliding window {:.2} s, export and writing {export:.2} s) → {}",
             args.images[0].display(),
             image.shape(),
             prediction.pre.grid(),
             models.len(),
+            seconds.sliding_window,
             args.output.display()
         );
     }
@@ -137,5 +154,12 @@ fn run<B: Backend + Clone>(backend: B, args: &SegmentArgs) -> tis::Result<()> {
 }
 
 pub fn run_command(args: &SegmentArgs) -> tis::Result<()> {
-    crate::on_device!(args.device, run, args)
+    // The image is read while the device starts and the models load.
+    std::thread::scope(|scope| {
+        let reading = scope.spawn(|| {
+            let started = Instant::now();
+            read_channels(&args.images).map(|read| (read, started.elapsed().as_secs_f64()))
+        });
+        crate::on_device!(args.device, run, (args, reading))
+    })
 }
