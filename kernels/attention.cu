@@ -595,7 +595,7 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
     float acc[D / 8][4];  // the warp's 16 rows of each projection, C tiles (mma.cuh)
     const auto at = [](int r, int f) { return L::at(r, f); };
     auto stage = [&](const __half* weights) {
-        if constexpr (WGMMA) stage_core_matrices_async<D>(w, weights, D, D, 0, 0, D);
+        if constexpr (WGMMA) stage_core_matrices_async<D, D, FUSED_MAX_THREADS>(w, weights, D, D, 0, 0);
         else stage_weights_async(w, L::LD, weights, D, D, 0, 0, D, D);
         __pipeline_commit();
     };

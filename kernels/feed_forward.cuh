@@ -135,8 +135,8 @@ __device__ void feed_forward_wgmma(__half* x, const __half* gamma, const __half*
     const int64_t row0 = (int64_t)blockIdx.x * L::ROWS;
     // Copies chunk c0's W1 and W2 blocks into buffer `buffer` as one group of cp.async copies.
     auto prefetch = [&](int64_t c0, int buffer) {
-        stage_core_matrices_async<D>(w1s + buffer * L::W1_HALVES, w1, hidden, D, c0, 0, CH);
-        stage_core_matrices_async<CH>(w2s + buffer * L::W2_HALVES, w2, D, hidden, 0, c0, D);
+        stage_core_matrices_async<D, CH, FUSED_MAX_THREADS>(w1s + buffer * L::W1_HALVES, w1, hidden, D, c0, 0);
+        stage_core_matrices_async<CH, D, FUSED_MAX_THREADS>(w2s + buffer * L::W2_HALVES, w2, D, hidden, 0, c0);
         __pipeline_commit();
     };
     prefetch(0, 0);
@@ -156,13 +156,7 @@ __device__ void feed_forward_wgmma(__half* x, const __half* gamma, const __half*
         __syncthreads();  // every thread's copies of this chunk (and, at first, LN(x)) are visible
 
         float h[CH / 8][4];  // H, b1 added from the start; units past `hidden` have zero weights
-#pragma unroll
-        for (int j = 0; j < CH / 8; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int64_t unit = c0 + 8 * j + 2 * t + i % 2;
-                h[j][i] = unit < hidden ? __half2float(b1[unit]) : 0.f;
-            }
+        fill_tiles_with_bias<CH>(h, b1 + c0, hidden - c0);
         warpgroup_product<CH, D>(h, normed_rows, core_matrices<D>(w1s + buffer * L::W1_HALVES));
         // GELU(H) as f16 into the warpgroup's A operand: each lane its column pairs of rows r and
         // r + 8 of every C tile, 4 bytes a store (a warp's store fills one core matrix).

@@ -309,9 +309,17 @@ template <int K_HALVES> __device__ __forceinline__ constexpr int core_matrix_off
 struct SharedOperand {
     uint64_t descriptor;
     const __half* start;
-    // The operand `halves` further on (a multiple of 8: the address bits count 16 bytes).
+    // The operand `halves` further on (a multiple of 8: the address bits count 16 bytes). The
+    // addition is to the low 32 bits alone: a shared-memory address fits its 14 bits, so nothing
+    // carries out of them, and the high half (sbo) stays the constant it was made with. Where the
+    // descriptor is per thread (the FFN's A operands: each warpgroup its own rows) that is one
+    // 32-bit addition a wgmma and not a 64-bit one with its moves, and the FFN's wgmma kernel fits
+    // its 128 registers (with the 64-bit addition it spilled 156 bytes); where it is uniform (the
+    // implicit GEMM's) it costs one move of the constant high half a wgmma more than a 64-bit
+    // uniform addition did (about 8 instructions a K step of 270 to 330).
     __device__ __forceinline__ SharedOperand at(int halves) const {
-        return SharedOperand{descriptor + (uint64_t)(halves / 8), start + halves};
+        const uint32_t low = (uint32_t)descriptor + (uint32_t)halves / 8;
+        return SharedOperand{descriptor >> 32 << 32 | low, start + halves};
     }
 };
 
@@ -323,33 +331,46 @@ template <int K_HALVES> __device__ __forceinline__ SharedOperand core_matrices(c
 }
 
 // dest, a block of core matrices (core_matrix_offset<K_HALVES>), = w[row0 + r][col0 + k] for
-// r < rows (a multiple of 8), k < K_HALVES, zero outside w's `height` × `width` (a weight: fewer
-// than 2³¹ values a row): a weight block as wgmma's B operand (its rows the products' N). All
-// threads of the block take part. Where w's rows start 16-byte aligned (width a multiple of 8), a
-// 16-byte piece (8 values of a row) is one asynchronous copy that joins the thread's current
-// group, as in stage_weights_async; consecutive threads take the 8 rows of one core matrix, so
-// that a warp's copies land in 4 whole core matrices (512 contiguous bytes, no bank conflicts).
-// A piece's place is worked out in 32-bit unsigned arithmetic against the rows and columns left
-// in w from (row0, col0) (the FFN stages 8 pieces a thread per chunk of hidden units). Other
-// widths are copied value by value.
-template <int K_HALVES>
+// r < ROWS (a multiple of 8), k < K_HALVES, zero outside w's `height` × `width` (a weight: fewer
+// than 2³¹ values a row): a weight block as wgmma's B operand (its rows the products' N). The
+// block's THREADS threads all take part. Where w's rows start 16-byte aligned (width a multiple
+// of 8), a 16-byte piece (8 values of a row) is one asynchronous copy that joins the thread's
+// current group, as in stage_weights_async; consecutive threads take the 8 rows of one core
+// matrix, so that a warp's copies land in 4 whole core matrices (512 contiguous bytes, no bank
+// conflicts). A thread's pieces are then THREADS / (K_HALVES / 8) rows apart in the same column
+// (16 and 32 in the FFN's chunks at width 128), so their source and destination move by
+// constant steps: its first piece's place is worked out once, each further piece costs its
+// copy, a bounds check and an addition (the FFN stages 8 pieces a thread per chunk of hidden
+// units; worked out piece by piece in a loop over blockDim.x, each took about 30 instructions
+// in the sm_90a SASS). Other widths are copied value by value.
+template <int K_HALVES, int ROWS, int THREADS>
 __device__ __forceinline__ void stage_core_matrices_async(__half* dest, const __half* w, int64_t height,
-                                                          int64_t width, int64_t row0, int64_t col0, int rows) {
-    constexpr unsigned PIECES = K_HALVES / 8;
-    const unsigned rows_left = (unsigned)max(min(height - row0, (int64_t)rows), (int64_t)0);
+                                                          int64_t width, int64_t row0, int64_t col0) {
+    constexpr unsigned PIECES = K_HALVES / 8, ROW_STEP = THREADS / PIECES;
+    static_assert(THREADS % (8 * PIECES) == 0 && ROWS % ROW_STEP == 0, "whole rounds of 8-row groups");
+    const unsigned rows_left = (unsigned)max(min(height - row0, (int64_t)ROWS), (int64_t)0);
     const unsigned cols_left = (unsigned)max(min(width - col0, (int64_t)K_HALVES), (int64_t)0);
     const int ld = (int)width;
     const __half* origin = rows_left && cols_left ? w + row0 * width + col0 : w;
     if (ld % 8 == 0 && col0 % 8 == 0 && (uintptr_t)w % 16 == 0) {
-        for (unsigned l = threadIdx.x; l < rows * PIECES; l += blockDim.x) {
-            const unsigned r = l / (8 * PIECES) * 8 + l % 8, k = l / 8 % PIECES * 8;
-            const bool inside = r < rows_left && k < cols_left;
-            __pipeline_memcpy_async(&dest[core_matrix_offset<K_HALVES>(r, k)],
-                                    inside ? origin + wide_product(r, ld) + k : w, 16, inside ? 0 : 16);
+        const unsigned l = threadIdx.x, r = l / (8 * PIECES) * 8 + l % 8, k = l / 8 % PIECES * 8;
+        __half* to = dest + core_matrix_offset<K_HALVES>(r, k);
+        const __half* from = origin + wide_product(r, ld) + k;
+        const int64_t step = wide_product(ROW_STEP, ld);
+        if (rows_left == ROWS && cols_left == K_HALVES) {  // the whole block inside w: no checks
+#pragma unroll
+            for (unsigned i = 0; i < ROWS / ROW_STEP; ++i)
+                __pipeline_memcpy_async(to + i * ROW_STEP * K_HALVES, from + i * step, 16);
+            return;
+        }
+#pragma unroll
+        for (unsigned i = 0; i < ROWS / ROW_STEP; ++i) {
+            const bool inside = r + i * ROW_STEP < rows_left && k < cols_left;
+            __pipeline_memcpy_async(to + i * ROW_STEP * K_HALVES, inside ? from + i * step : w, 16, inside ? 0 : 16);
         }
         return;
     }
-    for (unsigned l = threadIdx.x; l < rows * K_HALVES; l += blockDim.x) {
+    for (unsigned l = threadIdx.x; l < ROWS * K_HALVES; l += THREADS) {
         const unsigned r = l / K_HALVES, k = l % K_HALVES;
         dest[core_matrix_offset<K_HALVES>(r, k)] =
             r < rows_left && k < cols_left ? origin[wide_product(r, ld) + k] : __float2half(0.f);
@@ -473,13 +494,30 @@ __device__ __forceinline__ void store_warp_tile(float* staged, int lds, const fl
                     float2{acc[i][j][2 * half], acc[i][j][2 * half + 1]};
 }
 
-// Each C tile of a warp's 16 × N accumulators set to its columns' bias[c] (0 where bias is null).
-template <int N> __device__ __forceinline__ void fill_tiles_with_bias(float (&acc)[N / 8][4], const __half* bias) {
+// Each C tile of a warp's 16 × N accumulators set to its columns' bias[c], 0 where bias is null
+// or c ≥ columns (the columns a weight block has left). A lane's columns come in pairs (2t and
+// 2t + 1 of each tile, for rows g and g + 8): one 4-byte load a pair where all N columns are
+// there and bias is 4-byte aligned, else a checked load a value.
+template <int N>
+__device__ __forceinline__ void fill_tiles_with_bias(float (&acc)[N / 8][4], const __half* bias, int64_t columns = N) {
     const int t = threadIdx.x % 4;
+    float2 pairs[N / 8];
+    if (bias && columns >= N && (uintptr_t)bias % 4 == 0) {
 #pragma unroll
-    for (int j = 0; j < N / 8; ++j)
+        for (int j = 0; j < N / 8; ++j) pairs[j] = __half22float2(*(const __half2*)&bias[8 * j + 2 * t]);
+    } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] = bias ? __half2float(bias[8 * j + 2 * t + i % 2]) : 0.f;
+        for (int j = 0; j < N / 8; ++j) {
+            const int c = 8 * j + 2 * t;
+            pairs[j] = float2{bias && c < columns ? __half2float(bias[c]) : 0.f,
+                              bias && c + 1 < columns ? __half2float(bias[c + 1]) : 0.f};
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+        acc[j][0] = acc[j][2] = pairs[j].x;
+        acc[j][1] = acc[j][3] = pairs[j].y;
+    }
 }
 
 // The warp's 16 × N product with the weights W (N × K, [out][in], staged in shared memory, row

@@ -8,6 +8,8 @@
 //! and accumulated in f32 on every backend (nnU-Net's GPU path sums in f16); the sums are
 //! divided by the summed weights at the end.
 
+use std::borrow::Cow;
+
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::geometry::Region;
@@ -123,9 +125,9 @@ pub fn predict_tile_mirrored<B: Backend>(
     Ok(Encoded { logits, features })
 }
 
-/// Zero-pads a C × Z × Y × X volume up to `patch` where it is smaller; returns the padded
-/// volume and where the original lies in it.
-fn pad_to_patch(volume: &Tensor, patch: [usize; 3]) -> (Tensor, Region) {
+/// Zero-pads a C × Z × Y × X volume up to `patch` where it is smaller (borrowed where it is not);
+/// returns the padded volume and where the original lies in it.
+fn pad_to_patch(volume: &Tensor, patch: [usize; 3]) -> (Cow<'_, Tensor>, Region) {
     let s = volume.shape();
     let (channels, dims) = (s[0], [s[1], s[2], s[3]]);
     let padded = [0, 1, 2].map(|a| dims[a].max(patch[a]));
@@ -134,7 +136,7 @@ fn pad_to_patch(volume: &Tensor, patch: [usize; 3]) -> (Tensor, Region) {
         size: dims,
     };
     if padded == dims {
-        return (volume.clone(), inner);
+        return (Cow::Borrowed(volume), inner);
     }
     let mut out = Tensor::zeros(&[channels, padded[0], padded[1], padded[2]]);
     let (src, dst) = (volume.data(), out.data_mut());
@@ -150,7 +152,7 @@ fn pad_to_patch(volume: &Tensor, patch: [usize; 3]) -> (Tensor, Region) {
             }
         }
     }
-    (out, inner)
+    (Cow::Owned(out), inner)
 }
 
 /// Logits (K × grid) and, for `Outputs::LogitsAndFeatures`, features (C_f × grid) of a

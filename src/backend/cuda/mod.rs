@@ -589,7 +589,7 @@ impl<E: Element> Backend for CudaBackend<E> {
     }
 
     fn upload(&self, host: &Tensor) -> Result<CudaTensor<E>> {
-        let values: Vec<E> = host.data().iter().map(|&v| E::from_f32(v)).collect();
+        let values: Vec<E> = host.data().par_iter().map(|&v| E::from_f32(v)).collect();
         let data = if values.is_empty() {
             self.scratch(1)?
         } else {
