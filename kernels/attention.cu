@@ -624,24 +624,46 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
     store_tiles<D>(q + r0 * L::LD, L::LD, acc);
     __syncthreads();  // every warp is done with Wq and LN_q(x)
     // The MLP's second layer flies in while its first layer is computed: GELU(P·W_upᵀ + b_up)
-    // for the warp's 16 rows, a lane per column and 8 rows at a time, so that the column's
-    // weights are loaded once for 8 rows and their sums go on side by side in registers.
+    // for the warp's 16 rows, 8 at a time, each lane its columns c = lane + 32i: a class's
+    // weights of the lane's columns are loaded once for the 8 rows, and a row's probability of
+    // the class once for all the lane's columns (one address across the warp: a broadcast), the
+    // sums side by side in registers. (A lane per column, walking the rows for each of its
+    // columns, loaded every probability once per column: at width 128 and 3 classes about 3,400
+    // instructions a thread in the sm_90a SASS, most of them those loads and their addresses.)
     stage(w_down);
-    for (int c = lane; c < D; c += 32) {
-        const float bias_up = __half2float(b_up[c]);
-        for (int r8 = r0; r8 < r0 + 16; r8 += 8) {
-            float hidden[8];
+    constexpr int V = (D + 31) / 32;  // columns a lane
+    for (int r8 = r0; r8 < r0 + 16; r8 += 8) {
+        float hidden[8][V];
 #pragma unroll
-            for (int r = 0; r < 8; ++r) hidden[r] = bias_up;
-            for (int64_t k = 0; k < classes; ++k) {
-                const float weight = __half2float(w_up[c * classes + k]);
+        for (int i = 0; i < V; ++i) {
+            const int c = lane + 32 * i;
+            const float bias_up = c < D ? __half2float(b_up[c]) : 0.f;
 #pragma unroll
-                for (int r = 0; r < 8; ++r)  // rows past n read row n − 1, and are stored as zero below
-                    hidden[r] += __half2float(probs[min(row0 + r8 + r, n - 1) * classes + k]) * weight;
+            for (int r = 0; r < 8; ++r) hidden[r][i] = bias_up;
+        }
+        for (int64_t k = 0; k < classes; ++k) {
+            float weight[V];
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+                const int c = lane + 32 * i;
+                weight[i] = c < D ? __half2float(w_up[c * classes + k]) : 0.f;
             }
 #pragma unroll
-            for (int r = 0; r < 8; ++r)
-                operand[at(r8 + r, c)] = __float2half_rn(row0 + r8 + r < n ? gelu_fast(hidden[r]) : 0.f);
+            for (int r = 0; r < 8; ++r) {  // rows past n read row n − 1, and are stored as zero below
+                const float p = __half2float(probs[min(row0 + r8 + r, n - 1) * classes + k]);
+#pragma unroll
+                for (int i = 0; i < V; ++i) hidden[r][i] += p * weight[i];
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            const bool inside = row0 + r8 + r < n;
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+                const int c = lane + 32 * i;
+                const float value = gelu_fast(hidden[r][i]);
+                if (c < D) operand[at(r8 + r, c)] = __float2half_rn(inside ? value : 0.f);
+            }
         }
     }
     staged();
