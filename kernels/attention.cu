@@ -540,13 +540,15 @@ __device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, 
                       pack_halves(click_value(values, c + 8, e), click_value(values, c + 9, e)));
         }
     }
-    const float total[2] = {quad_sum(sum[0]), quad_sum(sum[1])};
+    // One division a row, then a multiplication a value: a division is an IEEE-exact sequence
+    // with a check and a slow-path call (FCHK, CALL in the SASS), about ten instructions.
+    const float inverse[2] = {1.f / quad_sum(sum[0]), 1.f / quad_sum(sum[1])};
 #pragma unroll
     for (int j = 0; j < 2 * STEPS; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int e = 8 * j + 2 * t + i % 2;
-            if (e < dh) store(g + 8 * (i / 2), e, o[j][i] / total[i / 2]);
+            if (e < dh) store(g + 8 * (i / 2), e, o[j][i] * inverse[i / 2]);
         }
 }
 
