@@ -44,35 +44,40 @@ __device__ __forceinline__ float warp_max(float v) {
 template <typename T, typename Store>
 __device__ __forceinline__ void warp_layer_norm(const T* row, const T* gamma, const T* beta, int64_t width, int lane,
                                                 Store store) {
+    const float inv_width = 1.f / (float)width;  // one division a row, not two (warp_row_moments)
     float sum = 0.f;
     for (int64_t f = lane; f < width; f += 32) sum += to_f32(row[f]);
-    float mean = warp_sum(sum) / width, squares = 0.f;
+    float mean = warp_sum(sum) * inv_width, squares = 0.f;
     for (int64_t f = lane; f < width; f += 32) {
         float d = to_f32(row[f]) - mean;
         squares += d * d;
     }
-    float inv_std = rsqrtf(warp_sum(squares) / width + 1e-5f);
+    float inv_std = rsqrtf(warp_sum(squares) * inv_width + 1e-5f);
     for (int64_t f = lane; f < width; f += 32)
         store(f, (to_f32(row[f]) - mean) * inv_std * to_f32(gamma[f]) + to_f32(beta[f]));
 }
 
 // The mean and 1/σ of a row of `width` values held by a warp's lanes, V a lane (value i of a
 // lane is column lane + 32·i, zero past the width): warp_layer_norm's arithmetic for rows kept in
-// registers.
+// registers. The sums are scaled by 1/width, not divided by the width: a division by a width that
+// is not a power of two (the default model's 48) is an IEEE-exact sequence of about a dozen
+// instructions with a slow-path call, twice a row; the fused kernels' widths are compile-time
+// constants, so 1/width is one.
 template <int V>
 __device__ __forceinline__ void warp_row_moments(const float (&v)[V], int64_t width, int lane, float& mean,
                                                  float& inv_std) {
+    const float inv_width = 1.f / (float)width;
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < V; ++i) sum += v[i];
-    mean = warp_sum(sum) / width;
+    mean = warp_sum(sum) * inv_width;
     float squares = 0.f;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
         float d = lane + 32 * i < width ? v[i] - mean : 0.f;
         squares += d * d;
     }
-    inv_std = rsqrtf(warp_sum(squares) / width + 1e-5f);
+    inv_std = rsqrtf(warp_sum(squares) * inv_width + 1e-5f);
 }
 
 // Exact GELU, 0.5·x·(1 + erf(x/√2)), as torch.nn.GELU().
