@@ -9,10 +9,11 @@
 // fused_rows() tokens, f16 on tensor cores through mma.sync (mma.cuh). Warp w owns rows
 // 16w..16w+15 throughout, so after LN(x) (into shared memory, one warp per row) the warps share
 // nothing but the staged weights. The hidden layer goes FFN_CHUNK units at a time: the warp's
-// H = LN(x)·W1ᵀ for one chunk (16 × 32, four f32 C tiles in registers), then b1 and GELU applied
-// in registers and the C tiles packed as f16 into the A fragments of Y += H·W2ᵀ over that chunk
-// (the C and A layouts line up; mma.cuh). H never leaves the registers and Y (16 × D, D/8 C
-// tiles) stays there until the residual, which each lane adds to its own x values (f16 pairs).
+// H = LN(x)·W1ᵀ + b1 for one chunk (16 × 32, four f32 C tiles in registers, b1 there from the
+// start), then GELU applied in registers and the C tiles packed as f16 into the A fragments of
+// Y += H·W2ᵀ over that chunk (the C and A layouts line up; mma.cuh). H never leaves the
+// registers and Y (16 × D, D/8 C tiles) stays there until the residual, which each lane adds to
+// its own x values (f16 pairs).
 // x is read twice (LN, residual) and written once. Each chunk of W1 (32 × D) and W2 (D × 32) is
 // staged in shared memory for the block's warps, double-buffered: the next chunk's copies
 // (cp.async) fly while this one multiplies, and the first chunk's while LN(x) is computed; every
@@ -45,7 +46,7 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
     __half* w1s = shared_halves(layout.w1);
     __half* w2s = shared_halves(layout.w2);
     const int64_t row0 = (int64_t)blockIdx.x * fused_rows();
-    const int lane = threadIdx.x % 32, r0 = 16 * (threadIdx.x / 32), t = lane % 4;
+    const int r0 = 16 * (threadIdx.x / 32);
     // Copies chunk c0's W1 and W2 blocks into buffer `buffer` as one group of cp.async copies.
     auto prefetch = [&](int64_t c0, int buffer) {
         stage_weights_async(w1s + buffer * L::W1_HALVES, L::LD, w1, hidden, D, c0, 0, FFN_CHUNK, D);
@@ -68,21 +69,17 @@ __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* b
         __pipeline_wait_prior(1);
         __syncthreads();  // every thread's copies of this chunk (and, at first, LN(x)) are visible
 
-        float h[FFN_CHUNK / 8][4];
-        warp_rows_linear<FFN_CHUNK, D>(h, normed + r0 * L::LD, L::LD, w1c, L::LD, nullptr);
-        // GELU(H + b1) into the A fragments of the second product, 16 hidden units (two C tiles)
-        // at a time. Units past `hidden` have zero weights on both sides.
+        float h[FFN_CHUNK / 8][4];  // H, b1 added from the start
+        warp_rows_linear<FFN_CHUNK, D>(h, normed + r0 * L::LD, L::LD, w1c, L::LD, b1 + c0, hidden - c0);
+        // GELU(H) into the A fragments of the second product, 16 hidden units (two C tiles) at a
+        // time. Units past `hidden` have zero weights on both sides.
 #pragma unroll
         for (int k = 0; k < FFN_CHUNK / 16; ++k) {
             float v[2][4];
 #pragma unroll
-            for (int tile = 0; tile < 2; ++tile) {
-                const int64_t unit = c0 + 16 * k + 8 * tile + 2 * t;
-                const float bias0 = unit < hidden ? __half2float(b1[unit]) : 0.f;
-                const float bias1 = unit + 1 < hidden ? __half2float(b1[unit + 1]) : 0.f;
+            for (int tile = 0; tile < 2; ++tile)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) v[tile][i] = gelu_fast(h[2 * k + tile][i] + (i % 2 ? bias1 : bias0));
-            }
+                for (int i = 0; i < 4; ++i) v[tile][i] = gelu_fast(h[2 * k + tile][i]);
             uint32_t a[4];
             tiles_as_a_fragment(a, v[0], v[1]);
             mma_rows_k16<D>(y, a, w2c, L::LH, 16 * k);

@@ -522,11 +522,12 @@ __device__ __forceinline__ void fill_tiles_with_bias(float (&acc)[N / 8][4], con
 
 // The warp's 16 × N product with the weights W (N × K, [out][in], staged in shared memory, row
 // stride ldw halves) of its 16 rows of an f16 operand (from `rows`, row stride lda halves), as
-// N/8 C tiles, each column's bias[c] added (none where bias is null).
+// N/8 C tiles, each column's bias[c] added (none where bias is null; none past `columns`, the
+// columns a weight block has left: fill_tiles_with_bias).
 template <int N, int K>
 __device__ __forceinline__ void warp_rows_linear(float (&acc)[N / 8][4], const __half* rows, int lda, const __half* w,
-                                                 int ldw, const __half* bias) {
-    fill_tiles_with_bias<N>(acc, bias);
+                                                 int ldw, const __half* bias, int64_t columns = N) {
+    fill_tiles_with_bias<N>(acc, bias, columns);
 #pragma unroll
     for (int k0 = 0; k0 < K; k0 += 16) {
         uint32_t a[4];
