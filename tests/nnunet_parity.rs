@@ -11,7 +11,7 @@ use tis::backend::Backend;
 use tis::io::nifti::read_image;
 use tis::model::Bundle;
 use tis::model::bundle::TensorFile;
-use tis::pipeline::predictor::predict;
+use tis::pipeline::predictor::{ensemble_logits, predict};
 use tis::pipeline::preprocess::{fill_holes, preprocess};
 use tis::pipeline::resample::Resampling;
 use tis::pipeline::session::{SessionOptions, encode};
@@ -245,6 +245,11 @@ fn an_ensemble_of_identical_folds_gives_the_same_segmentation() {
     )
     .unwrap();
     assert_eq!(single.labels, ensemble.labels);
+    // Two identical folds average to the one fold's logits.
+    let pre = preprocess(&image.voxels, image.spacing, &a.info).unwrap();
+    let one = ensemble_logits(&[&a], &pre.volume, &options, &mut |_, _| {}).unwrap();
+    let two = ensemble_logits(&[&a, &b], &pre.volume, &options, &mut |_, _| {}).unwrap();
+    assert!(one.relative_l2_error(&two).unwrap() < 1e-6);
     // Folds of different trainings are refused.
     let other = model("bundle_with_head.safetensors");
     let iso = Model::from_bundle(

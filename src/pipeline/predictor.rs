@@ -89,6 +89,33 @@ pub fn export_segmentation<B: Backend>(
     Ok(pre.cropped_labels_to_image(&labels))
 }
 
+/// The logits (K × grid) of a preprocessed volume averaged over an ensemble's models, on the
+/// host in f32.
+pub fn ensemble_logits<B: Backend>(
+    models: &[&Model<B>],
+    volume: &Tensor,
+    options: &SessionOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor> {
+    let mut sum: Option<Tensor> = None;
+    for model in models {
+        let encoded = encode(model, volume, options, Outputs::Logits, progress)?;
+        let logits = model.backend.download(&encoded.logits)?;
+        match &mut sum {
+            None => sum = Some(logits),
+            Some(acc) => acc
+                .data_mut()
+                .par_iter_mut()
+                .zip(logits.data())
+                .for_each(|(a, b)| *a += b),
+        }
+    }
+    let mut sum = sum.ok_or_else(|| Error::Session("no model given".into()))?;
+    let n = models.len() as f32;
+    sum.data_mut().par_iter_mut().for_each(|v| *v /= n);
+    Ok(sum)
+}
+
 /// The automatic segmentation of an image (C × Z × Y × X in file order, spacing per axis in
 /// mm) by one model or an ensemble of folds.
 pub fn predict<B: Backend>(
@@ -115,25 +142,9 @@ pub fn predict<B: Backend>(
         seconds.sliding_window = lap();
         export_segmentation(&model.backend, &encoded.logits, &pre, info)?
     } else {
-        // The ensemble's logits are averaged on the host, in f32.
-        let mut sum: Option<Tensor> = None;
-        for model in models {
-            let encoded = encode(model, &pre.volume, options, Outputs::Logits, progress)?;
-            let logits = model.backend.download(&encoded.logits)?;
-            match &mut sum {
-                None => sum = Some(logits),
-                Some(acc) => acc
-                    .data_mut()
-                    .par_iter_mut()
-                    .zip(logits.data())
-                    .for_each(|(a, b)| *a += b),
-            }
-        }
-        let mut sum = sum.expect("an ensemble has models");
-        let n = models.len() as f32;
-        sum.data_mut().par_iter_mut().for_each(|v| *v /= n);
+        let logits = ensemble_logits(models, &pre.volume, options, progress)?;
         seconds.sliding_window = lap();
-        export_segmentation(&CpuBackend, &sum, &pre, info)?
+        export_segmentation(&CpuBackend, &logits, &pre, info)?
     };
     seconds.export = lap();
     Ok(Prediction {
