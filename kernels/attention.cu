@@ -25,7 +25,8 @@
 // on the automatic probabilities (its K-wide first layer on the CUDA cores, its D × D second
 // layer on tensor cores, the embedding written over the hidden layer's rows), then per head the
 // softmax over the clicks and the copy of their label embeddings on tensor cores
-// (`copy_click_labels_mma`) and the α mix, written in place over the embedding as the operand of
+// (`copy_click_labels_mma`, the clicks' keys and values packed beforehand as its B fragments by
+// `pack_click_fragments_f16`, which every block reads from L1) and the α mix, written in place over the embedding as the operand of
 // the output projection, whose C tiles are added straight into x. x is read twice (LN,
 // residual) and written once; nothing N × D goes through global memory. One weight matrix at a
 // time is staged in shared memory (Wq, then the MLP's second layer, then W_out), each copied
@@ -172,9 +173,10 @@ constexpr int CROSS_MMA_TOKENS = 64;
 
 template <int D> struct CrossShared {
     static constexpr int T = CROSS_MMA_TOKENS, LD = D + MMA_PAD;
-    // Byte offsets: LN(x) of the tile (T × LD halves), the next tile's x as it lies (T × D
-    // halves), then the group's folded queries (16·warps × LD halves).
-    static constexpr int ln = 0, next = T * LD * 2, fold = next + T * D * 2;
+    // Byte offsets: LN(x) of the tile (T × LD halves), the next tile's x (T × LD halves: padded
+    // rows, which layer_norm_rows_at reads without bank conflicts), then the group's folded
+    // queries (16·warps × LD halves).
+    static constexpr int ln = 0, next = T * LD * 2, fold = next + T * LD * 2;
 };
 
 template <int D>
@@ -203,14 +205,15 @@ __device__ void cross_partial_mma(const __half* x, const __half* gamma, const __
     const int64_t begin = (int64_t)blockIdx.x * tokens_per_block, end = min(n, begin + tokens_per_block);
     // The tile from t0 on into `next`, zero past the block's voxels, as one group of copies.
     auto prefetch = [&](int64_t t0) {
-        stage_weights_async(next, D, x, end, D, t0, 0, T, D);
+        stage_weights_async(next, L::LD, x, end, D, t0, 0, T, D);
         __pipeline_commit();
     };
     if (begin < end) prefetch(begin);
     for (int64_t t0 = begin; t0 < end; t0 += T) {
         __pipeline_wait_prior(0);
         __syncthreads();  // the tile's x has landed; every warp is done with the previous LN(x)
-        layer_norm_rows<D>(ln, L::LD, next, gamma, beta, min((int64_t)T, end - t0), 0, T);
+        layer_norm_rows_at<D>(
+            ln, [](int r, int f) { return r * L::LD + f; }, next, L::LD, gamma, beta, min((int64_t)T, end - t0), 0, T);
         __syncthreads();  // LN(x) is ready and `next` free for the tile after
         if (t0 + T < end) prefetch(t0 + T);
         // S: element i of C tile j is voxel t0 + 8j + 2t + i % 2 of column col0 + g + 8·(i / 2).
@@ -306,21 +309,6 @@ __device__ void cross_project(const float* mean, const T* wv, const T* bv, T* ou
         float acc = to_f32(bv[e]);
         for (int64_t f = 0; f < width; ++f) acc += m[f] * to_f32(wv[e * width + f]);
         out[i] = from_f32<T>(acc);
-    }
-}
-
-// The 8 values from p on, widened: one 16-byte load in f16, two in f32 (p 16-byte aligned).
-template <typename T> __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
-    if constexpr (sizeof(T) == 2) {
-        uint4 raw = *(const uint4*)p;
-        const __half* h = (const __half*)&raw;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = __half2float(h[j]);
-    } else {
-        float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
-        float w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = w[j];
     }
 }
 
@@ -478,36 +466,96 @@ extern "C" __global__ void __launch_bounds__(32 * MERGE_WARPS) cross_merge(const
     merge_partials(pm, ps, pw, mean, blocks, columns, width);
 }
 
+// The clicks' keys and values of one head as the B fragments of the label copy's products
+// (copy_click_labels_mma; mma.cuh's layouts, g = lane / 4, t = lane % 4), 16 clicks from c0 on:
+// keys(c0, k) those of S = Q_h·K_hᵀ for the head's columns 16k to 16k + 15 (registers 0 and 1
+// for clicks c0 to c0 + 7, 2 and 3 for the next eight), values(c0, p) those of O += P·V_h for
+// its columns 16p to 16p + 8 (registers 0 and 1) and 16p + 8 to 16p + 15 (2 and 3). Zero past
+// the clicks and past the head's dh columns.
+//
+// ClickRows reads them from the clicks' f16 rows (`keys` and `values` at the head's first
+// column, rows `width` apart) a value at a time: 16 loads a fragment with their checks (the
+// click update, whose rows lie in its shared memory).
+struct ClickRows {
+    const __half* keys;
+    const __half* values;
+    int clicks, width, dh;
+    __device__ __forceinline__ uint4 keys_at(int c0, int k) const {
+        const int lane = threadIdx.x % 32, g = lane / 4, e = 16 * k + 2 * (lane % 4);
+        uint32_t r[4];
+#pragma unroll
+        for (int tile = 0; tile < 2; ++tile) {
+            const int c = c0 + 8 * tile + g;
+            r[2 * tile] = pack_halves(at(keys, c, e), at(keys, c, e + 1));
+            r[2 * tile + 1] = pack_halves(at(keys, c, e + 8), at(keys, c, e + 9));
+        }
+        return uint4{r[0], r[1], r[2], r[3]};
+    }
+    __device__ __forceinline__ uint4 values_at(int c0, int p) const {
+        const int lane = threadIdx.x % 32, c = c0 + 2 * (lane % 4);
+        uint32_t r[4];
+#pragma unroll
+        for (int tile = 0; tile < 2; ++tile) {
+            const int e = 16 * p + 8 * tile + lane / 4;
+            r[2 * tile] = pack_halves(at(values, c, e), at(values, c + 1, e));
+            r[2 * tile + 1] = pack_halves(at(values, c + 8, e), at(values, c + 9, e));
+        }
+        return uint4{r[0], r[1], r[2], r[3]};
+    }
+    __device__ __forceinline__ __half at(const __half* rows, int c, int e) const {
+        return c < clicks && e < dh ? rows[(int64_t)c * width + e] : __float2half(0.f);
+    }
+};
+
+// PackedClicks reads the same fragments as `pack_click_fragments_f16` laid them out in global
+// memory, a lane's four registers one 16-byte load: for each chunk of 16 clicks and each head,
+// ⌈dh/16⌉ key fragments then ⌈dh/16⌉ value fragments, 32 lanes' uint4 each (`head` points at
+// chunk 0 of the head, chunks `chunk_stride` uint4 apart). Every warp of the label assignment
+// reads the same few KB (8 KB for TIS-B's 10 clicks), from L1: per head and 16 clicks two
+// loads a lane, where ClickRows's 32 checked 2-byte loads and their packing took some 150
+// instructions (sm_90a SASS).
+struct PackedClicks {
+    const uint4* head;
+    int chunk_stride, steps;
+    __device__ __forceinline__ uint4 keys_at(int c0, int k) const { return fragment(c0, k); }
+    __device__ __forceinline__ uint4 values_at(int c0, int p) const { return fragment(c0, steps + p); }
+    __device__ __forceinline__ uint4 fragment(int c0, int slot) const {
+        return head[c0 / 16 * chunk_stride + 32 * slot + threadIdx.x % 32];
+    }
+};
+
 // The label copy of the calling warp's 16 rows for one head, on tensor cores (flash attention
 // with the clicks as keys): S = Q_h·K_hᵀ for 16 clicks at a time (two m16n8k16 products per 16
 // head columns), an online softmax per row in registers (the quad of lanes holding a row
 // exchanges its maximum and sum by shuffles), O_h += P·V_h with P packed as f16 straight from
-// S's C tiles (mma.cuh). Q_h comes from the f16 rows `q` (the warp's first row, rows ldq
-// apart, the head's first column), K and V from the clicks' rows in global memory (`keys` and
-// `values` at the head's first column, rows `width` apart), a value at a time, zero past the
-// clicks or the head's dh columns (any dh ≤ MAX_DH: the default model's 12 pads to 16). Each
-// lane hands its share of O_h / Σ to store(row, e, value): rows g and g + 8, head columns
-// 8j + 2t and 8j + 2t + 1 (< dh). Per 16 rows, head and 16 clicks that is 2·⌈dh/16⌉ + ⌈dh/8⌉
-// products against the CUDA-core copy's 2·dh multiply-adds per row and click.
-template <int MAX_DH, typename Store>
-__device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, const __half* keys,
-                                                      const __half* values, int clicks, int width, int dh,
-                                                      Store store) {
+// S's C tiles (mma.cuh), K_h and V_h as `Clicks` gives their fragments (ClickRows,
+// PackedClicks). Q_h comes from the f16 rows `q` (the warp's first row, rows ldq apart, the
+// head's first column): one ldmatrix a K step where dh comes in sixteens, else a value at a
+// time, zero past dh (any dh ≤ MAX_DH: the default model's 12 pads to 16). Each lane hands its
+// share of O_h / Σ to store(row, e, lo, hi), values e and e + 1 of the row (e even, e < dh, dh
+// even): rows g and g + 8, head columns 8j + 2t. Per 16 rows, head and 16 clicks that is
+// 4·⌈dh/16⌉ products against the CUDA-core copy's 2·dh multiply-adds per row and click.
+template <int MAX_DH, typename Clicks, typename Store>
+__device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, const Clicks& click, int clicks,
+                                                      int dh, Store store) {
     constexpr int STEPS = (MAX_DH + 15) / 16;  // K steps of S, pairs of O's C tiles
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float scale = rsqrtf((float)dh) * 1.44269504088896340736f;  // scores in log2 units, for exp2
-    auto q_at = [&](int row, int e) { return e < dh ? __half2float(q[row * ldq + e]) : 0.f; };
-    auto click_value = [&](const __half* rows, int c, int e) {
-        return c < clicks && e < dh ? rows[(int64_t)c * width + e] : __float2half(0.f);
-    };
     uint32_t qa[STEPS][4];
+    if (dh % 16 == 0) {
 #pragma unroll
-    for (int k = 0; k < STEPS; ++k) {
-        const int e = 16 * k + 2 * t;
-        qa[k][0] = pack_half2(q_at(g, e), q_at(g, e + 1));
-        qa[k][1] = pack_half2(q_at(g + 8, e), q_at(g + 8, e + 1));
-        qa[k][2] = pack_half2(q_at(g, e + 8), q_at(g, e + 9));
-        qa[k][3] = pack_half2(q_at(g + 8, e + 8), q_at(g + 8, e + 9));
+        for (int k = 0; k < STEPS; ++k)
+            if (16 * k < dh) load_a_fragment(qa[k], q, ldq, 16 * k);
+    } else {
+        auto q_at = [&](int row, int e) { return e < dh ? q[row * ldq + e] : __float2half(0.f); };
+#pragma unroll
+        for (int k = 0; k < STEPS; ++k) {
+            const int e = 16 * k + 2 * t;
+            qa[k][0] = pack_halves(q_at(g, e), q_at(g, e + 1));
+            qa[k][1] = pack_halves(q_at(g + 8, e), q_at(g + 8, e + 1));
+            qa[k][2] = pack_halves(q_at(g, e + 8), q_at(g, e + 9));
+            qa[k][3] = pack_halves(q_at(g + 8, e + 8), q_at(g + 8, e + 9));
+        }
     }
     float o[2 * STEPS][4] = {}, max[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
     for (int c0 = 0; c0 < clicks; c0 += 16) {
@@ -516,12 +564,9 @@ __device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, 
 #pragma unroll
         for (int k = 0; k < STEPS; ++k) {
             if (16 * k >= dh) break;
-#pragma unroll
-            for (int tile = 0; tile < 2; ++tile) {
-                const int c = c0 + 8 * tile + g, e = 16 * k + 2 * t;
-                mma_16816(s[tile], qa[k], pack_halves(click_value(keys, c, e), click_value(keys, c, e + 1)),
-                          pack_halves(click_value(keys, c, e + 8), click_value(keys, c, e + 9)));
-            }
+            const uint4 b = click.keys_at(c0, k);
+            mma_16816(s[0], qa[k], b.x, b.y);
+            mma_16816(s[1], qa[k], b.z, b.w);
         }
         // Click c0 is in the chunk, so every row has a finite score.
 #pragma unroll
@@ -531,25 +576,60 @@ __device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, 
         online_softmax_block(s, max, sum, o, approx_exp2);
         uint32_t pa[4];
         tiles_as_a_fragment(pa, s[0], s[1]);
-        // V's B fragments: clicks c0 + 2t, c0 + 2t + 1 (and 8 on) of head column 8j + g.
 #pragma unroll
-        for (int j = 0; j < 2 * STEPS; ++j) {
-            if (8 * j >= dh) break;
-            const int c = c0 + 2 * t, e = 8 * j + g;
-            mma_16816(o[j], pa, pack_halves(click_value(values, c, e), click_value(values, c + 1, e)),
-                      pack_halves(click_value(values, c + 8, e), click_value(values, c + 9, e)));
+        for (int p = 0; p < STEPS; ++p) {
+            if (16 * p >= dh) break;
+            const uint4 b = click.values_at(c0, p);
+            mma_16816(o[2 * p], pa, b.x, b.y);
+            mma_16816(o[2 * p + 1], pa, b.z, b.w);  // zero past dh
         }
     }
-    // One division a row, then a multiplication a value: a division is an IEEE-exact sequence
-    // with a check and a slow-path call (FCHK, CALL in the SASS), about ten instructions.
-    const float inverse[2] = {1.f / quad_sum(sum[0]), 1.f / quad_sum(sum[1])};
+    // One reciprocal a row, then a multiplication a value. Each sum is at least 1 (the row's
+    // largest score gives e⁰), so the fast reciprocal is exact to an ulp or two: an IEEE
+    // division is a check and a slow-path call (FCHK, CALL in the SASS), about ten instructions.
+    const float inverse[2] = {__fdividef(1.f, quad_sum(sum[0])), __fdividef(1.f, quad_sum(sum[1]))};
 #pragma unroll
     for (int j = 0; j < 2 * STEPS; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int e = 8 * j + 2 * t + i % 2;
-            if (e < dh) store(g + 8 * (i / 2), e, o[j][i] * inverse[i / 2]);
+        for (int half = 0; half < 2; ++half) {
+            const int e = 8 * j + 2 * t;
+            if (e < dh) store(g + 8 * half, e, o[j][2 * half] * inverse[half], o[j][2 * half + 1] * inverse[half]);
         }
+}
+
+// pack_click_fragments_f16: the fragments PackedClicks reads (`fragments`, ⌈clicks/16⌉ · heads ·
+// 2⌈dh/16⌉ · 32 uint4), from the clicks' keys and values (clicks × width f16 rows), a warp per
+// fragment: each lane computes its registers as ClickRows would and stores them.
+extern "C" __global__ void pack_click_fragments_f16(const __half* keys, const __half* values, uint4* fragments,
+                                                    int clicks, int width, int heads) {
+    const int dh = width / heads, steps = (dh + 15) / 16;
+    const int64_t per_chunk = (int64_t)heads * 2 * steps;
+    WARP_LOOP(w, (clicks + 15) / 16 * per_chunk) {
+        const int chunk = (int)(w / per_chunk), h = (int)(w % per_chunk / (2 * steps)), slot = (int)(w % (2 * steps));
+        const ClickRows rows{keys + h * dh, values + h * dh, clicks, width, dh};
+        fragments[w * 32 + threadIdx.x % 32] =
+            slot < steps ? rows.keys_at(16 * chunk, slot) : rows.values_at(16 * chunk, slot - steps);
+    }
+}
+
+// The heads are at most this wide (the Rust side checks).
+constexpr int ASSIGN_MAX_DH = 64;
+
+// f(HeadBound<MAX_DH>{}) with copy_click_labels_mma's bound on the head width: the least of 16,
+// 32 and 64 (and of D: no head is wider than the tokens) that holds dh. Its loops are unrolled to
+// the bound and left at dh, but what they leave is not all skipped: with the one bound of 64,
+// TIS-B's heads of 16 issued the wider heads' bounds checks and predicated-off loads and stores
+// (a head's loop, 1,378 instructions in the sm_90a SASS of assign_wgmma_f16_128, against 469
+// for the bound of 16).
+template <int MAX_DH> struct HeadBound {
+    static constexpr int value = MAX_DH;
+};
+template <int D, typename F> __device__ __forceinline__ void with_head_bound(int dh, F f) {
+    if (dh <= 16) f(HeadBound<16>{});
+    else if constexpr (D > 16) {
+        if (dh <= 32) f(HeadBound<32>{});
+        else if constexpr (D > 32) f(HeadBound<(D < ASSIGN_MAX_DH ? D : ASSIGN_MAX_DH)>{});
+    }
 }
 
 // Where the label assignment's operands lie. mma.sync (`assign_fused_f16_*`): f16 rows padded by
@@ -569,8 +649,6 @@ template <int D, bool WGMMA> struct AssignShared {
     __device__ static int at(int r, int f) { return WGMMA ? core_matrix_offset<D>(r, f) : r * LD + f; }
 };
 
-// The heads are at most this wide (the Rust side checks).
-constexpr int ASSIGN_MAX_DH = 64;
 
 // The whole label assignment sub-layer for a block of tokens: x += mix·W_outᵀ + b_out, the mix
 // made of the clicks' label embeddings (softmax over the clicks of Q = LN_q(x)·Wqᵀ + bq against
@@ -582,7 +660,7 @@ constexpr int ASSIGN_MAX_DH = 64;
 // the tensor cores before the barrier after which it is read.
 template <int D, bool WGMMA>
 __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* beta, const __half* wq,
-                                const __half* bq, const __half* keys, const __half* values, const __half* probs,
+                                const __half* bq, const uint4* fragments, const __half* probs,
                                 const __half* w_up, const __half* b_up, const __half* w_down, const __half* b_down,
                                 const __half* w_out, const __half* b_out, int64_t n, int64_t clicks, int64_t classes,
                                 int heads, float alpha) {
@@ -620,7 +698,7 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
 
     // Q = LN_q(x)·Wqᵀ + bq, Wq's copies flying while LN_q(x) is computed.
     stage(wq);
-    layer_norm_rows_at<D>(operand, at, x, gamma, beta, n, row0, rows);
+    layer_norm_rows_at<D>(operand, at, x, D, gamma, beta, n, row0, rows);
     staged();
     project(bq);
     store_tiles<D>(q + r0 * L::LD, L::LD, acc);
@@ -683,17 +761,21 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
     // Per head, for the warp's rows: softmax over the clicks, their label embeddings copied
     // (tensor cores), mixed by α with the automatic segmentation's embedding, which each value
     // of the mix replaces in place (the lane that reads it writes it).
-    constexpr int MAX_DH = D < ASSIGN_MAX_DH ? D : ASSIGN_MAX_DH;  // no head is wider than the tokens
-    const int dh = D / heads;
-    for (int h = 0; h < heads; ++h)
-        copy_click_labels_mma<MAX_DH>(q + r0 * L::LD + h * dh, L::LD, keys + h * dh, values + h * dh, (int)clicks, D,
-                                      dh, [&](int r, int e, float copied) {
-                                          __half* mix = &operand[at(r0 + r, h * dh + e)];
-                                          const float auto_embedding = __half2float(*mix);
-                                          *mix = __float2half_rn(row0 + r0 + r < n
-                                                                     ? (1.f - alpha) * copied + alpha * auto_embedding
-                                                                     : 0.f);
-                                      });
+    // Rows past n are mixed too: each row of the output projection is its operand row's alone,
+    // and write_tiles_to_rows leaves them out.
+    const int dh = D / heads, steps = (dh + 15) / 16;
+    const float keep = 1.f - alpha;
+    with_head_bound<D>(dh, [&](auto bound) {
+        for (int h = 0; h < heads; ++h) {
+            const PackedClicks click{fragments + 32 * 2 * steps * h, 32 * 2 * steps * heads, steps};
+            copy_click_labels_mma<decltype(bound)::value>(
+                q + r0 * L::LD + h * dh, L::LD, click, (int)clicks, dh, [&](int r, int e, float lo, float hi) {
+                    __half2* mix = (__half2*)&operand[at(r0 + r, h * dh + e)];
+                    const float2 auto_embedding = __half22float2(*mix);
+                    *mix = __floats2half2_rn(keep * lo + alpha * auto_embedding.x, keep * hi + alpha * auto_embedding.y);
+                });
+        }
+    });
     staged();
 
     // x += mix·W_outᵀ + b_out.
@@ -702,11 +784,11 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
 }
 
 #define ASSIGN_ARGUMENTS                                                                                             \
-    __half *x, const __half *g, const __half *b, const __half *wq, const __half *bq, const __half *keys,             \
-        const __half *values, const __half *probs, const __half *w_up, const __half *b_up, const __half *w_down,     \
+    __half *x, const __half *g, const __half *b, const __half *wq, const __half *bq, const uint4 *fragments,         \
+        const __half *probs, const __half *w_up, const __half *b_up, const __half *w_down,     \
         const __half *b_down, const __half *w_out, const __half *b_out, int64_t n, int64_t clicks, int64_t classes,  \
         int heads, float alpha
-#define ASSIGN_PASSED x, g, b, wq, bq, keys, values, probs, w_up, b_up, w_down, b_down, w_out, b_out, n, clicks, classes, heads, alpha
+#define ASSIGN_PASSED x, g, b, wq, bq, fragments, probs, w_up, b_up, w_down, b_down, w_out, b_out, n, clicks, classes, heads, alpha
 #define ASSIGN_FUSED(D)                                                                                              \
     extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, 2) assign_fused_f16_##D(ASSIGN_ARGUMENTS) {      \
         assign_sublayer<D, false>(ASSIGN_PASSED);                                                                    \
@@ -800,13 +882,17 @@ __device__ void click_update(__half* clicks, const __half* attended, const __hal
     // W_o flies in while each head's attention runs; a lane writes its share of the head's
     // output exactly where it read its share of Q_h (copy_click_labels_mma's layouts).
     stage(wo);
-    constexpr int MAX_DH = D < ASSIGN_MAX_DH ? D : ASSIGN_MAX_DH;
     const int dh = D / heads;
-    for (int h = 0; h < heads; ++h)
-        copy_click_labels_mma<MAX_DH>(own + h * dh, L::LD, keys + h * dh, values + h * dh, (int)n, L::LD, dh,
-                                      [&](int r, int e, float attended_value) {
-                                          own[r * L::LD + h * dh + e] = __float2half_rn(attended_value);
-                                      });
+    with_head_bound<D>(dh, [&](auto bound) {
+        for (int h = 0; h < heads; ++h) {
+            const ClickRows click{keys + h * dh, values + h * dh, (int)n, L::LD, dh};
+            copy_click_labels_mma<decltype(bound)::value>(own + h * dh, L::LD, click, (int)n, dh,
+                                                          [&](int r, int e, float lo, float hi) {
+                                                              *(__half2*)&own[r * L::LD + h * dh + e] =
+                                                                  __floats2half2_rn(lo, hi);
+                                                          });
+        }
+    });
     staged_linear<D>(acc, own, w, bo);
     write_tiles_to_rows<D, true>(clicks, acc, n, r0);
     __syncthreads();

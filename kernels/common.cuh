@@ -57,6 +57,21 @@ __device__ __forceinline__ void warp_layer_norm(const T* row, const T* gamma, co
         store(f, (to_f32(row[f]) - mean) * inv_std * to_f32(gamma[f]) + to_f32(beta[f]));
 }
 
+// The 8 values from p on, widened: one 16-byte load in f16, two in f32 (p 16-byte aligned).
+template <typename T> __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+    if constexpr (sizeof(T) == 2) {
+        uint4 raw = *(const uint4*)p;
+        const __half* h = (const __half*)&raw;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = __half2float(h[j]);
+    } else {
+        float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
+        float w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = w[j];
+    }
+}
+
 // The mean and 1/σ of a row of `width` values held by a warp's lanes, V a lane (value i of a
 // lane is column lane + 32·i, zero past the width): warp_layer_norm's arithmetic for rows kept in
 // registers. The sums are scaled by 1/width, not divided by the width: a division by a width that

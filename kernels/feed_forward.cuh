@@ -138,7 +138,7 @@ __device__ void feed_forward_wgmma(__half* x, const __half* gamma, const __half*
     };
     prefetch(0, 0);
     layer_norm_rows_at<D>(
-        normed, [](int r, int f) { return core_matrix_offset<D>(r, f); }, x, gamma, beta, n, row0, L::ROWS);
+        normed, [](int r, int f) { return core_matrix_offset<D>(r, f); }, x, D, gamma, beta, n, row0, L::ROWS);
     const SharedOperand normed_rows = core_matrices<D>(normed).at(core_matrix_offset<D>(64 * group, 0));
     const SharedOperand h_rows = core_matrices<CH>(hs);
 

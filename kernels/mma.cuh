@@ -577,44 +577,94 @@ __device__ __forceinline__ void write_tiles_to_rows(__half* x, const float (&acc
 // The fused kernels' widths: multiples of 16 up to 128 (one instantiation each).
 #define FOR_EACH_FUSED_WIDTH(X) X(16) X(32) X(48) X(64) X(80) X(96) X(112) X(128)
 
-// LayerNorm of `rows` rows of x (N × D) from row0 on into f16 shared memory, value (r, f) at
-// dest[at(r, f)], one warp per row; rows past n are zero. The arithmetic is warp_layer_norm's
-// (common.cuh), but each lane keeps its D/32 values of the row in registers, so x is read once
-// and not three times, gamma and beta are loaded once for all the warp's rows, and two rows are
-// unrolled together so that one row's loads fly while the other's sums go round the warp.
+// Lanes a row in layer_norm_rows_at: a row's 16-byte pieces (D/8) rounded up to a power of two,
+// at most 8.
+__host__ __device__ constexpr int layer_norm_lanes(int pieces) { return pieces > 4 ? 8 : pieces > 2 ? 4 : pieces > 1 ? 2 : 1; }
+
+// LayerNorm of `rows` rows of x (D wide, rows ldx halves apart) from row0 on into f16 shared
+// memory, value (r, f) at dest[at(r, f)]; rows past n are zero. The arithmetic is
+// warp_layer_norm's (common.cuh), each row in registers, so x is read once. A warp normalises
+// 32 / LANES rows at once, LANES lanes a row (layer_norm_lanes: 4 rows of 8 lanes at TIS-B's
+// width of 128): lane l takes row l % (32 / LANES) and the row's 16-byte pieces l / (32 / LANES),
+// that + LANES, …, 8 values each, one 16-byte load and one 16-byte store a piece, with the
+// pieces' gamma and beta held in registers for all its rows; the row's two sums go round its
+// LANES lanes by shuffles. The 8 lanes that a 16-byte store serves at once then write 4 rows,
+// two pieces each: at most two to a bank group, in core matrices as in rows padded by MMA_PAD
+// (and reading padded rows of shared memory likewise). x and dest 16-byte aligned (device
+// allocations; the fused kernels' widths are multiples of 16). About 35 instructions a row of
+// 128 in the sm_90a SASS, where a warp a row with 2-byte values, a lane every 32nd column, took
+// about 100: the fused kernels normalise every token of every layer (the FFN's 128-token block,
+// 16 rows a warp, spent some 1,600 instructions a thread on them, next to 4,200 for its chunk
+// loop).
 template <int D, class At>
-__device__ __forceinline__ void layer_norm_rows_at(__half* dest, At at, const __half* x, const __half* gamma,
-                                                   const __half* beta, int64_t n, int64_t row0, int rows) {
-    constexpr int V = (D + 31) / 32;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float g[V], b[V];
+__device__ __forceinline__ void layer_norm_rows_at(__half* dest, At at, const __half* x, int64_t ldx,
+                                                   const __half* gamma, const __half* beta, int64_t n, int64_t row0,
+                                                   int rows) {
+    static_assert(D % 8 == 0, "16-byte pieces");
+    constexpr int PIECES = D / 8, LANES = layer_norm_lanes(PIECES), AT_ONCE = 32 / LANES;
+    constexpr int PER_LANE = (PIECES + LANES - 1) / LANES;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, first = lane / AT_ONCE;
+    // Piece j of the lane is piece first + LANES·j of the row, if the row has it.
+    const auto has = [&](int j) { return PIECES % LANES == 0 || first + LANES * j < PIECES; };
+    // The 8 values of piece j from p on, zero where the lane's row lacks the piece.
+    const auto load_piece = [&](const __half* p, bool present, float(&v)[8]) {
+        if (present) load8(p, v);
+        else
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-        int f = lane + 32 * i;
-        g[i] = f < D ? __half2float(gamma[f]) : 0.f;
-        b[i] = f < D ? __half2float(beta[f]) : 0.f;
+            for (int i = 0; i < 8; ++i) v[i] = 0.f;
+    };
+    float g[PER_LANE][8], b[PER_LANE][8];
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+        const int f = 8 * (first + LANES * j);
+        load_piece(gamma + f, has(j), g[j]);
+        load_piece(beta + f, has(j), b[j]);
     }
-#pragma unroll 2
-    for (int r = warp; r < rows; r += blockDim.x / 32) {
-        const bool inside = row0 + r < n;
-        float v[V], mean, inv_std;
+    constexpr float INV_WIDTH = 1.f / D;
+    // Every lane goes round the loop as often (the shuffles need the whole warp).
+    for (int base = AT_ONCE * warp; base < rows; base += AT_ONCE * (blockDim.x / 32)) {
+        const int r = base + lane % AT_ONCE;
+        const bool inside = r < rows && row0 + r < n;
+        const __half* row = x + (row0 + r) * ldx;
+        float v[PER_LANE][8], sum = 0.f;
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-            int f = lane + 32 * i;
-            v[i] = inside && f < D ? __half2float(x[(row0 + r) * D + f]) : 0.f;
+        for (int j = 0; j < PER_LANE; ++j) {
+            load_piece(row + 8 * (first + LANES * j), inside && has(j), v[j]);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sum += v[j][i];
         }
-        warp_row_moments(v, D, lane, mean, inv_std);
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-            int f = lane + 32 * i;
-            if (f < D) dest[at(r, f)] = __float2half_rn(inside ? (v[i] - mean) * inv_std * g[i] + b[i] : 0.f);
+        for (int offset = AT_ONCE; offset < 32; offset *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+        const float mean = sum * INV_WIDTH;
+        float squares = 0.f;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                v[j][i] -= mean;
+                if (has(j)) squares += v[j][i] * v[j][i];
+            }
+#pragma unroll
+        for (int offset = AT_ONCE; offset < 32; offset *= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+        const float inv_std = rsqrtf(squares * INV_WIDTH + 1e-5f);
+        if (r >= rows) continue;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            if (!has(j)) continue;
+            uint32_t pairs[4] = {};  // rows past n are zero
+            if (inside)
+#pragma unroll
+                for (int i = 0; i < 8; i += 2)
+                    pairs[i / 2] = pack_half2(fmaf(v[j][i] * inv_std, g[j][i], b[j][i]),
+                                              fmaf(v[j][i + 1] * inv_std, g[j][i + 1], b[j][i + 1]));
+            *(uint4*)&dest[at(r, 8 * (first + LANES * j))] = uint4{pairs[0], pairs[1], pairs[2], pairs[3]};
         }
     }
 }
 
-// The same into shared rows `ld` halves apart.
+// The same into shared rows `ld` halves apart, from x's rows D halves apart.
 template <int D>
 __device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __half* x, const __half* gamma,
                                                 const __half* beta, int64_t n, int64_t row0, int rows) {
-    layer_norm_rows_at<D>(dest, [ld](int r, int f) { return r * ld + f; }, x, gamma, beta, n, row0, rows);
+    layer_norm_rows_at<D>(dest, [ld](int r, int f) { return r * ld + f; }, x, D, gamma, beta, n, row0, rows);
 }

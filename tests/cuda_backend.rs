@@ -682,10 +682,12 @@ fn token_ops<E: Element>(tolerance: f64) {
     // cross-attention splits them over two blocks of 5 warps; the tensor-core label copy takes
     // them 16 at a time), and heads of 64 (the widest the label copy takes) with 20 clicks. The
     // click update runs in one block of 64 rows for up to 64 clicks, of 128 up to 128 (100
-    // clicks of 8 heads), and op by op beyond (130 clicks).
+    // clicks of 8 heads), and op by op beyond (130 clicks). Heads of an odd width (16 of 3)
+    // go op by op too (the fused label copy stores pairs of values).
     for (tokens, width, heads, clicks) in [
         (5003, 128, 8, 10),
         (1111, 48, 4, 6),
+        (257, 48, 16, 5),
         (777, 24, 3, 4),
         (2100, 64, 4, 40),
         (1500, 128, 2, 20),

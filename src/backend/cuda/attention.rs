@@ -268,9 +268,9 @@ fn cross_partial_mma<E: Element>(
 ) -> Result<CrossPartials> {
     let (n, columns, width) = (inputs.n, inputs.columns, inputs.width);
     let ld = width + 8;
-    // CrossShared: LN(x) of a tile, the next tile's x, the folded queries of 16 columns a warp.
-    let shared =
-        |warps: usize| 2 * ((CROSS_MMA_TOKENS + 16 * warps) * ld + CROSS_MMA_TOKENS * width);
+    // CrossShared: LN(x) of a tile, the next tile's x, the folded queries of 16 columns a warp,
+    // all in padded rows.
+    let shared = |warps: usize| 2 * (2 * CROSS_MMA_TOKENS + 16 * warps) * ld;
     let column_blocks = columns.div_ceil(16);
     let (groups, warps) = [8, 4, 2, 1]
         .into_iter()
@@ -301,6 +301,16 @@ fn cross_partial_mma<E: Element>(
     partials.launch(b, &f, inputs, &scalars, grid)
 }
 
+/// Whether the fused kernels' label copy (`copy_click_labels_mma`) takes these heads: tokens of a
+/// fused width (`CudaBackend::fused_head_width`), heads of at most 64 values (ASSIGN_MAX_DH) and of
+/// an even number of them (a lane stores its values of a row in pairs).
+fn fused_heads<E: Element>(width: usize, heads: usize) -> bool {
+    let dh = width / heads;
+    CudaBackend::<E>::fused_head_width(width)
+        && dh <= ASSIGN_HEAD_WIDTHS[ASSIGN_HEAD_WIDTHS.len() - 1]
+        && dh.is_multiple_of(2)
+}
+
 /// The click side of a layer after its cross-attention (`Backend::click_update`): one block of
 /// `click_update_f16_{width}` where the fused kernels' widths, heads of at most 64 and up to 128
 /// clicks allow it (a warp per 16 clicks, the fewest of FUSED_ROWS that holds them all and whose
@@ -321,10 +331,7 @@ pub fn click_update<E: Element>(
         .into_iter()
         .rev()
         .find(|&rows| n <= rows && shared(rows) <= b.shared_memory_optin);
-    let max_head_width = ASSIGN_HEAD_WIDTHS[ASSIGN_HEAD_WIDTHS.len() - 1];
-    let Some(rows) = rows.filter(|_| {
-        n > 0 && CudaBackend::<E>::fused_head_width(width) && width / update.heads <= max_head_width
-    }) else {
+    let Some(rows) = rows.filter(|_| n > 0 && fused_heads::<E>(width, update.heads)) else {
         return click_update_in_parts(b, clicks, attended, update);
     };
     let mut keys = b.output(vec![n, width])?;
@@ -385,7 +392,7 @@ pub fn label_assignment<E: Element>(
     if n == 0 {
         return Ok(());
     }
-    if CudaBackend::<E>::fused_head_width(width) {
+    if fused_heads::<E>(width, params.heads) {
         let inputs = [click_keys, click_values, probs];
         return fused_label_assignment(b, x, inputs, params, [n, clicks, width, classes]);
     }
@@ -448,6 +455,7 @@ fn fused_label_assignment<E: Element>(
         padded(128).max(2 * (128 * width + width * width + 128 * ld)),
         padded,
     )?;
+    let fragments = click_fragments(b, keys, values, params.heads)?;
     let (tokens, nc, nk) = (n as i64, clicks as i64, classes as i64);
     let (heads, alpha) = (params.heads as i32, params.alpha);
     let mlp = params.label_mlp;
@@ -458,7 +466,7 @@ fn fused_label_assignment<E: Element>(
         .arg(&params.norm_q.bias.data)
         .arg(&params.q.weight.data)
         .arg(&params.q.bias.data);
-    launch.arg(&keys.data).arg(&values.data).arg(&probs.data);
+    launch.arg(&fragments).arg(&probs.data);
     launch
         .arg(&mlp.up.weight.data)
         .arg(&mlp.up.bias.data)
@@ -473,9 +481,39 @@ fn fused_label_assignment<E: Element>(
         .arg(&heads)
         .arg(&alpha);
     // SAFETY: matches `assign_{fused,wgmma}_f16_*`'s arguments in order; the storage is f16
-    // (TENSOR_CORES); every tensor's shape was checked by shapes::label_assignment, the head
-    // width is at most 64 (ASSIGN_MAX_DH), and the shared memory holds the kernel's AssignShared
-    // for the block's rows.
+    // (TENSOR_CORES); every tensor's shape was checked by shapes::label_assignment, the heads
+    // are fused_heads, `fragments` holds the clicks' (click_fragments), and the shared memory
+    // holds the kernel's AssignShared for the block's rows.
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(())
+}
+
+/// The clicks' keys and values (clicks × width each) as the B fragments of the fused label
+/// copy's products, laid out as its PackedClicks reads them: per 16 clicks and head, ⌈dh/16⌉
+/// fragments of keys then as many of values, 32 lanes' 16 bytes each (`pack_click_fragments_f16`,
+/// a warp a fragment; 8 KB for TIS-B's 10 clicks).
+fn click_fragments<E: Element>(
+    b: &CudaBackend<E>,
+    keys: &CudaTensor<E>,
+    values: &CudaTensor<E>,
+    heads: usize,
+) -> Result<CudaSlice<u32>> {
+    let (clicks, width) = (keys.shape[0], keys.shape[1]);
+    let lanes = clicks.div_ceil(16) * heads * 2 * (width / heads).div_ceil(16) * 32;
+    let mut fragments = b.uninitialised::<u32>(4 * lanes)?;
+    let f = b.function(MODULE, "pack_click_fragments_f16")?;
+    let (nc, nw, nh) = (clicks as i32, width as i32, heads as i32);
+    let mut launch = b.launch_builder(&f);
+    launch
+        .arg(&keys.data)
+        .arg(&values.data)
+        .arg(&mut fragments)
+        .arg(&nc)
+        .arg(&nw)
+        .arg(&nh);
+    // SAFETY: matches `pack_click_fragments_f16`; keys and values hold clicks × width f16 values
+    // (shapes::label_assignment), `fragments` the `lanes` uint4 it writes, a warp's 32 a
+    // fragment, with a thread for each.
+    unsafe { launch.launch(b.elementwise(lanes)) }.map_err(driver)?;
+    Ok(fragments)
 }

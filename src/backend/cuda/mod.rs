@@ -372,18 +372,23 @@ impl<E: Element> CudaBackend<E> {
 
     /// An uninitialised buffer (NaN when poisoning), for outputs kernels overwrite entirely.
     fn output(&self, shape: Vec<usize>) -> Result<CudaTensor<E>> {
-        let len = shape.iter().product::<usize>().max(1);
+        Ok(CudaTensor {
+            data: self.uninitialised(shape.iter().product())?,
+            shape,
+            layout: Layout::Standard,
+        })
+    }
+
+    /// `len` uninitialised values (every bit set when poisoning: NaN in f16 and f32), for
+    /// buffers that kernels overwrite entirely.
+    fn uninitialised<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
         // SAFETY: the caller's kernel writes every element before anything reads it (the
         // poisoned test mode checks exactly that).
-        let mut data = unsafe { self.stream.alloc::<E>(len) }.map_err(driver)?;
+        let mut data = unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(driver)?;
         if self.poison {
             self.fill_bytes(&mut data, 0xFF)?;
         }
-        Ok(CudaTensor {
-            shape,
-            data,
-            layout: Layout::Standard,
-        })
+        Ok(data)
     }
 
     /// A zeroed tensor of any element type (the storage type, or the f32 of sums).

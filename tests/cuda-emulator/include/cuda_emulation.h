@@ -77,6 +77,7 @@ inline int __any_sync(unsigned, int predicate) { return emu::any_lane(predicate 
 // Every lane of the warp (the only mask the kernels use).
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
 inline float __expf(float x) { return expf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
 // A shared-memory address as the kernels encode it in wgmma descriptors (the emulator checks
 // the encoding against the pointer the kernel names beside it).
 inline size_t __cvta_generic_to_shared(const void* p) { return (size_t)(uintptr_t)p; }
