@@ -21,22 +21,23 @@
 //
 // `assign_fused_f16_{D}` is the whole label-assignment sub-layer in one kernel, for f16 widths
 // D that are multiples of 16 up to 128, per block of fused_rows() tokens, each warp owning 16
-// rows: LN_q(x) and Q = LN_q(x)·Wqᵀ + bq (mma.sync, mma.cuh; Q kept as f16 rows), the label MLP
-// on the automatic probabilities (its K-wide first layer on the CUDA cores, its D × D second
-// layer on tensor cores, the embedding written over the hidden layer's rows), then per head the
-// softmax over the clicks and the copy of their label embeddings on tensor cores
+// rows: LN_q(x) and Q = LN_q(x)·Wqᵀ + bq (mma.sync, mma.cuh; Q kept as f16 rows), then per head
+// the softmax over the clicks and the copy of their label embeddings on tensor cores
 // (`copy_click_labels_mma`, the clicks' keys and values packed beforehand as its B fragments by
-// `pack_click_fragments_f16`, which every block reads from L1) and the α mix, written in place over the embedding as the operand of
-// the output projection, whose C tiles are added straight into x. x is read twice (LN,
-// residual) and written once; nothing N × D goes through global memory. One weight matrix at a
-// time is staged in shared memory (Wq, then the MLP's second layer, then W_out), each copied
-// with cp.async while the CUDA-core step before its GEMM runs (LN_q; the MLP's first layer; the
-// softmax, copy and mix). Dynamic shared memory, laid out as `AssignShared` says: 102 KB at
+// `pack_click_fragments_f16`, which every block reads from L1) and the α mix with the automatic
+// segmentation's embedding Va (label_mlp(P), the same in every layer: computed once a click and
+// passed in), written in place over Va as the operand of the output projection, whose C tiles
+// are added straight into x. x is read twice (LN, residual) and written once, Va read once;
+// nothing N × D is written to global memory. Wq, then W_out, is staged in shared memory, each
+// copied with cp.async while the CUDA-core step before its GEMM runs (LN_q; the softmax, copy
+// and mix), Va's rows with Wq. Dynamic shared memory, laid out as `AssignShared` says: 102 KB at
 // D = 128 and 128 rows, two blocks a multiprocessor (registers are held to 128 a thread).
-// `assign_wgmma_f16_{64,128}` is the same sub-layer for sm_90a, its three D × D products as
-// warpgroup products (wgmma, 64 rows a warpgroup, the operand and the weights as core matrices):
-// mma.sync reaches about half of an H100's dense f16 rate, and these products are a
-// quarter of a click's FLOPs (0.9 of 3.8 TFLOP for TIS-B at 96×128×128).
+// (Before, each layer ran the label MLP on the probabilities of its block again: its K-wide first
+// layer on the CUDA cores, about 1,900 instructions a thread of the sm_90a SASS at TIS-B's
+// width, and a third D × D product.)
+// `assign_wgmma_f16_{64,128}` is the same sub-layer for sm_90a, its two D × D products as
+// warpgroup products (wgmma, 64 rows a warpgroup, the operands and the weights as core matrices):
+// mma.sync reaches about half of an H100's dense f16 rate.
 //
 // `attention_small`: plain attention among the clicks, one block per (query, head).
 //
@@ -634,36 +635,35 @@ template <int D, typename F> __device__ __forceinline__ void with_head_bound(int
 
 // Where the label assignment's operands lie. mma.sync (`assign_fused_f16_*`): f16 rows padded by
 // 8 halves, blocks of fused_rows() tokens. wgmma (sm_90a, `assign_wgmma_f16_*`, widths that are
-// multiples of 64): the operand rows and the staged weights as wgmma's core matrices along D
-// (unpadded), blocks of 128 tokens, a warpgroup's products over 64 rows; Q stays in padded rows,
-// which only the label copy reads.
+// multiples of 64): the products' operands and the staged weights as wgmma's core matrices along
+// D (unpadded), blocks of 128 tokens, a warpgroup's products over 64 rows. Q, which only the
+// label copy reads, lies in padded rows either way, over LN_q(x) in the same buffer.
 template <int D, bool WGMMA> struct AssignShared {
     static constexpr int LD = D + MMA_PAD;
     // Byte offsets for a block of `rows` tokens.
     int operand, weights, q;
     __device__ explicit AssignShared(int rows)
-        : operand(0),                                     // LN(x), the MLP's hidden layer, the label embedding, the mix
+        : operand(0),                                     // Va, then the mix: rows × D (× LD for mma.sync)
           weights(rows * (WGMMA ? D : LD) * 2),           // one staged D × D matrix
-          q(weights + D * (WGMMA ? D : LD) * 2) {}        // Q: rows × LD halves
+          q(weights + D * (WGMMA ? D : LD) * 2) {}        // LN_q(x) as an operand, then Q: rows × LD halves
     // The place of operand value (r, f), in halves.
     __device__ static int at(int r, int f) { return WGMMA ? core_matrix_offset<D>(r, f) : r * LD + f; }
 };
 
-
 // The whole label assignment sub-layer for a block of tokens: x += mix·W_outᵀ + b_out, the mix
 // made of the clicks' label embeddings (softmax over the clicks of Q = LN_q(x)·Wqᵀ + bq against
-// their keys) and the automatic segmentation's (label_mlp(P)). Each D × D weight matrix is
-// staged in turn, the next one's copies flying while the block works on what needs no weights.
-// mma.sync: warp w multiplies its own 16 rows (warp_rows_linear). wgmma: each warpgroup's 64
-// rows are one product (warpgroup_product) whose accumulators are the same C tiles per warp, so
-// the rest is the same code; the threads fence their shared-memory writes of an operand towards
-// the tensor cores before the barrier after which it is read.
+// their keys) and the automatic segmentation's, Va = label_mlp(P) (given: it is the same in every
+// layer, the contract's, computed once a click). Wq and the block's rows of Va are copied in
+// while LN_q(x) is computed, W_out while the clicks' labels are copied. mma.sync: warp w
+// multiplies its own 16 rows (warp_rows_linear). wgmma: each warpgroup's 64 rows are one product
+// (warpgroup_product) whose accumulators are the same C tiles per warp, so the rest is the same
+// code; the threads fence their shared-memory writes of an operand towards the tensor cores
+// before the barrier after which it is read.
 template <int D, bool WGMMA>
 __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* beta, const __half* wq,
-                                const __half* bq, const uint4* fragments, const __half* probs,
-                                const __half* w_up, const __half* b_up, const __half* w_down, const __half* b_down,
-                                const __half* w_out, const __half* b_out, int64_t n, int64_t clicks, int64_t classes,
-                                int heads, float alpha) {
+                                const __half* bq, const uint4* fragments, const __half* auto_embedding,
+                                const __half* w_out, const __half* b_out, int64_t n, int64_t clicks, int heads,
+                                float alpha) {
     using L = AssignShared<D, WGMMA>;
     const int rows = fused_rows();
     const L layout(rows);
@@ -671,7 +671,7 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
     __half* w = shared_halves(layout.weights);
     __half* q = shared_halves(layout.q);
     const int64_t row0 = (int64_t)blockIdx.x * rows;
-    const int r0 = 16 * (threadIdx.x / 32), lane = threadIdx.x % 32;
+    const int r0 = 16 * (threadIdx.x / 32);
     float acc[D / 8][4];  // the warp's 16 rows of each projection, C tiles (mma.cuh)
     const auto at = [](int r, int f) { return L::at(r, f); };
     auto stage = [&](const __half* weights) {
@@ -679,90 +679,45 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
         else stage_weights_async(w, L::LD, weights, D, D, 0, 0, D, D);
         __pipeline_commit();
     };
-    // The staged weights and the operand's new values visible to every warp (and to wgmma).
+    // The staged copies and the operands' new values visible to every warp (and to wgmma).
     auto staged = [&] {
         __pipeline_wait_prior(0);
         if constexpr (WGMMA) fence_proxy_async();
         __syncthreads();
     };
-    // acc = operand·Wᵀ + bias for the warp's rows.
-    auto project = [&](const __half* bias) {
+    // acc = a·Wᵀ + bias for the warp's rows, a laid out as `at` says.
+    auto project = [&](const __half* a, const __half* bias) {
         if constexpr (WGMMA) {
             fill_tiles_with_bias<D>(acc, bias);
-            warpgroup_product<D, D>(acc, core_matrices<D>(operand).at(core_matrix_offset<D>(r0 / 64 * 64, 0)),
+            warpgroup_product<D, D>(acc, core_matrices<D>(a).at(core_matrix_offset<D>(r0 / 64 * 64, 0)),
                                     core_matrices<D>(w));
         } else {
-            warp_rows_linear<D, D>(acc, operand + r0 * L::LD, L::LD, w, L::LD, bias);
+            warp_rows_linear<D, D>(acc, a + r0 * L::LD, L::LD, w, L::LD, bias);
         }
     };
 
-    // Q = LN_q(x)·Wqᵀ + bq, Wq's copies flying while LN_q(x) is computed.
+    // Q = LN_q(x)·Wqᵀ + bq, Wq's copies and the block's rows of Va (zero past n) flying while
+    // LN_q(x) is computed.
     stage(wq);
-    layer_norm_rows_at<D>(operand, at, x, D, gamma, beta, n, row0, rows);
+    if constexpr (WGMMA) stage_core_matrices_async<D, 128, FUSED_MAX_THREADS>(operand, auto_embedding, n, D, row0, 0);
+    else stage_weights_async(operand, L::LD, auto_embedding, n, D, row0, 0, rows, D);
+    __pipeline_commit();
+    layer_norm_rows_at<D>(q, at, x, D, gamma, beta, n, row0, rows);
     staged();
-    project(bq);
-    store_tiles<D>(q + r0 * L::LD, L::LD, acc);
-    __syncthreads();  // every warp is done with Wq and LN_q(x)
-    // The MLP's second layer flies in while its first layer is computed: GELU(P·W_upᵀ + b_up)
-    // for the warp's 16 rows, 8 at a time, each lane its columns c = lane + 32i: a class's
-    // weights of the lane's columns are loaded once for the 8 rows, and a row's probability of
-    // the class once for all the lane's columns (one address across the warp: a broadcast), the
-    // sums side by side in registers. (A lane per column, walking the rows for each of its
-    // columns, loaded every probability once per column: at width 128 and 3 classes about 3,400
-    // instructions a thread in the sm_90a SASS, most of them those loads and their addresses.)
-    stage(w_down);
-    constexpr int V = (D + 31) / 32;  // columns a lane
-    for (int r8 = r0; r8 < r0 + 16; r8 += 8) {
-        float hidden[8][V];
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-            const int c = lane + 32 * i;
-            const float bias_up = c < D ? __half2float(b_up[c]) : 0.f;
-#pragma unroll
-            for (int r = 0; r < 8; ++r) hidden[r][i] = bias_up;
-        }
-        for (int64_t k = 0; k < classes; ++k) {
-            float weight[V];
-#pragma unroll
-            for (int i = 0; i < V; ++i) {
-                const int c = lane + 32 * i;
-                weight[i] = c < D ? __half2float(w_up[c * classes + k]) : 0.f;
-            }
-#pragma unroll
-            for (int r = 0; r < 8; ++r) {  // rows past n read row n − 1, and are stored as zero below
-                const float p = __half2float(probs[min(row0 + r8 + r, n - 1) * classes + k]);
-#pragma unroll
-                for (int i = 0; i < V; ++i) hidden[r][i] += p * weight[i];
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-            const bool inside = row0 + r8 + r < n;
-#pragma unroll
-            for (int i = 0; i < V; ++i) {
-                const int c = lane + 32 * i;
-                const float value = gelu_fast(hidden[r][i]);
-                if (c < D) operand[at(r8 + r, c)] = __float2half_rn(inside ? value : 0.f);
-            }
-        }
-    }
-    staged();
-    // The automatic segmentation's label embedding, label_mlp(P), replaces the hidden layer in
-    // the warp's own rows once the rows' product has read them (the warp's own, or with wgmma
-    // its warpgroup's).
-    project(b_down);
+    project(q, bq);
+    // Q replaces LN_q(x) once the product has read it (the warp's own rows, or with wgmma every
+    // warpgroup's: Q's padded rows overlap the next warpgroup's core matrices).
     if constexpr (WGMMA) __syncthreads();
     else __syncwarp();
-    store_tiles_at<D>(operand, at, r0, acc);
-    __syncthreads();  // every warp is done with W_down
+    store_tiles<D>(q + r0 * L::LD, L::LD, acc);
+    __syncthreads();  // every warp is done with Wq
     // W_out flies in while the clicks' labels are copied and mixed.
     stage(w_out);
 
     // Per head, for the warp's rows: softmax over the clicks, their label embeddings copied
-    // (tensor cores), mixed by α with the automatic segmentation's embedding, which each value
-    // of the mix replaces in place (the lane that reads it writes it).
-    // Rows past n are mixed too: each row of the output projection is its operand row's alone,
-    // and write_tiles_to_rows leaves them out.
+    // (tensor cores), mixed by α with Va, which each value of the mix replaces in place (the lane
+    // that reads it writes it). Rows past n are mixed too: each row of the output projection is
+    // its operand row's alone, and write_tiles_to_rows leaves them out.
     const int dh = D / heads, steps = (dh + 15) / 16;
     const float keep = 1.f - alpha;
     with_head_bound<D>(dh, [&](auto bound) {
@@ -779,16 +734,15 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
     staged();
 
     // x += mix·W_outᵀ + b_out.
-    project(b_out);
+    project(operand, b_out);
     write_tiles_to_rows<D, true>(x, acc, n, row0 + r0);
 }
 
 #define ASSIGN_ARGUMENTS                                                                                             \
     __half *x, const __half *g, const __half *b, const __half *wq, const __half *bq, const uint4 *fragments,         \
-        const __half *probs, const __half *w_up, const __half *b_up, const __half *w_down,     \
-        const __half *b_down, const __half *w_out, const __half *b_out, int64_t n, int64_t clicks, int64_t classes,  \
-        int heads, float alpha
-#define ASSIGN_PASSED x, g, b, wq, bq, fragments, probs, w_up, b_up, w_down, b_down, w_out, b_out, n, clicks, classes, heads, alpha
+        const __half *auto_embedding, const __half *w_out, const __half *b_out, int64_t n, int64_t clicks, int heads, \
+        float alpha
+#define ASSIGN_PASSED x, g, b, wq, bq, fragments, auto_embedding, w_out, b_out, n, clicks, heads, alpha
 #define ASSIGN_FUSED(D)                                                                                              \
     extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, 2) assign_fused_f16_##D(ASSIGN_ARGUMENTS) {      \
         assign_sublayer<D, false>(ASSIGN_PASSED);                                                                    \

@@ -331,8 +331,9 @@ template <int K_HALVES> __device__ __forceinline__ SharedOperand core_matrices(c
 }
 
 // dest, a block of core matrices (core_matrix_offset<K_HALVES>), = w[row0 + r][col0 + k] for
-// r < ROWS (a multiple of 8), k < K_HALVES, zero outside w's `height` × `width` (a weight: fewer
-// than 2³¹ values a row): a weight block as wgmma's B operand (its rows the products' N). The
+// r < ROWS (a multiple of 8), k < K_HALVES, zero outside w's `height` × `width` (fewer than 2³¹
+// values a row): a weight block as wgmma's B operand (its rows the products' N), or a block of
+// token rows as its A (the label assignment's Va). The
 // block's THREADS threads all take part. Where w's rows start 16-byte aligned (width a multiple
 // of 8), a 16-byte piece (8 values of a row) is one asynchronous copy that joins the thread's
 // current group, as in stage_weights_async; consecutive threads take the 8 rows of one core

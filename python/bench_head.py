@@ -107,19 +107,21 @@ def flops_per_click(roi, n_clicks):
 
     Per token and layer: the click cross-attention with its key/value projections folded into
     the click queries (scores and weighted sum of LN(X), every head), label assignment (Q
-    projection, scores + copy, label_mlp(P) recomputed on the fly, output projection) and the
-    FFN; plus the input projection once. Work on the click tokens alone is left out.
+    projection, scores + copy, output projection) and the FFN; per token once: the input
+    projection and label_mlp(P) (Va, the same in every layer: tis_reference.py computes it once,
+    as tis does). Work on the click tokens alone is left out.
     """
     d, h, f = TIS_B["d_model"], TIS_B["n_heads"], TIS_B["ffn_dim"]
     tokens = math.prod(roi)
     mac_per_token_layer = {
         "click cross-attention": 2 * n_clicks * h * d,
-        "label assignment": d * d + 2 * n_clicks * d + (NUM_CLASSES * d + d * d) + d * d,
+        "label assignment": d * d + 2 * n_clicks * d + d * d,
         "FFN": 2 * d * f,
     }
     n_layers = TIS_B["n_layers"]
     flops = {part: 2 * mac * tokens * n_layers for part, mac in mac_per_token_layer.items()}
     flops["input projection"] = 2 * FEATURE_CHANNELS * d * tokens
+    flops["label_mlp(P)"] = 2 * (NUM_CLASSES * d + d * d) * tokens
     return flops
 
 

@@ -624,15 +624,16 @@ fn label_assignment_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
     let mut x = up(b, &c.x);
     let norm = norm_on(b, &c.norm);
     let (q, out) = (linear_on(b, &c.key_proj), linear_on(b, &c.value_proj));
+    // Va as the head makes it: the label MLP on the automatic probabilities.
     let label_mlp = Mlp {
         up: linear_on(b, &c.label_up),
         down: linear_on(b, &c.label_down),
     };
+    let auto_embedding = b.mlp(&up(b, &c.probs), &label_mlp).unwrap();
     let params = LabelAssignment {
         norm_q: &norm,
         q: &q,
         out: &out,
-        label_mlp: &label_mlp,
         alpha: 0.3,
         heads: c.heads,
     };
@@ -640,7 +641,7 @@ fn label_assignment_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
         &mut x,
         &up(b, &c.keys),
         &up(b, &c.values),
-        &up(b, &c.probs),
+        &auto_embedding,
         &params,
     )
     .unwrap();

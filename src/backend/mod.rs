@@ -108,8 +108,6 @@ pub struct LabelAssignment<'a, T> {
     pub norm_q: &'a LayerNorm<T>,
     pub q: &'a Linear<T>,
     pub out: &'a Linear<T>,
-    /// `label_mlp`, applied to the automatic probabilities of every voxel.
-    pub label_mlp: &'a Mlp<T>,
     /// `sigmoid(assign_alpha)`.
     pub alpha: f32,
     pub heads: usize,
@@ -363,15 +361,17 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor> {
         click_update_in_parts(self, clicks, attended, update)
     }
-    /// In place: `x ← x + ((1 − α)·U + α·label_mlp(probs))·W_outᵀ + b_out`, where per head
+    /// In place: `x ← x + ((1 − α)·U + α·Va)·W_outᵀ + b_out`, where per head
     /// `U = softmax_over_clicks(Q·Kcᵀ/√d_h)·Vc` and `Q = LN_q(x)·W_qᵀ + b_q`.
-    /// `click_keys` and `click_values` are N_c × d, `probs` is N × K.
+    /// `click_keys` and `click_values` are N_c × d; `auto_embedding`, Va = label_mlp(P) of the
+    /// voxels' automatic probabilities, is N × d (the same in every layer: the head computes it
+    /// once a click).
     fn label_assignment(
         &self,
         x: &mut Self::Tensor,
         click_keys: &Self::Tensor,
         click_values: &Self::Tensor,
-        probs: &Self::Tensor,
+        auto_embedding: &Self::Tensor,
         params: &LabelAssignment<'_, Self::Tensor>,
     ) -> Result<()>;
     /// Index of the largest column per row, ties to the lower index.

@@ -387,34 +387,33 @@ pub fn click_update<T: BackendTensor>(
     Ok((n, width, hidden))
 }
 
-/// `(tokens, clicks, width, classes)` of a label assignment.
+/// `(tokens, clicks, width)` of a label assignment.
 pub fn label_assignment<T: BackendTensor>(
     x: &T,
     click_keys: &T,
     click_values: &T,
-    probs: &T,
+    auto_embedding: &T,
     params: &LabelAssignment<'_, T>,
-) -> Result<(usize, usize, usize, usize)> {
+) -> Result<(usize, usize, usize)> {
     let (n, width) = tokens(x, "label_assignment")?;
     let (clicks, kw) = tokens(click_keys, "label_assignment")?;
-    let (pn, classes) = tokens(probs, "label_assignment")?;
     layer_norm(params.norm_q, width)?;
     if kw != width
         || click_values.shape() != click_keys.shape()
-        || pn != n
+        || auto_embedding.shape() != x.shape()
         || clicks == 0
         || linear(params.q, width)? != width
         || linear(params.out, width)? != width
-        || mlp(params.label_mlp, classes)? != (width, width)
     {
         return Err(shape_err(format!(
-            "label assignment of tokens {:?} with click keys {:?}, values {:?}, probabilities {:?}",
+            "label assignment of tokens {:?} with click keys {:?}, values {:?}, automatic \
+             embedding {:?}",
             x.shape(),
             click_keys.shape(),
             click_values.shape(),
-            probs.shape()
+            auto_embedding.shape()
         )));
     }
     head_width(width, params.heads)?;
-    Ok((n, clicks, width, classes))
+    Ok((n, clicks, width))
 }

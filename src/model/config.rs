@@ -62,9 +62,10 @@ impl TisConfig {
 
     /// Multiply-accumulates of one refinement over `tokens` voxels with `clicks` clicks (the
     /// dense per-voxel work; the click-side work is negligible), counted as docs/performance.md
-    /// does: cross-attention with folded key/value projections, label assignment (Q projection,
-    /// scores and copy, label_mlp of the probabilities, output projection), FFN, input and output
-    /// projections.
+    /// does: per layer the cross-attention with folded key/value projections, the label
+    /// assignment (Q projection, scores and copy, output projection) and the FFN; once, the input
+    /// projection, label_mlp of the probabilities (Va, the same in every layer) and the output
+    /// projection.
     pub fn macs_per_click(
         &self,
         feature_channels: usize,
@@ -79,10 +80,11 @@ impl TisConfig {
         );
         let (c, k, n) = (clicks as u64, classes as u64, tokens as u64);
         let cross = 2 * c * h * d;
-        let assignment = d * d + 2 * c * d + (k * d + d * d) + d * d;
+        let assignment = d * d + 2 * c * d + d * d;
         let ffn = 2 * d * f;
         let per_layer = cross + assignment + ffn;
-        n * (self.n_layers as u64 * per_layer + feature_channels as u64 * d + d * k)
+        let label_mlp = k * d + d * d;
+        n * (self.n_layers as u64 * per_layer + feature_channels as u64 * d + label_mlp + d * k)
     }
 
     pub fn head_width(&self) -> usize {

@@ -263,7 +263,9 @@ impl<B: Backend> TisHead<B> {
         let mut clicks_e = backend.gather_rows(&x, &rows)?;
         let onehot = backend.upload(&Tensor::new(vec![clicks.len(), self.classes], onehot)?)?;
         let click_values = backend.mlp(&onehot, &self.label_mlp)?;
-        let probs = backend.region_tokens(probs, roi)?;
+        // Va = label_mlp(P[R]ᵀ), the automatic segmentation's label embedding: the same in
+        // every layer (contract), so computed once here.
+        let auto_embedding = backend.mlp(&backend.region_tokens(probs, roi)?, &self.label_mlp)?;
         stage_done(Stage::Tokens)?;
 
         for layer in &self.layers {
@@ -301,12 +303,11 @@ impl<B: Backend> TisHead<B> {
                 &mut x,
                 &click_keys,
                 &click_values,
-                &probs,
+                &auto_embedding,
                 &LabelAssignment {
                     norm_q: &layer.assign_norm_q,
                     q: &layer.assign_q,
                     out: &layer.assign_out,
-                    label_mlp: &self.label_mlp,
                     alpha: layer.alpha,
                     heads,
                 },

@@ -11,15 +11,16 @@
 //!   yields a partial softmax (running max, sum and weighted sum of LN(x)) and
 //!   the partials are merged, as in flash attention.
 //! - `label_assignment`: per block of voxels, LN + Q projection, scores over the clicks, softmax,
-//!   the label-embedding copy A·Vc, the automatic segmentation's embedding label_mlp(P) computed on
-//!   the fly, the α mix, the output projection and the residual: x is read and written once.
+//!   the label-embedding copy A·Vc, the α mix with the automatic segmentation's embedding Va
+//!   (given: the head computes label_mlp(P) once a click), the output projection and the
+//!   residual: x is read and written once.
 
 use rayon::prelude::*;
 
 use super::gemm::{MatRef, gemm};
 use super::linear::TOKEN_BLOCK;
 use super::norm::layer_norm_rows;
-use super::packed_linear::{Epilogue, PANEL, PackedLinear, PackedMlp};
+use super::packed_linear::{Epilogue, PANEL, PackedLinear};
 use super::vector_math::{exp_in_place, vectorised};
 use crate::backend::{LabelAssignment, LayerNorm, Linear, shapes};
 use crate::error::Result;
@@ -247,35 +248,33 @@ pub fn label_assignment(
     x: &mut Tensor,
     click_keys: &Tensor,
     click_values: &Tensor,
-    probs: &Tensor,
+    auto_embedding: &Tensor,
     params: &LabelAssignment<'_, Tensor>,
 ) -> Result<()> {
-    let (_, _, width, classes) =
-        shapes::label_assignment(x, click_keys, click_values, probs, params)?;
+    let (_, _, width) =
+        shapes::label_assignment(x, click_keys, click_values, auto_embedding, params)?;
     let alpha = params.alpha;
     let clicks = KeyValueHeads::new(click_keys.data(), click_values.data(), width, params.heads);
     let (q, out) = (PackedLinear::new(params.q), PackedLinear::new(params.out));
-    let label_mlp = PackedMlp::new(params.label_mlp);
     x.data_mut()
         .par_chunks_mut(TOKEN_BLOCK * width)
-        .zip(probs.data().par_chunks(TOKEN_BLOCK * classes))
+        .zip(auto_embedding.data().par_chunks(TOKEN_BLOCK * width))
         .for_each_init(
-            || vec![Vec::new(); 6],
-            |buffers, (block, block_probs)| {
-                let [normed, queries, copied, auto, hidden, scratch] = &mut buffers[..] else {
-                    unreachable!("six buffers")
+            || vec![Vec::new(); 5],
+            |buffers, (block, auto)| {
+                let [normed, queries, copied, scores, scratch] = &mut buffers[..] else {
+                    unreachable!("five buffers")
                 };
-                for buf in [&mut *normed, &mut *queries, &mut *copied, &mut *auto] {
+                for buf in [&mut *normed, &mut *queries, &mut *copied] {
                     buf.resize(block.len(), 0.0);
                 }
                 layer_norm_rows(block, width, params.norm_q, normed);
                 q.apply(normed, Epilogue::Store, queries, scratch);
-                clicks.attend(queries, hidden, scratch, copied);
-                label_mlp.apply(block_probs, Epilogue::Store, auto, hidden, scratch);
+                clicks.attend(queries, scores, scratch, copied);
                 // mixed = (1 − α)·U + α·Va, reusing `copied`
                 copied
                     .iter_mut()
-                    .zip(auto.iter())
+                    .zip(auto)
                     .for_each(|(u, va)| *u = (1.0 - alpha) * *u + alpha * va);
                 out.apply(copied, Epilogue::Accumulate, block, scratch);
             },

@@ -206,10 +206,10 @@ impl Backend for CpuBackend {
         x: &mut Tensor,
         click_keys: &Tensor,
         click_values: &Tensor,
-        probs: &Tensor,
+        auto_embedding: &Tensor,
         params: &LabelAssignment<'_, Tensor>,
     ) -> Result<()> {
-        attention::label_assignment(x, click_keys, click_values, probs, params)
+        attention::label_assignment(x, click_keys, click_values, auto_embedding, params)
     }
 
     fn argmax_rows(&self, x: &Tensor) -> Result<Vec<Label>> {

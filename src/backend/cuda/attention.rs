@@ -377,11 +377,11 @@ pub fn label_assignment<E: Element>(
     x: &mut CudaTensor<E>,
     click_keys: &CudaTensor<E>,
     click_values: &CudaTensor<E>,
-    probs: &CudaTensor<E>,
+    auto_embedding: &CudaTensor<E>,
     params: &LabelAssignment<'_, CudaTensor<E>>,
 ) -> Result<()> {
-    let (n, clicks, width, classes) =
-        shapes::label_assignment(x, click_keys, click_values, probs, params)?;
+    let (n, clicks, width) =
+        shapes::label_assignment(x, click_keys, click_values, auto_embedding, params)?;
     let dh = width / params.heads;
     let Some(&max_dh) = ASSIGN_HEAD_WIDTHS.iter().find(|&&bound| dh <= bound) else {
         return Err(Error::Shape(format!(
@@ -393,23 +393,13 @@ pub fn label_assignment<E: Element>(
         return Ok(());
     }
     if fused_heads::<E>(width, params.heads) {
-        let inputs = [click_keys, click_values, probs];
-        return fused_label_assignment(b, x, inputs, params, [n, clicks, width, classes]);
+        let inputs = [click_keys, click_values, auto_embedding];
+        return fused_label_assignment(b, x, inputs, params, [n, clicks, width]);
     }
     let normed = norm::layer_norm(b, x, params.norm_q)?;
     let mut queries = b.output(vec![n, width])?;
     gemm(b, &normed, params.q, &mut queries, Epilogue::Plain)?;
-    let mut hidden = b.output(vec![n, width])?;
-    gemm(b, probs, &params.label_mlp.up, &mut hidden, Epilogue::Gelu)?;
-    let mut auto_embedding = normed; // reuse: LN(x) is no longer needed
-    gemm(
-        b,
-        &hidden,
-        &params.label_mlp.down,
-        &mut auto_embedding,
-        Epilogue::Plain,
-    )?;
-    let mut mixed = hidden; // reuse
+    let mut mixed = normed; // reuse: LN(x) is no longer needed
     let f = b.function(MODULE, &format!("assign_mix_{}_{max_dh}", E::SUFFIX))?;
     let (tokens, nc, h, alpha) = (n as i64, clicks as i64, params.heads as i64, params.alpha);
     let dh = dh as i32;
@@ -433,17 +423,18 @@ pub fn label_assignment<E: Element>(
 
 /// The whole sub-layer in one launch, on tensor cores: `assign_wgmma_f16_{width}` where the GPU
 /// runs the sm_90a cubins and the width is a multiple of 64 (blocks of 128 tokens), else
-/// `assign_fused_f16_{width}` (widths that are multiples of 16 up to 128, mma.sync). Their
-/// dynamic shared memory is `AssignShared` in kernels/attention.cu: the f16 operand, one staged
-/// D × D weight matrix (both rows padded by 8 halves for mma.sync, wgmma's core matrices
-/// otherwise) and the f16 rows of Q (padded). The wgmma kernel gets the larger of the two
-/// layouts, which its mma.sync build for other targets would take.
+/// `assign_fused_f16_{width}` (widths that are multiples of 16 up to 128, mma.sync), after
+/// `pack_click_fragments_f16`. Their dynamic shared memory is `AssignShared` in
+/// kernels/attention.cu: the f16 operand (Va, then the mix), one staged D × D weight matrix (both
+/// rows padded by 8 halves for mma.sync, wgmma's core matrices otherwise) and the f16 rows of
+/// LN_q(x), then Q (padded). The wgmma kernel gets the larger of the two layouts, which its
+/// mma.sync build for other targets would take.
 fn fused_label_assignment<E: Element>(
     b: &CudaBackend<E>,
     x: &mut CudaTensor<E>,
-    [keys, values, probs]: [&CudaTensor<E>; 3],
+    [keys, values, auto_embedding]: [&CudaTensor<E>; 3],
     params: &LabelAssignment<'_, CudaTensor<E>>,
-    [n, clicks, width, classes]: [usize; 4],
+    [n, clicks, width]: [usize; 3],
 ) -> Result<()> {
     let ld = width + 8;
     let padded = |rows: usize| 2 * (2 * rows + width) * ld;
@@ -456,9 +447,8 @@ fn fused_label_assignment<E: Element>(
         padded,
     )?;
     let fragments = click_fragments(b, keys, values, params.heads)?;
-    let (tokens, nc, nk) = (n as i64, clicks as i64, classes as i64);
+    let (tokens, nc) = (n as i64, clicks as i64);
     let (heads, alpha) = (params.heads as i32, params.alpha);
-    let mlp = params.label_mlp;
     let mut launch = b.launch_builder(&f);
     launch
         .arg(&mut x.data)
@@ -466,24 +456,15 @@ fn fused_label_assignment<E: Element>(
         .arg(&params.norm_q.bias.data)
         .arg(&params.q.weight.data)
         .arg(&params.q.bias.data);
-    launch.arg(&fragments).arg(&probs.data);
+    launch.arg(&fragments).arg(&auto_embedding.data);
     launch
-        .arg(&mlp.up.weight.data)
-        .arg(&mlp.up.bias.data)
-        .arg(&mlp.down.weight.data)
-        .arg(&mlp.down.bias.data)
         .arg(&params.out.weight.data)
         .arg(&params.out.bias.data);
-    launch
-        .arg(&tokens)
-        .arg(&nc)
-        .arg(&nk)
-        .arg(&heads)
-        .arg(&alpha);
+    launch.arg(&tokens).arg(&nc).arg(&heads).arg(&alpha);
     // SAFETY: matches `assign_{fused,wgmma}_f16_*`'s arguments in order; the storage is f16
-    // (TENSOR_CORES); every tensor's shape was checked by shapes::label_assignment, the heads
-    // are fused_heads, `fragments` holds the clicks' (click_fragments), and the shared memory
-    // holds the kernel's AssignShared for the block's rows.
+    // (TENSOR_CORES); every tensor's shape was checked by shapes::label_assignment (Va is n ×
+    // width), the heads are fused_heads, `fragments` holds the clicks' (click_fragments), and the
+    // shared memory holds the kernel's AssignShared for the block's rows.
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(())
 }

@@ -821,10 +821,10 @@ impl<E: Element> Backend for CudaBackend<E> {
         x: &mut CudaTensor<E>,
         click_keys: &CudaTensor<E>,
         click_values: &CudaTensor<E>,
-        probs: &CudaTensor<E>,
+        auto_embedding: &CudaTensor<E>,
         params: &LabelAssignment<'_, CudaTensor<E>>,
     ) -> Result<()> {
-        attention::label_assignment(self, x, click_keys, click_values, probs, params)
+        attention::label_assignment(self, x, click_keys, click_values, auto_embedding, params)
     }
 
     fn argmax_rows(&self, x: &CudaTensor<E>) -> Result<Vec<Label>> {
