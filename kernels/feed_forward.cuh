@@ -26,67 +26,114 @@
 // block of 8 warps a multiprocessor (5.94 ms a layer on an H200, 69 TFLOP/s).
 constexpr int FFN_CHUNK = 32;
 
-template <int D> struct FfnShared {
-    static constexpr int LD = D + MMA_PAD, LH = FFN_CHUNK + MMA_PAD;
+// The shared memory of GELU(A·W1ᵀ + b1)·W2ᵀ over a block's rows (`GeluMlpChunks`): A's rows (K
+// wide), two chunks of W1 (FFN_CHUNK × K) and two of W2 (D × FFN_CHUNK), rows padded by 8 halves.
+// The FFN's A is LN(x) (K = D); the label MLP's, the probabilities (K = 16, zero past the classes).
+template <int K, int D> struct FfnShared {
+    static constexpr int LD = K + MMA_PAD, LH = FFN_CHUNK + MMA_PAD;
     static constexpr int W1_HALVES = FFN_CHUNK * LD, W2_HALVES = D * LH;
     // Byte offsets for a block of `rows` tokens.
     int normed, w1, w2;
     __device__ explicit FfnShared(int rows)
-        : normed(0),                       // LN(x): rows × LD halves
+        : normed(0),                       // A: rows × LD halves
           w1(normed + rows * LD * 2),      // W1 chunks: 2 × FFN_CHUNK × LD halves
           w2(w1 + 2 * W1_HALVES * 2) {}    // W2 chunks: 2 × D × LH halves
+};
+
+// y += GELU(A·W1ᵀ + b1)·W2ᵀ for each warp's 16 rows of A, the hidden units FFN_CHUNK at a time
+// (W1: hidden × `width` values, W2: D × hidden, PyTorch's [out][in]): the loop of the FFN and of
+// the label MLP. The caller starts the first chunk's copies (`prefetch(0, 0)`), writes A's rows
+// into shared memory meanwhile, and runs `multiply` with every warp of the block.
+template <int K, int D> struct GeluMlpChunks {
+    using L = FfnShared<K, D>;
+    __half* w1s;
+    __half* w2s;
+    const __half* w1;
+    const __half* b1;
+    const __half* w2;
+    int64_t width, hidden;
+    __device__ GeluMlpChunks(const L& layout, const __half* w1, const __half* b1, const __half* w2, int64_t width,
+                             int64_t hidden)
+        : w1s(shared_halves(layout.w1)), w2s(shared_halves(layout.w2)), w1(w1), b1(b1), w2(w2), width(width),
+          hidden(hidden) {}
+    // Copies chunk c0's W1 and W2 blocks into buffer `buffer` as one group of cp.async copies
+    // (zero past W1's `width` columns and past `hidden`).
+    __device__ __forceinline__ void prefetch(int64_t c0, int buffer) const {
+        stage_weights_async(w1s + buffer * L::W1_HALVES, L::LD, w1, hidden, width, c0, 0, FFN_CHUNK, K);
+        stage_weights_async(w2s + buffer * L::W2_HALVES, L::LH, w2, D, hidden, 0, c0, D, FFN_CHUNK);
+        __pipeline_commit();
+    }
+    // `rows`: the warp's 16 rows of A (ld halves apart).
+    __device__ __forceinline__ void multiply(float (&y)[D / 8][4], const __half* rows, int ld) const {
+        for (int64_t c0 = 0, chunk = 0; c0 < hidden; c0 += FFN_CHUNK, ++chunk) {
+            const int buffer = chunk % 2;
+            const __half* w1c = w1s + buffer * L::W1_HALVES;
+            const __half* w2c = w2s + buffer * L::W2_HALVES;
+            // The other buffer was last read by the previous chunk, which every warp has finished
+            // (the barrier ending it).
+            if (c0 + FFN_CHUNK < hidden) prefetch(c0 + FFN_CHUNK, 1 - buffer);
+            else __pipeline_commit();  // an empty group: this chunk's is always the one before last
+            __pipeline_wait_prior(1);
+            __syncthreads();  // every thread's copies of this chunk (and, at first, A's rows) are visible
+
+            float h[FFN_CHUNK / 8][4];  // H, b1 added from the start
+            warp_rows_linear<FFN_CHUNK, K>(h, rows, ld, w1c, L::LD, b1 + c0, hidden - c0);
+            // GELU(H) into the A fragments of the second product, 16 hidden units (two C tiles) at
+            // a time. Units past `hidden` have zero weights on both sides.
+#pragma unroll
+            for (int k = 0; k < FFN_CHUNK / 16; ++k) {
+                float v[2][4];
+#pragma unroll
+                for (int tile = 0; tile < 2; ++tile)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) v[tile][i] = gelu_fast(h[2 * k + tile][i]);
+                uint32_t a[4];
+                tiles_as_a_fragment(a, v[0], v[1]);
+                mma_rows_k16<D>(y, a, w2c, L::LH, 16 * k);
+            }
+            __syncthreads();  // every warp is done with this buffer, which the next chunk's prefetch refills
+        }
+    }
 };
 
 template <int D>
 __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* beta, const __half* w1,
                                  const __half* b1, const __half* w2, const __half* b2, int64_t n, int64_t hidden) {
-    using L = FfnShared<D>;
-    const L layout(fused_rows());
+    const FfnShared<D, D> layout(fused_rows());
+    const GeluMlpChunks<D, D> chunks(layout, w1, b1, w2, D, hidden);
     __half* normed = shared_halves(layout.normed);
-    __half* w1s = shared_halves(layout.w1);
-    __half* w2s = shared_halves(layout.w2);
     const int64_t row0 = (int64_t)blockIdx.x * fused_rows();
     const int r0 = 16 * (threadIdx.x / 32);
-    // Copies chunk c0's W1 and W2 blocks into buffer `buffer` as one group of cp.async copies.
-    auto prefetch = [&](int64_t c0, int buffer) {
-        stage_weights_async(w1s + buffer * L::W1_HALVES, L::LD, w1, hidden, D, c0, 0, FFN_CHUNK, D);
-        stage_weights_async(w2s + buffer * L::W2_HALVES, L::LH, w2, D, hidden, 0, c0, D, FFN_CHUNK);
-        __pipeline_commit();
-    };
-    prefetch(0, 0);
-    layer_norm_rows<D>(normed, L::LD, x, gamma, beta, n, row0, fused_rows());
-
+    chunks.prefetch(0, 0);
+    layer_norm_rows<D>(normed, FfnShared<D, D>::LD, x, gamma, beta, n, row0, fused_rows());
     float y[D / 8][4];  // Y, b2 added from the start
     fill_tiles_with_bias<D>(y, b2);
-    for (int64_t c0 = 0, chunk = 0; c0 < hidden; c0 += FFN_CHUNK, ++chunk) {
-        const int buffer = chunk % 2;
-        const __half* w1c = w1s + buffer * L::W1_HALVES;
-        const __half* w2c = w2s + buffer * L::W2_HALVES;
-        // The other buffer was last read by the previous chunk, which every warp has finished
-        // (the barrier ending it).
-        if (c0 + FFN_CHUNK < hidden) prefetch(c0 + FFN_CHUNK, 1 - buffer);
-        else __pipeline_commit();  // an empty group: this chunk's is always the one before last
-        __pipeline_wait_prior(1);
-        __syncthreads();  // every thread's copies of this chunk (and, at first, LN(x)) are visible
-
-        float h[FFN_CHUNK / 8][4];  // H, b1 added from the start
-        warp_rows_linear<FFN_CHUNK, D>(h, normed + r0 * L::LD, L::LD, w1c, L::LD, b1 + c0, hidden - c0);
-        // GELU(H) into the A fragments of the second product, 16 hidden units (two C tiles) at a
-        // time. Units past `hidden` have zero weights on both sides.
-#pragma unroll
-        for (int k = 0; k < FFN_CHUNK / 16; ++k) {
-            float v[2][4];
-#pragma unroll
-            for (int tile = 0; tile < 2; ++tile)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) v[tile][i] = gelu_fast(h[2 * k + tile][i]);
-            uint32_t a[4];
-            tiles_as_a_fragment(a, v[0], v[1]);
-            mma_rows_k16<D>(y, a, w2c, L::LH, 16 * k);
-        }
-        __syncthreads();  // every warp is done with this buffer, which the next chunk's prefetch refills
-    }
+    chunks.multiply(y, normed + r0 * FfnShared<D, D>::LD, FfnShared<D, D>::LD);
     write_tiles_to_rows<D, true>(x, y, n, row0 + r0);
+}
+
+// The label MLP over a block of tokens, out = GELU(P·W_upᵀ + b_up)·W_downᵀ + b_down, for
+// probabilities P of at most LABEL_MLP_CLASSES classes (zero-padded to them: one K step) and
+// outputs D wide: the head's Va, once a click. The loop is the FFN's; P's rows are staged
+// value by value (`classes` values a row, no 16-byte pieces), and Y is written, f16 pairs.
+constexpr int LABEL_MLP_CLASSES = 16;
+
+template <int D>
+__device__ void label_mlp_mma(const __half* p, const __half* w_up, const __half* b_up, const __half* w_down,
+                              const __half* b_down, __half* out, int64_t n, int64_t classes, int64_t hidden) {
+    using L = FfnShared<LABEL_MLP_CLASSES, D>;
+    const L layout(fused_rows());
+    const GeluMlpChunks<LABEL_MLP_CLASSES, D> chunks(layout, w_up, b_up, w_down, classes, hidden);
+    __half* rows = shared_halves(layout.normed);
+    const int64_t row0 = (int64_t)blockIdx.x * fused_rows();
+    const int r0 = 16 * (threadIdx.x / 32);
+    chunks.prefetch(0, 0);
+    stage_weights_async(rows, L::LD, p, n, classes, row0, 0, fused_rows(), LABEL_MLP_CLASSES);
+    __pipeline_commit();  // a group of its own (where the classes come in eights), which multiply waits for
+    float y[D / 8][4];  // Y, b_down added from the start
+    fill_tiles_with_bias<D>(y, b_down);
+    chunks.multiply(y, rows + r0 * L::LD, L::LD);
+    write_tiles_to_rows<D, false>(out, y, n, row0 + r0);
 }
 
 // With wgmma (sm_90a, widths that are multiples of 64, blocks of 128 tokens), the same sub-layer

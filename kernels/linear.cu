@@ -13,8 +13,9 @@
 // Loads are bounds-checked and zero-filled, so any M, N, K work (the click side has M = 10);
 // the tensor-core kernel's move 8 halves at a time where K comes in eights (load_slab).
 // `feed_forward_mma_f16_{D}` and `feed_forward_wgmma_f16_{D}`, the whole FFN sub-layer of the
-// head's tokens on mma.sync and on sm_90a's wgmma, are instantiated here from
-// kernels/feed_forward.cuh, which says how they are shaped.
+// head's tokens on mma.sync and on sm_90a's wgmma, and `label_mlp_mma_f16_{D}`, the label MLP on
+// the same loop, are instantiated here from kernels/feed_forward.cuh, which says how they are
+// shaped.
 #include "feed_forward.cuh"
 
 enum Epilogue { PLAIN = 0, GELU = 1, RESIDUAL = 2 };
@@ -132,6 +133,14 @@ extern "C" __global__ void __launch_bounds__(128) linear_mma_f16(const __half* x
         feed_forward_mma<D>(x, g, b, w1, b1, w2, b2, n, hidden);                                             \
     }
 FOR_EACH_FUSED_WIDTH(FEED_FORWARD_MMA)
+
+#define LABEL_MLP_MMA(D)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, 2) label_mlp_mma_f16_##D(                \
+        const __half* p, const __half* w_up, const __half* b_up, const __half* w_down, const __half* b_down, \
+        __half* out, int64_t n, int64_t classes, int64_t hidden) {                                           \
+        label_mlp_mma<D>(p, w_up, b_up, w_down, b_down, out, n, classes, hidden);                            \
+    }
+FOR_EACH_FUSED_WIDTH(LABEL_MLP_MMA)
 
 // Its wgmma path, for the widths that are multiples of 64 (blocks of 128 tokens, FfnWgmmaShared's
 // shared memory), a kernel of its own so that each path keeps its registers (sharing one

@@ -190,11 +190,12 @@ else
     echo "no Pancreas bundle (step 5 did not get to write it): no tile profile"
 fi
 # The click's first 20 matching launches: its tokens (`input_tokens`, one pass at f16 and TIS-B's
-# width) and its first layers: the cross-attention over the voxels and its merge, the click
-# side's block (`click_update`), the label assignment and the FFN. (The clicks' small query
-# launches are in `tis bench`'s per-kernel table.)
+# width, and `label_mlp_mma`, Va) and its first layers: the cross-attention over the voxels and
+# its merge, the click side's block (`click_update`), the clicks' fragments, the label
+# assignment and the FFN (either path: `assign_fused`/`assign_wgmma`, `feed_forward_mma`/
+# `feed_forward_wgmma`). (The clicks' small query launches are in `tis bench`'s per-kernel table.)
 bounded "$(within 40 $RESERVE_SUMMARY)" ncu "${sections[@]}" --launch-count 20 \
-    --kernel-name regex:'input_tokens|cross_partial|cross_merge|click_update|assign_fused|feed_forward_mma|layer_norm_project' \
+    --kernel-name regex:'input_tokens|label_mlp|cross_partial|cross_merge|click_update|pack_click|assign_|feed_forward_|layer_norm_project' \
     gpu-bin/tis bench --device cuda --precision f16 --iters 1 --warmup 0 > "$out/ncu-click.log" 2>&1
 echo "ncu (click) exit $?"
 timeout 10 python3 scripts/ncu_summary.py "$out"/ncu-*.log

@@ -491,6 +491,10 @@ struct TokenCase {
     value_proj: (Tensor, Tensor),
     label_up: (Tensor, Tensor),
     label_down: (Tensor, Tensor),
+    /// 16 columns a token and a label MLP's first layer for them (the CUDA backend's fused label
+    /// MLP at its widest input, whose rows it copies 16 bytes at a time).
+    narrow: Tensor,
+    narrow_up: (Tensor, Tensor),
     /// The click side's projections, each its own: the cross-attention's output, self-attention
     /// q, k, v and output, the label assignment's keys.
     click_projections: [(Tensor, Tensor); 6],
@@ -532,6 +536,8 @@ fn token_case(n: &mut Rng, tokens: usize, width: usize, heads: usize, clicks: us
         value_proj: random_linear(n, width, width),
         label_up: random_linear(n, width, classes),
         label_down: random_linear(n, width, width),
+        narrow: n.tensor(&[tokens, 16], 1.0),
+        narrow_up: random_linear(n, width, 16),
         click_projections: std::array::from_fn(|_| random_linear(n, width, width)),
         click_norms: std::array::from_fn(|_| random_norm(n, width)),
         heads,
@@ -574,8 +580,14 @@ fn dense_ops_on<B: Backend>(b: &B, c: &TokenCase) -> Tensor {
         down: linear_on(b, &c.down),
     };
     let hidden = b.mlp(&normed, &mlp).unwrap();
+    let label_mlp = Mlp {
+        up: linear_on(b, &c.narrow_up),
+        down: linear_on(b, &c.label_down),
+    };
+    let embedded = b.mlp(&up(b, &c.narrow), &label_mlp).unwrap();
     let mut all = down(b, &projected).into_data();
     all.extend(down(b, &hidden).into_data());
+    all.extend(down(b, &embedded).into_data());
     Tensor::new(vec![all.len()], all).unwrap()
 }
 

@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::linear::{Epilogue, fused_feed_forward_shared_bytes, gemm};
+use super::linear::{Epilogue, gelu_mlp_shared_bytes, gemm};
 use super::{CudaBackend, CudaTensor, Element, FUSED_ROWS, Kernel, driver, norm};
 use crate::backend::{
     ClickUpdate, LabelAssignment, LayerNorm, Linear, click_update_in_parts, shapes,
@@ -325,7 +325,7 @@ pub fn click_update<E: Element>(
     // ClickShared in kernels/attention.cu (the operand, K, V and one weight matrix), or the
     // FFN's own layout where that is larger.
     let shared = |rows: usize| {
-        (2 * (3 * rows + width) * (width + 8)).max(fused_feed_forward_shared_bytes(width, rows))
+        (2 * (3 * rows + width) * (width + 8)).max(gelu_mlp_shared_bytes(width, width, rows))
     };
     let rows = FUSED_ROWS
         .into_iter()

@@ -71,23 +71,66 @@ pub fn linear<E: Element>(
     linear_into_new(b, x, linear, Epilogue::Plain)
 }
 
+/// `GELU(x·W_upᵀ + b_up)·W_downᵀ + b_down`: in one launch of `label_mlp_mma_f16_{out}` where x
+/// has at most LABEL_MLP_CLASSES columns and the output a fused width (the head's label MLP on
+/// the probabilities, Va, and on the clicks' classes), the hidden layer never written; else two
+/// GEMMs, the hidden layer through global memory.
 pub fn mlp<E: Element>(
     b: &CudaBackend<E>,
     x: &CudaTensor<E>,
     mlp: &Mlp<CudaTensor<E>>,
 ) -> Result<CudaTensor<E>> {
+    let (rows, classes) = shapes::tokens(x, "mlp")?;
+    let (hidden, width) = shapes::mlp(mlp, classes)?;
+    if rows > 0 && classes <= LABEL_MLP_CLASSES && CudaBackend::<E>::fused_head_width(width) {
+        return fused_label_mlp(b, x, mlp, [rows, classes, hidden, width]);
+    }
     let hidden = linear_into_new(b, x, &mlp.up, Epilogue::Gelu)?;
     linear_into_new(b, &hidden, &mlp.down, Epilogue::Plain)
+}
+
+/// The columns `label_mlp_mma_f16_*` takes (LABEL_MLP_CLASSES in the kernel: one K step).
+const LABEL_MLP_CLASSES: usize = 16;
+
+fn fused_label_mlp<E: Element>(
+    b: &CudaBackend<E>,
+    x: &CudaTensor<E>,
+    mlp: &Mlp<CudaTensor<E>>,
+    [rows, classes, hidden, width]: [usize; 4],
+) -> Result<CudaTensor<E>> {
+    let name = format!("label_mlp_mma_f16_{width}");
+    let f = b.function(MODULE, &name)?;
+    let grid = b.fused_launch(&name, &f, rows, |block_rows| {
+        gelu_mlp_shared_bytes(LABEL_MLP_CLASSES, width, block_rows)
+    })?;
+    let mut out = b.output(vec![rows, width])?;
+    let (n, k, h) = (rows as i64, classes as i64, hidden as i64);
+    let mut launch = b.launch_builder(&f);
+    launch
+        .arg(&x.data)
+        .arg(&mlp.up.weight.data)
+        .arg(&mlp.up.bias.data)
+        .arg(&mlp.down.weight.data)
+        .arg(&mlp.down.bias.data)
+        .arg(&mut out.data);
+    launch.arg(&n).arg(&k).arg(&h);
+    // SAFETY: matches `label_mlp_mma_f16_*` (p, w_up, b_up, w_down, b_down, out, n, classes,
+    // hidden); the storage is f16 (fused_head_width), x holds rows × classes values (at most
+    // LABEL_MLP_CLASSES a row), the weights were checked by shapes::mlp, `out` holds rows × width
+    // values, and the shared memory is the kernel's FfnShared<LABEL_MLP_CLASSES, width>.
+    unsafe { launch.launch(grid) }.map_err(driver)?;
+    Ok(out)
 }
 
 /// Hidden units per chunk of `feed_forward_mma_f16_*` (FFN_CHUNK in the kernel).
 const FFN_CHUNK: usize = 32;
 
-/// Bytes of dynamic shared memory `feed_forward_mma_f16_{width}` lays out (`FfnShared` in
-/// kernels/feed_forward.cuh): LN(x), two chunks of W1 and two of W2 (halves, rows padded by 8), for
-/// blocks of `rows` tokens (71 KB at width 128 and 128 rows: two blocks a multiprocessor).
-pub(super) fn fused_feed_forward_shared_bytes(width: usize, rows: usize) -> usize {
-    let (ld, lh) = (width + 8, FFN_CHUNK + 8);
+/// Bytes of dynamic shared memory of the kernels on kernels/feed_forward.cuh's `GeluMlpChunks`
+/// (`FfnShared<k, width>`): the rows multiplied (`k` values), two chunks of W1 and two of W2
+/// (halves, rows padded by 8), for blocks of `rows` tokens. The FFN's k is its width (71 KB at
+/// width 128 and 128 rows: two blocks a multiprocessor).
+pub(super) fn gelu_mlp_shared_bytes(k: usize, width: usize, rows: usize) -> usize {
+    let (ld, lh) = (k + 8, FFN_CHUNK + 8);
     2 * (rows * ld + 2 * FFN_CHUNK * ld + 2 * width * lh)
 }
 
@@ -133,7 +176,7 @@ fn fused_feed_forward<E: Element>(
         width,
         rows,
         wgmma_feed_forward_shared_bytes(width),
-        |block_rows| fused_feed_forward_shared_bytes(width, block_rows),
+        |block_rows| gelu_mlp_shared_bytes(width, width, block_rows),
     )?;
     let (n, h) = (rows as i64, hidden as i64);
     let mut launch = b.launch_builder(&f);
@@ -151,7 +194,7 @@ fn fused_feed_forward<E: Element>(
     // SAFETY: matches `feed_forward_{mma,wgmma}_f16_*` (x, gamma, beta, w1, b1, w2, b2, n,
     // hidden); the storage is f16 (TENSOR_CORES), x holds rows × width values and the weights
     // were checked against width and hidden; the shared memory is the kernel's (FfnWgmmaShared,
-    // blocks of 128 tokens; FfnShared<width> for the rows chosen).
+    // blocks of 128 tokens; FfnShared<width, width> for the rows chosen).
     unsafe { launch.launch(grid) }.map_err(driver)?;
     Ok(())
 }
