@@ -558,21 +558,25 @@ template <int N> __device__ __forceinline__ void store_tiles(__half* rows, int l
 
 // x[row0 + r][c] = the warp's C tiles (16 × N, x's rows N wide), or += with ADD (the residual of
 // the fused kernels), rows past n left alone: each lane its column pairs of rows g and g + 8, as
-// f16 pairs.
+// f16 pairs. A row's N/8 old pairs are all loaded before any is used, so that their round trips
+// to memory overlap: with a load, add and store a pair in turn (each behind its own bounds check,
+// which the compiler made a branch), a thread waited for 2·N/8 loads one after the other, 32 at
+// TIS-B's width, at the end of every FFN and label-assignment block.
 template <int N, bool ADD>
 __device__ __forceinline__ void write_tiles_to_rows(__half* x, const float (&acc)[N / 8][4], int64_t n, int64_t row0) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int j = 0; j < N / 8; ++j)
+    for (int half = 0; half < 2; ++half) {
+        const int64_t row = row0 + g + 8 * half;
+        if (row >= n) continue;
+        __half2* out = (__half2*)&x[row * N + 2 * t];  // pair j at out[4j]
+        float2 old[N / 8];
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int64_t row = row0 + g + 8 * half;
-            if (row < n) {
-                __half2* out = (__half2*)&x[row * N + 8 * j + 2 * t];
-                const float2 old = ADD ? __half22float2(*out) : float2{0.f, 0.f};
-                *out = __floats2half2_rn(old.x + acc[j][2 * half], old.y + acc[j][2 * half + 1]);
-            }
-        }
+        for (int j = 0; j < N / 8; ++j) old[j] = ADD ? __half22float2(out[4 * j]) : float2{0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < N / 8; ++j)
+            out[4 * j] = __floats2half2_rn(old[j].x + acc[j][2 * half], old[j].y + acc[j][2 * half + 1]);
+    }
 }
 
 // The fused kernels' widths: multiples of 16 up to 128 (one instantiation each).
