@@ -213,8 +213,7 @@ __device__ void cross_partial_mma(const __half* x, const __half* gamma, const __
     for (int64_t t0 = begin; t0 < end; t0 += T) {
         __pipeline_wait_prior(0);
         __syncthreads();  // the tile's x has landed; every warp is done with the previous LN(x)
-        layer_norm_rows_at<D>(
-            ln, [](int r, int f) { return r * L::LD + f; }, next, L::LD, gamma, beta, min((int64_t)T, end - t0), 0, T);
+        layer_norm_rows<D>(ln, L::LD, next, L::LD, gamma, beta, min((int64_t)T, end - t0), 0, T);
         __syncthreads();  // LN(x) is ready and `next` free for the tile after
         if (t0 + T < end) prefetch(t0 + T);
         // S: element i of C tile j is voxel t0 + 8j + 2t + i % 2 of column col0 + g + 8·(i / 2).
@@ -820,7 +819,7 @@ __device__ void click_update(__half* clicks, const __half* attended, const __hal
 
     // Self-attention: K and V of every row, then the warp's own Q over its LN(c) rows.
     stage(wk);
-    layer_norm_rows<D>(operand, L::LD, clicks, self_gamma, self_beta, n, 0, rows);
+    layer_norm_rows<D>(operand, L::LD, clicks, D, self_gamma, self_beta, n, 0, rows);
     staged_linear<D>(acc, own, w, bk);
     store_tiles<D>(keys + r0 * L::LD, L::LD, acc);
     __syncthreads();
@@ -856,7 +855,7 @@ __device__ void click_update(__half* clicks, const __half* attended, const __hal
 
     // The label assignment's click keys.
     stage(w_key);
-    layer_norm_rows<D>(operand, L::LD, clicks, key_gamma, key_beta, n, 0, rows);
+    layer_norm_rows<D>(operand, L::LD, clicks, D, key_gamma, key_beta, n, 0, rows);
     staged_linear<D>(acc, own, w, b_key);
     write_tiles_to_rows<D, false>(click_keys, acc, n, r0);
 }

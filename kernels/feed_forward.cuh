@@ -99,16 +99,17 @@ template <int K, int D> struct GeluMlpChunks {
 template <int D>
 __device__ void feed_forward_mma(__half* x, const __half* gamma, const __half* beta, const __half* w1,
                                  const __half* b1, const __half* w2, const __half* b2, int64_t n, int64_t hidden) {
-    const FfnShared<D, D> layout(fused_rows());
+    using L = FfnShared<D, D>;
+    const L layout(fused_rows());
     const GeluMlpChunks<D, D> chunks(layout, w1, b1, w2, D, hidden);
     __half* normed = shared_halves(layout.normed);
     const int64_t row0 = (int64_t)blockIdx.x * fused_rows();
     const int r0 = 16 * (threadIdx.x / 32);
     chunks.prefetch(0, 0);
-    layer_norm_rows<D>(normed, FfnShared<D, D>::LD, x, gamma, beta, n, row0, fused_rows());
+    layer_norm_rows<D>(normed, L::LD, x, D, gamma, beta, n, row0, fused_rows());
     float y[D / 8][4];  // Y, b2 added from the start
     fill_tiles_with_bias<D>(y, b2);
-    chunks.multiply(y, normed + r0 * FfnShared<D, D>::LD, FfnShared<D, D>::LD);
+    chunks.multiply(y, normed + r0 * L::LD, L::LD);
     write_tiles_to_rows<D, true>(x, y, n, row0 + r0);
 }
 

@@ -537,23 +537,16 @@ __device__ __forceinline__ void warp_rows_linear(float (&acc)[N / 8][4], const _
     }
 }
 
-// The warp's C tiles (16 × N, rows r0 to r0 + 15) as f16 in shared memory, value (r, c) at
-// dest[at(r, c)] (values c and c + 1 of a row next to each other, c even): each lane its column
-// pairs of rows r0 + g and r0 + g + 8.
-template <int N, class At>
-__device__ __forceinline__ void store_tiles_at(__half* dest, At at, int r0, const float (&acc)[N / 8][4]) {
+// The warp's C tiles (16 × N) as f16 rows in shared memory (from `rows`, row stride ld halves):
+// each lane its column pairs of rows g and g + 8.
+template <int N> __device__ __forceinline__ void store_tiles(__half* rows, int ld, const float (&acc)[N / 8][4]) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int j = 0; j < N / 8; ++j)
 #pragma unroll
         for (int half = 0; half < 2; ++half)
-            *(__half2*)&dest[at(r0 + g + 8 * half, 8 * j + 2 * t)] =
+            *(__half2*)&rows[(g + 8 * half) * ld + 8 * j + 2 * t] =
                 __floats2half2_rn(acc[j][2 * half], acc[j][2 * half + 1]);
-}
-
-// The same into f16 rows (from `rows`, row stride ld halves).
-template <int N> __device__ __forceinline__ void store_tiles(__half* rows, int ld, const float (&acc)[N / 8][4]) {
-    store_tiles_at<N>(rows, [ld](int r, int c) { return r * ld + c; }, 0, acc);
 }
 
 // x[row0 + r][c] = the warp's C tiles (16 × N, x's rows N wide), or += with ADD (the residual of
@@ -667,9 +660,10 @@ __device__ __forceinline__ void layer_norm_rows_at(__half* dest, At at, const __
     }
 }
 
-// The same into shared rows `ld` halves apart, from x's rows D halves apart.
+// The same into shared rows `ld` halves apart, from x's rows `ldx` halves apart.
 template <int D>
-__device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __half* x, const __half* gamma,
-                                                const __half* beta, int64_t n, int64_t row0, int rows) {
-    layer_norm_rows_at<D>(dest, [ld](int r, int f) { return r * ld + f; }, x, D, gamma, beta, n, row0, rows);
+__device__ __forceinline__ void layer_norm_rows(__half* dest, int ld, const __half* x, int64_t ldx,
+                                                const __half* gamma, const __half* beta, int64_t n, int64_t row0,
+                                                int rows) {
+    layer_norm_rows_at<D>(dest, [ld](int r, int f) { return r * ld + f; }, x, ldx, gamma, beta, n, row0, rows);
 }
