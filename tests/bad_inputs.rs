@@ -2,7 +2,11 @@
 
 mod common;
 
+use std::io::Write;
 use std::path::PathBuf;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
 
 use tis::io::nifti::read_image;
 use tis::pipeline::preprocess::preprocess;
@@ -146,15 +150,77 @@ fn nan_voxels_are_refused_by_preprocessing() {
 }
 
 #[test]
-fn a_voxel_offset_past_the_data_is_refused() {
-    let mut bytes = nifti_bytes(&[4, 3, 2], &[0.5; 24]);
-    bytes[108..112].copy_from_slice(&4000f32.to_le_bytes());
-    refused("offset.nii", &bytes, "vox_offset 4000");
-    // Padding between header and voxels, declared by vox_offset but not as an extension.
-    let mut padded = nifti_bytes(&[4, 3, 2], &[0.5; 24]);
+fn voxels_are_read_from_vox_offset() {
+    let voxels: Vec<f32> = (0..24).map(|v| v as f32).collect();
+    refused_after_offset(400f32, &voxels);
+    // Padding between the header and the voxels, as vox_offset declares (not an extension).
+    let mut padded = nifti_bytes(&[4, 3, 2], &voxels);
     padded.splice(352..352, [0u8; 48]);
     padded[108..112].copy_from_slice(&400f32.to_le_bytes());
-    refused("padded.nii", &padded, "vox_offset 400");
+    let path = write("padded.nii", &padded);
+    assert_eq!(read_image(&path).unwrap().voxels.data(), &voxels[..]);
+    std::fs::remove_file(path).unwrap();
+    // A vox_offset past the data, or inside the header.
+    let mut bytes = nifti_bytes(&[4, 3, 2], &voxels);
+    bytes[108..112].copy_from_slice(&4000f32.to_le_bytes());
+    refused("offset.nii", &bytes, "vox_offset 4000");
+    for inside in [0f32, 100.0, 352.5] {
+        bytes[108..112].copy_from_slice(&inside.to_le_bytes());
+        refused(
+            "inside.nii",
+            &bytes,
+            &format!("vox_offset {inside} is not where"),
+        );
+    }
+}
+
+/// A .nii.gz whose header promises the voxels from `offset` where they start at 352: the file
+/// is 48 bytes short of what the header promises.
+fn refused_after_offset(offset: f32, voxels: &[f32]) {
+    let mut bytes = nifti_bytes(&[4, 3, 2], voxels);
+    bytes[108..112].copy_from_slice(&offset.to_le_bytes());
+    refused("offset.nii.gz", &gzip(&[&bytes]), "truncated");
+}
+
+/// `parts` deflated as one gzip member each, one after the other.
+fn gzip(parts: &[&[u8]]) -> Vec<u8> {
+    parts
+        .iter()
+        .flat_map(|part| {
+            let mut encoder = GzEncoder::new(Vec::new(), Compression::fast());
+            encoder.write_all(part).unwrap();
+            encoder.finish().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn compressed_images_read_as_the_uncompressed_ones() {
+    let voxels: Vec<f32> = (0..24 * 40).map(|v| (v % 7) as f32 - 2.5).collect();
+    let bytes = nifti_bytes(&[16, 6, 10], &voxels);
+    let read = |name: &str, file: &[u8]| {
+        let path = write(name, file);
+        let image = read_image(&path).unwrap();
+        std::fs::remove_file(path).unwrap();
+        assert_eq!(image.shape(), [10, 6, 16], "{name}");
+        image.voxels.data().to_vec()
+    };
+    // One gzip member (libdeflate, in one call), and three (flate2's stream).
+    assert_eq!(read("one.nii.gz", &gzip(&[&bytes])), voxels);
+    let (a, rest) = bytes.split_at(1000);
+    let (b, c) = rest.split_at(1500);
+    assert_eq!(read("three.nii.gz", &gzip(&[a, b, c])), voxels);
+    // Data past the voxels is left alone.
+    let mut longer = bytes.clone();
+    longer.extend([9u8; 64]);
+    assert_eq!(read("longer.nii.gz", &gzip(&[&longer])), voxels);
+    // Cut short, or corrupt inside the deflate stream: refused.
+    let whole = gzip(&[&bytes]);
+    refused("cut.nii.gz", &whole[..whole.len() / 2], "cannot read");
+    let mut corrupt = whole.clone();
+    let middle = corrupt.len() / 2;
+    corrupt[middle..middle + 8].copy_from_slice(&[0xff; 8]);
+    refused("corrupt.nii.gz", &corrupt, "cannot read");
 }
 
 #[test]
