@@ -169,7 +169,10 @@ step "profile: Nsight Compute on the Pancreas plan's network kernels and the per
 # Whatever time is left (at most 60 + 20 + 40 s): where the kernels stand against the card's peaks, at
 # the clocks the card runs at (--clock-control none: ncu would otherwise lock them to base).
 # The Pancreas bundle is the one step 5 wrote; the full reports stay in the logs.
-sections=(--clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats)
+# ComputeWorkloadAnalysis: the issue slots' use beside the busiest pipe's (tensor cores, FMA,
+# special functions), which says whether a kernel waits on its instruction stream or on a unit.
+sections=(--clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+    --section ComputeWorkloadAnalysis)
 if [ "$head_only" = 1 ]; then
     echo "head only: no tile profile"
 elif [ -f /tmp/bench-pancreas.safetensors ]; then
