@@ -98,39 +98,57 @@ __device__ __forceinline__ void warp_row_moments(const float (&v)[V], int64_t wi
 // Exact GELU, 0.5·x·(1 + erf(x/√2)), as torch.nn.GELU().
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752440f)); }
 
-// 2^x and tanh on the special function unit, one MUFU instruction each: ex2.approx.ftz (subnormals
-// flushed to zero: __expf adds a fix-up of three or four instructions) and tanh.approx, whose
-// relative error the PTX ISA puts at about 2^-11. In the CUDA emulator, the host's arithmetic,
-// with tanh made 2^-11 too small in magnitude everywhere (the worst case, and of one sign, so that
-// the errors add up rather than cancel): the emulator's tests then see what the kernels must bear.
+// 2^x and tanh on the special function unit: ex2.approx.ftz (one MUFU; subnormals flushed to
+// zero: __expf adds a fix-up of three or four instructions) and tanh.approx.f16x2 (two f16
+// values in 32 bits: two MUFU.TANH.F16 and a PRMT in the sm_90a SASS), whose relative error the
+// PTX ISA puts at about 2^-11. In the CUDA emulator, the host's arithmetic, with tanh made 2^-11
+// too small in magnitude everywhere before its rounding to f16 (the worst case, and of one sign,
+// so that the errors add up rather than cancel): the emulator's tests then see what the kernels
+// must bear.
+__device__ __forceinline__ float approx_exp2(float x) {
 #ifdef TIS_CUDA_EMULATOR
-#define PTX_F32_UNARY(instruction, x, host) return host
+    return exp2f(x);
 #else
-#define PTX_F32_UNARY(instruction, x, host) \
-    float r;                                 \
-    asm(instruction " %0, %1;" : "=f"(r) : "f"(x)); \
-    return r
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
 #endif
-__device__ __forceinline__ float approx_exp2(float x) { PTX_F32_UNARY("ex2.approx.ftz.f32", x, exp2f(x)); }
-__device__ __forceinline__ float approx_tanh(float x) {
-    PTX_F32_UNARY("tanh.approx.f32", x, tanhf(x) * (1.f - 0x1p-11f));
+}
+__device__ __forceinline__ __half2 approx_tanh_f16x2(__half2 x) {
+#ifdef TIS_CUDA_EMULATOR
+    const float2 v = __half22float2(x);
+    return __floats2half2_rn(tanhf(v.x) * (1.f - 0x1p-11f), tanhf(v.y) * (1.f - 0x1p-11f));
+#else
+    uint32_t r;
+    asm("tanh.approx.f16x2 %0, %1;" : "=r"(r) : "r"(*(const uint32_t*)&x));
+    return *(const __half2*)&r;
+#endif
 }
 
-// The same GELU, x·Φ(x), for kernels whose result is stored in f16, as ½x·(1 + tanh(u)) with
-// u = x·P(min(x², 25)) and P(s) = a + b·s + c·s² fitted to the exact GELU: its largest error is
-// 2.5e-5 over −20…20 with an exact tanh (minimax by Nelder–Mead from a least-squares fit of
-// atanh(erf(x/√2))/x, numpy and scipy in f64, then evaluated with these f32 coefficients);
-// tanh.approx adds at most about 2^-12·|x|, a quarter to a half of f16's spacing there. 8 instructions,
-// one of them on the special function unit: Abramowitz & Stegun's erfc before it took 17, two of
-// them there (a reciprocal and an exponential), and the FFN applies it to every hidden unit of
-// every token (512 a token for TIS-B), as many special-function cycles as the chunk's products
-// take on an H100's tensor cores (design arithmetic). The clamp keeps P positive (c < 0); from
-// |x| = 5 on, tanh(u) is within 1e-6 of ±1 anyway.
-__device__ __forceinline__ float gelu_fast(float x) {
-    const float s = fminf(x * x, 25.f);
-    const float p = fmaf(s, fmaf(s, -3.51516789e-4f, 3.70056460e-2f), 7.97507884e-1f);
-    const float half_x = 0.5f * x;
-    return fmaf(half_x, approx_tanh(x * p), half_x);
+// GELU, x·Φ(x), of two values (lo, hi: a C tile's pair) rounded to f16, in f16x2 arithmetic,
+// packed as an f16 pair (the A fragment register of the product that takes it, `lo` in the
+// lower half): ½x·(1 + tanh(u)) with u = x·P(min(x², 25)) and P(s) = a + b·s + c·s² fitted to
+// the exact GELU (its largest error 2.5e-5 over −20…20 in exact arithmetic with an exact tanh:
+// minimax by Nelder–Mead from a least-squares fit of atanh(erf(x/√2))/x, numpy and scipy in f64).
+// Every fused f16 kernel takes it for every hidden unit of its FFNs and MLPs (512 a token and a
+// layer for TIS-B). Evaluated in f16 (the coefficients rounded, each HFMA2 rounded once) it is,
+// against the exact GELU of the f16 input, within f16's rounding of the result for x > 0 and
+// within 4.6e-4 for x ≤ 0 (where ½x and ½x·tanh(u) nearly cancel), with an exact tanh; a relative
+// L2 error of 3.2e-4 over x ~ N(0, 1.5), against 2.1e-4 for the same formula in f32 (a
+// simulation of both in Python, each operation rounded as the GPU rounds it). That costs 10
+// instructions a pair (HMUL2, HMNMX2, two HFMA2, HMUL2, the two tanh, HMUL2, HFMA2, and the f32
+// pair's conversion) where f32 took 17: the wgmma FFN's chunk loop went 1,005 → 902 sm_90a SASS
+// instructions a thread, its FMUL, FFMA and FMNMX (224) giving way to 112 HMUL2, HFMA2 and
+// HMNMX2. (Tried before the FFN's second product took its A from registers, it spilled.) The clamp
+// keeps P positive (c < 0); from |x| = 5 on, tanh(u) is ±1 in f16 anyway.
+__device__ __forceinline__ uint32_t gelu_fast_f16x2(float lo, float hi) {
+    const __half2 x = __floats2half2_rn(lo, hi);
+    const __half2 s = __hmin2(__hmul2(x, x), __float2half2_rn(25.f));
+    const __half2 p = __hfma2(s, __hfma2(s, __float2half2_rn(-3.51516789e-4f), __float2half2_rn(3.70056460e-2f)),
+                              __float2half2_rn(7.97507884e-1f));
+    const __half2 half_x = __hmul2(__float2half2_rn(0.5f), x);
+    const __half2 r = __hfma2(half_x, approx_tanh_f16x2(__hmul2(x, p)), half_x);
+    return *(const uint32_t*)&r;
 }
 
 // a·b in 64 bits, of two 32-bit factors: one IMAD.WIDE (mul.wide.s32). Written as

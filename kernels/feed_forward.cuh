@@ -20,7 +20,8 @@
 // block reads the weights from L2 once (256 KB per 128 tokens for TIS-B, D 128 and hidden 512).
 // Shared memory, laid out as `FfnShared` says, is 71 KB at D 128 and 128 rows, and registers stay
 // within 128 a thread (__launch_bounds__), so that two blocks (16 warps) share a multiprocessor.
-// Per warp and chunk that is 64 mma.sync against 40 ldmatrix and 16 GELUs a lane (gelu_fast).
+// Per warp and chunk that is 64 mma.sync against 40 ldmatrix and 16 GELUs a lane (gelu_fast_f16x2,
+// in pairs).
 // The WMMA version before it spent more issue slots on the GELU's erff, on the accumulators'
 // round trips through shared memory and on fragment loads than on its 64 products, with one
 // block of 8 warps a multiprocessor (5.94 ms a layer on an H200, 69 TFLOP/s).
@@ -82,13 +83,8 @@ template <int K, int D> struct GeluMlpChunks {
             // a time. Units past `hidden` have zero weights on both sides.
 #pragma unroll
             for (int k = 0; k < FFN_CHUNK / 16; ++k) {
-                float v[2][4];
-#pragma unroll
-                for (int tile = 0; tile < 2; ++tile)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) v[tile][i] = gelu_fast(h[2 * k + tile][i]);
                 uint32_t a[4];
-                tiles_as_a_fragment(a, v[0], v[1]);
+                gelu_tiles_as_a_fragment(a, h[2 * k], h[2 * k + 1]);
                 mma_rows_k16<D>(y, a, w2c, L::LH, 16 * k);
             }
             __syncthreads();  // every warp is done with this buffer, which the next chunk's prefetch refills
@@ -144,26 +140,28 @@ __device__ void label_mlp_mma(const __half* p, const __half* w_up, const __half*
 // (K = D); the hidden layer goes FFN_WGMMA_CHUNK units at a time, each chunk of W1 (64 × D) and
 // W2 (D × 64) staged as core matrices, double-buffered as above. Per chunk a warpgroup's
 // H = LN(x)·W1ᵀ is D/16 wgmma of 64 × 64 × 16 into registers (b1 there from the start); GELU
-// applied there, H goes as f16 core matrices into the warpgroup's own 8 KB of shared memory (the
-// A operand of the next product: wgmma reads A from shared memory or from registers, and
-// shared memory is the form the CUDA emulator checks), and Y += GELU(H)·W2ᵀ is 4 wgmma of
-// 64 × D × 16 (two of 64 × 64 × 16 each at D 64; warpgroup_product), Y (64 × D, D/2 f32 a
-// thread) staying in registers until the residual. The
-// accumulators of warp w of a warpgroup are its rows 16w to 16w + 15 as mma.sync's C tiles
-// (mma.cuh), so the bias, GELU and residual code is the mma.sync path's. Each product is waited
-// for at once; the two blocks a multiprocessor takes (112 KB of shared memory each at D 128) fill
-// one another's GELU and copies. Every thread fences its shared-memory writes (copies, LN, H)
-// towards the tensor cores before the barrier after which wgmma reads them.
+// applied there, H is packed as f16 straight into the A fragments of Y += GELU(H)·W2ᵀ, 4 wgmma of
+// 64 × D × 16 with A from registers (two of 64 × 64 × 16 each at D 64; warpgroup_product), Y
+// (64 × D, D/2 f32 a thread) staying in registers until the residual. The accumulators of warp w
+// of a warpgroup are its rows 16w to 16w + 15 as mma.sync's C tiles (mma.cuh), which are also
+// the layout of its A fragments, so the bias, GELU, packing and residual code is the mma.sync
+// path's. (GELU(H) went through shared memory before, as the second product's A: per chunk and
+// block the tensor cores then read 112 KB of operands from shared memory and the copies and H
+// wrote 48 KB, some 156 bytes a cycle at their full rate against the 128 a multiprocessor's
+// shared memory gives; with A in registers, 128 KB (design arithmetic), and one barrier a chunk
+// instead of three.) Each product is waited for at once; the two blocks a multiprocessor takes
+// (96 KB of shared memory each at D 128) fill one another's GELU and copies. Every thread fences
+// its shared-memory writes (copies, LN) towards the tensor cores before the barrier after which
+// wgmma reads them.
 constexpr int FFN_WGMMA_CHUNK = 64;
 
 template <int D> struct FfnWgmmaShared {
     static constexpr int ROWS = 128, CH = FFN_WGMMA_CHUNK;
-    static constexpr int W1_HALVES = CH * D, W2_HALVES = D * CH, H_HALVES = 64 * CH;
+    static constexpr int W1_HALVES = CH * D, W2_HALVES = D * CH;
     // Byte offsets.
     static constexpr int normed = 0;                      // LN(x): ROWS × D, core matrices along D
     static constexpr int w1 = normed + ROWS * D * 2;      // W1 chunks: 2 × CH × D, along D
     static constexpr int w2 = w1 + 2 * W1_HALVES * 2;     // W2 chunks: 2 × D × CH, along CH
-    static constexpr int h = w2 + 2 * W2_HALVES * 2;      // GELU(H) of each warpgroup: 2 × 64 × CH
 };
 
 #ifdef TIS_WGMMA
@@ -175,8 +173,7 @@ __device__ void feed_forward_wgmma(__half* x, const __half* gamma, const __half*
     __half* normed = shared_halves(L::normed);
     __half* w1s = shared_halves(L::w1);
     __half* w2s = shared_halves(L::w2);
-    const int warp = threadIdx.x / 32, group = warp / 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    __half* hs = shared_halves(L::h) + group * L::H_HALVES;
+    const int warp = threadIdx.x / 32, group = warp / 4;
     const int64_t row0 = (int64_t)blockIdx.x * L::ROWS;
     // Copies chunk c0's W1 and W2 blocks into buffer `buffer` as one group of cp.async copies.
     auto prefetch = [&](int64_t c0, int buffer) {
@@ -188,35 +185,26 @@ __device__ void feed_forward_wgmma(__half* x, const __half* gamma, const __half*
     layer_norm_rows_at<D>(
         normed, [](int r, int f) { return core_matrix_offset<D>(r, f); }, x, D, gamma, beta, n, row0, L::ROWS);
     const SharedOperand normed_rows = core_matrices<D>(normed).at(core_matrix_offset<D>(64 * group, 0));
-    const SharedOperand h_rows = core_matrices<CH>(hs);
 
     float y[D / 8][4];  // Y, b2 added from the start
     fill_tiles_with_bias<D>(y, b2);
     for (int64_t c0 = 0, chunk = 0; c0 < hidden; c0 += CH, ++chunk) {
         const int buffer = chunk % 2;
-        if (c0 + CH < hidden) prefetch(c0 + CH, 1 - buffer);
-        else __pipeline_commit();  // an empty group: this chunk's is always the one before last
-        __pipeline_wait_prior(1);
+        __pipeline_wait_prior(0);
         fence_proxy_async();
-        __syncthreads();  // every thread's copies of this chunk (and, at first, LN(x)) are visible
+        // Every thread's copies of this chunk (and, at first, LN(x)) are visible, and every warp
+        // is done with the other buffer, the last chunk's, which the next chunk's copies fill
+        // while this one multiplies.
+        __syncthreads();
+        if (c0 + CH < hidden) prefetch(c0 + CH, 1 - buffer);
 
         float h[CH / 8][4];  // H, b1 added from the start; units past `hidden` have zero weights
         fill_tiles_with_bias<CH>(h, b1 + c0, hidden - c0);
         warpgroup_product<CH, D>(h, normed_rows, core_matrices<D>(w1s + buffer * L::W1_HALVES));
-        // GELU(H) as f16 into the warpgroup's A operand: each lane its column pairs of rows r and
-        // r + 8 of every C tile, 4 bytes a store (a warp's store fills one core matrix).
-        const int r = 16 * (warp % 4) + g;
+        uint32_t gelu_h[CH / 16][4];  // GELU(H) as the A fragments of the next product
 #pragma unroll
-        for (int j = 0; j < CH / 8; ++j)
-#pragma unroll
-            for (int half = 0; half < 2; ++half)
-                *(__half2*)&hs[core_matrix_offset<CH>(r + 8 * half, 8 * j + 2 * t)] =
-                    __floats2half2_rn(gelu_fast(h[j][2 * half]), gelu_fast(h[j][2 * half + 1]));
-        fence_proxy_async();
-        __syncthreads();  // the warpgroups' GELU(H) written
-
-        warpgroup_product<D, CH>(y, h_rows, core_matrices<CH>(w2s + buffer * L::W2_HALVES));
-        __syncthreads();  // both warpgroups are done with this buffer and their H
+        for (int k = 0; k < CH / 16; ++k) gelu_tiles_as_a_fragment(gelu_h[k], h[2 * k], h[2 * k + 1]);
+        warpgroup_product<D, CH>(y, gelu_h, core_matrices<CH>(w2s + buffer * L::W2_HALVES));
     }
     write_tiles_to_rows<D, true>(x, y, n, row0 + 16 * warp);
 }

@@ -161,6 +161,15 @@ __device__ __forceinline__ void tiles_as_a_fragment(uint32_t (&a)[4], const floa
     a[3] = pack_half2(hi[2], hi[3]);
 }
 
+// The same for GELU of the two tiles (gelu_fast_f16x2): a hidden layer's C tiles straight into
+// the A fragments of the product after it (the FFNs, the label MLP).
+__device__ __forceinline__ void gelu_tiles_as_a_fragment(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+    a[0] = gelu_fast_f16x2(lo[0], lo[1]);
+    a[1] = gelu_fast_f16x2(lo[2], lo[3]);
+    a[2] = gelu_fast_f16x2(hi[0], hi[1]);
+    a[3] = gelu_fast_f16x2(hi[2], hi[3]);
+}
+
 // The sum and the maximum of v over the quad of lanes (4g to 4g + 3) that holds a row of C tiles.
 __device__ __forceinline__ float quad_sum(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -281,11 +290,15 @@ __device__ __forceinline__ void warp_tile_mma(float (&acc)[FM][NT][4], const __h
 // columns (N, a weight stored [n][k] as PyTorch stores it). The accumulators of warp w of the
 // warpgroup are rows 16w to 16w + 15 of the 64, held as mma.sync's C tiles (d[j]: columns 8j to
 // 8j + 7).
+// A may come from registers instead (`wgmma_rs`): each warp's 16 rows of the 64 as mma.sync's
+// A fragment, so that a product's C tiles, packed as f16 pairs, are the next product's A
+// (`tiles_as_a_fragment`) without a round trip through shared memory, whose bandwidth both
+// operands' reads otherwise share with the copies (warpgroup_product).
 // Ordering: every thread fences its shared-memory writes of the operands towards the tensor
 // cores (`fence_proxy_async`) before the barrier after which they are read; `wgmma_fence`
-// precedes the first wgmma after the accumulators were touched otherwise; `wgmma_commit` closes
-// a group and `wgmma_wait<G>` waits until at most G groups are in flight, after which the
-// accumulators may be read and the operands' shared memory reused.
+// precedes the first wgmma after the accumulators (or A's registers) were touched otherwise;
+// `wgmma_commit` closes a group and `wgmma_wait<G>` waits until at most G groups are in flight,
+// after which the accumulators may be read and the operands' shared memory reused.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(TIS_CUDA_EMULATOR)
 #define TIS_WGMMA 1
 #endif
@@ -390,6 +403,13 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], const SharedOpera
                                          bool accumulate) {
     emu::wgmma_ss(&d[0][0], N, {a.start, a.descriptor}, {b.start, b.descriptor}, accumulate);
 }
+// d (+)= A·B with A in registers: the calling warp's 16 rows of the 64 as mma.sync's A fragment.
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], const SharedOperand& b,
+                                         bool accumulate) {
+    emu::wgmma_rs(&d[0][0], N, a, {b.start, b.descriptor}, accumulate);
+}
+template <int K> __device__ __forceinline__ void wgmma_fence_operands(uint32_t (&)[K][4]) {}
 #elif defined(TIS_WGMMA)
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -404,6 +424,14 @@ template <int T> __device__ __forceinline__ void wgmma_fence_operands(float (&d)
     for (int j = 0; j < T; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(d[j][i])::"memory");
+}
+// The same for A fragments in registers (wgmma_rs), written before the wgmma_fence that must
+// separate them from the wgmma reading them.
+template <int K> __device__ __forceinline__ void wgmma_fence_operands(uint32_t (&a)[K][4]) {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[k][i])::"memory");
 }
 template <int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], const SharedOperand& a, const SharedOperand& b,
@@ -434,6 +462,30 @@ TIS_WGMMA_SS(128, TIS_REGISTERS_32 ", %32, %33, %34, %35, %36, %37, %38, %39, %4
              TIS_TILE_OPERANDS(11), TIS_TILE_OPERANDS(12), TIS_TILE_OPERANDS(13), TIS_TILE_OPERANDS(14),
              TIS_TILE_OPERANDS(15))
 #undef TIS_WGMMA_SS
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], const SharedOperand& b,
+                                         bool accumulate);
+// A from registers: {a0, a1, a2, a3} in place of A's descriptor, and no transpose flag for it.
+#define TIS_WGMMA_RS(N, REGISTERS, A0, A1, A2, A3, B, SCALE, ...)                                              \
+    template <>                                                                                               \
+    __device__ __forceinline__ void wgmma_rs<N>(float (&d)[N / 8][4], const uint32_t (&a)[4],                 \
+                                                const SharedOperand& b, bool accumulate) {                    \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" SCALE ", 0;\n"                                      \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 {" REGISTERS "}, {%" A0 ", %" A1    \
+                     ", %" A2 ", %" A3 "}, %" B ", p, 1, 1, 0;\n}\n"                                             \
+                     : __VA_ARGS__                                                                            \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b.descriptor), "r"((int)accumulate)); \
+    }
+TIS_WGMMA_RS(64, TIS_REGISTERS_32, "32", "33", "34", "35", "36", "37", TIS_TILE_OPERANDS(0), TIS_TILE_OPERANDS(1),
+             TIS_TILE_OPERANDS(2), TIS_TILE_OPERANDS(3), TIS_TILE_OPERANDS(4), TIS_TILE_OPERANDS(5),
+             TIS_TILE_OPERANDS(6), TIS_TILE_OPERANDS(7))
+TIS_WGMMA_RS(128, TIS_REGISTERS_32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63",
+             "64", "65", "66", "67", "68", "69", TIS_TILE_OPERANDS(0), TIS_TILE_OPERANDS(1), TIS_TILE_OPERANDS(2),
+             TIS_TILE_OPERANDS(3), TIS_TILE_OPERANDS(4), TIS_TILE_OPERANDS(5), TIS_TILE_OPERANDS(6),
+             TIS_TILE_OPERANDS(7), TIS_TILE_OPERANDS(8), TIS_TILE_OPERANDS(9), TIS_TILE_OPERANDS(10),
+             TIS_TILE_OPERANDS(11), TIS_TILE_OPERANDS(12), TIS_TILE_OPERANDS(13), TIS_TILE_OPERANDS(14),
+             TIS_TILE_OPERANDS(15))
+#undef TIS_WGMMA_RS
 #undef TIS_REGISTERS_32
 #undef TIS_REGISTERS_16
 #undef TIS_TILE_OPERANDS
@@ -444,29 +496,48 @@ __device__ void wgmma_commit();
 template <int GROUPS> __device__ void wgmma_wait();
 __device__ void fence_proxy_async();
 template <int T> __device__ void wgmma_fence_operands(float (&d)[T][4]);
+template <int K> __device__ void wgmma_fence_operands(uint32_t (&a)[K][4]);
 template <int N>
 __device__ void wgmma_ss(float (&d)[N / 8][4], const SharedOperand& a, const SharedOperand& b, bool accumulate);
+template <int N>
+__device__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], const SharedOperand& b, bool accumulate);
 #endif
 
-// acc += the warpgroup's 64 × N product of A (its 64 rows × K, core matrices along K at `a`) by
-// Wᵀ (W N × K, core matrices along K at `w`), N a multiple of 64: K/16 wgmma of 64 × 128 × 16
-// where N comes in 128s, else of 64 × 64 × 16 (a wider product reads its A once for more
-// columns: wgmma's operands come from shared memory, whose 128 bytes a cycle a multiprocessor
-// are about what 64 × 64 × 16 products at the tensor cores' rate read), waited for. acc is the
-// calling warp's share: its 16 rows of the 64 as N/8 C tiles.
-template <int N, int K>
-__device__ __forceinline__ void warpgroup_product(float (&acc)[N / 8][4], const SharedOperand& a,
-                                                  const SharedOperand& w) {
+// A K step of 16 of a warpgroup product into `d`, a piece of its accumulators: A from shared
+// memory (its 64 rows, core matrices along K) or from registers (the calling warp's 16 rows as
+// K/16 mma.sync A fragments).
+template <int PIECE, int K>
+__device__ __forceinline__ void wgmma_step(float (&d)[PIECE / 8][4], const SharedOperand& a, int k,
+                                           const SharedOperand& b) {
+    wgmma_ss<PIECE>(d, a.at(core_matrix_offset<K>(0, k)), b, true);
+}
+template <int PIECE, int K>
+__device__ __forceinline__ void wgmma_step(float (&d)[PIECE / 8][4], uint32_t (&a)[K / 16][4], int k,
+                                           const SharedOperand& b) {
+    wgmma_rs<PIECE>(d, a[k / 16], b, true);
+}
+__device__ __forceinline__ void wgmma_fence_operands(const SharedOperand&) {}
+
+// acc += the warpgroup's 64 × N product of A (64 rows × K: a SharedOperand, or the calling
+// warp's rows in registers, wgmma_step) by Wᵀ (W N × K, core matrices along K at `w`), N a
+// multiple of 64: K/16 wgmma of 64 × 128 × 16 where N comes in 128s, else of 64 × 64 × 16,
+// waited for. acc is the calling warp's share: its 16 rows of the 64 as N/8 C tiles. The
+// tensor cores read a shared operand at each wgmma, and a multiprocessor's shared memory gives
+// 128 bytes a cycle, about what 64 × 64 × 16 products at their full rate read with both operands
+// there: a wider product reads its A once for more columns, and an A in registers not at all.
+template <int N, int K, typename A>
+__device__ __forceinline__ void warpgroup_product(float (&acc)[N / 8][4], A&& a, const SharedOperand& w) {
     static_assert(N % 64 == 0 && K % 16 == 0, "whole 64 × 64 × 16 products");
     constexpr int PIECE = N % 128 == 0 ? 128 : 64;
     wgmma_fence_operands(acc);
+    wgmma_fence_operands(a);
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < K; k += 16)
 #pragma unroll
         for (int p = 0; p < N / PIECE; ++p)
-            wgmma_ss<PIECE>(*reinterpret_cast<float(*)[PIECE / 8][4]>(&acc[PIECE / 8 * p]),
-                            a.at(core_matrix_offset<K>(0, k)), w.at(core_matrix_offset<K>(PIECE * p, k)), true);
+            wgmma_step<PIECE, K>(*reinterpret_cast<float(*)[PIECE / 8][4]>(&acc[PIECE / 8 * p]), a, k,
+                                 w.at(core_matrix_offset<K>(PIECE * p, k)));
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(acc);

@@ -170,9 +170,12 @@ step "profile: Nsight Compute on the Pancreas plan's network kernels and the per
 # the clocks the card runs at (--clock-control none: ncu would otherwise lock them to base).
 # The Pancreas bundle is the one step 5 wrote; the full reports stay in the logs.
 # ComputeWorkloadAnalysis: the issue slots' use beside the busiest pipe's (tensor cores, FMA,
-# special functions), which says whether a kernel waits on its instruction stream or on a unit.
+# special functions), which says whether a kernel waits on its instruction stream or on a unit;
+# MemoryWorkloadAnalysis: the busiest memory unit's share of its peak, shared memory's included
+# (wgmma reads its operands from there: performance.md's design arithmetic has the implicit
+# GEMM's 128 × 64 tile wanting more than shared memory gives).
 sections=(--clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
-    --section ComputeWorkloadAnalysis)
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis)
 if [ "$head_only" = 1 ]; then
     echo "head only: no tile profile"
 elif [ -f /tmp/bench-pancreas.safetensors ]; then

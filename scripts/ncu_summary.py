@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """One line per profiled kernel from the text report of Nsight Compute (`ncu --section
 SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section
-ComputeWorkloadAnalysis ...`), for the profile step of scripts/gpu-check.sh: the kernel and its
+ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis ...`), for the profile step of scripts/gpu-check.sh: the kernel and its
 grid, duration, SM and memory throughput (% of peak), achieved occupancy, registers per thread,
 warp cycles per issued instruction (high: the warps mostly wait, on memory or barriers), the
 share of issue slots used and that of the busiest pipe (SM Busy: tensor cores, FMA, special
 functions...): issue slots near full with the pipes below them is a kernel bound by its
-instruction count. The full report stays in the log.
+instruction count; and the busiest memory unit's share of its peak (Max Bandwidth: DRAM, L2, L1
+or shared memory, which wgmma's operands are read from). The full report stays in the log.
 
 Usage: ncu_summary.py LOG...   (standard library only; a metric missing from a report prints -)
 """
@@ -24,6 +25,7 @@ COLUMNS = {
     "Warp Cycles Per Issued Instruction": "cycles/issue",
     "Issue Slots Busy": "issue %",
     "SM Busy": "pipe %",
+    "Max Bandwidth": "mem unit %",
 }
 # A kernel's header line: "  name (gx, gy, gz)x(bx, by, bz), Context 1, Stream 7, ...".
 HEADER = re.compile(r"^\s{0,4}(\S+) \((\d+), (\d+), (\d+)\)x\((\d+), (\d+), (\d+)\)")

@@ -9,8 +9,9 @@
 // instructions that kernels issue as inline PTX (ldmatrix, mma.sync m16n8k16) are warp-wide
 // exchanges here, each lane's registers read and written in the layouts of NVIDIA's PTX ISA
 // document, so a kernel that puts a value in the wrong register fails here as on a GPU; sm_90a's
-// wgmma (both operands in shared memory) reads its operands where their descriptors say, in the
-// same document's core-matrix layout, when the kernel waits for it (TIS_CUDA_EMULATOR_CAPABILITY
+// wgmma reads its shared-memory operands where their descriptors say, in the same document's
+// core-matrix layout (and an A in registers from the issuing lanes, as mma.sync's A fragment),
+// when the kernel waits for it (TIS_CUDA_EMULATOR_CAPABILITY
 // below 90 makes it a device without wgmma). Both sides rest on one reading of that document,
 // which only a GPU run confirms; shared-memory proxy fences are not modelled. What it does not: the
 // hardware's memory model, races, timing, the tensor cores' exact accumulation order, and
@@ -231,6 +232,10 @@ struct PendingWgmma {
     int n;
     emu::WgmmaOperand a, b;
     bool accumulate;
+    // A in registers (wgmma_rs): the issuing lane's rows g and g + 8 of its warp's 16, gathered
+    // from its quad's registers at issue (the PTX ISA leaves them untouched until the wait).
+    bool a_in_registers = false;
+    float a_rows[2][16] = {};
 };
 
 struct Fiber {
@@ -654,18 +659,41 @@ void check_operand(const char* which, const WgmmaOperand& m) {
     if (d.lbo == 0 || d.sbo == 0) fail(std::string("wgmma operand ") + which + ": lbo or sbo of 0");
 }
 
-void wgmma_ss(float* d, int n, WgmmaOperand a, WgmmaOperand b, bool accumulate) {
+// What every wgmma.mma_async requires of its launch, its N, its B operand and its thread.
+void check_wgmma(int n, const WgmmaOperand& b) {
     if (capability() < 90)
         fail("wgmma on a GPU of compute capability " + std::to_string(capability()) + " (sm_90a only)");
     if (block_dim.x % 128 || block_dim.y * block_dim.z != 1)
         fail("wgmma in a block that is not whole warpgroups along x (" + std::to_string(block_dim.x) + " threads)");
     if (n % 8 || n < 8 || n > 256) fail("wgmma with N = " + std::to_string(n));
-    check_operand("A", a);
     check_operand("B", b);
-    Fiber& f = *run->current;
-    if (!f.wgmma_fenced) fail("wgmma.mma_async without a wgmma.fence since the thread last waited for a group");
+    if (!run->current->wgmma_fenced)
+        fail("wgmma.mma_async without a wgmma.fence since the thread last waited for a group");
+}
+
+void wgmma_ss(float* d, int n, WgmmaOperand a, WgmmaOperand b, bool accumulate) {
+    check_wgmma(n, b);
+    check_operand("A", a);
     full_warp_barrier("wgmma.mma_async");
-    f.wgmma_issued.push_back(PendingWgmma{d, n, a, b, accumulate});
+    run->current->wgmma_issued.push_back(PendingWgmma{d, n, a, b, accumulate});
+}
+
+// The same with A in registers: each lane's four hold its warp's 16 rows as mma.sync's A
+// fragment does (register 0 row g, columns 2t and 2t + 1; 1 row g + 8; 2 and 3 those rows at
+// columns 2t + 8 and 2t + 9).
+void wgmma_rs(float* d, int n, const uint32_t (&a)[4], WgmmaOperand b, bool accumulate) {
+    check_wgmma(n, b);
+    PendingWgmma op{d, n, {}, b, accumulate};
+    op.a_in_registers = true;
+    MmaOperands mine{};
+    memcpy(mine.a, a, sizeof mine.a);
+    warp_exchange("wgmma.mma_async", mine, [&](const MmaOperands* lanes, int lane) {
+        for (int h = 0; h < 2; ++h)
+            for (int k = 0; k < 16; ++k)
+                op.a_rows[h][k] = half_at(lanes[lane / 4 * 4 + (k % 8) / 2].a[h + 2 * (k >= 8)], k % 2);
+        return 0;
+    });
+    run->current->wgmma_issued.push_back(op);
 }
 
 void wgmma_fence() {
@@ -697,7 +725,8 @@ void wgmma_wait(int groups) {
             const Descriptor da = decode(op.a.descriptor), db = decode(op.b.descriptor);
             float a[2][16], b[16];
             for (int h = 0; h < 2; ++h)
-                for (int k = 0; k < 16; ++k) a[h][k] = core_matrix_value(op.a, da, row0 + g + 8 * h, k);
+                for (int k = 0; k < 16; ++k)
+                    a[h][k] = op.a_in_registers ? op.a_rows[h][k] : core_matrix_value(op.a, da, row0 + g + 8 * h, k);
             for (int j = 0; j < op.n / 8; ++j)
                 for (int c = 0; c < 2; ++c) {
                     for (int k = 0; k < 16; ++k) b[k] = core_matrix_value(op.b, db, 8 * j + 2 * t + c, k);

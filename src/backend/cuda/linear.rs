@@ -155,10 +155,10 @@ pub fn feed_forward<E: Element>(
 const FFN_WGMMA_CHUNK: usize = 64;
 
 /// Bytes of dynamic shared memory `feed_forward_wgmma_f16_{width}` lays out (`FfnWgmmaShared`
-/// in kernels/feed_forward.cuh): LN(x) of 128 rows, two chunks of W1 and two of W2, and each
-/// warpgroup's GELU(H), all unpadded (112 KB at width 128).
+/// in kernels/feed_forward.cuh): LN(x) of 128 rows, two chunks of W1 and two of W2, all unpadded
+/// (96 KB at width 128).
 fn wgmma_feed_forward_shared_bytes(width: usize) -> usize {
-    2 * (128 * width + 4 * FFN_WGMMA_CHUNK * width + 2 * 64 * FFN_WGMMA_CHUNK)
+    2 * (128 * width + 4 * FFN_WGMMA_CHUNK * width)
 }
 
 /// The whole sub-layer in one launch, on tensor cores: `feed_forward_wgmma_f16_{width}` where

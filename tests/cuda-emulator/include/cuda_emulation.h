@@ -50,6 +50,8 @@ struct WgmmaOperand {
     uint64_t descriptor;
 };
 void wgmma_ss(float* d, int n, WgmmaOperand a, WgmmaOperand b, bool accumulate);
+// The same with A in registers: the calling lane's four, as mma.sync's A fragment of its warp's rows.
+void wgmma_rs(float* d, int n, const uint32_t (&a)[4], WgmmaOperand b, bool accumulate);
 void wgmma_fence();
 void wgmma_commit();
 void wgmma_wait(int groups);
