@@ -532,12 +532,12 @@ struct PackedClicks {
 // PackedClicks). Q_h comes from the f16 rows `q` (the warp's first row, rows ldq apart, the
 // head's first column): one ldmatrix a K step where dh comes in sixteens, else a value at a
 // time, zero past dh (any dh ≤ MAX_DH: the default model's 12 pads to 16). Each lane hands its
-// share of O_h / Σ to store(row, e, lo, hi), values e and e + 1 of the row (e even, e < dh, dh
-// even): rows g and g + 8, head columns 8j + 2t. Per 16 rows, head and 16 clicks that is
+// share of weight·O_h / Σ to store(row, e, lo, hi), values e and e + 1 of the row (e even,
+// e < dh, dh even): rows g and g + 8, head columns 8j + 2t. Per 16 rows, head and 16 clicks that is
 // 4·⌈dh/16⌉ products against the CUDA-core copy's 2·dh multiply-adds per row and click.
 template <int MAX_DH, typename Clicks, typename Store>
 __device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, const Clicks& click, int clicks,
-                                                      int dh, Store store) {
+                                                      int dh, float weight, Store store) {
     constexpr int STEPS = (MAX_DH + 15) / 16;  // K steps of S, pairs of O's C tiles
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float scale = rsqrtf((float)dh) * 1.44269504088896340736f;  // scores in log2 units, for exp2
@@ -558,7 +558,8 @@ __device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, 
         }
     }
     float o[2 * STEPS][4] = {}, max[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
-    for (int c0 = 0; c0 < clicks; c0 += 16) {
+    // The clicks from c0 on, 16 at a time; `first` (Constant<true> for c0 = 0) starts the softmax.
+    auto chunk = [&](int c0, auto first) {
         // S for clicks c0 + 8·tile + 2t + (i % 2) of row g + 8·(i / 2), element i of C tile `tile`.
         float s[2][4] = {};
 #pragma unroll
@@ -573,7 +574,7 @@ __device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, 
         for (int tile = 0; tile < 2; ++tile)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[tile][i] = c0 + 8 * tile + 2 * t + i % 2 < clicks ? s[tile][i] * scale : -INFINITY;
-        online_softmax_block(s, max, sum, o, approx_exp2);
+        online_softmax_block<decltype(first)::value>(s, max, sum, o, approx_exp2);
         uint32_t pa[4];
         tiles_as_a_fragment(pa, s[0], s[1]);
 #pragma unroll
@@ -583,11 +584,12 @@ __device__ __forceinline__ void copy_click_labels_mma(const __half* q, int ldq, 
             mma_16816(o[2 * p], pa, b.x, b.y);
             mma_16816(o[2 * p + 1], pa, b.z, b.w);  // zero past dh
         }
-    }
-    // One reciprocal a row, then a multiplication a value. Each sum is at least 1 (the row's
-    // largest score gives e⁰), so the fast reciprocal is exact to an ulp or two: an IEEE
-    // division is a check and a slow-path call (FCHK, CALL in the SASS), about ten instructions.
-    const float inverse[2] = {__fdividef(1.f, quad_sum(sum[0])), __fdividef(1.f, quad_sum(sum[1]))};
+    };
+    chunk(0, Constant<true>{});
+    for (int c0 = 16; c0 < clicks; c0 += 16) chunk(c0, Constant<false>{});
+    // One reciprocal a row (each sum is at least 1: the row's largest score gives e⁰), then a
+    // multiplication a value, `weight` in it.
+    const float inverse[2] = {weight * approx_rcp(quad_sum(sum[0])), weight * approx_rcp(quad_sum(sum[1]))};
 #pragma unroll
     for (int j = 0; j < 2 * STEPS; ++j)
 #pragma unroll
@@ -615,20 +617,17 @@ extern "C" __global__ void pack_click_fragments_f16(const __half* keys, const __
 // The heads are at most this wide (the Rust side checks).
 constexpr int ASSIGN_MAX_DH = 64;
 
-// f(HeadBound<MAX_DH>{}) with copy_click_labels_mma's bound on the head width: the least of 16,
+// f(Constant<MAX_DH>{}) with copy_click_labels_mma's bound on the head width: the least of 16,
 // 32 and 64 (and of D: no head is wider than the tokens) that holds dh. Its loops are unrolled to
 // the bound and left at dh, but what they leave is not all skipped: with the one bound of 64,
 // TIS-B's heads of 16 issued the wider heads' bounds checks and predicated-off loads and stores
 // (a head's loop, 1,378 instructions in the sm_90a SASS of assign_wgmma_f16_128, against 469
 // for the bound of 16).
-template <int MAX_DH> struct HeadBound {
-    static constexpr int value = MAX_DH;
-};
 template <int D, typename F> __device__ __forceinline__ void with_head_bound(int dh, F f) {
-    if (dh <= 16) f(HeadBound<16>{});
+    if (dh <= 16) f(Constant<16>{});
     else if constexpr (D > 16) {
-        if (dh <= 32) f(HeadBound<32>{});
-        else if constexpr (D > 32) f(HeadBound<(D < ASSIGN_MAX_DH ? D : ASSIGN_MAX_DH)>{});
+        if (dh <= 32) f(Constant<32>{});
+        else if constexpr (D > 32) f(Constant<(D < ASSIGN_MAX_DH ? D : ASSIGN_MAX_DH)>{});
     }
 }
 
@@ -718,15 +717,15 @@ __device__ void assign_sublayer(__half* x, const __half* gamma, const __half* be
     // that reads it writes it). Rows past n are mixed too: each row of the output projection is
     // its operand row's alone, and write_tiles_to_rows leaves them out.
     const int dh = D / heads, steps = (dh + 15) / 16;
-    const float keep = 1.f - alpha;
+    const __half2 alpha2 = __float2half2_rn(alpha);
     with_head_bound<D>(dh, [&](auto bound) {
         for (int h = 0; h < heads; ++h) {
             const PackedClicks click{fragments + 32 * 2 * steps * h, 32 * 2 * steps * heads, steps};
             copy_click_labels_mma<decltype(bound)::value>(
-                q + r0 * L::LD + h * dh, L::LD, click, (int)clicks, dh, [&](int r, int e, float lo, float hi) {
-                    __half2* mix = (__half2*)&operand[at(r0 + r, h * dh + e)];
-                    const float2 auto_embedding = __half22float2(*mix);
-                    *mix = __floats2half2_rn(keep * lo + alpha * auto_embedding.x, keep * hi + alpha * auto_embedding.y);
+                q + r0 * L::LD + h * dh, L::LD, click, (int)clicks, dh, 1.f - alpha,
+                [&](int r, int e, float lo, float hi) {
+                    __half2* mix = (__half2*)&operand[at(r0 + r, h * dh + e)];  // Va's pair, then the mix's
+                    *mix = __hfma2(alpha2, *mix, __floats2half2_rn(lo, hi));
                 });
         }
     });
@@ -839,7 +838,7 @@ __device__ void click_update(__half* clicks, const __half* attended, const __hal
     with_head_bound<D>(dh, [&](auto bound) {
         for (int h = 0; h < heads; ++h) {
             const ClickRows click{keys + h * dh, values + h * dh, (int)n, L::LD, dh};
-            copy_click_labels_mma<decltype(bound)::value>(own + h * dh, L::LD, click, (int)n, dh,
+            copy_click_labels_mma<decltype(bound)::value>(own + h * dh, L::LD, click, (int)n, dh, 1.f,
                                                           [&](int r, int e, float lo, float hi) {
                                                               *(__half2*)&own[r * L::LD + h * dh + e] =
                                                                   __floats2half2_rn(lo, hi);

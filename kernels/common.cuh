@@ -95,6 +95,12 @@ __device__ __forceinline__ void warp_row_moments(const float (&v)[V], int64_t wi
     inv_std = rsqrtf(warp_sum(squares) * inv_width + 1e-5f);
 }
 
+// A value known at compile time, passed as an argument: a generic lambda called with one reads
+// it as decltype(c)::value (a loop's bound, the first pass of a loop).
+template <auto V> struct Constant {
+    static constexpr auto value = V;
+};
+
 // Exact GELU, 0.5·x·(1 + erf(x/√2)), as torch.nn.GELU().
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752440f)); }
 
@@ -111,6 +117,18 @@ __device__ __forceinline__ float approx_exp2(float x) {
 #else
     float r;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#endif
+}
+// 1/x by rcp.approx.ftz (one MUFU, within an ulp), for x that is neither tiny nor huge: where
+// 1.f / x is an IEEE division (a check and a slow-path call) and __fdividef(1, x) a MUFU.RCP with
+// a guard for |x| < 2^-126 (five instructions more).
+__device__ __forceinline__ float approx_rcp(float x) {
+#ifdef TIS_CUDA_EMULATOR
+    return 1.f / x;
+#else
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
     return r;
 #endif
 }

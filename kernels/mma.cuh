@@ -186,8 +186,10 @@ __device__ __forceinline__ float quad_max(float v) {
 // lane's share of its sum updated (quad_sum adds the shares up at the end), the rows of the
 // output tiles o rescaled where the max grew, and s replaced by the weights exp(s − max) rounded
 // to f16, as P will be in O += P·V, so that the sum is that of the weights O is summed with.
-// `exp` is the exponential of the scores' units (e^x, or 2^x for scores in log2 units).
-template <int S_TILES, int O_TILES, typename Exp>
+// `exp` is the exponential of the scores' units (e^x, or 2^x for scores in log2 units). FIRST:
+// the first block, before which the max is −∞ and the sum and o are zero, so that nothing is
+// rescaled (the label copy's usual case: up to 16 clicks are one block).
+template <bool FIRST = false, int S_TILES, int O_TILES, typename Exp>
 __device__ __forceinline__ void online_softmax_block(float (&s)[S_TILES][4], float (&max)[2], float (&sum)[2],
                                                      float (&o)[O_TILES][4], Exp exp) {
 #pragma unroll
@@ -195,9 +197,10 @@ __device__ __forceinline__ void online_softmax_block(float (&s)[S_TILES][4], flo
         float block_max = -INFINITY;
 #pragma unroll
         for (int j = 0; j < S_TILES; ++j) block_max = fmaxf(block_max, fmaxf(s[j][2 * half], s[j][2 * half + 1]));
-        const float new_max = fmaxf(max[half], quad_max(block_max)), correction = exp(max[half] - new_max);
+        const float new_max = FIRST ? quad_max(block_max) : fmaxf(max[half], quad_max(block_max));
+        const float correction = FIRST ? 1.f : exp(max[half] - new_max);
         max[half] = new_max;
-        sum[half] *= correction;
+        if (!FIRST) sum[half] *= correction;
 #pragma unroll
         for (int j = 0; j < S_TILES; ++j)
 #pragma unroll
@@ -205,10 +208,11 @@ __device__ __forceinline__ void online_softmax_block(float (&s)[S_TILES][4], flo
                 s[j][i] = __half2float(__float2half_rn(exp(s[j][i] - new_max)));  // 0 for the keys left out
                 sum[half] += s[j][i];
             }
+        if (!FIRST)
 #pragma unroll
-        for (int j = 0; j < O_TILES; ++j)
+            for (int j = 0; j < O_TILES; ++j)
 #pragma unroll
-            for (int i = 2 * half; i < 2 * half + 2; ++i) o[j][i] *= correction;
+                for (int i = 2 * half; i < 2 * half + 2; ++i) o[j][i] *= correction;
     }
 }
 
