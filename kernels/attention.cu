@@ -219,11 +219,19 @@ __device__ void cross_partial_mma(const __half* x, const __half* gamma, const __
         // S: element i of C tile j is voxel t0 + 8j + 2t + i % 2 of column col0 + g + 8·(i / 2).
         float s[T / 8][4];
         warp_rows_linear<T, D>(s, fold + 16 * warp * L::LD, L::LD, ln, L::LD, nullptr);
+        // The columns' offsets added, and the voxels past the block's left out (its last tile only:
+        // elsewhere the comparisons would be half of this step's instructions).
         const int valid = (int)min((int64_t)T, end - t0);
 #pragma unroll
         for (int j = 0; j < T / 8; ++j)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) s[j][i] = 8 * j + 2 * t + i % 2 < valid ? s[j][i] + bias[i / 2] : -INFINITY;
+            for (int i = 0; i < 4; ++i) s[j][i] += bias[i / 2];
+        if (valid < T)
+#pragma unroll
+            for (int j = 0; j < T / 8; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    if (8 * j + 2 * t + i % 2 >= valid) s[j][i] = -INFINITY;
         online_softmax_block(s, run_max, run_sum, o, [](float v) { return __expf(v); });
         // O += P·LN(x): P's A fragments are S's C tiles 2k and 2k + 1 (voxels 16k to 16k + 15).
 #pragma unroll
