@@ -177,19 +177,23 @@ pub fn read_image(path: &Path) -> Result<Image> {
 }
 
 /// A single-file image's bytes, inflated where it is gzip-compressed (.gz), of which the header
-/// says the first `promised` hold it. Where the gzip trailer's size (ISIZE, modulo 2³²) agrees,
-/// libdeflate inflates the file in one call into a buffer of that size: 114 ms where flate2's
-/// stream (zlib-rs, through the nifti crate) took 155 for a 96 × 512 × 512 int16 CT on the
-/// 2-core machine of docs/performance.md. Anything else (several gzip members, data past the
-/// voxels, a corrupt file) goes through flate2's stream, up to `promised` bytes, which says
-/// what is wrong.
+/// says the first `promised` hold it. Where the gzip trailer's size (ISIZE, modulo 2³²) agrees
+/// and the file could hold that much (deflate expands at most 1032-fold), libdeflate inflates
+/// it in one call into a buffer of that size: 110 ms where flate2's stream (zlib-rs, through
+/// the nifti crate) took 155 for a 96 × 512 × 512 int16 CT on the 2-core machine of
+/// docs/performance.md. Anything else (several gzip members, data past the voxels, a corrupt or
+/// lying file) goes through flate2's stream, up to `promised` bytes, which says what is wrong.
 fn single_file_bytes(path: &Path, promised: usize) -> Result<Vec<u8>> {
+    /// Deflate's largest expansion: a 258-byte match in about two bits.
+    const MAX_INFLATION: usize = 1032;
     let file = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if path.extension().is_none_or(|e| e != "gz") {
         return Ok(file);
     }
     let trailer = file.len().checked_sub(4).map(|at| &file[at..]);
-    if trailer == Some(&(promised as u32).to_le_bytes()[..]) {
+    if trailer == Some(&(promised as u32).to_le_bytes()[..])
+        && promised <= file.len().saturating_mul(MAX_INFLATION)
+    {
         let mut bytes = vec![0; promised];
         if Decompressor::new()
             .gzip_decompress(&file, &mut bytes)
