@@ -27,17 +27,18 @@
 //   copied with cp.async (A's through L1, where the other taps find them again; B's past it)
 //   into a 3-stage ring: the copies of step t + 2 fly while step t multiplies, one barrier per
 //   step. Each thread copies the same 8 columns of the same rows at every step: its rows'
-//   windows (32-bit voxel indices) and weight rows are worked out once, and its column (tap,
-//   channel, input) follows from step to step without division, so that a piece costs a few
-//   instructions (three unsigned bounds tests, one address): run A's kernel took 492
-//   instructions a warp a step for its 32 mma.sync (230 now, sm_90a SASS of the 128 × 64 tile),
+//   windows (32-bit voxel indices, and which taps land inside the input: RowTaps) and weight
+//   rows are worked out once, and its column (tap, channel, input) follows from step to step
+//   without division, so that a piece costs a few instructions (a test of its tap's bit, one
+//   address; its tap's offset one load from a table in shared memory): run A's kernel took 492
+//   instructions a warp a step for its 32 mma.sync (161 now, sm_90a SASS of the 128 × 64 tile),
 //   recomputing 64-bit addresses and bounds for every piece. Padding and the ragged ends of M, N
 //   and K are the copies' zero fill. In sm_90a cubins (and the CUDA emulator posing as an H100)
 //   the 4 warps are one warpgroup and the products are wgmma.mma_async (mma.cuh): the slabs lie
 //   as wgmma's core matrices (unpadded), a K step is 64 wide, and a step of the 128 × 64 tile is
 //   8 asynchronous 64 × 64 × 16 products, waited for before the next barrier, where mma.sync
-//   takes 64 and 24 ldmatrix a warp: 326 instructions a warp for 64 of K, nearly all of them
-//   the copies', against 2 × 230 (SASS counts, not timings). The epilogue stages the
+//   takes 64 and 24 ldmatrix a warp: 220 instructions a warp for 64 of K, most of them the
+//   copies', against 2 × 161 (SASS counts, not timings). The epilogue stages the
 //   accumulators row-major in shared memory (reusing the ring's bytes; dynamic shared memory:
 //   31, 39 and 47 KB for the 64 × 64, 128 × 32 and 128 × 64 tiles with mma.sync, 48, 60 and
 //   72 KB with wgmma) and writes y[m][co] + b[co], 8 channels a thread (store_block). Voxel
@@ -161,44 +162,88 @@ __device__ __forceinline__ bool a_source(const Window& window, const Tap& tap, c
            (unsigned)(window.x + tap.x) < (unsigned)in.x;
 }
 
-// Copies 16 bytes from global to shared memory asynchronously, or 16 zeros when `zero`, keeping
-// the source in L1 (cp.async.ca): the implicit GEMM's A pieces, which the window's other taps
-// read again a few K steps later (a neighbouring voxel's tap covers the same input voxel).
-// __pipeline_memcpy_async, which B's pieces use, bypasses L1 at 16 bytes (cp.async.cg). Both
-// join the thread's current group of __pipeline_commit. The CUDA emulator, which compiles
-// kernels as host C++, has no cache to hint: it takes __pipeline_memcpy_async.
-__device__ __forceinline__ void copy_16_async_cached(void* dst, const void* src, bool zero) {
+// Copies 16 bytes from global to shared memory asynchronously, or 16 zeros when `zero` (`src`
+// must then still be a valid address; nothing is read from it), joining the thread's current
+// group of __pipeline_commit. THROUGH_L1 keeps the source in L1 (cp.async.ca): the implicit
+// GEMM's A pieces, which the window's other taps read again a few K steps later (a neighbouring
+// voxel's tap covers the same input voxel); else past it (cp.async.cg), B's weights. One
+// instruction either way, the zero fill its predicate operand, where __pipeline_memcpy_async
+// with a run-time zero fill compiles to two (one predicated each way). The CUDA emulator, which
+// compiles kernels as host C++, has no cache to hint: it takes __pipeline_memcpy_async.
+template <bool THROUGH_L1> __device__ __forceinline__ void copy_16_async(void* dst, const void* src, bool zero) {
 #ifdef __CUDA_ARCH__
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)),
-                 "l"(src), "r"(zero ? 0 : 16));
+    if constexpr (THROUGH_L1)
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)),
+                     "l"(src), "r"(zero ? 0 : 16));
+    else
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)),
+                     "l"(src), "r"(zero ? 0 : 16));
 #else
     __pipeline_memcpy_async(dst, src, 16, zero ? 16 : 0);
 #endif
 }
 
+// The implicit GEMM's kernels have at most this many taps (bits of RowTaps::inside); others run
+// on conv3d_direct_f16 (no nnU-Net plan has any: its kernels are 3³, 1×3×3 and 1³).
+constexpr int IGEMM_MAX_TAPS = 32;
+
+// One row of the implicit GEMM's A, worked out once per block: its window's origin as a voxel
+// index of the input (which may lie outside it) and which of the kernel's taps land inside the
+// input, bit t for tap t = (z·ky + y)·kx + x. A piece of the row is then inside when its
+// column's tap bit is set (one LOP3 a piece where three bounds tests took six instructions), and
+// the columns past K, whose taps are past the kernel's, find no bit. A row past the output
+// (the last block's rows past M, whose results are never stored) has no taps inside, and reads
+// zeros like the padding.
+struct RowTaps {
+    int voxel;
+    uint32_t inside;
+};
+
+__device__ __forceinline__ RowTaps row_taps(int64_t v, int64_t m, Dims3 in, Dims3 out, Dims3 kernel, Dims3 stride,
+                                            Dims3 pad) {
+    if (v >= m) return RowTaps{0, 0u};
+    const Window w = window_of(v, m, in, out, stride, pad);
+    const int kz = (int)kernel.z, ky = (int)kernel.y, kx = (int)kernel.x;
+    uint32_t along_x = 0, plane = 0, inside = 0;
+    for (int x = 0; x < kx; ++x) along_x |= (uint32_t)((unsigned)(w.x + x) < (unsigned)in.x) << x;
+    for (int y = 0; y < ky; ++y)
+        if ((unsigned)(w.y + y) < (unsigned)in.y) plane |= along_x << (y * kx);
+    for (int z = 0; z < kz; ++z)
+        if ((unsigned)(w.z + z) < (unsigned)in.z) inside |= plane << (z * ky * kx);
+    return RowTaps{w.voxel, inside};
+}
+
+// The implicit GEMM's taps' offsets from a window's origin, in voxels of the input: entry t for
+// tap t = (z·ky + y)·kx + x, staged in shared memory once a block (`stage_tap_offsets`), so
+// that a column's tap costs one shared load a step where following its (z, y, x) from step to
+// step and working out the offset took some ten instructions. A column k reaches tap
+// k / cin < (K + STEP_K) / cin ≤ taps + 8 (cin ≥ 8): the entries past the kernel's taps, which
+// only the columns past K reach (and find no bit of RowTaps::inside), are zeros.
+constexpr int TAP_TABLE = 2 * IGEMM_MAX_TAPS;
+
+__device__ __forceinline__ void stage_tap_offsets(int* offsets, Dims3 in, Dims3 kernel) {
+    const int taps = (int)kernel.count(), ky = (int)kernel.y, kx = (int)kernel.x;
+    for (int t = threadIdx.x; t < TAP_TABLE; t += blockDim.x)
+        offsets[t] = t < taps ? tap_of(t / (ky * kx), t / kx % ky, t % kx, in).offset : 0;
+}
+
 // One thread's column in the pipelined path, followed from step to step without division: the
-// thread loads columns kk…kk + 7 of every step, kk fixed, i.e. k = k0 + kk.
+// thread loads columns kk…kk + 7 of every step, kk fixed, i.e. k = k0 + kk = tap·cin + ci.
+// `bit` is its tap's bit of RowTaps::inside (none past the kernel's taps: a column past K).
 struct ColumnCursor {
-    int z, y, x, ci;
+    int tap, ci;
+    uint32_t bit;
 
     ColumnCursor() = default;
 
-    __device__ __forceinline__ ColumnCursor(int k, int cin, Dims3 kernel) {
-        int tap = k / cin;
-        z = tap / (int)(kernel.y * kernel.x);
-        y = tap / (int)kernel.x % (int)kernel.y;
-        x = tap % (int)kernel.x;
-        ci = k % cin;
+    __device__ __forceinline__ ColumnCursor(int k, int cin) : tap(k / cin), ci(k % cin) {
+        bit = tap < IGEMM_MAX_TAPS ? 1u << tap : 0u;
     }
-    __device__ __forceinline__ void advance(int step, int cin, Dims3 kernel) {
-        for (ci += step; ci >= cin; ci -= cin)
-            if (++x == (int)kernel.x) {
-                x = 0;
-                if (++y == (int)kernel.y) {
-                    y = 0;
-                    ++z;
-                }
-            }
+    __device__ __forceinline__ void advance(int step, int cin) {
+        for (ci += step; ci >= cin; ci -= cin) {
+            ++tap;
+            bit <<= 1;
+        }
     }
 };
 
@@ -346,23 +391,25 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
     // asynchronously STAGES − 1 steps ahead. Thread t copies columns kk…kk + 7 (and, in a step
     // 64 wide, kk + 32…kk + 39) of rows t / 4 + 32j of both slabs (ROWS / 32 of A, COLUMNS / 32
     // of B), at every step. Everything about its rows is worked out here, once: its voxels'
-    // windows, its weight rows' addresses; a step then moves each column on (a cursor) and costs
-    // a few instructions a copy: the column's tap offset and input once, and per A row three
-    // unsigned bounds tests and one address.
+    // windows and the taps that land inside the input, its weight rows' addresses; a step then
+    // moves each column on (a cursor) and costs a few instructions a copy: the column's tap
+    // offset and input once, and per A row a test of its tap's bit and one address.
     constexpr int THREAD_ROWS = MMA_THREADS / (MMA_K / VECTOR);
     static_assert(THREAD_ROWS == 32, "a slab's rows in groups of 32, a row of 4 pieces per 4 threads");
     const int row = threadIdx.x / (MMA_K / VECTOR), kk = threadIdx.x % (MMA_K / VECTOR) * VECTOR;
-    Window windows[ROWS / THREAD_ROWS];
+    RowTaps rows[ROWS / THREAD_ROWS];
 #pragma unroll
     for (int j = 0; j < ROWS / THREAD_ROWS; ++j)
-        windows[j] = window_of(row0 + row + j * THREAD_ROWS, m, in, out, stride, pad);
-    const __half* weight_rows[COLUMNS / THREAD_ROWS];
+        rows[j] = row_taps(row0 + row + j * THREAD_ROWS, m, in, out, kernel, stride, pad);
+    // The thread's weight rows as offsets in w (fewer than 2³² values: the backend checks), so
+    // that a piece's address is one IMAD.WIDE.U32 from w.
+    unsigned weight_rows[COLUMNS / THREAD_ROWS];
     bool weight_row_exists[COLUMNS / THREAD_ROWS];  // not past N
 #pragma unroll
     for (int j = 0; j < COLUMNS / THREAD_ROWS; ++j) {
         const int64_t c = col0 + row + j * THREAD_ROWS;
         weight_row_exists[j] = c < n;
-        weight_rows[j] = w + (weight_row_exists[j] ? c : 0) * k + kk;
+        weight_rows[j] = (unsigned)((weight_row_exists[j] ? c : 0) * k + kk);
     }
     // Where the thread's first piece of a stage goes in either slab; its next rows' lie
     // slab_offset(THREAD_ROWS, 0) halves apart (both layouts are linear in whole 8-row groups),
@@ -373,7 +420,10 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
     ColumnCursor cursors[COLUMNS_A_THREAD];
 #pragma unroll
     for (int c = 0; c < COLUMNS_A_THREAD; ++c)
-        cursors[c] = ColumnCursor(first * STEP_K + c * MMA_K + kk, (int)cin, kernel);
+        cursors[c] = ColumnCursor(first * STEP_K + c * MMA_K + kk, (int)cin);
+    __shared__ int tap_offsets[TAP_TABLE];
+    stage_tap_offsets(tap_offsets, in, kernel);
+    __syncthreads();
     // Copies step `step`'s slabs into stage `stage` (zeros outside the input and the matrices),
     // commits them as one group, and moves the cursors to the next step.
     auto issue = [&](int step, int stage) {
@@ -381,22 +431,25 @@ __device__ __forceinline__ void conv3d_igemm(const __half* x, const __half* w, c
         for (int c = 0; c < COLUMNS_A_THREAD; ++c) {
             const int k0 = step * STEP_K + c * MMA_K;
             const bool in_k = k0 + kk < (int)k;
-            const Tap tap = tap_of(cursors[c].z, cursors[c].y, cursors[c].x, in);
+            const int tap_offset = tap_offsets[cursors[c].tap];
             const Channel channel = channel_of(cursors[c].ci, x, second, (int)cin, (int)first_channels);
             const int dest = piece + c * COLUMN_STRIDE;
 #pragma unroll
             for (int j = 0; j < ROWS / THREAD_ROWS; ++j) {
-                const __half* a;
-                const bool inside = a_source(windows[j], tap, channel, in, a) && in_k;
-                copy_16_async_cached(xs + stage * A_STAGE + dest + j * PIECE_STRIDE, inside ? a : x, !inside);
+                // Outside the input (or past K) the copy reads nothing: its address is the
+                // channel's at voxel 0, valid, where selecting another pointer took two SEL.
+                const bool inside = rows[j].inside & cursors[c].bit;
+                const int voxel = inside ? rows[j].voxel + tap_offset : 0;
+                copy_16_async<true>(xs + stage * A_STAGE + dest + j * PIECE_STRIDE,
+                                    (const char*)channel.source + wide_product(voxel, channel.voxel_bytes), !inside);
             }
 #pragma unroll
             for (int j = 0; j < COLUMNS / THREAD_ROWS; ++j) {
                 const bool inside = in_k && weight_row_exists[j];
-                __pipeline_memcpy_async(ws + stage * B_STAGE + dest + j * PIECE_STRIDE,
-                                        inside ? weight_rows[j] + k0 : w, 16, inside ? 0 : 16);
+                copy_16_async<false>(ws + stage * B_STAGE + dest + j * PIECE_STRIDE,
+                                     w + (weight_rows[j] + (inside ? (unsigned)k0 : 0u)), !inside);
             }
-            cursors[c].advance(STEP_K, (int)cin, kernel);
+            cursors[c].advance(STEP_K, (int)cin);
         }
         __pipeline_commit();
     };

@@ -264,11 +264,12 @@ fn network_ops<E: Element>(tolerance: f64) {
     // fewer than the multiprocessors (64 → 40 over 90 voxels: 2 blocks, 4 splits of its 54 steps
     // of 32, 27 of 64 on the wgmma path, on the emulator; on a GPU every small case here). Where
     // channel counts are not in eights: one input padded with zero channels to 8 onto the
-    // implicit GEMM (one channel, the first layer; a few; a kernel of 45 taps), a concatenation
-    // on the direct kernel (each case's split inputs; 40 split 13 + 27, output channels in 1 to 3
-    // blocks of 32; 45 taps, more than its window holds, 27). The 1 × 1 × 1 case over 266,240
-    // voxels leaves 2080 blocks of InstanceNorm partials a channel, past the 2048 (8 a thread)
-    // that instance_norm_finalize loads at once.
+    // implicit GEMM (one channel, the first layer; a few), a concatenation on the direct kernel
+    // (each case's split inputs; 40 split 13 + 27, output channels in 1 to 3 blocks of 32).
+    // Kernels of 32 taps, the implicit GEMM's most (a row's last tap bit), and of 45, on the
+    // direct kernel whatever the channels (more than its window holds, 27). The 1 × 1 × 1 case
+    // over 266,240 voxels leaves 2080 blocks of InstanceNorm partials a channel, past the 2048
+    // (8 a thread) that instance_norm_finalize loads at once.
     for (cin, cout, dims, kernel, stride, bias) in [
         (3, 8, [9, 17, 15], [3, 3, 3], [1, 1, 1], true),
         (4, 6, [6, 20, 19], [1, 3, 3], [1, 2, 2], true),
@@ -276,6 +277,8 @@ fn network_ops<E: Element>(tolerance: f64) {
         (8, 3, [7, 9, 11], [1, 1, 1], [1, 1, 1], true),
         (1, 40, [9, 19, 23], [3, 3, 3], [1, 1, 1], true),
         (2, 5, [6, 9, 10], [3, 3, 5], [1, 1, 2], true),
+        (8, 16, [6, 9, 10], [3, 3, 5], [1, 1, 2], true),
+        (24, 24, [5, 12, 11], [2, 4, 4], [1, 1, 1], true),
         (1, 13, [5, 21, 18], [1, 3, 3], [1, 1, 1], true),
         (5, 13, [9, 14, 11], [3, 3, 3], [1, 1, 1], false),
         (24, 40, [8, 13, 11], [3, 3, 3], [1, 2, 2], true),

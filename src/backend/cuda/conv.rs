@@ -14,6 +14,10 @@ const MODULE: &str = "conv";
 /// Channels per 16-byte load of the implicit GEMM (VECTOR): it needs every channel count to be
 /// a multiple of it.
 const VECTOR: usize = 8;
+/// The most taps a kernel of the implicit GEMM may have (IGEMM_MAX_TAPS: a bit each in a row's
+/// mask of the taps inside the input); larger kernels, which no nnU-Net plan has, run on the
+/// direct kernel.
+const IGEMM_MAX_TAPS: usize = 32;
 
 /// An f16 kernel's block: the output voxels × columns it computes, and its threads.
 #[derive(Clone, Copy)]
@@ -49,9 +53,9 @@ const GEMM_64X64: BlockTile = BlockTile {
 /// The f16 3D convolution's kernel for `shape` with the input's first `first_channels` channels
 /// in one volume, and its block (IgemmTile in kernels/conv.cu says why each): the direct kernel
 /// (one thread per voxel, 32 output channels) unless every channel count is a multiple of 8
-/// (after `pad_channels`, only a concatenation's parts can have other counts), else the
-/// implicit GEMM on 128 × 32 tiles where cout ≤ 32, on 128 × 64 tiles where they still make two
-/// blocks per multiprocessor, else on 64 × 64 tiles.
+/// (after `pad_channels`, only a concatenation's parts can have other counts) and the kernel
+/// has at most IGEMM_MAX_TAPS taps, else the implicit GEMM on 128 × 32 tiles where cout ≤ 32,
+/// on 128 × 64 tiles where they still make two blocks per multiprocessor, else on 64 × 64 tiles.
 fn f16_conv3d_kernel(
     shape: &shapes::ConvShape,
     first_channels: usize,
@@ -63,7 +67,10 @@ fn f16_conv3d_kernel(
         threads,
     };
     let voxels: usize = shape.out_dims.iter().product();
-    if !(shape.cin.is_multiple_of(VECTOR) && first_channels.is_multiple_of(VECTOR)) {
+    if !(shape.cin.is_multiple_of(VECTOR)
+        && first_channels.is_multiple_of(VECTOR)
+        && fits_igemm(shape))
+    {
         ("conv3d_direct_f16", tile(64, 32, 64))
     } else if shape.cout <= 32 {
         ("conv3d_igemm_f16_128x32", tile(128, 32, 128))
@@ -203,18 +210,21 @@ fn conv3d_of<E: Element>(
     // A first layer of 1 to 7 channels (f16, one input): the implicit GEMM on its input and
     // weights padded with zero channels to the next eight, which multiply nothing.
     let padded;
-    let (x, weight, shape) =
-        if E::TENSOR_CORES && second.is_none() && !shape.cin.is_multiple_of(VECTOR) {
-            padded = pad_channels(b, x, &conv.weight, shape)?;
-            (&padded.0, &padded.1, &padded.2)
-        } else {
-            (x, &conv.weight, shape)
-        };
+    let (x, weight, shape) = if E::TENSOR_CORES
+        && second.is_none()
+        && !shape.cin.is_multiple_of(VECTOR)
+        && fits_igemm(shape)
+    {
+        padded = pad_channels(b, x, &conv.weight, shape)?;
+        (&padded.0, &padded.1, &padded.2)
+    } else {
+        (x, &conv.weight, shape)
+    };
     let extra = [shape.out_dims, shape.kernel, conv.stride, conv.padding].map(Dims3::from);
     let voxels: usize = shape.out_dims.iter().product();
     let first_channels = x.shape[0];
     let (name, tile) = if E::TENSOR_CORES {
-        check_voxel_indices(shape)?;
+        check_index_widths(shape)?;
         let (name, tile) = f16_conv3d_kernel(shape, first_channels, b.multiprocessors);
         (name.to_string(), Some(tile))
     } else {
@@ -274,6 +284,11 @@ fn conv3d_of<E: Element>(
     Ok(y)
 }
 
+/// Whether the implicit GEMM takes the kernel of `shape` (its channels aside).
+fn fits_igemm(shape: &shapes::ConvShape) -> bool {
+    shape.kernel.iter().product::<usize>() <= IGEMM_MAX_TAPS
+}
+
 /// `x` (channels-last) and the packed `weight` with their cin channels padded by zeros to the
 /// next multiple of 8, and the convolution's shape with that many input channels.
 fn pad_channels<E: Element>(
@@ -315,8 +330,9 @@ fn pad_channels<E: Element>(
 }
 
 /// The f16 convolutions index an input's and an output's voxels in 32 bits (kernels/conv.cu's
-/// `Window`): a volume of 2³¹ voxels or more (8 GB of f32 a channel) is refused by name.
-fn check_voxel_indices(shape: &shapes::ConvShape) -> Result<()> {
+/// `Window`) and the implicit GEMM its weights' values in unsigned 32 bits: a volume of 2³¹
+/// voxels or more (8 GB of f32 a channel), or a weight of 2³² values or more, is refused by name.
+fn check_index_widths(shape: &shapes::ConvShape) -> Result<()> {
     let largest = shape
         .dims
         .iter()
@@ -328,6 +344,14 @@ fn check_voxel_indices(shape: &shapes::ConvShape) -> Result<()> {
             shape.dims,
             shape.out_dims,
             i32::MAX
+        )));
+    }
+    let [kz, ky, kx] = shape.kernel;
+    let weights = [shape.cout, shape.cin, kz, ky, kx];
+    if weights.iter().product::<usize>() > u32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "conv3d weight {weights:?}: the f16 kernels take weights of at most {} values",
+            u32::MAX
         )));
     }
     Ok(())
@@ -473,12 +497,31 @@ mod tests {
 
     #[test]
     fn volumes_past_32_bit_voxel_indices_are_refused_by_name() {
-        assert!(check_voxel_indices(&shape([1024, 1024, 2047], [1024, 1024, 2047])).is_ok());
+        assert!(check_index_widths(&shape([1024, 1024, 2047], [1024, 1024, 2047])).is_ok());
         let huge = [1024, 1024, 2048];
         for s in [shape(huge, [512, 512, 1024]), shape([8, 8, 8], huge)] {
-            let message = check_voxel_indices(&s).unwrap_err().to_string();
+            let message = check_index_widths(&s).unwrap_err().to_string();
             assert!(message.contains("[1024, 1024, 2048]"), "{message}");
             assert!(message.contains("2147483647 voxels"), "{message}");
         }
+    }
+
+    #[test]
+    fn weights_past_32_bit_offsets_are_refused_by_name() {
+        let fits = shapes::ConvShape {
+            cin: 4096,
+            cout: 38832,
+            ..shape([8, 8, 8], [8, 8, 8])
+        };
+        assert!(check_index_widths(&fits).is_ok()); // 38832 · 4096 · 27 < 2³²
+        let too_many = shapes::ConvShape {
+            cout: 38840,
+            ..fits
+        };
+        let message = check_index_widths(&too_many).unwrap_err().to_string();
+        assert!(
+            message.contains("[38840, 4096, 3, 3, 3]") && message.contains("4294967295 values"),
+            "{message}"
+        );
     }
 }
