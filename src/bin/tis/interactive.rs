@@ -63,7 +63,7 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-/// The model (with a TIS head), the image and a session on it, encoded.
+/// The model (with a TIS head) and the image, read.
 fn open<B: Backend + Clone>(
     backend: B,
     input: &SessionInput,
@@ -79,11 +79,21 @@ fn open<B: Backend + Clone>(
     Ok((model, volume, image))
 }
 
-fn options(input: &SessionInput) -> SessionOptions {
-    SessionOptions {
+/// A session on the image (the automatic segmentation and the encoder's features), and the
+/// milliseconds its encoding took.
+fn encode<'m, B: Backend + Clone>(
+    model: &'m Model<B>,
+    volume: &tis::Tensor,
+    image: &Image,
+    input: &SessionInput,
+) -> tis::Result<(ImageSession<'m, B>, f64)> {
+    let started = Instant::now();
+    let options = SessionOptions {
         mirror: !input.no_mirror,
         ..Default::default()
-    }
+    };
+    let session = ImageSession::new(model, volume, image.spacing, &options, &mut |_, _| {})?;
+    Ok((session, ms(started)))
 }
 
 pub fn refine(args: &RefineArgs) -> tis::Result<()> {
@@ -93,15 +103,7 @@ pub fn refine(args: &RefineArgs) -> tis::Result<()> {
 fn refine_on<B: Backend + Clone>(backend: B, args: &RefineArgs) -> tis::Result<()> {
     let (model, volume, image) = open(backend, &args.input)?;
     let clicks = read_clicks(&args.clicks, &model.info.dataset.class_names)?;
-    let started = Instant::now();
-    let mut session = ImageSession::new(
-        &model,
-        &volume,
-        image.spacing,
-        &options(&args.input),
-        &mut |_, _| {},
-    )?;
-    let encode_ms = ms(started);
+    let (mut session, encode_ms) = encode(&model, &volume, &image, &args.input)?;
     let started = Instant::now();
     let r = session.refine(&clicks)?;
     let refine_ms = ms(started);
@@ -200,15 +202,7 @@ pub fn session(args: &SessionArgs) -> tis::Result<()> {
 
 fn session_on<B: Backend + Clone>(backend: B, args: &SessionArgs) -> tis::Result<()> {
     let (model, volume, image) = open(backend, &args.input)?;
-    let started = Instant::now();
-    let mut session = ImageSession::new(
-        &model,
-        &volume,
-        image.spacing,
-        &options(&args.input),
-        &mut |_, _| {},
-    )?;
-    let encode_ms = ms(started);
+    let (mut session, encode_ms) = encode(&model, &volume, &image, &args.input)?;
     {
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
